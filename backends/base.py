@@ -1,0 +1,90 @@
+"""The Directory interface: where the first factor (the password) is checked.
+
+A backend answers three questions about a user, synchronously; the reactor
+never calls these directly but through :class:`AsyncDirectory`, which runs
+them in a thread pool (a backend with a natively asynchronous path may
+override the ``*_async`` methods instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the directory says the user is, after a successful check."""
+
+    username: str
+    dn: str | None = None
+    groups: tuple[str, ...] = field(default_factory=tuple)
+
+
+class DirectoryError(Exception):
+    """Base of every failure a backend reports."""
+
+    reason = "directory_error"
+
+
+class InvalidCredentials(DirectoryError):
+    """Wrong password (or an empty one: never sent to a directory)."""
+
+    reason = "bad_password"
+
+
+class UnknownUser(InvalidCredentials):
+    """No such user. Reads as a bad password to the client."""
+
+    reason = "unknown_user"
+
+
+class DirectoryUnavailable(DirectoryError):
+    """The directory could not be asked (down, timeout, TLS failure, bad service bind).
+
+    Never the user's fault: it does not count as a failure and is never an accept.
+    """
+
+    reason = "directory_unavailable"
+
+
+@runtime_checkable
+class Directory(Protocol):
+    """Synchronous view of a directory; every method may block."""
+
+    name: str
+
+    def verify(self, username: str, password: str) -> Identity:
+        """Check the password; return the identity or raise a DirectoryError."""
+
+    def lookup(self, username: str) -> Identity | None:
+        """Find a user without a password (None when unknown)."""
+
+    def group_members(self, group: str) -> list[str]:
+        """Usernames in a directory group (raises UnknownUser for an unknown group)."""
+
+    def ping(self) -> None:
+        """Raise DirectoryUnavailable unless the directory answers."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class AsyncDirectory(Protocol):
+    """What the reactor side uses: every call returns a Deferred."""
+
+    def verify(self, username: str, password: str) -> Deferred[Identity]: ...
+
+    def lookup(self, username: str) -> Deferred[Identity | None]: ...
+
+    def ping(self) -> Deferred[None]: ...
+
+
+def check_password_not_empty(password: str) -> None:
+    """An empty password is never sent to a directory: many servers treat a
+    simple bind with an empty password as an anonymous bind that "succeeds"."""
+    if not password:
+        raise InvalidCredentials("empty password")

@@ -1,0 +1,129 @@
+"""The embedded default directory: a TOML users file with argon2id hashes.
+
+    [users.alice]
+    password = "$argon2id$v=19$m=65536,t=3,p=4$…"
+    groups = ["vpn-users"]
+
+The file is re-read when it changes, so `mfa-proxy local-user set` takes
+effect without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from backends.base import (
+    DirectoryUnavailable,
+    Identity,
+    InvalidCredentials,
+    UnknownUser,
+    check_password_not_empty,
+)
+
+HEADER = ("# mfa-proxy local users: `mfa-proxy local-user set USER` writes this file.\n"
+          "# Passwords are argon2id hashes; groups are free-form names.\n")
+
+
+class LocalDirectory:
+    name = "local"
+
+    def __init__(self, path: Path, hasher: PasswordHasher | None = None) -> None:
+        self.path = path
+        self.hasher = hasher or PasswordHasher()
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._users: dict[str, dict[str, Any]] = {}
+        # Unknown users still cost one hash check, so timing does not tell who exists.
+        self._dummy = self.hasher.hash("not a password")
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            raise DirectoryUnavailable(f"{self.path}: {e.strerror}") from e
+        with self._lock:
+            if mtime != self._mtime:
+                try:
+                    data = tomllib.loads(self.path.read_text(encoding="utf-8"))
+                except (OSError, tomllib.TOMLDecodeError) as e:
+                    raise DirectoryUnavailable(f"{self.path}: {e}") from e
+                users = data.get("users", {})
+                self._users = {str(k): v for k, v in users.items() if isinstance(v, dict)}
+                self._mtime = mtime
+            return self._users
+
+    def verify(self, username: str, password: str) -> Identity:
+        check_password_not_empty(password)
+        entry = self._load().get(username)
+        hashed = str(entry.get("password", "")) if entry else ""
+        try:
+            self.hasher.verify(hashed or self._dummy, password)
+        except (VerificationError, InvalidHashError):
+            raise (InvalidCredentials if entry else UnknownUser)(username) from None
+        if not entry or not hashed:
+            raise UnknownUser(username)
+        return self._identity(username, entry)
+
+    @staticmethod
+    def _identity(username: str, entry: dict[str, Any]) -> Identity:
+        groups = entry.get("groups", [])
+        return Identity(username, None, tuple(str(g) for g in groups))
+
+    def lookup(self, username: str) -> Identity | None:
+        entry = self._load().get(username)
+        return self._identity(username, entry) if entry is not None else None
+
+    def group_members(self, group: str) -> list[str]:
+        members = [u for u, e in self._load().items() if group in e.get("groups", [])]
+        if not members:
+            raise UnknownUser(f"no local users in group {group!r}")
+        return sorted(members)
+
+    def list_users(self) -> list[str]:
+        return sorted(self._load())
+
+    def ping(self) -> None:
+        self._load()
+
+    def close(self) -> None:
+        pass
+
+    def set_password(self, username: str, password: str, groups: list[str] | None = None) -> None:
+        """Write the user's argon2id hash; the file is replaced atomically, mode 0600."""
+        check_password_not_empty(password)
+        users = {u: dict(e) for u, e in self._load().items()}
+        entry = users.setdefault(username, {})
+        entry["password"] = self.hasher.hash(password)
+        if groups is not None:
+            entry["groups"] = groups
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(HEADER + _dump(users))
+        os.replace(tmp, self.path)
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _dump(users: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name in sorted(users):
+        entry = users[name]
+        out.append(f"\n[users.{_quote(name)}]")
+        out.append(f"password = {_quote(str(entry.get('password', '')))}")
+        groups = entry.get("groups")
+        if groups:
+            out.append("groups = [" + ", ".join(_quote(str(g)) for g in groups) + "]")
+    return "\n".join(out) + "\n"

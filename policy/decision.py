@@ -1,0 +1,101 @@
+"""What a protocol adapter hands the core, and what it gets back.
+
+Adapters translate their protocol into an :class:`AuthRequest` and a
+:class:`Decision` back into their protocol; they never decide.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from backends.base import Identity
+
+
+class MfaMode(str, enum.Enum):
+    """How a resource (a RADIUS client, the LDAP listener) applies MFA."""
+
+    ENROLLED = "enrolled"  # enrolled users need a code; others follow their enrollment state
+    STRICT = "strict"  # everyone needs a code; not enrolled is refused
+    OFF = "off"  # password only
+
+
+class SplitMode(str, enum.Enum):
+    """How a password field may carry the code."""
+
+    APPEND = "append"  # password, separator, code; a code is expected at the end
+    CHALLENGE = "challenge"  # the field is the password alone; the code comes separately
+    AUTO = "auto"  # split when the field ends in separator + `digits` digits
+
+
+class Outcome(str, enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    NEED_CODE = "challenge"  # password good, a code is needed: ask for it
+
+
+class Reason(str, enum.Enum):
+    """Machine-readable reasons (metric labels, audit rows, tests)."""
+
+    OK = "ok"  # password and code
+    BAD_PASSWORD = "bad_password"
+    UNKNOWN_USER = "unknown_user"
+    EMPTY_PASSWORD = "empty_password"
+    BAD_CODE = "bad_code"
+    MISSING_CODE = "missing_code"
+    REPLAYED_CODE = "replayed_code"
+    LOCKED_OUT = "locked_out"
+    ENROLLMENT_EXPIRED = "enrollment_expired"
+    NOT_ENROLLED = "not_enrolled"
+    IN_ENROLLMENT = "in_enrollment"
+    NOT_REQUIRED = "not_required"
+    BYPASS = "bypass"
+    MFA_OFF = "mfa_off"
+    CODE_NEEDED = "code_needed"
+    REPEAT = "repeat"  # idempotent success within a client's repeat window
+    DIRECTORY_UNAVAILABLE = "directory_unavailable"
+    STATE_UNAVAILABLE = "state_unavailable"
+    INVALID_USERNAME = "invalid_username"
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """One sign-in attempt, protocol-neutral.
+
+    ``secret`` is what the user typed in the password field. When ``code`` is
+    given (a challenge answer, OpenVPN's static challenge) the secret is the
+    password alone; otherwise ``split`` says how a code may be appended to it.
+    """
+
+    username: str
+    secret: str
+    protocol: str  # "radius" | "ldap" | ...
+    client: str  # a bounded name: the configured client, never an address
+    mfa: MfaMode = MfaMode.ENROLLED
+    split: SplitMode = SplitMode.AUTO
+    separator: str = ","
+    code: str | None = None
+    # When set, the password was already verified by an earlier step
+    # (the first round of a challenge): the directory is not asked again.
+    verified_identity: Identity | None = None
+    # Idempotent success: same user, secret and code from the same client
+    # within this many seconds gets the same accept (0 = off).
+    repeat_window_seconds: int = 0
+    source: str = ""  # for logs and audit only (an address), never a metric label
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: Reason
+    username: str  # canonical
+    identity: Identity | None = None
+    days_left: int | None = None  # set while the user is in an enrollment period
+    message: str = ""  # what the user may be told (Reply-Message, diagnostic)
+    lockout_started: bool = False  # this attempt locked the account
+    locked_until: float | None = None
+    extras: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome is Outcome.ACCEPT

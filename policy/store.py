@@ -1,0 +1,415 @@
+"""The state store: SQLAlchemy models and the only queries.
+
+Every method is one unit of work in its own session, safe to call from many
+threads. Counters and the last accepted time step change only through atomic
+``UPDATE … WHERE`` statements, so several processes sharing one database
+never both accept one code and never lose a failure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Integer,
+    LargeBinary,
+    String,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+LOCKED_FOREVER = 2**53  # "until an admin unlocks" (lockout_seconds = 0)
+DAY = 86400
+
+STATUSES = ("enrolled", "in_enrollment", "enrollment_expired", "enrolled_not_required",
+            "not_required")
+
+
+class StoreError(Exception):
+    """The state store cannot be used (down, locked, not migrated)."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UserState(Base):
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(256), primary_key=True)
+    required: Mapped[bool] = mapped_column(Boolean, default=False)
+    enrollment_deadline: Mapped[int | None] = mapped_column(BigInteger)
+    secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_version: Mapped[int | None] = mapped_column(Integer)
+    enrolled_at: Mapped[int | None] = mapped_column(BigInteger)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[int | None] = mapped_column(BigInteger)
+    bypass: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[int] = mapped_column(BigInteger, index=True)
+    username: Mapped[str] = mapped_column(String(256), index=True)
+    protocol: Mapped[str] = mapped_column(String(16))
+    client: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(32))
+
+
+class RepeatEntry(Base):
+    """Idempotent-success cache: only a keyed hash of the credential, never the
+    credential; only successes; shared by every instance on the database."""
+
+    __tablename__ = "repeat_cache"
+
+    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    username: Mapped[str] = mapped_column(String(256), index=True)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A snapshot of one user's MFA state."""
+
+    username: str
+    required: bool = False
+    enrollment_deadline: int | None = None
+    secret: bytes | None = None
+    key_version: int | None = None
+    last_step: int | None = None
+    failures: int = 0
+    locked_until: int | None = None
+    bypass: bool = False
+
+    @property
+    def enrolled(self) -> bool:
+        return self.secret is not None
+
+    def locked(self, now: float) -> bool:
+        return self.locked_until is not None and self.locked_until > now
+
+    def status(self, now: float) -> str:
+        if self.enrolled:
+            return "enrolled" if self.required else "enrolled_not_required"
+        if not self.required:
+            return "not_required"
+        if self.enrollment_deadline is not None and self.enrollment_deadline > now:
+            return "in_enrollment"
+        return "enrollment_expired"
+
+    def days_left(self, now: float) -> int | None:
+        if self.status(now) != "in_enrollment" or self.enrollment_deadline is None:
+            return None
+        return math.ceil((self.enrollment_deadline - now) / DAY)
+
+
+@dataclass(frozen=True)
+class FailureResult:
+    failures: int
+    lockout_started: bool
+    locked_until: int | None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    at: float
+    username: str
+    protocol: str
+    client: str
+    source: str
+    result: str
+    reason: str
+
+
+_USER_COLUMNS = (UserState.username, UserState.required, UserState.enrollment_deadline,
+                 UserState.secret, UserState.key_version, UserState.last_step,
+                 UserState.failures, UserState.locked_until, UserState.bypass)
+
+
+def _record(row: Any) -> UserRecord:
+    return UserRecord(*row)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable across crashes of the process
+    cur.execute("PRAGMA busy_timeout=10000")  # other processes' writers: wait, don't fail
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # The file holds encrypted keys and the audit trail: owner only.
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False},
+                               pool_size=8, max_overflow=8)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+class Store:
+    def __init__(self, url: str, clock: Any = time.time) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self.clock = clock
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def _insert(self, model: type[Base]) -> Any:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(model)
+
+    def _ensure(self, s: Session, username: str, now: int) -> None:
+        stmt = self._insert(UserState).values(
+            username=username, required=False, failures=0, bypass=False,
+            created_at=now, updated_at=now,
+        ).on_conflict_do_nothing(index_elements=["username"])
+        s.execute(stmt)
+
+    def _update(self, username: str, **values: Any) -> bool:
+        """Set fields on an existing user; False when there is no such row."""
+        with self._session() as s, s.begin():
+            values["updated_at"] = int(self.clock())
+            result = s.execute(update(UserState).where(UserState.username == username)
+                               .values(**values))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def _upsert(self, username: str, **values: Any) -> None:
+        now = int(self.clock())
+        with self._session() as s, s.begin():
+            self._ensure(s, username, now)
+            s.execute(update(UserState).where(UserState.username == username)
+                      .values(updated_at=now, **values))
+
+    def upgrade(self) -> None:
+        from policy.migrations import upgrade_to_head
+
+        upgrade_to_head(self.engine)
+
+    def check_current(self) -> None:
+        from policy.migrations import is_current
+
+        if not is_current(self.engine):
+            raise StoreError("the state database is not at the current schema: "
+                             "run `mfa-proxy db upgrade`")
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as c:
+                c.execute(text("SELECT 1"))
+        except SQLAlchemyError as e:
+            raise StoreError(f"state store unavailable: {type(e).__name__}") from e
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- reads ------------------------------------------------------------------
+
+    def get(self, username: str) -> UserRecord | None:
+        with self._session() as s:
+            row = s.execute(select(*_USER_COLUMNS).where(UserState.username == username)).first()
+            return _record(row) if row else None
+
+    def list_users(self) -> list[UserRecord]:
+        with self._session() as s:
+            rows = s.execute(select(*_USER_COLUMNS).order_by(UserState.username))
+            return [_record(r) for r in rows]
+
+    def count_by_status(self, now: float) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        with self._session() as s:
+            rows = s.execute(select(UserState.required, UserState.secret.is_not(None),
+                                    UserState.enrollment_deadline))
+            for required, enrolled, deadline in rows:
+                counts[UserRecord("", required, deadline, b"" if enrolled else None)
+                       .status(now)] += 1
+        return counts
+
+    # -- admin writes -----------------------------------------------------------
+
+    def require(self, username: str, deadline: int) -> None:
+        self._upsert(username, required=True, enrollment_deadline=deadline)
+
+    def unrequire(self, username: str) -> bool:
+        return self._update(username, required=False)
+
+    def set_secret(self, username: str, blob: bytes, key_version: int) -> None:
+        now = int(self.clock())
+        self._upsert(username, secret=blob, key_version=key_version, enrolled_at=now,
+                     last_step=None)
+
+    def reset(self, username: str, deadline: int) -> None:
+        self._upsert(username, secret=None, key_version=None, enrolled_at=None, last_step=None,
+                     required=True, enrollment_deadline=deadline)
+
+    def extend(self, username: str, deadline: int) -> None:
+        self._upsert(username, required=True, enrollment_deadline=deadline)
+
+    def unlock(self, username: str) -> bool:
+        return self._update(username, failures=0, locked_until=None)
+
+    def set_bypass(self, username: str, on: bool) -> None:
+        self._upsert(username, bypass=on)
+
+    def import_users(self, rows: Sequence[tuple[str, bytes, int, int | None]]) -> int:
+        """(username, encrypted secret, key version, deadline or None) in one transaction."""
+        now = int(self.clock())
+        values = [dict(username=u, secret=blob, key_version=v, enrolled_at=now, last_step=None,
+                       required=True, enrollment_deadline=d, failures=0, bypass=False,
+                       created_at=now, updated_at=now) for u, blob, v, d in rows]
+        stmt = self._insert(UserState)
+        stmt = stmt.on_conflict_do_update(index_elements=["username"], set_={
+            k: getattr(stmt.excluded, k) for k in
+            ("secret", "key_version", "enrolled_at", "last_step", "required",
+             "enrollment_deadline", "updated_at")})
+        with self._session() as s, s.begin():
+            for i in range(0, len(values), 5000):
+                s.execute(stmt, values[i:i + 5000])
+        return len(values)
+
+    def secrets_to_rotate(self, current_version: int, batch: int = 1000) -> Iterator[
+            list[tuple[str, bytes]]]:
+        while True:
+            with self._session() as s:
+                rows = s.execute(
+                    select(UserState.username, UserState.secret)
+                    .where(UserState.secret.is_not(None),
+                           UserState.key_version != current_version)
+                    .order_by(UserState.username).limit(batch)).all()
+            if not rows:
+                return
+            yield [(u, b) for u, b in rows]
+
+    def replace_secret(self, username: str, old: bytes, new: bytes, version: int) -> bool:
+        """Compare-and-swap: a key re-enrolled meanwhile is left alone."""
+        with self._session() as s, s.begin():
+            r = s.execute(update(UserState)
+                          .where(UserState.username == username, UserState.secret == old)
+                          .values(secret=new, key_version=version))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    # -- the hot path: atomic counters --------------------------------------------
+
+    def record_failure(self, username: str, now: float, max_failures: int,
+                       lockout_seconds: int) -> FailureResult:
+        """Count one failure; lock at ``max_failures``. Atomic across processes."""
+        t = int(now)
+        expired = (UserState.locked_until.is_not(None)) & (UserState.locked_until <= t)
+        until = LOCKED_FOREVER if lockout_seconds == 0 else t + lockout_seconds
+        with self._session() as s, s.begin():
+            self._ensure(s, username, t)
+            # A lock that has run out starts a fresh count.
+            failures = s.execute(
+                update(UserState).where(UserState.username == username).values(
+                    failures=case((expired, 1), else_=UserState.failures + 1),
+                    locked_until=case((expired, None), else_=UserState.locked_until),
+                    updated_at=t,
+                ).returning(UserState.failures)).scalar_one()
+            locked = s.execute(
+                update(UserState).where(UserState.username == username,
+                                        UserState.failures >= max_failures,
+                                        UserState.locked_until.is_(None))
+                .values(locked_until=until).returning(UserState.locked_until)).scalar()
+        return FailureResult(failures, locked is not None, locked)
+
+    def accept_step(self, username: str, step: int, now: float) -> bool:
+        """Move the replay marker to ``step``; False when it is already there or
+        beyond (a replay) or the user got locked meanwhile. Exactly one of many
+        racing requests with one code wins."""
+        t = int(now)
+        with self._session() as s, s.begin():
+            r = s.execute(update(UserState).where(
+                UserState.username == username,
+                UserState.secret.is_not(None),
+                (UserState.last_step.is_(None)) | (UserState.last_step < step),
+                (UserState.locked_until.is_(None)) | (UserState.locked_until <= t),
+            ).values(last_step=step, failures=0, locked_until=None, updated_at=t))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    def record_success(self, username: str, now: float) -> None:
+        """A password-only success clears the failure count (no row: nothing to do)."""
+        t = int(now)
+        with self._session() as s, s.begin():
+            s.execute(update(UserState).where(
+                UserState.username == username,
+                (UserState.failures > 0) | (UserState.locked_until.is_not(None)),
+                (UserState.locked_until.is_(None)) | (UserState.locked_until <= t),
+            ).values(failures=0, locked_until=None, updated_at=t))
+
+    # -- audit and the repeat cache ---------------------------------------------------
+
+    def audit(self, records: Iterable[AuditRecord]) -> None:
+        rows = [dict(at=int(r.at), username=r.username[:256], protocol=r.protocol,
+                     client=r.client[:64], source=r.source[:64], result=r.result,
+                     reason=r.reason) for r in records]
+        if rows:
+            with self._session() as s, s.begin():
+                s.execute(self._insert(AuditEntry), rows)
+
+    def recent_audit(self, username: str | None = None, limit: int = 50) -> list[AuditRecord]:
+        q = select(AuditEntry.at, AuditEntry.username, AuditEntry.protocol, AuditEntry.client,
+                   AuditEntry.source, AuditEntry.result, AuditEntry.reason)
+        if username is not None:
+            q = q.where(AuditEntry.username == username)
+        with self._session() as s:
+            rows = s.execute(q.order_by(AuditEntry.id.desc()).limit(limit)).all()
+        return [AuditRecord(*r) for r in rows]
+
+    def prune(self, now: float, audit_days: int) -> None:
+        with self._session() as s, s.begin():
+            s.execute(delete(AuditEntry).where(AuditEntry.at < int(now) - audit_days * DAY))
+            s.execute(delete(RepeatEntry).where(RepeatEntry.expires_at <= int(now)))
+
+    def repeat_hit(self, key: bytes, now: float) -> bool:
+        with self._session() as s:
+            n = s.execute(select(func.count()).select_from(RepeatEntry).where(
+                RepeatEntry.key == key, RepeatEntry.expires_at > int(now))).scalar_one()
+            return bool(n)
+
+    def repeat_put(self, key: bytes, username: str, expires_at: float) -> None:
+        stmt = self._insert(RepeatEntry).values(key=key, username=username,
+                                                expires_at=math.ceil(expires_at))
+        stmt = stmt.on_conflict_do_update(index_elements=["key"],
+                                          set_={"expires_at": stmt.excluded.expires_at})
+        with self._session() as s, s.begin():
+            s.execute(stmt)
+
+    def repeat_forget(self, username: str) -> None:
+        with self._session() as s, s.begin():
+            s.execute(delete(RepeatEntry).where(RepeatEntry.username == username))

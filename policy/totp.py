@@ -1,0 +1,81 @@
+"""TOTP (RFC 6238) codes, windows and replay, on top of pyotp.
+
+A code is matched to the time step it was made for; the store remembers the
+last accepted step per user, and a code for that step or an earlier one is a
+replay (RFC 6238 §5.2: "the verifier MUST NOT accept the second attempt").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import secrets
+from dataclasses import dataclass
+from urllib.parse import quote, urlencode
+
+import pyotp
+
+
+class InvalidSecret(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TotpParams:
+    digits: int = 6
+    period: int = 30
+    window: int = 1
+
+    def step_at(self, now: float) -> int:
+        return int(now // self.period)
+
+
+def new_secret() -> str:
+    """A 160-bit key (RFC 4226 §4 recommends 160), base32 without padding."""
+    return base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=")
+
+
+def normalize_secret(raw: str) -> str:
+    """Accept what people paste (spaces, lower case, padding); refuse what is no key."""
+    s = "".join(raw.split()).upper().rstrip("=")
+    if not s:
+        raise InvalidSecret("empty secret")
+    try:
+        key = base64.b32decode(s + "=" * (-len(s) % 8))
+    except (binascii.Error, ValueError):
+        raise InvalidSecret("not base32") from None
+    if len(key) < 10:
+        raise InvalidSecret("shorter than 80 bits (RFC 4226 minimum is 128, 160 recommended)")
+    return s
+
+
+def code_for_step(secret: str, step: int, params: TotpParams) -> str:
+    return pyotp.TOTP(secret, digits=params.digits, interval=params.period).generate_otp(step)
+
+
+def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | None:
+    """The time step (within the window) this code belongs to, or None.
+
+    Every candidate is compared in constant time, and all of them are
+    computed, so timing says nothing about which step (if any) matched.
+    """
+    if len(code) != params.digits or not code.isdigit():
+        return None
+    totp = pyotp.TOTP(secret, digits=params.digits, interval=params.period)
+    current = params.step_at(now)
+    found = None
+    # Newest first: when two steps give the same code, take the later one so the
+    # replay marker moves as far as it can.
+    for step in range(current + params.window, current - params.window - 1, -1):
+        if hmac.compare_digest(totp.generate_otp(step), code) and found is None:
+            found = step
+    return found
+
+
+def provisioning_uri(secret: str, account: str, issuer: str, params: TotpParams) -> str:
+    """otpauth:// URI (Google Authenticator key URI format)."""
+    label = quote(f"{issuer}:{account}", safe="@:")
+    query = urlencode({"secret": secret, "issuer": issuer, "algorithm": "SHA1",
+                       "digits": params.digits, "period": params.period}, quote_via=quote)
+    return f"otpauth://totp/{label}?{query}"

@@ -1,0 +1,565 @@
+"""`mfa-proxy`: serve, check-config, db, user, keys, local-user.
+
+Exit status: 0 done, 1 refused (unknown user, impossible action), 2 bad usage
+or bad config. ``-c FILE`` goes anywhere on the command line.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from proxy import config as configmod
+
+F = TypeVar("F", bound=Callable[..., Any])
+DAY = 86400
+
+
+class Refused(click.ClickException):
+    """An action that cannot be done: exit status 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class App:
+    """What a command needs, built lazily from the config."""
+
+    config_path: str | None = None
+    clock: Callable[[], float] = time.time
+    _settings: Any = None
+    _store: Any = None
+    _keys: Any = None
+    _directory: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> configmod.Settings:
+        if self._settings is None:
+            try:
+                self._settings = configmod.load(self.config_path)
+            except configmod.ConfigError as e:
+                config_failed(e)
+        return self._settings
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from policy.store import Store, StoreError
+
+            store = Store(self.settings.state.url, self.clock)
+            try:
+                if store.dialect == "sqlite":
+                    store.upgrade()
+                else:
+                    store.check_current()
+            except StoreError as e:
+                raise Refused(str(e)) from None
+            except Exception as e:  # the database is down or unreachable
+                raise Refused(f"state store unavailable: {type(e).__name__}: {e}") from None
+            self._store = store
+        return self._store
+
+    @property
+    def keys(self) -> Any:
+        if self._keys is None:
+            from policy.keys import KeyFileError, KeyRing
+
+            try:
+                self._keys = KeyRing(self.settings.state.key_file)
+            except KeyFileError as e:
+                raise Refused(str(e)) from None
+        return self._keys
+
+    @property
+    def directory(self) -> Any:
+        if self._directory is None:
+            from proxy.service import make_directory
+
+            self._directory = make_directory(self.settings.directory)
+        return self._directory
+
+    @property
+    def usernames(self) -> Any:
+        from proxy.service import username_rules
+
+        return username_rules(self.settings.directory)
+
+    def canonical(self, raw: str) -> str:
+        from policy.usernames import InvalidUsername
+
+        try:
+            return str(self.usernames.normalize(raw))
+        except InvalidUsername as e:
+            raise Refused(f"{raw!r}: {e}") from None
+
+    def known_user(self, raw: str) -> str:
+        """The canonical name of a user the state store or the directory knows."""
+        from backends.base import DirectoryError
+
+        name = self.canonical(raw)
+        if self.store.get(name) is not None:
+            return name
+        try:
+            found = self.directory.lookup(name)
+        except DirectoryError as e:
+            raise Refused(f"cannot ask the directory about {name!r}: {e}") from None
+        if found is None:
+            raise Refused(f"unknown user {name!r}: not in the directory or the state store")
+        return name
+
+
+def config_failed(e: configmod.ConfigError) -> NoReturn:
+    for line in e.problems:
+        click.echo(f"config error: {line}", err=True)
+    sys.exit(2)
+
+
+def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(App).config_path = value
+
+
+def config_option(f: F) -> F:
+    return click.option(
+        "-c", "--config", metavar="FILE", expose_value=False, is_eager=True,
+        callback=_set_config, help="Config file (default: conf/mfa-proxy.toml).")(f)
+
+
+def days_option(default: int | None) -> Callable[[F], F]:
+    return click.option("--days", type=int, default=default, show_default=default is not None,
+                        help="Enrollment period in days (1–365).")
+
+
+def check_days(days: int | None, fallback: int) -> int:
+    value = fallback if days is None else days
+    if not 1 <= value <= 365:
+        raise Refused(f"--days must be between 1 and 365, got {value}")
+    return value
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+pass_app = click.make_pass_decorator(App, ensure=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.version_option(package_name="mfa-proxy")
+def main() -> None:
+    """TOTP multi-factor authentication in front of a directory, for RADIUS and LDAP.
+
+    Every command takes -c FILE (default conf/mfa-proxy.toml). Exit status:
+    0 done, 1 refused, 2 bad usage or bad config.
+    """
+
+
+@main.command()
+@config_option
+@pass_app
+def serve(app: App) -> None:
+    """Run every configured listener (RADIUS, LDAP, HTTP) until SIGTERM/SIGINT."""
+    from proxy.service import run
+
+    settings = app.settings
+    for w in settings.warnings:
+        click.echo(f"config warning: {w}", err=True)
+    sys.exit(run(settings))
+
+
+@main.command("check-config")
+@config_option
+@pass_app
+def check_config(app: App) -> None:
+    """Validate the config file: one line per problem, exit 2 when any."""
+    settings = app.settings
+    for w in settings.warnings:
+        click.echo(f"warning: {w}")
+    click.echo(f"{settings.path}: OK")
+
+
+@main.group()
+def db() -> None:
+    """The state database."""
+
+
+@db.command("upgrade")
+@config_option
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Create or migrate the state database to the current schema."""
+    from policy.migrations import current_revision
+    from policy.store import Store
+
+    store = Store(app.settings.state.url)
+    try:
+        store.upgrade()
+        click.echo(f"state database at revision {current_revision(store.engine)}")
+    except Exception as e:
+        raise Refused(f"cannot upgrade the state database: {type(e).__name__}: {e}") from None
+    finally:
+        store.close()
+
+
+# -- users ---------------------------------------------------------------------------
+
+
+@main.group()
+def user() -> None:
+    """Require, enroll, reset, unlock users; show their MFA status."""
+
+
+def user_view(record: Any, now: float) -> dict[str, Any]:
+    locked = record.locked(now)
+    from policy.store import LOCKED_FOREVER
+
+    return {
+        "username": record.username,
+        "status": record.status(now),
+        "required": record.required,
+        "enrolled": record.enrolled,
+        "enrollment_deadline": iso(record.enrollment_deadline) if record.required else None,
+        "days_left": record.days_left(now),
+        "locked": locked,
+        "locked_until": iso(record.locked_until)
+        if locked and record.locked_until != LOCKED_FOREVER else None,
+        "failures": record.failures,
+        "bypass": record.bypass,
+    }
+
+
+def describe(view: dict[str, Any]) -> str:
+    status = view["status"].replace("_", " ")
+    if view["days_left"] is not None:
+        status += f" ({view['days_left']} days left)"
+    if view["locked"]:
+        status += f", locked until {view['locked_until'] or 'an admin unlocks'}"
+    if view["bypass"]:
+        status += ", bypass"
+    return status
+
+
+def show_one(app: App, name: str, as_json: bool) -> None:
+    from policy.store import UserRecord
+
+    record = app.store.get(name) or UserRecord(name)
+    view = user_view(record, app.clock())
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    for key, value in view.items():
+        click.echo(f"{key:20} {'-' if value is None else value}")
+
+
+@user.command("show")
+@click.argument("username")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@config_option
+@pass_app
+def user_show(app: App, username: str, as_json: bool) -> None:
+    """Status: enrolled, in enrollment (days left), expired, locked, bypass."""
+    show_one(app, app.known_user(username), as_json)
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array.")
+@config_option
+@pass_app
+def user_list(app: App, as_json: bool) -> None:
+    """Every user the state store knows (and local-file users)."""
+    from policy.store import UserRecord
+
+    now = app.clock()
+    records = {r.username: r for r in app.store.list_users()}
+    lister = getattr(app.directory, "list_users", None)
+    if lister is not None:
+        for name in lister():
+            records.setdefault(name, UserRecord(name))
+    views = [user_view(records[n], now) for n in sorted(records)]
+    if as_json:
+        click.echo(json.dumps(views))
+        return
+    click.echo(f"{'USER':24} {'FAILURES':>8}  STATUS")
+    for v in views:
+        click.echo(f"{v['username']:24} {v['failures']:>8}  {describe(v)}")
+
+
+def deadline(app: App, days: int) -> int:
+    return int(app.clock()) + days * DAY
+
+
+@user.command("require")
+@click.argument("username", required=False)
+@click.option("--group", help="Every member of this directory group.")
+@days_option(None)
+@config_option
+@pass_app
+def user_require(app: App, username: str | None, group: str | None, days: int | None) -> None:
+    """Require MFA, with an enrollment period of N days (default [policy] enrollment_days)."""
+    n = check_days(days, app.settings.policy.enrollment_days)
+    if bool(username) == bool(group):
+        raise click.UsageError("give USER or --group GROUP")
+    names = [app.known_user(username)] if username else group_members(app, str(group))
+    for name in names:
+        record = app.store.get(name)
+        if record is not None and record.required and record.enrolled:
+            click.echo(f"{name}: already required and enrolled")
+            continue
+        app.store.require(name, deadline(app, n))
+        click.echo(f"{name}: MFA required; enrollment period {n} days")
+
+
+def group_members(app: App, group: str) -> list[str]:
+    from backends.base import DirectoryError
+
+    try:
+        members = app.directory.group_members(group)
+    except DirectoryError as e:
+        raise Refused(f"group {group!r}: {e}") from None
+    return sorted({app.canonical(m) for m in members})
+
+
+@user.command("enroll")
+@click.argument("username")
+@click.option("--secret", metavar="BASE32", help="Import this key instead of making one.")
+@click.option("--png", type=click.Path(dir_okay=False, writable=True), help="Write the QR code.")
+@config_option
+@pass_app
+def user_enroll(app: App, username: str, secret: str | None, png: str | None) -> None:
+    """Create (or import) the user's TOTP key; print the otpauth:// URI and a QR code.
+
+    The key is active at once: from now on the user must give a code wherever
+    MFA applies.
+    """
+    from policy.totp import InvalidSecret, TotpParams, new_secret, normalize_secret
+    from policy.totp import provisioning_uri as uri_for
+
+    name = app.known_user(username)
+    try:
+        key = normalize_secret(secret) if secret else new_secret()
+    except InvalidSecret as e:
+        raise Refused(f"--secret: {e}") from None
+    t = app.settings.totp
+    params = TotpParams(t.digits, t.period, t.window)
+    record = app.store.get(name)
+    if record is None or not record.required:
+        app.store.require(name, deadline(app, app.settings.policy.enrollment_days))
+    app.store.set_secret(name, app.keys.encrypt(key.encode(), name), app.keys.current)
+    uri = uri_for(key, name, t.issuer, params)
+    click.echo(f"{name}: enrolled; the key is active now")
+    click.echo(uri)
+    print_qr(uri, png)
+
+
+def print_qr(uri: str, png: str | None) -> None:
+    import qrcode
+
+    qr = qrcode.QRCode(border=2)
+    qr.add_data(uri)
+    qr.make(fit=True)
+    out = io.StringIO()
+    qr.print_ascii(out=out, invert=True)
+    click.echo(out.getvalue())
+    if png:
+        qr.make_image().save(png)
+        click.echo(f"QR code written to {png}")
+
+
+@user.command("reset")
+@click.argument("username")
+@days_option(None)
+@config_option
+@pass_app
+def user_reset(app: App, username: str, days: int | None) -> None:
+    """Clear the key (a lost device) and open a new enrollment period."""
+    n = check_days(days, app.settings.policy.enrollment_days)
+    name = app.known_user(username)
+    app.store.reset(name, deadline(app, n))
+    click.echo(f"{name}: key cleared; enrollment period {n} days")
+
+
+@user.command("extend")
+@click.argument("username")
+@click.option("--days", type=int, required=True, help="Days from now (1–365).")
+@config_option
+@pass_app
+def user_extend(app: App, username: str, days: int) -> None:
+    """Extend or reopen the enrollment period, counting from now."""
+    n = check_days(days, days)
+    name = app.known_user(username)
+    app.store.extend(name, deadline(app, n))
+    click.echo(f"{name}: enrollment period {n} days from now")
+
+
+@user.command("unlock")
+@click.argument("username")
+@config_option
+@pass_app
+def user_unlock(app: App, username: str) -> None:
+    """Clear the failure counter and any lockout."""
+    name = app.known_user(username)
+    app.store.unlock(name)
+    click.echo(f"{name}: unlocked")
+
+
+@user.command("bypass")
+@click.argument("username")
+@click.option("--on/--off", "on", required=True, help="Password only for this user, or not.")
+@config_option
+@pass_app
+def user_bypass(app: App, username: str, on: bool) -> None:
+    """Let this user sign in with the password alone (or stop that)."""
+    name = app.known_user(username)
+    app.store.set_bypass(name, on)
+    click.echo(f"{name}: bypass {'on' if on else 'off'}")
+
+
+@user.command("unrequire")
+@click.argument("username")
+@config_option
+@pass_app
+def user_unrequire(app: App, username: str) -> None:
+    """Remove the MFA requirement (the key is kept)."""
+    name = app.known_user(username)
+    app.store.unrequire(name)
+    click.echo(f"{name}: MFA no longer required")
+
+
+@user.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@config_option
+@pass_app
+def user_import(app: App, file: io.TextIOBase) -> None:
+    """Bulk load CSV lines `username,secret[,required_days]`, all or nothing.
+
+    An empty secret with required_days requires MFA without a key. Every bad
+    line is reported by number and nothing is loaded.
+    """
+    rows, problems = parse_import(app, file.read())
+    if problems:
+        for p in problems:
+            click.echo(p, err=True)
+        raise Refused(f"{len(problems)} bad line(s); nothing imported")
+    keys = app.keys
+    now = int(app.clock())
+    enrolled = [(u, keys.encrypt(s.encode(), u), keys.current,
+                 now + (d or app.settings.policy.enrollment_days) * DAY)
+                for u, s, d in rows if s]
+    count = app.store.import_users(enrolled)
+    for u, _s, d in rows:
+        if not _s:
+            app.store.require(u, now + int(d or 0) * DAY)
+    click.echo(f"imported {count} key(s), {len(rows) - count} requirement(s)")
+
+
+def parse_import(app: App, text: str) -> tuple[list[tuple[str, str, int | None]], list[str]]:
+    from policy.totp import InvalidSecret, normalize_secret
+
+    rows: list[tuple[str, str, int | None]] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for n, fields in enumerate(csv.reader(io.StringIO(text)), 1):
+        if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
+            continue
+        if n == 1 and fields[0].strip().lower() == "username":
+            continue
+        try:
+            row = _import_row(app, fields, normalize_secret)
+        except (ValueError, InvalidSecret, Refused) as e:
+            msg = e.message if isinstance(e, Refused) else str(e)
+            problems.append(f"line {n}: {msg}")
+            continue
+        if row[0] in seen:
+            problems.append(f"line {n}: {row[0]!r} already on line {seen[row[0]]}")
+            continue
+        seen[row[0]] = n
+        rows.append(row)
+    return rows, problems
+
+
+def _import_row(app: App, fields: list[str], normalize: Callable[[str], str]
+                ) -> tuple[str, str, int | None]:
+    if len(fields) not in (2, 3):
+        raise ValueError(f"expected username,secret[,required_days], got {len(fields)} fields")
+    name = app.canonical(fields[0])
+    days: int | None = None
+    if len(fields) == 3 and fields[2].strip():
+        if not fields[2].strip().isdigit() or not 1 <= int(fields[2]) <= 365:
+            raise ValueError(f"required_days must be 1–365, got {fields[2].strip()!r}")
+        days = int(fields[2])
+    secret = fields[1].strip()
+    if not secret and days is None:
+        raise ValueError("no secret and no required_days: nothing to do")
+    return name, normalize(secret) if secret else "", days
+
+
+# -- keys and local users --------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """The key file that encrypts TOTP keys at rest."""
+
+
+@keys.command("rotate")
+@config_option
+@pass_app
+def keys_rotate(app: App) -> None:
+    """Re-encrypt every stored TOTP key under a new key version (no downtime)."""
+    ring = app.keys
+    store = app.store
+    version = ring.add_version()
+    done = skipped = 0
+    for batch in store.secrets_to_rotate(version):
+        for name, blob in batch:
+            plain = ring.decrypt(blob, name)
+            if store.replace_secret(name, blob, ring.encrypt(plain, name), version):
+                done += 1
+            else:
+                skipped += 1
+    click.echo(f"key version {version}: re-encrypted {done} key(s)"
+               + (f", {skipped} changed meanwhile" if skipped else ""))
+
+
+@main.group("local-user")
+def local_user() -> None:
+    """Users of the local users file (directory.type = "local")."""
+
+
+@local_user.command("set")
+@click.argument("username")
+@click.option("--group", "groups", multiple=True, help="Group membership (repeatable).")
+@config_option
+@pass_app
+def local_user_set(app: App, username: str, groups: tuple[str, ...]) -> None:
+    """Set a local user's password (argon2id): one line from stdin, or prompted."""
+    if app.settings.directory.type != "local":
+        raise Refused("directory.type is not \"local\": passwords live in the directory")
+    name = app.canonical(username)
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise Refused("empty password")
+    app.directory.set_password(name, password, list(groups) if groups else None)
+    click.echo(f"{name}: password set")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""TOML → typed settings. Every problem names its key; all are reported at once.
+
+Relative paths are relative to the config file's folder, so a config works
+wherever it is started from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "mfa-proxy.toml"
+MFA_MODES = ("enrolled", "strict", "off")
+RADIUS_MODES = ("append", "challenge", "auto")
+ENROLLMENT_NOTICES = ("reply-message", "challenge", "none")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    url: str
+    key_file: Path
+    threads: int = 4
+
+
+@dataclass(frozen=True)
+class TotpSettings:
+    issuer: str = "mfa-proxy"
+    digits: int = 6
+    period: int = 30
+    window: int = 1
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    max_failures: int = 5
+    lockout_seconds: int = 900
+    enrollment_days: int = 7
+    audit_days: int = 90
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    type: str = "local"
+    users_file: Path | None = None
+    urls: tuple[str, ...] = ()
+    bind_dn: str = ""
+    bind_password: str = ""
+    user_base: str = ""
+    user_filter: str = "(uid={username})"
+    username_attribute: str = "uid"
+    group_base: str = ""
+    group_filter: str = "(|(member={dn})(uniqueMember={dn}))"
+    use_memberof: bool = True
+    start_tls: bool = False
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    connect_timeout: float = 3.0
+    timeout: float = 5.0
+    dn_cache_seconds: int = 60
+    lowercase_usernames: bool = True
+    strip_domain: bool = True  # DOMAIN\user -> user
+    strip_realm: bool = True  # user@realm -> user
+
+
+@dataclass(frozen=True)
+class ReplyRule:
+    group: str
+    attributes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RadiusClient:
+    name: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    secret: bytes
+    mfa: str
+    mode: str
+    separator: str
+    require_message_authenticator: bool
+    repeat_window_seconds: int = 0
+    enrollment_notice: str = "reply-message"
+    nas_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class RadiusSettings:
+    listen: tuple[Address, ...] = ()
+    accounting_listen: tuple[Address, ...] = ()
+    mode: str = "auto"
+    separator: str = ","
+    require_message_authenticator: bool = True
+    challenge_timeout: int = 120
+    duplicate_window: int = 30
+    clients: tuple[RadiusClient, ...] = ()
+    reply: tuple[ReplyRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class LdapSettings:
+    listen: tuple[Address, ...] = ()
+    ldaps_listen: tuple[Address, ...] = ()
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    upstream: str = ""
+    upstream_start_tls: bool = False
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    exempt: tuple[str, ...] = ()
+    mfa: str = "enrolled"
+    separator: str = ","
+    bind_cache_seconds: int = 0
+    allow_anonymous: bool = False
+    require_bind: bool = False
+    max_message_size: int = 1048576
+    max_connections: int = 1000
+    idle_timeout: int = 600
+    username_attribute: str = "uid"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: Address | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path
+    state: StateSettings
+    totp: TotpSettings
+    policy: PolicySettings
+    directory: DirectorySettings
+    radius: RadiusSettings | None
+    ldap: LdapSettings | None
+    http: HttpSettings
+    log_level: str = "info"
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+class _Reader:
+    """Walks one TOML table, collecting problems instead of stopping at the first."""
+
+    def __init__(self, cfg: _Loader, prefix: str, table: dict[str, Any]) -> None:
+        self.cfg, self.prefix, self.table = cfg, prefix, table
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.cfg.problems.append(f"{self.key(name)}: {message}")
+
+    def _get(self, name: str, kinds: tuple[type, ...], what: str, default: T) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        # bool is an int in Python; TOML keeps them apart, and so do we
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            self.problem(name, f"expected {what}, got {_toml_type(value)} {value!r}")
+            return default
+        return value
+
+    def str(self, name: str, default: str = "", choices: tuple[str, ...] = ()) -> str:
+        value: str = self._get(name, (str,), "a string", default)
+        if choices and value not in choices:
+            self.problem(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            return default
+        return value
+
+    def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        value: int = self._get(name, (int,), "an integer", default)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.problem(name, f"must be between {lo} and {hi if hi is not None else '∞'}, "
+                               f"got {value}")
+            return default
+        return value
+
+    def float(self, name: str, default: float, lo: float = 0.0, hi: float | None = None) -> float:
+        value = self._get(name, (int, float), "a number", default)
+        if value < lo or (hi is not None and value > hi):
+            self.problem(name, f"must be between {lo} and {hi}, got {value}")
+            return default
+        return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value: bool = self._get(name, (bool,), "true or false", default)
+        return value
+
+    def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(name, (list, str), "a list of strings", list(default))
+        if isinstance(value, str):
+            value = [value]
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            self.problem(name, f"expected a list of strings, found {bad[0]!r}")
+            return default
+        return tuple(value)
+
+    def path(self, name: str, default: str | None = None) -> Path | None:
+        raw = self.str(name, default or "")
+        return self.cfg.resolve(raw) if raw else None
+
+    def table_of(self, name: str, required: bool = False) -> _Reader | None:
+        self.seen.add(name)
+        value = self.table.get(name)
+        if value is None:
+            if required:
+                self.cfg.problems.append(f"{self.key(name)}: missing section [{self.key(name)}]")
+            return None
+        if not isinstance(value, dict):
+            self.problem(name, f"expected a table, got {_toml_type(value)}")
+            return None
+        return _Reader(self.cfg, self.key(name), value)
+
+    def tables(self, name: str) -> Iterator[_Reader]:
+        self.seen.add(name)
+        value = self.table.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problem(name, f"expected [[{self.key(name)}]] tables")
+            return
+        for i, item in enumerate(value):
+            yield _Reader(self.cfg, f"{self.key(name)}[{i}]", item)
+
+    def secret(self, name: str, required: bool, create: bool = False) -> str:
+        """A secret given inline or as ``<name>_file``; never both."""
+        inline = self.str(name)
+        file_key = f"{name}_file"
+        path = self.path(file_key)
+        if inline and path:
+            self.problem(name, f"give either {name} or {file_key}, not both")
+            return ""
+        if path:
+            return self.cfg.read_secret(self.key(file_key), path, create)
+        if required and not inline:
+            self.problem(name, f"missing (set {name} or {file_key})")
+        return inline
+
+    def address(self, name: str, value: str) -> Address | None:
+        try:
+            return parse_address(value)
+        except ValueError as e:
+            self.problem(name, str(e))
+            return None
+
+    def addresses(self, name: str, default: tuple[str, ...] = ()) -> tuple[Address, ...]:
+        out = (self.address(name, v) for v in self.str_list(name, default))
+        return tuple(a for a in out if a is not None)
+
+    def done(self) -> None:
+        for name in sorted(set(self.table) - self.seen):
+            self.cfg.problems.append(f"{self.key(name)}: unknown key")
+
+
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def resolve(self, raw: str) -> Path:
+        p = Path(os.path.expanduser(raw))
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    def read_secret(self, key: str, path: Path, create: bool) -> str:
+        if not path.exists() and create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_private_file(path, secrets.token_urlsafe(24) + "\n")
+            except OSError as e:
+                self.problems.append(f"{key}: cannot create {path}: {e.strerror}")
+                return ""
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            self.problems.append(f"{key}: cannot read {path}: {e.strerror}")
+            return ""
+        if not value:
+            self.problems.append(f"{key}: {path} is empty")
+        return value
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Create a file readable by its owner only (0600), never following a race."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def parse_address(value: str) -> Address:
+    """'127.0.0.1:1812', '[::1]:1812' → Address. Hostnames are refused: a listener
+    binds an address, and we want no DNS surprises at start."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"not an IP address: {host!r} in {value!r}") from None
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return Address(host, int(port))
+
+
+def load(path: Path | str | None = None) -> Settings:
+    """Load and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    path = path.resolve()
+    loader = _Loader(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    root = _Reader(loader, "", raw)
+    settings = _settings(loader, root)
+    root.done()
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    assert settings is not None
+    return settings
+
+
+def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
+    state = _section(root, "state", True, lambda r: _state(cfg, r))
+    totp = _section(root, "totp", False, _totp) or TotpSettings()
+    policy = _section(root, "policy", False, _policy) or PolicySettings()
+    directory = _section(root, "directory", True, lambda r: _directory(cfg, r))
+    radius = _section(root, "radius", False, lambda r: _radius(cfg, r, totp))
+    ldap = _section(root, "ldap", False, _ldap)
+    http = _section(root, "http", False, _http) or HttpSettings()
+    logging = _section(root, "logging", False, lambda r: r.str(
+        "level", "info", ("debug", "info", "warning", "error")))
+    if directory and ldap and not ldap.upstream:
+        if directory.type == "ldap" and directory.urls:
+            ldap = _replace(ldap, upstream=directory.urls[0])
+        else:
+            cfg.problems.append("ldap.upstream: missing (no [directory] LDAP url to default to)")
+    if radius and directory:
+        _check_timeouts(cfg, radius, directory)
+    if state is None or directory is None:
+        return None
+    return Settings(cfg.path, state, totp, policy, directory, radius, ldap, http,
+                    logging or "info", tuple(cfg.warnings))
+
+
+def _replace(obj: T, **changes: Any) -> T:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
+
+def _section(root: _Reader, name: str, required: bool, build: Callable[[_Reader], T]) -> T | None:
+    reader = root.table_of(name, required)
+    if reader is None:
+        return None
+    result = build(reader)
+    reader.done()
+    return result
+
+
+def _state(cfg: _Loader, r: _Reader) -> StateSettings:
+    url = r.str("url", "sqlite:///../var/mfa-proxy.db")
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        rest = url[len("sqlite:///"):]
+        url = "sqlite:///" + str(cfg.resolve(rest))
+    elif not url.startswith(("sqlite:", "postgresql")):
+        r.problem("url", f"unsupported database URL {url.split(':')[0]!r} "
+                         "(use sqlite:///PATH or postgresql+psycopg://…)")
+    key_file = r.path("key_file", "../var/secret.key")
+    assert key_file is not None
+    return StateSettings(url, key_file, r.int("threads", 4, 1, 64))
+
+
+def _totp(r: _Reader) -> TotpSettings:
+    return TotpSettings(
+        issuer=r.str("issuer", "mfa-proxy") or "mfa-proxy",
+        digits=r.int("digits", 6, 6, 8),
+        period=r.int("period", 30, 15, 120),
+        window=r.int("window", 1, 0, 10),
+    )
+
+
+def _policy(r: _Reader) -> PolicySettings:
+    return PolicySettings(
+        max_failures=r.int("max_failures", 5, 1, 1000),
+        lockout_seconds=r.int("lockout_seconds", 900, 0, 10 * 365 * 86400),
+        enrollment_days=r.int("enrollment_days", 7, 1, 365),
+        audit_days=r.int("audit_days", 90, 1, 3650),
+    )
+
+
+def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
+    kind = r.str("type", "local", ("local", "ldap"))
+    common: dict[str, Any] = dict(
+        lowercase_usernames=r.bool("lowercase_usernames", True),
+        strip_domain=r.bool("strip_domain", True),
+        strip_realm=r.bool("strip_realm", True),
+    )
+    if kind == "local":
+        users = r.path("users_file", "../var/users.toml")
+        return DirectorySettings(type="local", users_file=users, **common)
+    urls = r.str_list("urls")
+    if not urls:
+        r.problem("urls", "missing: at least one ldap:// or ldaps:// URL")
+    for u in urls:
+        if not u.startswith(("ldap://", "ldaps://")):
+            r.problem("urls", f"not an ldap:// or ldaps:// URL: {u!r}")
+    bind_dn = r.str("bind_dn")
+    password = r.secret("bind_password", required=bool(bind_dn))
+    user_base = r.str("user_base")
+    if not user_base:
+        r.problem("user_base", "missing: the DN under which users are searched")
+    user_filter = r.str("user_filter", "(uid={username})")
+    if "{username}" not in user_filter:
+        r.problem("user_filter", "must contain {username}")
+    ca_file = r.path("ca_file")
+    if ca_file and not ca_file.is_file():
+        r.problem("ca_file", f"cannot read {ca_file}")
+    return DirectorySettings(
+        type="ldap", urls=urls, bind_dn=bind_dn, bind_password=password, user_base=user_base,
+        user_filter=user_filter, username_attribute=r.str("username_attribute", "uid"),
+        group_base=r.str("group_base"),
+        group_filter=r.str("group_filter", "(|(member={dn})(uniqueMember={dn}))"),
+        use_memberof=r.bool("use_memberof", True), start_tls=r.bool("start_tls", False),
+        ca_file=ca_file, tls_verify=r.bool("tls_verify", True),
+        connect_timeout=r.float("connect_timeout", 3.0, 0.1, 60),
+        timeout=r.float("timeout", 5.0, 0.1, 120),
+        dn_cache_seconds=r.int("dn_cache_seconds", 60, 0, 86400), **common,
+    )
+
+
+def _network(r: _Reader, value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        r.problem("address", f"not an address or CIDR: {value!r}")
+        return None
+
+
+def _radius(cfg: _Loader, r: _Reader, totp: TotpSettings) -> RadiusSettings:
+    listen = r.addresses("listen", ("127.0.0.1:1812",))
+    default_acct = tuple(str(type(a)(a.host, a.port + 1)) for a in listen if a.port < 65535)
+    acct = r.addresses("accounting_listen", default_acct)
+    mode = r.str("mode", "auto", RADIUS_MODES)
+    separator = r.str("separator", ",")
+    require_ma = r.bool("require_message_authenticator", True)
+    settings = RadiusSettings(
+        listen=listen, accounting_listen=acct, mode=mode, separator=separator,
+        require_message_authenticator=require_ma,
+        challenge_timeout=r.int("challenge_timeout", 120, 10, 3600),
+        duplicate_window=r.int("duplicate_window", 30, 0, 600),
+    )
+    clients = tuple(c for c in (_client(cfg, c, settings) for c in r.tables("clients")) if c)
+    if listen and not clients:
+        r.problem("clients", "no [[radius.clients]]: every request would be dropped")
+    names = [c.name for c in clients]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        r.problem("clients", f"duplicate client name {name!r}")
+    reply = tuple(_reply(rr) for rr in r.tables("reply"))
+    return _replace(settings, clients=clients, reply=tuple(x for x in reply if x))
+
+
+def _client(cfg: _Loader, r: _Reader, d: RadiusSettings) -> RadiusClient | None:
+    name = r.str("name")
+    if not name:
+        r.problem("name", "missing: a short name for metrics and logs")
+    addresses = r.str_list("address")
+    if not addresses:
+        r.problem("address", "missing: an address or CIDR")
+    networks = tuple(n for n in (_network(r, a) for a in addresses) if n is not None)
+    secret = r.secret("secret", required=True, create=r.bool("create_secret_file", False))
+    if secret and len(secret) < 16:
+        cfg.warnings.append(f"{r.key('secret')}: shorter than 16 characters; a RADIUS shared "
+                            "secret should be long and random (BlastRADIUS)")
+    client = RadiusClient(
+        name=name or "?", networks=networks, secret=secret.encode(),
+        mfa=r.str("mfa", "enrolled", MFA_MODES), mode=r.str("mode", d.mode, RADIUS_MODES),
+        separator=r.str("separator", d.separator),
+        require_message_authenticator=r.bool("require_message_authenticator",
+                                             d.require_message_authenticator),
+        repeat_window_seconds=r.int("repeat_window_seconds", 0, 0, 3600),
+        enrollment_notice=r.str("enrollment_notice", "reply-message", ENROLLMENT_NOTICES),
+        nas_timeout=r.float("nas_timeout", 0.0, 0.0, 600) or None,
+    )
+    r.done()
+    return client if name and networks and secret else None
+
+
+def _reply(r: _Reader) -> ReplyRule | None:
+    group = r.str("group")
+    if not group:
+        r.problem("group", "missing: the directory group these attributes are for")
+    attrs = r._get("attributes", (dict,), "a table of attribute = value", {})
+    r.done()
+    return ReplyRule(group, dict(attrs)) if group and attrs else None
+
+
+def _check_timeouts(cfg: _Loader, radius: RadiusSettings, d: DirectorySettings) -> None:
+    """A NAS that gives up before we answer retransmits or fails over: warn."""
+    if d.type != "ldap":
+        return
+    worst = (d.connect_timeout + d.timeout) * max(1, len(d.urls)) + 0.5
+    for c in radius.clients:
+        if c.nas_timeout and worst > c.nas_timeout:
+            cfg.warnings.append(
+                f"radius.clients[{c.name}].nas_timeout: {c.nas_timeout:g} s is shorter than the "
+                f"worst directory time ({worst:g} s = (connect_timeout + timeout) × "
+                f"{len(d.urls)} URLs + processing); the NAS may retransmit or give up")
+
+
+def _ldap(r: _Reader) -> LdapSettings:
+    listen = r.addresses("listen", ("127.0.0.1:3389",))
+    ldaps = r.addresses("ldaps_listen")
+    cert, key = r.path("cert_file"), r.path("key_file")
+    if ldaps and not (cert and key):
+        r.problem("ldaps_listen", "needs cert_file and key_file")
+    for name, p in (("cert_file", cert), ("key_file", key)):
+        if p and not p.is_file():
+            r.problem(name, f"cannot read {p}")
+    upstream = r.str("upstream")
+    if upstream and not upstream.startswith(("ldap://", "ldaps://")):
+        r.problem("upstream", f"not an ldap:// or ldaps:// URL: {upstream!r}")
+    ca = r.path("ca_file")
+    if ca and not ca.is_file():
+        r.problem("ca_file", f"cannot read {ca}")
+    return LdapSettings(
+        listen=listen, ldaps_listen=ldaps, cert_file=cert, key_file=key, upstream=upstream,
+        upstream_start_tls=r.bool("start_tls", False), ca_file=ca,
+        tls_verify=r.bool("tls_verify", True), exempt=r.str_list("exempt"),
+        mfa=r.str("mfa", "enrolled", MFA_MODES), separator=r.str("separator", ","),
+        bind_cache_seconds=r.int("bind_cache_seconds", 0, 0, 86400),
+        allow_anonymous=r.bool("allow_anonymous", False),
+        require_bind=r.bool("require_bind", False),
+        max_message_size=r.int("max_message_size", 1048576, 1024, 64 * 1048576),
+        max_connections=r.int("max_connections", 1000, 1, 100000),
+        idle_timeout=r.int("idle_timeout", 600, 0, 86400),
+        username_attribute=r.str("username_attribute", "uid"),
+    )
+
+
+def _http(r: _Reader) -> HttpSettings:
+    raw = r.str("listen", "127.0.0.1:9812")
+    return HttpSettings(r.address("listen", raw) if raw else None)

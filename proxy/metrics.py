@@ -1,0 +1,71 @@
+"""Every metric, defined once. Labels are bounded: never a username or an address."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mfa_proxy_requests", "Authentication requests by protocol, client, result, reason",
+            ["protocol", "client", "result", "reason"], registry=r)
+        self.decision_seconds = Histogram(
+            "mfa_proxy_decision_seconds", "Time from request to decision", ["protocol"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.radius_dropped = Counter(
+            "mfa_proxy_radius_dropped", "RADIUS packets dropped without an answer, by reason",
+            ["reason"], registry=r)
+        self.radius_accounting = Counter(
+            "mfa_proxy_radius_accounting", "RADIUS Accounting-Requests answered", ["client"],
+            registry=r)
+        self.directory_seconds = Histogram(
+            "mfa_proxy_directory_seconds", "Directory password checks", buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.directory_errors = Counter(
+            "mfa_proxy_directory_errors", "Directory errors (not bad passwords)", ["reason"],
+            registry=r)
+        self.state_errors = Counter(
+            "mfa_proxy_state_errors", "State store errors", ["operation"], registry=r)
+        self.lockouts = Counter(
+            "mfa_proxy_lockouts", "Accounts locked after too many failures", registry=r)
+        self.ldap_connections = Gauge(
+            "mfa_proxy_ldap_connections", "Open LDAP client connections", registry=r)
+        self.ldap_forwarded = Counter(
+            "mfa_proxy_ldap_forwarded", "LDAP operations forwarded upstream", ["operation"],
+            registry=r)
+        self.ldap_upstream_errors = Counter(
+            "mfa_proxy_ldap_upstream_errors", "LDAP upstream errors", ["reason"], registry=r)
+        self.ldap_dropped = Counter(
+            "mfa_proxy_ldap_dropped", "LDAP connections closed for bad input or limits",
+            ["reason"], registry=r)
+        self.users = Gauge(
+            "mfa_proxy_users", "Users by MFA status", ["status"], registry=r)
+        self.audit_dropped = Counter(
+            "mfa_proxy_audit_dropped", "Audit rows dropped (state store unavailable)",
+            registry=r)
+        self.up = Gauge("mfa_proxy_ready", "1 while the state store and directory answer",
+                        registry=r)
+
+
+class EngineMetrics:
+    """policy.engine.EngineEvents → Prometheus."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def lockout(self) -> None:
+        self.m.lockouts.inc()
+
+    def directory(self, seconds: float, error: str | None) -> None:
+        self.m.directory_seconds.observe(seconds)
+        if error:
+            self.m.directory_errors.labels(error).inc()
+
+    def state_error(self, operation: str) -> None:
+        self.m.state_errors.labels(operation).inc()

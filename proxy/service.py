@@ -1,0 +1,219 @@
+"""Wires config → core → listeners. The only module that reads the whole config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from backends.base import Directory
+from policy.engine import Authenticator, Limits, PolicyEngine
+from policy.keys import KeyFileError, KeyRing
+from policy.store import Store, StoreError
+from policy.totp import TotpParams
+from policy.usernames import UsernameRules
+from proxy.config import DirectorySettings, Settings
+from proxy.metrics import EngineMetrics, Metrics
+
+log = logging.getLogger("mfa_proxy")
+
+
+class StartupError(Exception):
+    pass
+
+
+def username_rules(d: DirectorySettings) -> UsernameRules:
+    return UsernameRules(d.lowercase_usernames, d.strip_domain, d.strip_realm)
+
+
+def make_directory(d: DirectorySettings) -> Directory:
+    if d.type == "local":
+        from backends.local import LocalDirectory
+
+        assert d.users_file is not None
+        return LocalDirectory(d.users_file)
+    from backends.ldap import LdapDirectory
+
+    return LdapDirectory(ldap_options(d))
+
+
+def ldap_options(d: DirectorySettings) -> Any:
+    from backends.ldap import LdapOptions
+
+    return LdapOptions(
+        urls=list(d.urls), bind_dn=d.bind_dn, bind_password=d.bind_password,
+        user_base=d.user_base, user_filter=d.user_filter,
+        username_attribute=d.username_attribute, group_base=d.group_base,
+        group_filter=d.group_filter, use_memberof=d.use_memberof, start_tls=d.start_tls,
+        ca_file=str(d.ca_file) if d.ca_file else None, tls_verify=d.tls_verify,
+        connect_timeout=d.connect_timeout, timeout=d.timeout,
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Service:
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        self.settings, self.reactor = settings, reactor
+        self.metrics = Metrics()
+        self.ports: list[Any] = []
+        self.loops: list[LoopingCall] = []
+        self.pools: list[ThreadPool] = []
+
+    # -- building ---------------------------------------------------------------------
+
+    def _pool(self, name: str, size: int) -> ThreadPool:
+        pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
+        pool.start()
+        self.pools.append(pool)
+        return pool
+
+    def build(self) -> None:
+        s = self.settings
+        self.store = Store(s.state.url)
+        try:
+            if self.store.dialect == "sqlite":
+                self.store.upgrade()  # the embedded default migrates itself
+            else:
+                self.store.check_current()
+        except StoreError as e:
+            raise StartupError(str(e)) from None
+        except Exception as e:
+            raise StartupError(f"state store unavailable: {type(e).__name__}: {e}") from None
+        try:
+            self.keys = KeyRing(s.state.key_file)
+        except KeyFileError as e:
+            raise StartupError(str(e)) from None
+        self.state_pool = self._pool("state", s.state.threads)
+        self.directory_pool = self._pool("directory", 16)
+        self.directory = make_directory(s.directory)
+        self.async_directory = self._async_directory()
+        self.engine = PolicyEngine(
+            self.store, self.keys, TotpParams(s.totp.digits, s.totp.period, s.totp.window),
+            Limits(s.policy.max_failures, s.policy.lockout_seconds), username_rules(s.directory),
+            clock=time.time, events=EngineMetrics(self.metrics),
+            repeat_key=self.keys.derive(b"repeat-window"))
+        self.authenticator = Authenticator(self.engine, self.async_directory.verify,
+                                           self.in_state_pool)
+
+    def _async_directory(self) -> Any:
+        from backends.threaded import ThreadedDirectory
+
+        return ThreadedDirectory(self.directory, self.reactor, self.directory_pool)
+
+    def in_state_pool(self, f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.state_pool, f, *args)
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.build()
+        self._every(1.0, self._flush_audit)
+        self._every(30.0, self._refresh_user_gauge)
+        self._every(3600.0, self._prune)
+        self._listen_http()
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+
+    def _every(self, seconds: float, f: Any) -> None:
+        loop = LoopingCall(f)
+        loop.clock = self.reactor
+        loop.start(seconds, now=False).addErrback(
+            lambda fail: log.error("periodic task failed: %s", fail.getErrorMessage()))
+        self.loops.append(loop)
+
+    def _flush_audit(self) -> Deferred[Any]:
+        d = self.in_state_pool(self.engine.audit.flush)
+        d.addErrback(lambda f: log.warning("audit flush failed: %s", f.getErrorMessage()))
+        return d
+
+    def _refresh_user_gauge(self) -> Deferred[Any]:
+        d = self.in_state_pool(self.store.count_by_status, time.time())
+
+        def publish(counts: dict[str, int]) -> None:
+            for status, n in counts.items():
+                self.metrics.users.labels(status).set(n)
+
+        d.addCallback(publish)
+        d.addErrback(lambda f: log.warning("user count failed: %s", f.getErrorMessage()))
+        return d
+
+    def _prune(self) -> Deferred[Any]:
+        d = self.in_state_pool(self.store.prune, time.time(), self.settings.policy.audit_days)
+        d.addErrback(lambda f: log.warning("prune failed: %s", f.getErrorMessage()))
+        return d
+
+    def ready(self) -> Deferred[list[str]]:
+        """Problems that make this instance not ready (empty list: ready)."""
+
+        def store_ok() -> None:
+            self.store.ping()
+
+        checks = [self.in_state_pool(store_ok), self.async_directory.ping()]
+        names = ["state store", "directory"]
+        results = [d.addCallbacks(lambda _: None, lambda f, n=n: f"{n}: {f.getErrorMessage()}")
+                   for d, n in zip(checks, names, strict=True)]
+        d = gatherResults(results)
+        d.addCallback(lambda rs: [r for r in rs if r])
+
+        def gauge(problems: list[str]) -> list[str]:
+            self.metrics.up.set(0 if problems else 1)
+            return problems
+
+        d.addCallback(gauge)
+        return d
+
+    def _listen_http(self) -> None:
+        addr = self.settings.http.listen
+        if addr is None:
+            return
+        from proxy.http.server import make_site
+
+        site = make_site(self.metrics.registry, self.ready)
+        self.ports.append(self.reactor.listenTCP(addr.port, site, interface=addr.host))
+        log.info("http listening on %s (/metrics /healthz /readyz)", addr)
+
+    def stop(self) -> Deferred[Any] | None:
+        for loop in self.loops:
+            if loop.running:
+                loop.stop()
+        try:
+            self.engine.audit.flush()
+        except Exception as e:
+            log.warning("final audit flush failed: %s", e)
+        for pool in self.pools:
+            pool.stop()
+        self.directory.close()
+        self.store.close()
+        log.info("stopped")
+        return None
+
+
+def run(settings: Settings) -> int:
+    setup_logging(settings.log_level)
+    from twisted.internet import reactor
+
+    service = Service(settings, reactor)
+    try:
+        service.start()
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    except Exception as e:  # e.g. a port already in use
+        log.error("cannot start: %s: %s", type(e).__name__, e)
+        for pool in service.pools:
+            pool.stop()
+        return 1
+    log.info("mfa-proxy serving (config %s)", settings.path)
+    reactor.run()  # type: ignore[attr-defined]
+    return 0

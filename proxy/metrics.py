@@ -21,6 +21,9 @@ class Metrics:
         self.radius_dropped = Counter(
             "mfa_proxy_radius_dropped", "RADIUS packets dropped without an answer, by reason",
             ["reason"], registry=r)
+        self.radius_retransmissions = Counter(
+            "mfa_proxy_radius_retransmissions", "Retransmissions answered from the duplicate cache",
+            ["client"], registry=r)
         self.radius_accounting = Counter(
             "mfa_proxy_radius_accounting", "RADIUS Accounting-Requests answered", ["client"],
             registry=r)
@@ -69,3 +72,25 @@ class EngineMetrics:
 
     def state_error(self, operation: str) -> None:
         self.m.state_errors.labels(operation).inc()
+
+
+class RadiusMetrics:
+    """proxy.radius.events.RadiusEvents → Prometheus."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def request(self, client: str, result: str, reason: str) -> None:
+        self.m.requests.labels("radius", client, result, reason).inc()
+
+    def dropped(self, reason: str) -> None:
+        self.m.radius_dropped.labels(reason).inc()
+
+    def decision_seconds(self, seconds: float) -> None:
+        self.m.decision_seconds.labels("radius").observe(seconds)
+
+    def accounting(self, client: str) -> None:
+        self.m.radius_accounting.labels(client).inc()
+
+    def retransmission(self, client: str) -> None:
+        self.m.radius_retransmissions.labels(client).inc()

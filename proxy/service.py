@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -22,6 +23,7 @@ from proxy.config import DirectorySettings, Settings
 from proxy.metrics import EngineMetrics, Metrics
 
 log = logging.getLogger("mfa_proxy")
+DICTIONARY = Path(__file__).resolve().parent.parent / "conf" / "dictionary"
 
 
 class StartupError(Exception):
@@ -123,6 +125,8 @@ class Service:
         self._every(30.0, self._refresh_user_gauge)
         self._every(3600.0, self._prune)
         self._listen_http()
+        self._listen_radius()
+        self._listen_ldap()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
 
     def _every(self, seconds: float, f: Any) -> None:
@@ -182,6 +186,36 @@ class Service:
         site = make_site(self.metrics.registry, self.ready)
         self.ports.append(self.reactor.listenTCP(addr.port, site, interface=addr.host))
         log.info("http listening on %s (/metrics /healthz /readyz)", addr)
+
+    def _listen_radius(self) -> None:
+        r = self.settings.radius
+        if r is None or not (r.listen or r.accounting_listen):
+            return
+        from pyrad.dictionary import Dictionary
+
+        from proxy.metrics import RadiusMetrics
+        from proxy.radius.clients import ClientTable, RadiusClientConfig
+        from proxy.radius.server import RadiusServer, ServerSettings
+
+        clients = ClientTable([RadiusClientConfig(
+            name=c.name, networks=c.networks, secret=c.secret, mode=c.mode, mfa=c.mfa,
+            separator=c.separator, require_message_authenticator=c.require_message_authenticator,
+            repeat_window_seconds=c.repeat_window_seconds, enrollment_notice=c.enrollment_notice,
+            nas_timeout=c.nas_timeout) for c in r.clients])
+        server = RadiusServer(
+            clients, self.authenticator.authenticate, Dictionary(str(DICTIONARY)),
+            events=RadiusMetrics(self.metrics), clock=self.reactor,
+            settings=ServerSettings(challenge_timeout=r.challenge_timeout,
+                                    duplicate_window=r.duplicate_window, reply_rules=r.reply))
+        self.radius = server
+        self.ports += server.listen(self.reactor, [(a.host, a.port) for a in r.listen],
+                                    [(a.host, a.port) for a in r.accounting_listen])
+        log.info("radius listening on %s (accounting %s), %d client(s)",
+                 ", ".join(map(str, r.listen)) or "-",
+                 ", ".join(map(str, r.accounting_listen)) or "-", len(r.clients))
+
+    def _listen_ldap(self) -> None:
+        pass
 
     def stop(self) -> Deferred[Any] | None:
         for loop in self.loops:

@@ -1,0 +1,95 @@
+"""RFC 5080 §2.2.2 duplicate detection.
+
+A NAS that hears nothing retransmits the same packet (same source, port,
+Identifier and Request Authenticator).  Deciding it again would count a
+second failure or consume a code twice, so: while the first copy is being
+decided a retransmission gets nothing (the answer is on its way), and for
+``window`` seconds after it the cached answer bytes are sent again.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+# How long an undecided entry blocks retransmissions when the window is
+# shorter: a decision that never finishes must not block a NAS forever.
+MIN_IN_PROGRESS_SECONDS = 30.0
+
+
+class DuplicateKey(NamedTuple):
+    host: str
+    port: int
+    identifier: int
+    authenticator: bytes
+
+
+class Seen(enum.Enum):
+    NEW = "new"  # first copy: decide it, then call complete()
+    IN_PROGRESS = "in_progress"  # a copy is being decided: send nothing
+
+
+class _Entry:
+    __slots__ = ("expires", "response")
+
+    def __init__(self, expires: float, response: bytes | None) -> None:
+        self.expires = expires
+        self.response = response
+
+
+class DuplicateCache:
+    """Bounded; entries expire ``window`` seconds after their answer."""
+
+    def __init__(self, window: float = 30.0, max_entries: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[DuplicateKey, _Entry] = OrderedDict()
+
+    def begin(self, key: DuplicateKey) -> Seen | bytes:
+        """NEW (and now in progress), IN_PROGRESS, or the cached answer."""
+        now = self._clock()
+        self._expire(now)
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires > now:
+            return Seen.IN_PROGRESS if entry.response is None else entry.response
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.max_entries:
+            self._entries.popitem(last=False)  # the oldest goes first
+        self._entries[key] = _Entry(now + max(self.window, MIN_IN_PROGRESS_SECONDS), None)
+        return Seen.NEW
+
+    def complete(self, key: DuplicateKey, response: bytes) -> None:
+        """Cache the answer sent for ``key`` for ``window`` seconds."""
+        if self.window <= 0:
+            self._entries.pop(key, None)
+            return
+        expires = self._clock() + self.window
+        entry = self._entries.get(key)
+        if entry is None:  # evicted while deciding, under a flood
+            self._entries[key] = _Entry(expires, response)
+            return
+        entry.expires, entry.response = expires, response
+        self._entries.move_to_end(key)
+
+    def forget(self, key: DuplicateKey) -> None:
+        """The first copy got no answer: let a retransmission be decided."""
+        self._entries.pop(key, None)
+
+    def _expire(self, now: float) -> None:
+        # Entries sit roughly in expiry order (answers move to the end), so
+        # dropping expired ones from the front is cheap; a stray later one
+        # is still checked in begin() and aged out by the size bound.
+        entries = self._entries
+        while entries:
+            first = next(iter(entries.values()))
+            if first.expires > now:
+                break
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,95 @@
+"""RFC 5080 §2.2.2 duplicate cache: in progress, answered, expired, bounded."""
+
+from __future__ import annotations
+
+from proxy.radius.duplicates import MIN_IN_PROGRESS_SECONDS, DuplicateCache, DuplicateKey, Seen
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(n: int = 1, port: int = 4000, host: str = "10.0.0.1") -> DuplicateKey:
+    return DuplicateKey(host, port, n % 256, n.to_bytes(16, "big"))
+
+
+def test_first_copy_is_new_then_in_progress_then_answered() -> None:
+    cache = DuplicateCache(window=30, clock=FakeClock())
+    assert cache.begin(key()) is Seen.NEW
+    assert cache.begin(key()) is Seen.IN_PROGRESS
+    cache.complete(key(), b"answer")
+    assert cache.begin(key()) == b"answer"
+    assert cache.begin(key()) == b"answer"
+
+
+def test_key_is_client_port_identifier_and_authenticator() -> None:
+    cache = DuplicateCache(clock=FakeClock())
+    cache.begin(key())
+    assert cache.begin(key(port=4001)) is Seen.NEW
+    assert cache.begin(key(host="10.0.0.2")) is Seen.NEW
+    other_authenticator = DuplicateKey("10.0.0.1", 4000, 1, bytes(16))
+    assert cache.begin(other_authenticator) is Seen.NEW
+    assert cache.begin(DuplicateKey("10.0.0.1", 4000, 2, key().authenticator)) is Seen.NEW
+
+
+def test_answers_expire_after_the_window() -> None:
+    clock = FakeClock()
+    cache = DuplicateCache(window=30, clock=clock)
+    cache.begin(key())
+    clock.now += 5
+    cache.complete(key(), b"answer")
+    clock.now += 29.9
+    assert cache.begin(key()) == b"answer"
+    clock.now += 0.2
+    assert cache.begin(key()) is Seen.NEW  # decided afresh: a new attempt
+
+
+def test_an_undecided_entry_does_not_block_forever() -> None:
+    clock = FakeClock()
+    cache = DuplicateCache(window=5, clock=clock)
+    cache.begin(key())
+    clock.now += MIN_IN_PROGRESS_SECONDS - 1
+    assert cache.begin(key()) is Seen.IN_PROGRESS
+    clock.now += 2
+    assert cache.begin(key()) is Seen.NEW
+
+
+def test_window_zero_still_guards_the_decision_but_caches_nothing() -> None:
+    cache = DuplicateCache(window=0, clock=FakeClock())
+    cache.begin(key())
+    assert cache.begin(key()) is Seen.IN_PROGRESS
+    cache.complete(key(), b"answer")
+    assert cache.begin(key()) is Seen.NEW
+    assert len(cache) == 1
+
+
+def test_forget_lets_a_retransmission_be_decided() -> None:
+    cache = DuplicateCache(clock=FakeClock())
+    cache.begin(key())
+    cache.forget(key())
+    assert cache.begin(key()) is Seen.NEW
+
+
+def test_size_is_bounded_oldest_first() -> None:
+    cache = DuplicateCache(max_entries=100, clock=FakeClock())
+    for n in range(250):
+        cache.begin(key(n))
+        cache.complete(key(n), b"%d" % n)
+    assert len(cache) == 100
+    assert cache.begin(key(249)) == b"249"
+    assert cache.begin(key(0)) is Seen.NEW
+
+
+def test_expired_entries_are_purged() -> None:
+    clock = FakeClock()
+    cache = DuplicateCache(window=30, clock=clock)
+    for n in range(50):
+        cache.begin(key(n))
+        cache.complete(key(n), b"x")
+    clock.now += 31
+    cache.begin(key(1000))
+    assert len(cache) == 1

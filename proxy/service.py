@@ -53,8 +53,9 @@ def ldap_options(d: DirectorySettings) -> Any:
         user_base=d.user_base, user_filter=d.user_filter,
         username_attribute=d.username_attribute, group_base=d.group_base,
         group_filter=d.group_filter, use_memberof=d.use_memberof, start_tls=d.start_tls,
-        ca_file=str(d.ca_file) if d.ca_file else None, tls_verify=d.tls_verify,
+        ca_file=str(d.ca_file) if d.ca_file else "", tls_verify=d.tls_verify,
         connect_timeout=d.connect_timeout, timeout=d.timeout,
+        dn_cache_seconds=float(d.dn_cache_seconds),
     )
 
 
@@ -63,6 +64,12 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr, level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Twisted's own log events (and those of modules using twisted.logger) go to
+    # the same handlers.
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")],
+                                     redirectStandardIO=False)
 
 
 class Service:
@@ -110,6 +117,12 @@ class Service:
                                            self.in_state_pool)
 
     def _async_directory(self) -> Any:
+        """LDAP gets the Twisted-native client (no thread per request); the
+        local file runs its argon2 checks in the directory pool."""
+        if self.settings.directory.type == "ldap":
+            from backends.ldap_async import AsyncLdapDirectory
+
+            return AsyncLdapDirectory(ldap_options(self.settings.directory), self.reactor)
         from backends.threaded import ThreadedDirectory
 
         return ThreadedDirectory(self.directory, self.reactor, self.directory_pool)
@@ -228,6 +241,9 @@ class Service:
         for pool in self.pools:
             pool.stop()
         self.directory.close()
+        closer = getattr(self.async_directory, "close", None)
+        if closer is not None and self.async_directory is not self.directory:
+            closer()
         self.store.close()
         log.info("stopped")
         return None

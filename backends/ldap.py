@@ -1,0 +1,613 @@
+"""LDAP directory backend (ldap3, synchronous): look-up, bind, groups, failover, TLS.
+
+How a password is checked: the service account searches ``user_base`` with
+``user_filter`` (the username escaped per RFC 4515), then the user's DN binds
+with the password on a *separate* connection, so the service connection is
+never re-authenticated as a user.
+
+Connections are pooled (one pool for the service account, one for user
+binds); each connection is used by one thread at a time. URLs are tried in
+order; a URL that fails is remembered as down for ``down_seconds`` and tried
+last meanwhile, so a dead primary does not cost a timeout on every request.
+
+The reactor never calls this class directly: it runs in a thread pool
+(see :mod:`backends.base`). :mod:`backends.ldap_async` is the
+Twisted-native client for the hot path; both share the options, the
+escaping and the result-code mapping defined here.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import ldap3
+from ldap3.core.exceptions import (
+    LDAPCommunicationError,
+    LDAPException,
+    LDAPResponseTimeoutError,
+)
+from ldap3.utils.dn import parse_dn
+from twisted.logger import Logger
+
+from backends.base import (
+    DirectoryUnavailable,
+    Identity,
+    InvalidCredentials,
+    UnknownUser,
+    check_password_not_empty,
+)
+
+log = Logger(namespace="mfa_proxy.backends.ldap")
+
+T = TypeVar("T")
+
+# LDAP result codes (RFC 4511 §4.1.9) that matter here.
+SUCCESS = 0
+TIME_LIMIT_EXCEEDED = 3
+SIZE_LIMIT_EXCEEDED = 4
+NO_SUCH_OBJECT = 32
+INVALID_CREDENTIALS = 49
+# The server cannot answer now: not the user's fault, never counted as a failure.
+TRANSIENT_RESULT_CODES = frozenset({TIME_LIMIT_EXCEEDED, 11, 51, 52, 80})
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclass
+class LdapOptions:
+    """What the ``[directory]`` section says about an LDAP directory."""
+
+    urls: list[str] = field(default_factory=lambda: ["ldap://127.0.0.1:389"])
+    bind_dn: str = ""
+    bind_password: str = ""
+    user_base: str = ""
+    user_filter: str = "(uid={username})"
+    username_attribute: str = "uid"
+    group_base: str = ""
+    group_filter: str = "(|(member={dn})(uniqueMember={dn}))"
+    group_name_attribute: str = "cn"
+    use_memberof: bool = True
+    start_tls: bool = False
+    ca_file: str = ""
+    tls_verify: bool = True
+    connect_timeout: float = 3.0
+    timeout: float = 5.0
+    pool_size: int = 4  # service-account connections
+    bind_pool_size: int = 8  # connections for user binds (one bind at a time each)
+    # How long a URL that failed is tried last (after the others).
+    down_seconds: float = 10.0
+    # Cache of username -> DN (async backend only; 0 = off). The bind always happens.
+    dn_cache_seconds: float = 60.0
+
+    def problems(self) -> list[str]:
+        """One line per invalid option, naming the key (for check-config)."""
+        found: list[str] = []
+        if not self.urls:
+            found.append("urls: at least one ldap:// or ldaps:// URL is required")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+                found.append(f"urls: {url!r} is not an ldap:// or ldaps:// URL")
+        found += _template_problems("user_filter", self.user_filter, "username")
+        found += _template_problems("group_filter", self.group_filter, "dn")
+        if not self.user_base:
+            found.append("user_base: required")
+        for key in ("connect_timeout", "timeout"):
+            if getattr(self, key) <= 0:
+                found.append(f"{key}: must be greater than 0")
+        for key in ("pool_size", "bind_pool_size"):
+            if getattr(self, key) < 1:
+                found.append(f"{key}: must be at least 1")
+        return found
+
+
+def _template_problems(key: str, template: str, placeholder: str) -> list[str]:
+    # The Twisted client's parser is the strict one; the import is late because
+    # backends.ldap_async builds on this module.
+    from backends.ldap_async import FilterTemplateError, compile_filter
+
+    try:
+        compiled = compile_filter(template, (placeholder,))
+    except FilterTemplateError as bad:
+        return [f"{key}: not an LDAP filter ({bad})"]
+    if placeholder not in compiled.placeholders:
+        return [f"{key}: must contain {{{placeholder}}} in a value"]
+    return []
+
+
+# ---------------------------------------------------------------- escaping
+
+_FILTER_ESCAPES = {"\\": r"\5c", "*": r"\2a", "(": r"\28", ")": r"\29", "\0": r"\00"}
+
+
+def escape_filter_value(value: str) -> str:
+    """Escape an assertion value for an LDAP string filter (RFC 4515 §3).
+
+    The five characters the grammar reserves are escaped, and so is whitespace
+    at either end (ldap3 strips it from a filter value; escaped, it is sent as
+    given, as the Twisted client sends it). Other characters, non-ASCII
+    included, stay as they are and are sent as UTF-8.
+    """
+    stripped = value.strip()
+    start = value.index(stripped) if stripped else len(value)
+    end = start + len(stripped)
+    return (_hex_escape(value[:start])
+            + "".join(_FILTER_ESCAPES.get(char, char) for char in stripped)
+            + _hex_escape(value[end:]))
+
+
+def _hex_escape(text: str) -> str:
+    return "".join(f"\\{byte:02x}" for byte in text.encode())
+
+
+def user_search_filter(template: str, username: str) -> str:
+    """The template with ``{username}`` replaced (not str.format: filters may hold braces)."""
+    return template.replace("{username}", escape_filter_value(username))
+
+
+def group_search_filter(template: str, dn: str) -> str:
+    return template.replace("{dn}", escape_filter_value(dn))
+
+
+def rdn_value(dn: str, attribute: str | None = None) -> str | None:
+    """The value of the DN's first RDN (when its type is ``attribute``, if given)."""
+    first = _first_rdn(dn)
+    if first is None:
+        return None
+    attr, value = first
+    if attribute is not None and attr.lower() != attribute.lower():
+        return None
+    return _unescape_dn_value(value)
+
+
+def _first_rdn(dn: str) -> tuple[str, str] | None:
+    # Fast path for the common plain DN (this runs for every memberOf value on the
+    # hot path); ldap3's full RFC 4514 parser for anything quoted or escaped.
+    head = dn.split(",", 1)[0]
+    if "\\" not in head and '"' not in head and "+" not in head:
+        attr, equals, value = head.partition("=")
+        return (attr.strip(), value.strip()) if equals and attr.strip() else None
+    try:
+        attr, value, _sep = parse_dn(dn, escape=False, strip=True)[0]
+    except (LDAPException, IndexError, ValueError):
+        return None
+    return attr, value
+
+
+def _unescape_dn_value(value: str) -> str:
+    r"""Undo RFC 4514 escapes (``\,`` and ``\2C``) in one attribute value."""
+    if "\\" not in value:
+        return value
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\" and _is_hex(value[i + 1 : i + 3]):
+            out.append(int(value[i + 1 : i + 3], 16))
+            i += 3
+        elif char == "\\" and i + 1 < len(value):
+            out += value[i + 1].encode()
+            i += 2
+        else:
+            out += char.encode()
+            i += 1
+    return out.decode("utf-8", errors="replace")
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 2 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def bind_failure(code: int, message: str) -> Exception:
+    """The error for a user bind that did not succeed, by result code."""
+    if code in TRANSIENT_RESULT_CODES:
+        return DirectoryUnavailable(f"user bind: result {code} {message}".strip())
+    # 49 and everything else (ppolicy lockout 19/53, AD "account disabled" 49/533, ...)
+    # is a refusal of these credentials: never an accept.
+    return InvalidCredentials(f"bind refused: result {code}")
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+@dataclass
+class Endpoint:
+    """One directory URL and when it last failed (shared by the pools)."""
+
+    url: str
+    down_until: float = 0.0
+
+    def is_down(self, now: float) -> bool:
+        return now < self.down_until
+
+
+class Endpoints:
+    """The URLs in preference order: configured order, URLs known to be down last."""
+
+    def __init__(self, urls: Sequence[str], down_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.all = [Endpoint(url) for url in urls]
+        self._down_seconds = down_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def in_order(self) -> list[Endpoint]:
+        now = self._clock()
+        with self._lock:
+            up = [e for e in self.all if not e.is_down(now)]
+            down = sorted((e for e in self.all if e.is_down(now)), key=lambda e: e.down_until)
+        return up + down
+
+    def mark_down(self, endpoint: Endpoint, why: str) -> None:
+        with self._lock:
+            was_up = not endpoint.is_down(self._clock())
+            endpoint.down_until = self._clock() + self._down_seconds
+        if was_up:
+            log.warn("directory {url} marked down for {seconds}s: {why}",
+                     url=endpoint.url, seconds=self._down_seconds, why=why)
+
+    def mark_up(self, endpoint: Endpoint) -> None:
+        if endpoint.down_until:
+            with self._lock:
+                endpoint.down_until = 0.0
+            log.info("directory {url} answers again", url=endpoint.url)
+
+    def preferred(self) -> Endpoint | None:
+        """The URL a new connection would try first (None when all are down)."""
+        now = self._clock()
+        return next((e for e in self.all if not e.is_down(now)), None)
+
+
+def unavailable(errors: list[tuple[str, str]]) -> DirectoryUnavailable:
+    text = "; ".join(f"{url}: {why}" for url, why in errors) or "no directory URL configured"
+    return DirectoryUnavailable(f"directory unavailable ({text})")
+
+
+# ---------------------------------------------------------------- pool
+
+
+class ConnectionLost(Exception):
+    """A pooled connection broke mid-operation (socket, timeout): try another one."""
+
+
+@dataclass
+class _Pooled:
+    conn: Any  # ldap3.Connection (untyped library)
+    endpoint: Endpoint
+    reused: bool = False
+
+    def close(self) -> None:
+        # Already broken: nothing to release but the socket, which unbind closes.
+        with suppress(LDAPException, OSError):
+            self.conn.unbind()
+
+
+class _Pool:
+    """At most ``size`` connections of one kind, each used by one thread at a time."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        self._idle: list[_Pooled] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+        self._wait = wait
+        self._closed = False
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(timeout=self._wait):
+            raise DirectoryUnavailable(f"no free directory connection within {self._wait}s")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def take(self) -> _Pooled | None:
+        with self._lock:
+            pooled = self._idle.pop() if self._idle else None
+        if pooled is not None:
+            pooled.reused = True
+        return pooled
+
+    def give_back(self, pooled: _Pooled) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(pooled)
+                return
+        pooled.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle, self._closed = self._idle, [], True
+        for pooled in idle:
+            pooled.close()
+
+
+# ---------------------------------------------------------------- directory
+
+
+class LdapDirectory:
+    """The :class:`backends.base.Directory` of an LDAP server (OpenLDAP, AD, ...)."""
+
+    name = "ldap"
+
+    def __init__(self, options: LdapOptions) -> None:
+        self.options = options
+        self.endpoints = Endpoints(options.urls, options.down_seconds)
+        self._tls = _tls_settings(options)
+        self._service = _Pool(options.pool_size, options.timeout)
+        self._binder = _Pool(options.bind_pool_size, options.timeout)
+
+    # -- the Directory protocol
+
+    def verify(self, username: str, password: str) -> Identity:
+        check_password_not_empty(password)
+        entry = self._find_user(username)
+        if entry is None or not entry.dn:  # an empty DN would bind anonymously
+            raise UnknownUser(f"no such user: {username!r}")
+        self._bind_as(entry.dn, password)
+        return self._identity(entry, username)
+
+    def lookup(self, username: str) -> Identity | None:
+        entry = self._find_user(username)
+        return None if entry is None else self._identity(entry, username)
+
+    def group_members(self, group: str) -> list[str]:
+        members = self._group_member_dns(group)
+        names = [self._username_of(dn) for dn in members]
+        return sorted({name for name in names if name is not None})
+
+    def ping(self) -> None:
+        self._with_service(lambda conn: self._check_search(
+            conn.search("", "(objectClass=*)", ldap3.BASE, attributes=["1.1"]), conn, "ping"))
+
+    def close(self) -> None:
+        self._service.close()
+        self._binder.close()
+
+    # -- users
+
+    def _find_user(self, username: str) -> _Entry | None:
+        if not username:
+            return None
+        search_filter = user_search_filter(self.options.user_filter, username)
+        attributes = [self.options.username_attribute]
+        if self.options.use_memberof:
+            attributes.append("memberOf")
+        entries = self._search(self.options.user_base, search_filter, attributes, size_limit=2)
+        if len(entries) > 1:
+            # Two entries answer to one name: binding as either would be a guess.
+            log.warn("user filter matches several entries for one username")
+            return None
+        return entries[0] if entries else None
+
+    def _identity(self, entry: _Entry, username: str) -> Identity:
+        name = entry.first(self.options.username_attribute) or username
+        return Identity(username=name, dn=entry.dn, groups=self._groups_of(entry))
+
+    def _username_of(self, dn: str) -> str | None:
+        """The username of a member DN: from the RDN when it names it, else read the entry."""
+        name = rdn_value(dn, self.options.username_attribute)
+        if name is not None:
+            return name
+        entries = self._search(dn, "(objectClass=*)", [self.options.username_attribute],
+                               scope=ldap3.BASE, missing_ok=True)
+        return entries[0].first(self.options.username_attribute) if entries else None
+
+    # -- groups
+
+    def _groups_of(self, entry: _Entry) -> tuple[str, ...]:
+        member_of = entry.values("memberOf") if self.options.use_memberof else []
+        if member_of:
+            names = [rdn_value(dn, self.options.group_name_attribute) for dn in member_of]
+            return tuple(sorted({n for n in names if n is not None}))
+        if not self.options.group_base:
+            return ()
+        search_filter = group_search_filter(self.options.group_filter, entry.dn)
+        groups = self._search(self.options.group_base, search_filter,
+                              [self.options.group_name_attribute])
+        found = [g.first(self.options.group_name_attribute) for g in groups]
+        return tuple(sorted({n for n in found if n}))
+
+    def _group_member_dns(self, group: str) -> list[str]:
+        base = self.options.group_base or self.options.user_base
+        search_filter = f"({self.options.group_name_attribute}={escape_filter_value(group)})"
+        found = self._search(base, search_filter, ["member", "uniqueMember"], size_limit=2)
+        if len(found) != 1:
+            raise UnknownUser(f"no such group: {group!r}" if not found else
+                              f"group name {group!r} is ambiguous")
+        return found[0].values("member") + found[0].values("uniqueMember")
+
+    # -- searching with the service account
+
+    def _search(self, base: str, search_filter: str, attributes: list[str], *,
+                scope: str = ldap3.SUBTREE, size_limit: int = 0,
+                missing_ok: bool = False) -> list[_Entry]:
+        def run(conn: Any) -> list[_Entry]:
+            ok = conn.search(base, search_filter, scope, attributes=attributes,
+                             size_limit=size_limit, time_limit=max(1, int(self.options.timeout)))
+            if not ok and conn.result.get("result") == NO_SUCH_OBJECT and missing_ok:
+                return []
+            self._check_search(ok, conn, f"search under {base!r}")
+            return [_Entry.of(r) for r in conn.response or () if r.get("type") == "searchResEntry"]
+
+        return self._with_service(run)
+
+    @staticmethod
+    def _check_search(ok: bool, conn: Any, what: str) -> None:
+        code = conn.result.get("result")
+        # ldap3 returns False for a successful search that found nothing.
+        if ok or code in (SUCCESS, SIZE_LIMIT_EXCEEDED):
+            return
+        if code is None:  # ldap3 reports a lost socket as a missing result
+            raise ConnectionLost(f"{what}: no answer")
+        raise DirectoryUnavailable(f"{what}: result {code} {conn.result.get('description', '')}")
+
+    # -- binding as the user
+
+    def _bind_as(self, dn: str, password: str) -> None:
+        def run(conn: Any) -> None:
+            conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
+            try:
+                ok = conn.bind(read_server_info=False)
+            finally:
+                conn.password = None  # do not keep the password around in the pool
+            if ok:
+                return
+            code = conn.result.get("result") if conn.result else None
+            if code is None:
+                raise ConnectionLost("bind: no answer")
+            raise bind_failure(int(code), str(conn.result.get("description", "")))
+
+        self._with_connection(self._binder, self._open_for_binds, run)
+
+    # -- connections
+
+    def _with_service(self, operation: Callable[[Any], T]) -> T:
+        return self._with_connection(self._service, self._open_service, operation)
+
+    def _with_connection(self, pool: _Pool, opener: Callable[[Endpoint], Any],
+                         operation: Callable[[Any], T]) -> T:
+        """Run ``operation`` on a pooled connection, moving to the next URL when one breaks."""
+        errors: list[tuple[str, str]] = []
+        tried: set[str] = set()
+        with pool.slot():
+            pooled = pool.take() or self._connect(opener, tried, errors)
+            while True:
+                try:
+                    result = self._run(pooled, operation)
+                except ConnectionLost as lost:
+                    pooled.close()
+                    errors.append((pooled.endpoint.url, str(lost)))
+                    if not pooled.reused:  # a fresh connection broke: the server is at fault
+                        tried.add(pooled.endpoint.url)
+                        self.endpoints.mark_down(pooled.endpoint, str(lost))
+                    pooled = self._connect(opener, tried, errors)
+                    continue
+                except BaseException:
+                    pool.give_back(pooled)  # a refusal, not a broken connection
+                    raise
+                self._release(pool, pooled)
+                return result
+
+    @staticmethod
+    def _run(pooled: _Pooled, operation: Callable[[Any], T]) -> T:
+        try:
+            return operation(pooled.conn)
+        except (LDAPCommunicationError, LDAPResponseTimeoutError, OSError) as error:
+            raise ConnectionLost(_describe(error)) from error
+        except LDAPException as error:  # a request ldap3 refuses to send (bad filter, ...)
+            raise DirectoryUnavailable(f"{pooled.endpoint.url}: {_describe(error)}") from error
+
+    def _release(self, pool: _Pool, pooled: _Pooled) -> None:
+        # A connection to a fallback URL is dropped once a preferred URL may be back,
+        # so traffic returns to the primary without a restart.
+        preferred = self.endpoints.preferred()
+        if preferred is not None and preferred is not pooled.endpoint and \
+                self.endpoints.all.index(preferred) < self.endpoints.all.index(pooled.endpoint):
+            pooled.close()
+            return
+        pool.give_back(pooled)
+
+    def _connect(self, opener: Callable[[Endpoint], Any], tried: set[str],
+                 errors: list[tuple[str, str]]) -> _Pooled:
+        for endpoint in self.endpoints.in_order():
+            if endpoint.url in tried:
+                continue
+            tried.add(endpoint.url)
+            try:
+                conn = opener(endpoint)
+            except (LDAPException, OSError, DirectoryUnavailable) as error:
+                errors.append((endpoint.url, _describe(error)))
+                self.endpoints.mark_down(endpoint, _describe(error))
+                continue
+            self.endpoints.mark_up(endpoint)
+            return _Pooled(conn, endpoint)
+        raise unavailable(errors)
+
+    def _open(self, endpoint: Endpoint) -> Any:
+        conn = ldap3.Connection(
+            self._server(endpoint.url),
+            # ldap3 packs this into SO_RCVTIMEO as whole seconds.
+            receive_timeout=max(1, math.ceil(self.options.timeout)),
+            raise_exceptions=False,
+            auto_referrals=False,
+            read_only=True,
+            return_empty_attributes=False,
+        )
+        conn.open(read_server_info=False)
+        wants_start_tls = self.options.start_tls and not endpoint.url.lower().startswith("ldaps:")
+        if wants_start_tls and not conn.start_tls(read_server_info=False):
+            conn.unbind()
+            raise DirectoryUnavailable(f"StartTLS refused: {conn.result}")
+        return conn
+
+    def _open_service(self, endpoint: Endpoint) -> Any:
+        conn = self._open(endpoint)
+        if not self.options.bind_dn:
+            return conn  # anonymous look-ups
+        conn.user, conn.password, conn.authentication = (
+            self.options.bind_dn, self.options.bind_password, ldap3.SIMPLE)
+        if not conn.bind(read_server_info=False):
+            result = conn.result or {}
+            conn.unbind()
+            raise DirectoryUnavailable(
+                f"service bind as {self.options.bind_dn!r} failed: result "
+                f"{result.get('result')} {result.get('description', '')}")
+        return conn
+
+    def _open_for_binds(self, endpoint: Endpoint) -> Any:
+        return self._open(endpoint)
+
+    def _server(self, url: str) -> Any:
+        # A new Server each time: ldap3 remembers failed addresses in it and then
+        # refuses them ("invalid server address"); failover state is ours.
+        return ldap3.Server(url, connect_timeout=self.options.connect_timeout,
+                            get_info=ldap3.NONE, tls=self._tls)
+
+
+def _tls_settings(options: LdapOptions) -> Any:
+    """ldap3 TLS settings: verification on unless tls_verify is off; system CAs without ca_file."""
+    return ldap3.Tls(
+        validate=ssl.CERT_REQUIRED if options.tls_verify else ssl.CERT_NONE,
+        ca_certs_file=options.ca_file or None,
+        version=ssl.PROTOCOL_TLS_CLIENT,
+    )
+
+
+def _describe(error: BaseException) -> str:
+    """A short reason for logs and DirectoryUnavailable (ldap3 never includes a password)."""
+    text = str(error) or type(error).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dn: str
+    attributes: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, response: dict[str, Any]) -> _Entry:
+        attrs = {str(k).lower(): _as_list(v) for k, v in (response.get("attributes") or {}).items()}
+        return cls(dn=str(response["dn"]), attributes=attrs)
+
+    def values(self, name: str) -> list[str]:
+        return self.attributes.get(name.lower(), [])
+
+    def first(self, name: str) -> str | None:
+        values = self.values(name)
+        return values[0] if values else None
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [] if value is None else [str(value)]

@@ -140,6 +140,9 @@ class LdapSettings:
     max_connections: int = 1000
     idle_timeout: int = 600
     username_attribute: str = "uid"
+    bind_cache_rules: tuple[tuple[str, int], ...] = ()  # (DN or suffix, seconds)
+    connect_timeout: float = 10.0
+    bind_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,8 @@ def parse_address(value: str) -> Address:
         raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:  # "2001:db8::1:389": is 389 the port or part of the address?
+        raise ValueError(f"an IPv6 address needs brackets, as [::1]:PORT, got {value!r}")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -486,8 +491,9 @@ def _radius(cfg: _Loader, r: _Reader, totp: TotpSettings) -> RadiusSettings:
         challenge_timeout=r.int("challenge_timeout", 120, 10, 3600),
         duplicate_window=r.int("duplicate_window", 30, 0, 600),
     )
-    clients = tuple(c for c in (_client(cfg, c, settings) for c in r.tables("clients")) if c)
-    if listen and not clients:
+    readers = list(r.tables("clients"))
+    clients = tuple(c for c in (_client(cfg, c, settings) for c in readers) if c)
+    if listen and not readers:  # a broken client has its own message
         r.problem("clients", "no [[radius.clients]]: every request would be dropped")
     names = [c.name for c in clients]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -571,7 +577,20 @@ def _ldap(r: _Reader) -> LdapSettings:
         max_connections=r.int("max_connections", 1000, 1, 100000),
         idle_timeout=r.int("idle_timeout", 600, 0, 86400),
         username_attribute=r.str("username_attribute", "uid"),
+        bind_cache_rules=tuple(x for x in (_cache_rule(c) for c in r.tables("bind_cache_rules"))
+                               if x),
+        connect_timeout=r.float("connect_timeout", 10.0, 0.1, 300),
+        bind_timeout=r.float("bind_timeout", 30.0, 0.1, 300),
     )
+
+
+def _cache_rule(r: _Reader) -> tuple[str, int] | None:
+    dn = r.str("dn")
+    if not dn:
+        r.problem("dn", "missing: the DN or DN suffix this window applies to")
+    seconds = r.int("seconds", 0, 0, 86400)
+    r.done()
+    return (dn, seconds) if dn else None
 
 
 def _http(r: _Reader) -> HttpSettings:

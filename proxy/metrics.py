@@ -94,3 +94,29 @@ class RadiusMetrics:
 
     def retransmission(self, client: str) -> None:
         self.m.radius_retransmissions.labels(client).inc()
+
+
+class LdapMetrics:
+    """proxy.ldap.events.LdapEvents → Prometheus."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def connection_opened(self) -> None:
+        self.m.ldap_connections.inc()
+
+    def connection_closed(self) -> None:
+        self.m.ldap_connections.dec()
+
+    def bind(self, result: str, reason: str, seconds: float) -> None:
+        self.m.requests.labels("ldap", "ldap", result, reason).inc()
+        self.m.decision_seconds.labels("ldap").observe(seconds)
+
+    def forwarded(self, op_name: str) -> None:
+        self.m.ldap_forwarded.labels(op_name).inc()
+
+    def upstream_error(self, reason: str) -> None:
+        self.m.ldap_upstream_errors.labels(reason).inc()
+
+    def dropped(self, reason: str) -> None:
+        self.m.ldap_dropped.labels(reason).inc()

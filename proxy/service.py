@@ -228,7 +228,36 @@ class Service:
                  ", ".join(map(str, r.accounting_listen)) or "-", len(r.clients))
 
     def _listen_ldap(self) -> None:
-        pass
+        lset = self.settings.ldap
+        if lset is None or not (lset.listen or lset.ldaps_listen):
+            return
+        from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
+        from proxy.ldap.server import LdapProxyFactory
+        from proxy.metrics import LdapMetrics
+
+        config = LdapFrontendConfig(
+            listen=tuple(map(str, lset.listen)), ldaps_listen=tuple(map(str, lset.ldaps_listen)),
+            cert_file=str(lset.cert_file or ""), key_file=str(lset.key_file or ""),
+            upstream=lset.upstream, upstream_start_tls=lset.upstream_start_tls,
+            ca_file=str(lset.ca_file or ""), tls_verify=lset.tls_verify, exempt=lset.exempt,
+            mfa=lset.mfa, separator=lset.separator, bind_cache_seconds=lset.bind_cache_seconds,
+            bind_cache_rules=tuple(BindCacheRule(dn, sec) for dn, sec in lset.bind_cache_rules),
+            allow_anonymous=lset.allow_anonymous, require_bind=lset.require_bind,
+            max_message_size=lset.max_message_size, max_connections=lset.max_connections,
+            idle_timeout=float(lset.idle_timeout), username_attribute=lset.username_attribute,
+            connect_timeout=lset.connect_timeout, bind_timeout=lset.bind_timeout)
+        try:
+            factory = LdapProxyFactory(config, self.authenticator.authenticate,
+                                       events=LdapMetrics(self.metrics), reactor=self.reactor)
+        except ValueError as e:
+            raise StartupError(f"ldap: {e}") from None
+        self.ldap = factory
+        self.ports += factory.listen()
+        self.reactor.addSystemEventTrigger("before", "shutdown", factory.disconnect_all)
+        log.info("ldap listening on %s%s, upstream %s",
+                 ", ".join(map(str, lset.listen)) or "-",
+                 f" (ldaps {', '.join(map(str, lset.ldaps_listen))})" if lset.ldaps_listen
+                 else "", lset.upstream)
 
     def stop(self) -> Deferred[Any] | None:
         for loop in self.loops:

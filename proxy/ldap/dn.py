@@ -1,0 +1,200 @@
+"""Distinguished names, only as far as the front-end needs them (RFC 4514).
+
+Two uses: the username a bind DN stands for (the value of the configured
+attribute in the first RDN: ``uid=alice,ou=people,…`` → ``alice``), and
+whether a DN is one of, or lies under, configured DNs (exempt service
+accounts, bind-cache rules). Both must see through the spellings of one DN
+(case, spaces, escapes), or ``UID=Alice, ou=People`` would dodge a rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import Generic, TypeVar
+
+Rdn = tuple[tuple[str, str], ...]  # ((attribute type, value), ...) of one RDN
+
+_SEPARATORS = ",+;"  # ";" is RFC 1779's old RDN separator; slapd still accepts it
+_BAD_TYPE = re.compile(r'[,+;"\\<>=# ]')
+# Short names of the OIDs a DN may spell instead (RFC 4519).
+_TYPE_ALIASES = {
+    "0.9.2342.19200300.100.1.1": "uid",
+    "2.5.4.3": "cn",
+    "0.9.2342.19200300.100.1.25": "dc",
+    "2.5.4.11": "ou",
+    "2.5.4.10": "o",
+    "1.2.840.113549.1.9.1": "email",
+}
+
+
+def parse_dn(dn: str) -> list[Rdn]:
+    """The RDNs of ``dn``, first (leftmost) first; ValueError when it is not a DN.
+
+    Attribute types are lower-cased (and OIDs mapped to their short names);
+    values are unescaped but keep their case.
+    """
+    rdns: list[Rdn] = []
+    if not dn.strip():
+        return rdns
+    avas: list[tuple[str, str]] = []
+    pos = 0
+    while True:
+        equals = dn.find("=", pos)
+        if equals < 0:
+            raise ValueError("attribute without a value")
+        attribute = dn[pos:equals].strip().lower()
+        if not attribute or _BAD_TYPE.search(attribute):
+            raise ValueError(f"bad attribute type {attribute!r}")
+        value, pos = _read_value(dn, equals + 1)
+        avas.append((_TYPE_ALIASES.get(attribute, attribute), value))
+        if pos >= len(dn):
+            rdns.append(tuple(avas))
+            return rdns
+        separator = dn[pos]
+        pos += 1
+        if separator != "+":
+            rdns.append(tuple(avas))
+            avas = []
+
+
+def _read_value(dn: str, pos: int) -> tuple[str, int]:
+    """An attribute value starting at ``pos``: (unescaped value, separator position)."""
+    end = len(dn)
+    while pos < end and dn[pos] == " ":
+        pos += 1
+    if pos < end and dn[pos] == '"':
+        return _read_quoted(dn, pos + 1)
+    raw = bytearray()
+    keep = 0  # length of `raw` up to the last character that is not an unescaped space
+    while pos < end and dn[pos] not in _SEPARATORS:
+        char = dn[pos]
+        if char == "\\":
+            decoded, pos = _read_escape(dn, pos + 1)
+            raw += decoded
+            keep = len(raw)
+            continue
+        raw += char.encode()
+        if char != " ":
+            keep = len(raw)
+        pos += 1
+    try:
+        return bytes(raw[:keep]).decode("utf-8"), pos
+    except UnicodeDecodeError:
+        raise ValueError("escaped value is not UTF-8") from None
+
+
+def _read_escape(dn: str, pos: int) -> tuple[bytes, int]:
+    """After a backslash: two hex digits (one byte) or one escaped character."""
+    pair = dn[pos : pos + 2]
+    if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+        return bytes.fromhex(pair), pos + 2
+    if pos >= len(dn):
+        raise ValueError("dangling backslash")
+    return dn[pos].encode(), pos + 1
+
+
+def _read_quoted(dn: str, pos: int) -> tuple[str, int]:
+    """A legacy quoted value (RFC 2253 accepted them); returns after the closing quote."""
+    out = []
+    while pos < len(dn):
+        char = dn[pos]
+        if char == "\\" and pos + 1 < len(dn):
+            out.append(dn[pos + 1])
+            pos += 2
+            continue
+        if char == '"':
+            pos += 1
+            while pos < len(dn) and dn[pos] == " ":
+                pos += 1
+            if pos < len(dn) and dn[pos] not in _SEPARATORS:
+                raise ValueError("text after a quoted value")
+            return "".join(out), pos
+        out.append(char)
+        pos += 1
+    raise ValueError("unterminated quoted value")
+
+
+@lru_cache(maxsize=4096)
+def _parsed(name: str) -> tuple[Rdn, ...] | None:
+    """parse_dn, remembered: applications bind with the same DNs over and over."""
+    try:
+        return tuple(parse_dn(name))
+    except ValueError:
+        return None
+
+
+def username_from_bind_name(name: str, attribute: str = "uid") -> str:
+    """The username a bind name stands for.
+
+    A DN gives the value of ``attribute`` in its first RDN. Anything else —
+    a name that is not a DN (``alice@example.org``, ``EXAMPLE\\alice``) or a
+    DN whose first RDN lacks the attribute (``cn=admin,…``) — is returned as
+    it is, for the core to normalise or refuse.
+    """
+    rdns = _parsed(name)
+    if not rdns:
+        return name
+    wanted = attribute.lower()
+    wanted = _TYPE_ALIASES.get(wanted, wanted)
+    for attribute_type, value in rdns[0]:
+        if attribute_type == wanted:
+            return value
+    return name
+
+
+def normalize_dn(dn: str) -> tuple[Rdn, ...] | None:
+    """A comparable form (values case-folded, AVAs sorted); None when not a DN.
+
+    Case-folding values is right for the naming attributes in use (uid, cn,
+    ou, dc, o, mail all match case-insensitively).
+    """
+    rdns = _parsed(dn)
+    if rdns is None:
+        return None
+    return tuple(tuple(sorted((t, v.casefold()) for t, v in rdn)) for rdn in rdns)
+
+
+T = TypeVar("T")
+
+
+class DnSuffixMap(Generic[T]):
+    """Maps DNs and DN suffixes to values; a DN gets the longest match.
+
+    A suffix matches whole RDNs only: ``ou=svc,dc=example,dc=org`` covers
+    ``cn=jenkins,ou=svc,dc=example,dc=org`` but not ``ou=xsvc,dc=example,dc=org``.
+    Entries that are not DNs (``svc@example.org``, ``EXAMPLE\\svc``: AD bind
+    names) match that exact name, case-insensitively.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, T]]) -> None:
+        self._by_dn: dict[tuple[Rdn, ...], T] = {}
+        self._by_name: dict[str, T] = {}
+        for dn, value in entries:
+            normal = normalize_dn(dn)
+            if normal:
+                self._by_dn[normal] = value
+            elif dn.strip():
+                self._by_name[dn.strip().casefold()] = value
+        self._lengths = sorted({len(k) for k in self._by_dn}, reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_dn or self._by_name)
+
+    def lookup(self, dn: str) -> T | None:
+        if self._by_name:
+            found = self._by_name.get(dn.strip().casefold())
+            if found is not None:
+                return found
+        if not self._by_dn:
+            return None
+        normal = normalize_dn(dn)
+        if not normal:
+            return None
+        for length in self._lengths:
+            if length <= len(normal):
+                found = self._by_dn.get(normal[len(normal) - length :])
+                if found is not None:
+                    return found
+        return None

@@ -1,0 +1,655 @@
+"""The LDAP front-end in front of a real slapd, driven by real clients
+(ldapwhoami, ldapsearch and friends from ldap-utils; ldap3; raw sockets).
+
+The front-end runs in the session's reactor thread with a fake core
+(FakeCore: code 123456 is good, everything else bad; it calls verify, so the
+password is checked by slapd through the client's own upstream session).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ldap3
+import pytest
+from twisted.internet.threads import blockingCallFromThread
+
+from proxy.ldap import ber
+from proxy.ldap.config import LdapFrontendConfig
+from proxy.ldap.events import CountingLdapEvents
+from proxy.ldap.server import LdapProxyFactory
+from proxy.ldap.transport import _idle_plain_tcp
+from tests.integration.slapd import (
+    BASE_DN,
+    Slapd,
+    make_ca,
+    make_server_cert,
+    user_dn,
+)
+from tests.unit.test_ldap_frontend_fakes import GOOD_CODE, FakeCore
+
+ALICE = user_dn("alice")
+BOB = user_dn("bob")
+TIMEOUT = 30
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@dataclass(frozen=True)
+class ProxyTls:
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+@pytest.fixture(scope="module")
+def proxy_tls(tmp_path_factory: pytest.TempPathFactory) -> ProxyTls:
+    """The proxy's own listener certificate, from a CA that is not slapd's."""
+    directory = tmp_path_factory.mktemp("proxy-tls")
+    ca_path, ca_key, ca_cert = make_ca(directory, "proxy test CA")
+    cert, key = make_server_cert(directory, ca_key, ca_cert)
+    return ProxyTls(str(ca_path), str(cert), str(key))
+
+
+@dataclass
+class Proxy:
+    reactor: Any
+    factory: LdapProxyFactory
+    ports: list[Any]
+    core: FakeCore
+    events: CountingLdapEvents
+
+    def _port(self, index: int) -> int:
+        return int(self.ports[index].getHost().port)
+
+    @property
+    def url(self) -> str:
+        return f"ldap://127.0.0.1:{self._port(0)}"
+
+    @property
+    def port(self) -> int:
+        return self._port(0)
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self._port(len(self.factory.config.listen))}"
+
+    def stop(self) -> None:
+        def stop() -> None:
+            self.factory.disconnect_all()
+            for port in self.ports:
+                port.stopListening()
+
+        blockingCallFromThread(self.reactor, stop)
+
+
+@pytest.fixture
+def start_proxy(twisted_reactor: Any, proxy_tls: ProxyTls) -> Iterator[Any]:
+    started: list[Proxy] = []
+
+    def start(slapd: Slapd, **settings: Any) -> Proxy:
+        config = replace(
+            LdapFrontendConfig(
+                listen=("127.0.0.1:0",),
+                upstream=slapd.url,
+                ca_file=slapd.ca_file,
+                exempt=(slapd.svc_dn, slapd.admin_dn),
+                cert_file=proxy_tls.cert_file,
+                key_file=proxy_tls.key_file,
+                connect_timeout=5,
+            ),
+            **settings,
+        )
+        core, events = FakeCore(), CountingLdapEvents()
+
+        def build() -> Proxy:
+            factory = LdapProxyFactory(config, core, events=events, reactor=twisted_reactor)
+            return Proxy(twisted_reactor, factory, factory.listen(), core, events)
+
+        proxy = blockingCallFromThread(twisted_reactor, build)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(slapd: Slapd, start_proxy: Any) -> Proxy:
+    return start_proxy(slapd)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- clients
+
+
+def ldap_env(ca_file: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LDAP")}
+    if ca_file:
+        env["LDAPTLS_CACERT"] = ca_file
+        env["LDAPTLS_REQCERT"] = "demand"
+    return env
+
+
+def run(
+    *argv: str, ca_file: str | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=ldap_env(ca_file),
+        input=stdin,
+        check=False,
+    )
+
+
+def whoami(
+    url: str, dn: str, password: str, *extra: str, ca_file: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run("ldapwhoami", "-x", "-H", url, "-D", dn, "-w", password, *extra, ca_file=ca_file)
+
+
+def ldapsearch(url: str, dn: str, password: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        "ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", url, "-D", dn, "-w", password, *args
+    )
+
+
+UNBIND = ber.message(999, b"\x42\x00")
+
+
+def raw_exchange(port: int, data: bytes, host: str = "127.0.0.1") -> list[bytes]:
+    """Send bytes (then an unbind, so the server closes), read messages until it closes."""
+    framer = ber.MessageFramer(1 << 24)
+    messages: list[bytes] = []
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(data + UNBIND)
+        sock.settimeout(2)
+        try:
+            while chunk := sock.recv(65536):
+                messages += framer.feed(chunk)
+        except TimeoutError:
+            pass
+    return messages
+
+
+# ---------------------------------------------------------------- MFA binds
+
+
+def test_whoami_with_password_and_code(proxy: Proxy) -> None:
+    result = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"dn:{ALICE}"
+    assert proxy.core.requests[0].username == "alice"
+    assert proxy.events[("bind", "accept", "ok")] == 1
+
+
+@pytest.mark.parametrize("password", ["alice-pw,654321", "alice-pw", f"wrong,{GOOD_CODE}"])
+def test_wrong_code_missing_code_or_wrong_password_is_49(proxy: Proxy, password: str) -> None:
+    result = whoami(proxy.url, ALICE, password)
+    assert result.returncode == 49
+    assert "Invalid credentials (49)" in result.stderr
+    assert "invalid credentials" in result.stderr
+
+
+def test_failed_mfa_bind_leaves_only_anonymous_rights(proxy: Proxy) -> None:
+    server = ldap3.Server(proxy.url, get_info=ldap3.NONE)
+
+    def description_seen(connection: ldap3.Connection) -> bool:
+        connection.search(ALICE, "(objectClass=*)", ldap3.BASE, attributes=["description", "cn"])
+        (entry,) = connection.response
+        assert entry["attributes"]["cn"] == ["alice"]  # the search itself works
+        return bool(entry["attributes"].get("description"))
+
+    connection = ldap3.Connection(server, ALICE, "alice-pw,000000")
+    connection.open()
+    assert not connection.bind()
+    assert connection.result["result"] == 49
+    assert not description_seen(connection)  # anonymous: the ACL hides it
+    assert connection.rebind(ALICE, f"alice-pw,{GOOD_CODE}")
+    assert description_seen(connection)  # bound as alice: visible
+    assert not connection.rebind(ALICE, "alice-pw,999999")
+    assert not description_seen(connection)  # and hidden again after a failed bind
+    connection.unbind()
+
+
+def test_locked_and_expired_users(proxy: Proxy) -> None:
+    proxy.core.locked.add("alice")
+    proxy.core.expired.add("bob")
+    locked = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    assert locked.returncode == 49 and "locked" in locked.stderr
+    expired = whoami(proxy.url, BOB, "bob-pw")
+    assert expired.returncode == 49 and "enrollment expired" in expired.stderr
+
+
+def test_enrollment_period_passes_with_the_password_and_tells_the_days(proxy: Proxy) -> None:
+    proxy.core.enrolling["carol"] = 5
+    server = ldap3.Server(proxy.url, get_info=ldap3.NONE)
+    connection = ldap3.Connection(server, user_dn("carol"), "carol-pw")
+    assert connection.bind()
+    assert "5 days left" in connection.result["message"]
+    connection.unbind()
+
+
+def test_exempt_service_account_binds_with_the_password_only(proxy: Proxy, slapd: Slapd) -> None:
+    result = whoami(proxy.url, slapd.svc_dn, slapd.svc_password)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"dn:{slapd.svc_dn}"
+    assert proxy.core.requests == []
+    assert proxy.events[("bind", "accept", "exempt")] == 1
+
+
+def test_empty_password_is_53(proxy: Proxy) -> None:
+    (response,) = raw_exchange(proxy.port, ber.encode_bind_request(1, ALICE, b""))
+    assert ber.decode_result(response).code == 53
+
+
+def test_sasl_is_7(proxy: Proxy) -> None:
+    connection = ldap3.Connection(
+        ldap3.Server(proxy.url, get_info=ldap3.NONE),
+        authentication=ldap3.SASL,
+        sasl_mechanism=ldap3.PLAIN,
+        sasl_credentials=(None, "alice", f"alice-pw,{GOOD_CODE}"),
+    )
+    connection.open()
+    assert not connection.bind()
+    assert connection.result["result"] == 7
+    connection.unbind()
+    body = ber.integer(3) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0xA3, ber.tlv(0x04, b"GSSAPI"))
+    (response,) = raw_exchange(proxy.port, ber.message(1, ber.tlv(ber.BIND_REQUEST, body)))
+    assert ber.decode_result(response).code == 7
+
+
+def test_anonymous_bind_refused_unless_allowed(slapd: Slapd, start_proxy: Any) -> None:
+    refused = start_proxy(slapd)
+    (response,) = raw_exchange(refused.port, ber.encode_bind_request(1, "", b""))
+    assert ber.decode_result(response).code == 48
+    allowed = start_proxy(slapd, allow_anonymous=True)
+    result = run("ldapwhoami", "-x", "-H", allowed.url)
+    assert result.returncode == 0 and result.stdout.strip() == "anonymous"
+
+
+# ---------------------------------------------------------------- searches
+
+
+def _search_both(proxy: Proxy, slapd: Slapd, *args: str) -> tuple[str, str]:
+    through = ldapsearch(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}", *args)
+    direct = ldapsearch(slapd.url, ALICE, "alice-pw", *args)
+    assert through.returncode == direct.returncode, through.stderr
+    return through.stdout, direct.stdout
+
+
+def test_search_results_identical_to_slapd(proxy: Proxy, slapd: Slapd) -> None:
+    through, direct = _search_both(
+        proxy, slapd, "-b", BASE_DN, "(|(objectClass=groupOfNames)(uid=a*)(uid=b*))", "*", "+"
+    )
+    assert through == direct
+    assert "memberOf:" in through and "description: secret description of alice" in through
+
+
+def test_paged_search_over_1200_entries_identical_to_slapd(proxy: Proxy, slapd: Slapd) -> None:
+    # As the rootdn (exempt: password only), which slapd's size limit does not bind.
+    args = ("-E", "pr=100/noprompt", "-b", f"ou=people,{BASE_DN}", "(uid=user*)", "cn", "mail")
+    through = ldapsearch(proxy.url, slapd.admin_dn, slapd.admin_password, *args)
+    direct = ldapsearch(slapd.url, slapd.admin_dn, slapd.admin_password, *args)
+    assert through.returncode == direct.returncode == 0, through.stderr
+    assert through.stdout == direct.stdout
+    assert through.stdout.count("dn: uid=user") == 1200
+    # As a user, slapd stops paging at its size limit: the proxy shows the same
+    as_user, as_user_direct = _search_both(proxy, slapd, *args)
+    assert as_user == as_user_direct and as_user.count("dn: uid=user") == 500
+
+
+def test_size_limit_error_is_relayed(proxy: Proxy, slapd: Slapd) -> None:
+    """Unpaged, slapd stops at 500 entries with sizeLimitExceeded (4): so must we."""
+    through = ldapsearch(
+        proxy.url, ALICE, f"alice-pw,{GOOD_CODE}", "-b", BASE_DN, "(uid=user*)", "1.1"
+    )
+    direct = ldapsearch(slapd.url, ALICE, "alice-pw", "-b", BASE_DN, "(uid=user*)", "1.1")
+    assert through.returncode == direct.returncode == 4
+    assert through.stdout == direct.stdout
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_start_tls_towards_the_client(proxy: Proxy, proxy_tls: ProxyTls) -> None:
+    password = f"alice-pw,{GOOD_CODE}"
+    started = whoami(proxy.url, ALICE, password, "-ZZ", ca_file=proxy_tls.ca_file)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == f"dn:{ALICE}"
+
+
+def test_ldaps_listener(slapd: Slapd, start_proxy: Any, proxy_tls: ProxyTls) -> None:
+    proxy = start_proxy(slapd, ldaps_listen=("127.0.0.1:0",))
+    result = whoami(proxy.ldaps_url, ALICE, f"alice-pw,{GOOD_CODE}", ca_file=proxy_tls.ca_file)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"dn:{ALICE}"
+    # a client that does not trust the proxy's CA refuses it
+    wrong = whoami(proxy.ldaps_url, ALICE, f"alice-pw,{GOOD_CODE}", ca_file=slapd.ca_file)
+    assert wrong.returncode != 0
+
+
+def test_start_tls_twice_is_an_operations_error(proxy: Proxy, proxy_tls: ProxyTls) -> None:
+    context = ssl.create_default_context(cafile=proxy_tls.ca_file)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(ber.encode_extended_request(1, ber.START_TLS_OID))
+        assert ber.decode_result(sock.recv(4096)).code == 0
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(ber.encode_extended_request(2, ber.START_TLS_OID))
+            assert ber.decode_result(tls.recv(4096)).code == ber.ResultCode.OPERATIONS_ERROR
+
+
+@pytest.mark.parametrize("how", ["ldaps", "start_tls"])
+def test_tls_towards_the_directory(slapd: Slapd, start_proxy: Any, how: str) -> None:
+    if how == "ldaps":
+        proxy = start_proxy(slapd, upstream=slapd.ldaps_url)
+    else:
+        proxy = start_proxy(slapd, upstream_start_tls=True)
+    result = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"dn:{ALICE}"
+
+
+@pytest.mark.parametrize("how", ["ldaps", "start_tls"])
+def test_directory_certificate_is_verified(
+    slapd: Slapd, start_proxy: Any, proxy_tls: ProxyTls, how: str
+) -> None:
+    wrong_ca = {"ca_file": proxy_tls.ca_file}  # not the CA that signed slapd's certificate
+    if how == "ldaps":
+        proxy = start_proxy(slapd, upstream=slapd.ldaps_url, **wrong_ca)
+    else:
+        proxy = start_proxy(slapd, upstream_start_tls=True, **wrong_ca)
+    result = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    assert result.returncode == 52, result.stderr
+    assert proxy.core.requests == []
+    insecure = start_proxy(slapd, upstream=slapd.ldaps_url, tls_verify=False, **wrong_ca)
+    assert whoami(insecure.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+
+
+# ---------------------------------------------------------------- failures and limits
+
+
+def test_upstream_down_answers_52_and_the_listener_stays_up(
+    slapd_fresh: Slapd, start_proxy: Any
+) -> None:
+    proxy = start_proxy(slapd_fresh)
+    assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+    slapd_fresh.stop()
+    for _ in range(2):
+        down = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+        assert down.returncode == 52, down.stderr
+    assert proxy.events[("upstream_error", "connect_failed")] >= 2
+    slapd_fresh.start()
+    assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+
+
+def test_upstream_stopping_mid_session_closes_the_client(
+    slapd_fresh: Slapd, start_proxy: Any
+) -> None:
+    proxy = start_proxy(slapd_fresh)
+    connection = ldap3.Connection(
+        ldap3.Server(proxy.url, get_info=ldap3.NONE), ALICE, f"alice-pw,{GOOD_CODE}"
+    )
+    assert connection.bind()
+    slapd_fresh.stop()
+    with pytest.raises(ldap3.core.exceptions.LDAPException):
+        connection.search(BASE_DN, "(uid=alice)")
+    assert proxy.events[("dropped", "upstream_lost")] == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\x31\x05\x02\x01\x01\x42\x00", ber.ResultCode.PROTOCOL_ERROR),
+        (b"GET / HTTP/1.0\r\n\r\n", ber.ResultCode.PROTOCOL_ERROR),
+        (b"\x30\x84\x7f\x00\x00\x00", ber.ResultCode.PROTOCOL_ERROR),  # 2 GB announced
+    ],
+)
+def test_malformed_bytes_get_a_notice_of_disconnection(
+    proxy: Proxy, data: bytes, code: int
+) -> None:
+    (notice,) = raw_exchange(proxy.port, data)
+    assert ber.peek(notice).message_id == 0
+    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
+    assert ber.decode_result(notice).code == code
+    # and the listener still serves others
+    assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+
+
+def test_idle_timeout_and_max_connections(slapd: Slapd, start_proxy: Any) -> None:
+    proxy = start_proxy(slapd, idle_timeout=1, max_connections=1)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as first:
+        time.sleep(0.2)
+        (busy,) = raw_exchange(proxy.port, b"")
+        assert ber.decode_result(busy).code == ber.ResultCode.BUSY
+        first.settimeout(5)
+        notice = first.recv(4096)
+        assert ber.decode_result(notice).code == ber.ResultCode.ADMIN_LIMIT_EXCEEDED
+        assert first.recv(4096) == b""
+    assert proxy.events[("dropped", "idle_timeout")] == 1
+
+
+def test_ipv6_listener(slapd: Slapd, start_proxy: Any) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proxy = start_proxy(slapd, listen=("[::1]:0",))
+    result = whoami(f"ldap://[::1]:{proxy.port}", ALICE, f"alice-pw,{GOOD_CODE}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"dn:{ALICE}"
+
+
+def test_bind_cache_accepts_the_repeat_of_a_used_code(slapd: Slapd, start_proxy: Any) -> None:
+    proxy = start_proxy(slapd, bind_cache_seconds=30)
+    for _ in range(3):
+        assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+    assert len(proxy.core.requests) == 1
+    assert proxy.events[("bind", "accept", "repeat")] == 2
+
+
+# ---------------------------------------------------------------- other operations
+
+
+def test_write_operations_and_extended_operations_are_forwarded(
+    slapd_fresh: Slapd, start_proxy: Any, tmp_path: pathlib.Path
+) -> None:
+    proxy = start_proxy(slapd_fresh)
+    admin = ("-x", "-H", proxy.url, "-D", slapd_fresh.admin_dn, "-w", slapd_fresh.admin_password)
+    dn = f"uid=newbie,ou=people,{BASE_DN}"
+    ldif = tmp_path / "add.ldif"
+    ldif.write_text(f"dn: {dn}\nobjectClass: inetOrgPerson\nuid: newbie\ncn: Newbie\nsn: N\n")
+
+    def ok(result: subprocess.CompletedProcess[str]) -> str:
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def direct(*args: str) -> str:
+        return ok(
+            ldapsearch(slapd_fresh.url, slapd_fresh.admin_dn, slapd_fresh.admin_password, *args)
+        )
+
+    ok(run("ldapadd", *admin, "-f", str(ldif)))
+    assert "cn: Newbie" in direct("-b", dn, "-s", "base", "cn")
+    ok(run("ldapmodify", *admin, stdin=f"dn: {dn}\nchangetype: modify\nreplace: cn\ncn: Renamed\n"))
+    assert "cn: Renamed" in direct("-b", dn, "-s", "base", "cn")
+    compared = run("ldapcompare", *admin, dn, "cn:Renamed")
+    assert compared.returncode == 6 and "TRUE" in compared.stdout  # compareTrue
+    assert run("ldapcompare", *admin, dn, "cn:Other").returncode == 5  # compareFalse
+    ok(run("ldapmodrdn", *admin, "-r", dn, "uid=moved"))
+    moved = f"uid=moved,ou=people,{BASE_DN}"
+    assert moved in direct("-b", moved, "-s", "base", "1.1")
+    ok(run("ldappasswd", *admin, "-s", "new-secret", moved))
+    assert whoami(slapd_fresh.url, moved, "new-secret").returncode == 0
+    assert ok(run("ldapwhoami", *admin)).strip() == f"dn:{slapd_fresh.admin_dn}"
+    ok(run("ldapdelete", *admin, moved))
+    gone = ldapsearch(
+        slapd_fresh.url, slapd_fresh.admin_dn, slapd_fresh.admin_password, "-b", moved
+    )
+    assert gone.returncode == 32  # noSuchObject
+    for op in ("add", "modify", "compare", "modify_dn", "extended", "delete"):
+        assert proxy.events[("forwarded", op)] >= 1, op
+
+
+def test_user_changes_own_password_through_the_proxy(slapd_fresh: Slapd, start_proxy: Any) -> None:
+    proxy = start_proxy(slapd_fresh)
+    dave = user_dn("dave")
+    result = run(
+        "ldappasswd",
+        "-x",
+        "-H",
+        proxy.url,
+        "-D",
+        dave,
+        "-w",
+        f"dave-pw,{GOOD_CODE}",
+        "-a",
+        "dave-pw",
+        "-s",
+        "dave-new",
+    )
+    assert result.returncode == 0, result.stderr
+    assert whoami(slapd_fresh.url, dave, "dave-new").returncode == 0
+
+
+def test_plain_tcp_writes_take_the_fast_path(proxy: Proxy) -> None:
+    """write_now() relies on Twisted's tcp.Connection internals: prove they are still there
+    (if not, writes silently fall back to the queued path and the proxy gets slower)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(ber.encode_extended_request(1, ber.WHO_AM_I_OID))
+        assert ber.decode_result(sock.recv(4096)).code == 0
+
+        def check() -> list[bool]:
+            found = []
+            for protocol in proxy.factory.connections:
+                upstream_transport = protocol._upstream.transport if protocol._upstream else None
+                found.append(_idle_plain_tcp(protocol.transport))
+                found.append(_idle_plain_tcp(upstream_transport))
+            return found
+
+        assert blockingCallFromThread(proxy.reactor, check) == [True, True]
+
+
+# ---------------------------------------------------------------- overhead (a measurement)
+#
+# The load generator runs in a subprocess (this module run as a script), so
+# it does not share the interpreter lock with the proxy in the reactor thread.
+
+
+def _search_request(message_id: int, uid: bytes) -> bytes:
+    body = (
+        ber.tlv(0x04, f"ou=people,{BASE_DN}".encode())
+        + ber.integer(2, ber.ENUMERATED)
+        + ber.integer(0, ber.ENUMERATED)
+        + ber.integer(0)
+        + ber.integer(0)
+        + b"\x01\x01\x00"
+        + ber.tlv(0xA3, ber.tlv(0x04, b"uid") + ber.tlv(0x04, uid))
+        + ber.tlv(0x30, ber.tlv(0x04, b"cn") + ber.tlv(0x04, b"mail"))
+    )
+    return ber.message(message_id, ber.tlv(ber.SEARCH_REQUEST, body))
+
+
+async def _load(port: int, mode: str, workers: int, seconds: float, code: str) -> list[float]:
+    """Latencies of "search" or "bindsearch" (bind as userNNNNN, then search) operations."""
+    import asyncio
+    import random
+
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        framer = ber.MessageFramer(1 << 24)
+        message_id = 0
+
+        async def call(message: bytes) -> bytes:
+            writer.write(message)
+            while True:
+                for response in framer.feed(await reader.read(65536)):
+                    if ber.peek_id_and_tag(response)[1] in ber.FINAL_RESPONSES:
+                        return response
+
+        while time.perf_counter() < deadline:
+            number = random.randint(1, 1200)
+            uid = b"user%05d" % number
+            started = time.perf_counter()
+            if mode == "bindsearch":
+                message_id += 1
+                dn = b"uid=%s,ou=people,%s" % (uid, BASE_DN.encode())
+                password = b"pass%05d%s" % (number, code.encode())
+                bound = await call(ber.encode_bind_request(message_id, dn, password))
+                assert ber.decode_result(bound).code == 0
+            message_id += 1
+            await call(_search_request(message_id, uid))
+            latencies.append(time.perf_counter() - started)
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return latencies
+
+
+def _slapd_cpu(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_load(
+    port: int, mode: str, workers: int, seconds: float, code: str = ""
+) -> dict[str, float]:
+    argv = [sys.executable, "-m", "tests.integration.test_ldap_frontend", "load"]
+    argv += [str(port), mode, str(workers), str(seconds), code]
+    cpu_before = time.process_time()
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    numbers = dict(zip(("rate", "p50", "p99"), map(float, result.stdout.split()), strict=True))
+    numbers["cpu_us"] = (time.process_time() - cpu_before) / (numbers["rate"] * seconds) * 1e6
+    return numbers
+
+
+def test_measure_forwarding_overhead(proxy: Proxy, slapd: Slapd) -> None:
+    """Not pass/fail: throughput and latency through the proxy vs direct (see with -s).
+
+    "CPU" is this process's CPU per operation while the proxy serves, i.e. the
+    proxy's (the fake core is part of it for bindsearch).
+    """
+    seconds = 1.5
+    lines = ["", "LDAP front-end overhead (same slapd, same run; load from a subprocess):"]
+    for mode, workers in (("search", 1), ("search", 16), ("bindsearch", 1), ("bindsearch", 16)):
+        direct = _run_load(slapd.port, mode, workers, seconds)
+        through = _run_load(proxy.port, mode, workers, seconds, f",{GOOD_CODE}")
+        ratio = through["rate"] / direct["rate"]
+        lines.append(
+            f"  {mode:10s} c={workers:<2d}"
+            f" direct {direct['rate']:6.0f}/s p50 {direct['p50']:5.2f} ms"
+            f" | proxy {through['rate']:6.0f}/s p50 {through['p50']:5.2f} ms"
+            f" p99 {through['p99']:5.2f} ms | ratio {ratio:.2f}"
+            f" | +{through['p50'] - direct['p50']:.2f} ms p50"
+            f" | proxy CPU {through['cpu_us']:.0f} µs/op"
+        )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["load"]:
+    import asyncio
+
+    port_arg, mode_arg, workers_arg, seconds_arg = sys.argv[2:6]
+    code_arg = sys.argv[6] if len(sys.argv) > 6 else ""
+    measured = sorted(
+        asyncio.run(_load(int(port_arg), mode_arg, int(workers_arg), float(seconds_arg), code_arg))
+    )
+    rate = len(measured) / float(seconds_arg)
+    p50, p99 = measured[len(measured) // 2], measured[int(len(measured) * 0.99)]
+    print(f"{rate:.1f} {p50 * 1e3:.3f} {p99 * 1e3:.3f}")

@@ -1,0 +1,800 @@
+"""The LDAP front-end's connection logic, without sockets: the client side is a
+StringTransport, the directory a fake that answers over another one, time a
+Clock. The core is the contract-following FakeCore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from policy.decision import MfaMode, Reason
+from proxy.ldap import ber
+from proxy.ldap.ber import ResultCode
+from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
+from proxy.ldap.events import CountingLdapEvents
+from proxy.ldap.server import LdapProxyFactory, LdapProxyProtocol
+from proxy.ldap.upstream import UpstreamConnection, UpstreamOwner, UpstreamSettings
+from tests.unit.test_ldap_frontend_ber import near_valid
+from tests.unit.test_ldap_frontend_fakes import GOOD_CODE, FakeCore
+
+BASE = "dc=example,dc=org"
+ALICE = f"uid=alice,ou=people,{BASE}"
+BOB = f"uid=bob,ou=people,{BASE}"
+SVC = f"cn=svc,ou=services,{BASE}"
+PASSWORDS = {ALICE: b"alice-pw", BOB: b"bob-pw", SVC: b"svc-secret"}
+PEER = IPv4Address("TCP", "10.0.0.7", 40000)
+
+
+# ---------------------------------------------------------------- the fake directory
+
+
+class _Wire(StringTransport):
+    """The proxy's upstream transport: what is written reaches the directory."""
+
+    def __init__(self, directory: FakeDirectory, connection: UpstreamConnection) -> None:
+        super().__init__()
+        self._directory = directory
+        self._connection = connection
+        self._framer = ber.MessageFramer(1 << 24)
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        for message in self._framer.feed(data):
+            self._directory.received(self._connection, message)
+
+
+@dataclass
+class FakeDirectory:
+    auto: bool = True  # answer at once; else hold until release()
+    refuse_connect: bool = False
+    entries: int = 3
+    bind_results: dict[bytes, int] = field(default_factory=dict)  # password → forced code
+    requests: list[bytes] = field(default_factory=list)
+    binds: list[tuple[str, bytes]] = field(default_factory=list)
+    held: list[tuple[UpstreamConnection, bytes]] = field(default_factory=list)
+    connections: list[UpstreamConnection] = field(default_factory=list)
+
+    def connect(
+        self, reactor: Any, settings: UpstreamSettings, owner: UpstreamOwner
+    ) -> UpstreamConnection:
+        connection = UpstreamConnection(owner, settings)
+        if self.refuse_connect:
+            connection.connect_failed(Failure(ConnectionRefusedError("refused")))
+            return connection
+        connection.makeConnection(_Wire(self, connection))
+        self.connections.append(connection)
+        return connection
+
+    def received(self, connection: UpstreamConnection, message: bytes) -> None:
+        self.requests.append(message)
+        header = ber.peek(message)
+        if header.op_tag == ber.BIND_REQUEST:
+            request = ber.decode_bind_request(message)
+            self.binds.append((request.name, request.password or b""))
+        if self.auto:
+            self.answer(connection, message)
+        else:
+            self.held.append((connection, message))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for connection, message in held:
+            self.answer(connection, message)
+
+    def answer(self, connection: UpstreamConnection, message: bytes) -> None:
+        response = self.response(message)
+        if response:
+            connection.dataReceived(response)
+
+    def response(self, message: bytes) -> bytes:
+        header = ber.peek(message)
+        message_id, tag = header.message_id, header.op_tag
+        if tag == ber.BIND_REQUEST:
+            return ber.encode_bind_response(message_id, self._bind_code(message))
+        if tag == ber.SEARCH_REQUEST:
+            entries = b"".join(entry(message_id, i) for i in range(self.entries))
+            return entries + ber.encode_result(message_id, ber.SEARCH_RESULT_DONE, 0)
+        response = ber.response_for(tag)
+        return ber.encode_result(message_id, response, 0) if response else b""
+
+    def _bind_code(self, message: bytes) -> int:
+        request = ber.decode_bind_request(message)
+        password = request.password or b""
+        if password in self.bind_results:
+            return self.bind_results[password]
+        if request.is_anonymous or PASSWORDS.get(request.name) == password:
+            return 0
+        return 49
+
+    def bind_passwords(self) -> list[bytes]:
+        return [password for _, password in self.binds]
+
+
+def entry(message_id: int, number: int) -> bytes:
+    attributes = ber.tlv(
+        0x30,
+        ber.tlv(0x30, ber.tlv(0x04, b"cn") + ber.tlv(0x31, ber.tlv(0x04, b"user%d" % number))),
+    )
+    body = ber.tlv(0x04, b"uid=user%d,%s" % (number, BASE.encode())) + attributes
+    return ber.message(message_id, ber.tlv(ber.SEARCH_RESULT_ENTRY, body))
+
+
+def search(message_id: int) -> bytes:
+    body = (
+        ber.tlv(0x04, BASE.encode())
+        + ber.integer(2, ber.ENUMERATED)
+        + ber.integer(0, ber.ENUMERATED)
+        + ber.integer(0)
+        + ber.integer(0)
+        + b"\x01\x01\x00"
+        + ber.tlv(0x87, b"objectClass")
+        + ber.tlv(0x30, b"")
+    )
+    return ber.message(message_id, ber.tlv(ber.SEARCH_REQUEST, body))
+
+
+# ---------------------------------------------------------------- harness
+
+
+class Client:
+    def __init__(self, factory: LdapProxyFactory, peer: IPv4Address = PEER) -> None:
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol = factory.buildProtocol(peer)
+        self.protocol.makeConnection(self.transport)
+        self._framer = ber.MessageFramer(1 << 24)
+        self._next_id = 1
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def bind(self, name: str, password: bytes | str) -> int:
+        raw = password.encode() if isinstance(password, str) else password
+        message_id = self.next_id()
+        self.send(ber.encode_bind_request(message_id, name, raw))
+        return message_id
+
+    def search(self) -> int:
+        message_id = self.next_id()
+        self.send(search(message_id))
+        return message_id
+
+    def responses(self) -> list[bytes]:
+        data = self.transport.value()
+        self.transport.clear()
+        return self._framer.feed(data)
+
+    def result(self) -> ber.LdapResult:
+        (response,) = self.responses()
+        return ber.decode_result(response)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+@dataclass
+class Harness:
+    factory: LdapProxyFactory
+    core: FakeCore
+    directory: FakeDirectory
+    clock: Clock
+    events: CountingLdapEvents
+
+    def client(self, peer: IPv4Address = PEER) -> Client:
+        return Client(self.factory, peer)
+
+
+def make(**settings: Any) -> Harness:
+    directory = settings.pop("directory", None) or FakeDirectory()
+    config = replace(
+        LdapFrontendConfig(upstream="ldap://127.0.0.1:389", exempt=(SVC,), idle_timeout=0),
+        **settings,
+    )
+    core, clock, events = FakeCore(), Clock(), CountingLdapEvents()
+    factory = LdapProxyFactory(
+        config, core, events=events, reactor=clock, connect_upstream=directory.connect
+    )
+    return Harness(factory, core, directory, clock, events)
+
+
+def good(user: str = "alice") -> str:
+    return f"{user}-pw,{GOOD_CODE}"
+
+
+# ---------------------------------------------------------------- MFA binds
+
+
+def test_bind_with_password_and_code_binds_upstream_with_the_password_only() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, good())
+    assert client.result().code == ResultCode.SUCCESS
+    assert h.directory.binds == [(ALICE, b"alice-pw")]
+    (request,) = h.core.requests
+    assert (request.username, request.secret, request.separator) == ("alice", good(), ",")
+    assert request.mfa is MfaMode.ENROLLED and request.source == "10.0.0.7"
+    assert h.events[("bind", "accept", "ok")] == 1
+
+
+@pytest.mark.parametrize(
+    "password", ["alice-pw,654321", "alice-pw", "alice-pw,", f"wrong,{GOOD_CODE}"]
+)
+def test_refused_binds_all_read_the_same(password: str) -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, password)
+    result = client.result()
+    assert (result.code, result.diagnostic) == (49, "invalid credentials")
+
+
+def test_right_password_wrong_code_resets_the_upstream_session_before_answering() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.bind(ALICE, "alice-pw,000000")
+    h.directory.release()  # the user's bind succeeds upstream...
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # ...then an anonymous one
+    assert client.responses() == []  # no answer until the reset is done
+    h.directory.release()
+    assert client.result().code == 49
+    assert not client.closed
+
+
+def test_wrong_password_needs_no_reset() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, f"nope,{GOOD_CODE}")
+    assert client.result().code == 49
+    assert h.directory.bind_passwords() == [b"nope"]
+
+
+def test_failed_reset_closes_both_connections() -> None:
+    h = make(directory=FakeDirectory(bind_results={b"": 52}))
+    client = h.client()
+    client.bind(ALICE, "alice-pw,000000")
+    responses = client.responses()
+    assert ber.decode_result(responses[0]).code == 49
+    assert ber.peek(responses[1]).message_id == 0  # Notice of Disconnection
+    assert client.closed
+    assert h.events[("upstream_error", "reset_failed")] == 1
+
+
+def test_a_new_bind_after_success_that_fails_leaves_the_session_anonymous() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, good())
+    client.responses()
+    client.bind(BOB, f"wrong,{GOOD_CODE}")
+    assert client.result().code == 49
+    # bob's refused bind already left the directory's session anonymous: no reset needed
+    assert h.directory.bind_passwords() == [b"alice-pw", b"wrong"]
+    client.search()
+    assert len(client.responses()) == 4
+
+
+def test_failed_bind_after_a_success_resets_even_a_local_refusal() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, good())
+    client.responses()
+    client.bind(ALICE, "")  # refused locally (53), but alice is still bound upstream
+    assert client.result().code == 53
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]
+
+
+def test_locked_user_is_refused_without_a_directory_bind() -> None:
+    h = make()
+    h.core.locked.add("alice")
+    client = h.client()
+    client.bind(ALICE, good())
+    result = client.result()
+    assert (result.code, result.diagnostic) == (49, "locked")
+    assert h.directory.binds == []
+
+
+def test_expired_enrollment() -> None:
+    h = make()
+    h.core.expired.add("alice")
+    client = h.client()
+    client.bind(ALICE, "alice-pw")
+    result = client.result()
+    assert (result.code, result.diagnostic) == (49, "enrollment expired")
+    assert h.directory.bind_passwords()[-1] == b""  # reset: the password was right
+
+
+def test_user_in_enrollment_passes_with_password_and_is_told_the_days_left() -> None:
+    h = make()
+    h.core.enrolling["alice"] = 3
+    client = h.client()
+    client.bind(ALICE, "alice-pw")
+    result = client.result()
+    assert result.code == 0
+    assert "3 days left" in result.diagnostic
+    assert h.events[("bind", "accept", "in_enrollment")] == 1
+
+
+def test_ad_style_bind_name_is_passed_as_is() -> None:
+    h = make()
+    client = h.client()
+    client.bind("alice@example.org", good())
+    client.responses()
+    assert h.core.requests[0].username == "alice@example.org"
+    assert h.directory.binds[0][0] == "alice@example.org"
+
+
+def test_directory_unavailable_during_verify_answers_52() -> None:
+    h = make(directory=FakeDirectory(bind_results={b"alice-pw": 52}))
+    client = h.client()
+    client.bind(ALICE, good())
+    assert client.result().code == 52
+
+
+def test_core_accepting_without_verify_is_not_trusted() -> None:
+    h = make()
+    h.core.accept_without_verify = True
+    client = h.client()
+    client.bind(ALICE, good())
+    assert client.result().code == ResultCode.OTHER
+
+
+def test_bind_controls_are_kept_on_the_upstream_bind() -> None:
+    h = make()
+    client = h.client()
+    control = ber.tlv(ber.CONTROLS, ber.tlv(0x30, ber.tlv(0x04, b"1.3.6.1.4.1.42.2.27.8.5.1")))
+    body = ber.integer(3) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0x80, good().encode())
+    client.send(ber.message(5, ber.tlv(ber.BIND_REQUEST, body), control))
+    assert client.result().code == 0
+    upstream_bind = [m for m in h.directory.requests if ber.peek(m).op_tag == ber.BIND_REQUEST]
+    assert upstream_bind[0].endswith(control)
+
+
+def test_bind_timeout_answers_52_and_closes_when_a_bind_is_in_flight() -> None:
+    h = make(directory=FakeDirectory(auto=False), bind_timeout=5)
+    client = h.client()
+    client.bind(ALICE, good())
+    h.clock.advance(5)
+    responses = client.responses()
+    assert ber.decode_result(responses[0]).code == 52
+    assert client.closed
+
+
+# ---------------------------------------------------------------- other binds
+
+
+def test_empty_password_is_unwilling_to_perform_without_going_upstream() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, "")
+    assert client.result().code == 53
+    assert h.directory.binds == [] and h.core.requests == []
+
+
+def test_sasl_is_refused_for_users() -> None:
+    h = make()
+    client = h.client()
+    body = ber.integer(3) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0xA3, ber.tlv(0x04, b"PLAIN"))
+    client.send(ber.message(2, ber.tlv(ber.BIND_REQUEST, body)))
+    assert client.result().code == 7
+    assert h.directory.binds == []
+
+
+def test_sasl_for_exempt_is_forwarded() -> None:
+    h = make()
+    client = h.client()
+    body = ber.integer(3) + ber.tlv(0x04, SVC.encode()) + ber.tlv(0xA3, ber.tlv(0x04, b"PLAIN"))
+    message = ber.message(2, ber.tlv(ber.BIND_REQUEST, body))
+    client.send(message)
+    client.responses()
+    assert message in h.directory.requests
+
+
+def test_anonymous_bind_refused_unless_allowed() -> None:
+    h = make()
+    client = h.client()
+    client.bind("", "")
+    assert client.result().code == 48
+    assert h.directory.binds == []
+    h = make(allow_anonymous=True)
+    client = h.client()
+    client.bind("", "")
+    assert client.result().code == 0
+    assert h.directory.binds == [("", b"")]
+
+
+def test_exempt_bind_is_forwarded_byte_for_byte() -> None:
+    h = make()
+    client = h.client()
+    message = ber.encode_bind_request(9, "CN=svc, OU=services, DC=example, DC=org", b"svc-secret")
+    client.send(message)
+    assert h.directory.requests == [message]  # as sent, spelling and all
+    client.responses()
+    h2 = make()
+    other = h2.client()
+    other.bind(SVC, "svc-secret")
+    assert other.result().code == 0
+    assert h2.core.requests == []
+    assert h2.events[("bind", "accept", "exempt")] == 1
+
+
+def test_exempt_bind_with_wrong_password() -> None:
+    h = make()
+    client = h.client()
+    client.bind(SVC, "nope")
+    assert client.result().code == 49
+    assert h.events[("bind", "reject", "bad_password")] == 1
+
+
+def test_ldapv2_bind_is_a_protocol_error() -> None:
+    h = make()
+    client = h.client()
+    body = ber.integer(2) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0x80, b"x")
+    client.send(ber.message(2, ber.tlv(ber.BIND_REQUEST, body)))
+    assert client.result().code == ResultCode.PROTOCOL_ERROR
+
+
+# ---------------------------------------------------------------- forwarding
+
+
+def test_requests_and_responses_are_forwarded_unchanged() -> None:
+    h = make()
+    client = h.client()
+    message = search(77)
+    client.send(message)
+    assert h.directory.requests == [message]
+    responses = client.responses()
+    assert responses == ber.MessageFramer(1 << 20).feed(h.directory.response(message))
+    assert [ber.peek(r).message_id for r in responses] == [77] * 4
+    assert h.events[("forwarded", "search")] == 1
+
+
+def test_pipelined_requests_in_one_segment_and_split_responses() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    messages = [search(i) for i in range(2, 12)]
+    client.send(b"".join(messages))
+    assert h.directory.requests == messages
+    stream = b"".join(h.directory.response(m) for _, m in h.directory.held)
+    connection = h.directory.connections[0]
+    for start in range(0, len(stream), 7):
+        connection.dataReceived(stream[start : start + 7])
+    assert b"".join(client.responses()) == stream
+
+
+def test_messages_sent_during_a_bind_wait_for_it() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.bind(ALICE, good())
+    client.search()
+    assert len(h.directory.requests) == 1  # only the bind went upstream
+    assert client.transport.producerState == "paused"
+    h.directory.release()
+    assert ber.decode_result(client.responses()[0]).code == 0
+    assert len(h.directory.requests) == 2  # now the search
+    assert client.transport.producerState == "producing"
+
+
+def test_messages_wait_for_the_upstream_connection() -> None:
+    directory = FakeDirectory()
+    pending: list[UpstreamConnection] = []
+
+    def slow_connect(reactor: Any, settings: UpstreamSettings, owner: UpstreamOwner) -> Any:
+        connection = UpstreamConnection(owner, settings)
+        pending.append(connection)
+        return connection
+
+    h = make(directory=directory)
+    h.factory.connect_upstream = slow_connect
+    client = h.client()
+    client.search()
+    assert directory.requests == []
+    connection = pending[0]
+    connection.makeConnection(_Wire(directory, connection))
+    assert len(directory.requests) == 1
+    assert len(client.responses()) == 4
+
+
+def test_unbind_is_forwarded_and_closes() -> None:
+    h = make()
+    client = h.client()
+    client.send(ber.message(3, b"\x42\x00"))
+    assert h.directory.requests == [ber.message(3, b"\x42\x00")]
+    assert client.closed
+
+
+def test_abandon_is_forwarded_and_clears_the_outstanding_operation() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(search(5))
+    client.send(ber.message(6, ber.integer(5, ber.ABANDON_REQUEST)))
+    assert len(h.directory.requests) == 2
+    protocol = client.protocol
+    assert isinstance(protocol, LdapProxyProtocol)
+    assert not protocol._outstanding
+
+
+def test_upstream_notice_of_disconnection_is_relayed_once() -> None:
+    h = make()
+    client = h.client()
+    notice = ber.encode_notice_of_disconnection(52, "shutting down")
+    connection = h.directory.connections[0]
+    connection.dataReceived(notice)
+    connection.connectionLost(Failure(ConnectionError()))
+    assert client.responses() == [notice]
+    assert client.closed
+
+
+# ---------------------------------------------------------------- require_bind
+
+
+def test_require_bind_refuses_operations_before_a_bind() -> None:
+    h = make(require_bind=True)
+    client = h.client()
+    message_id = client.search()
+    (response,) = client.responses()
+    header = ber.peek(response)
+    assert (header.message_id, header.op_tag) == (message_id, ber.SEARCH_RESULT_DONE)
+    assert ber.decode_result(response).code == 50
+    client.send(ber.encode_extended_request(9, ber.WHO_AM_I_OID))
+    assert ber.peek_id_and_tag(client.responses()[0]) == (9, ber.EXTENDED_RESPONSE)
+    assert h.directory.requests == []
+    client.bind(ALICE, good())
+    client.responses()
+    client.search()
+    assert len(client.responses()) == 4
+
+
+def test_require_bind_after_a_failed_bind() -> None:
+    h = make(require_bind=True)
+    client = h.client()
+    client.bind(ALICE, good())
+    client.responses()
+    client.bind(ALICE, "alice-pw,000000")
+    client.responses()
+    client.search()
+    assert ber.decode_result(client.responses()[0]).code == 50
+
+
+# ---------------------------------------------------------------- limits and errors
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x31\x03\x02\x01\x01", "malformed"),
+        (ber.tlv(0x30, b"\x02\x01\x01\x61\x00"), "malformed"),  # a response from a client
+        (ber.tlv(0x30, b"\x02\x01\x01\x60\x03\x02\x01\x03"), "malformed"),  # truncated bind
+        (b"\x30\x84\x00\x10\x00\x00", "oversize"),
+    ],
+)
+def test_malformed_or_oversized_message_gets_a_notice_and_a_close(data: bytes, reason: str) -> None:
+    h = make(max_message_size=4096)
+    client = h.client()
+    client.send(data)
+    (notice,) = client.responses()
+    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
+    assert ber.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
+    assert client.closed
+    assert h.events[("dropped", reason)] == 1
+    client.send(search(3))  # nothing more is read
+    assert client.responses() == []
+
+
+def test_other_connections_are_not_affected_by_a_malformed_one() -> None:
+    h = make()
+    bad, good_client = h.client(), h.client()
+    bad.send(b"garbage!")
+    good_client.bind(ALICE, good())
+    assert good_client.result().code == 0
+
+
+def test_max_connections() -> None:
+    h = make(max_connections=2)
+    h.client(), h.client()
+    third = h.client()
+    (notice,) = third.responses()
+    assert ber.decode_result(notice).code == ResultCode.BUSY
+    assert third.closed
+    assert h.events[("dropped", "max_connections")] == 1
+
+
+def test_idle_timeout_but_not_while_an_operation_is_outstanding() -> None:
+    h = make(idle_timeout=60, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.search()
+    h.clock.advance(120)
+    assert not client.closed  # the search is still running
+    h.directory.release()
+    client.responses()
+    h.clock.advance(59)
+    assert not client.closed
+    h.clock.advance(61)
+    (notice,) = client.responses()
+    assert ber.decode_result(notice).code == ResultCode.ADMIN_LIMIT_EXCEEDED
+    assert client.closed
+    assert h.events[("dropped", "idle_timeout")] == 1
+
+
+def test_upstream_down_binds_get_52_and_searches_too() -> None:
+    h = make(directory=FakeDirectory(refuse_connect=True))
+    client = h.client()
+    client.bind(ALICE, good())
+    assert client.result().code == 52
+    message_id = client.search()
+    (response,) = client.responses()
+    assert ber.peek_id_and_tag(response) == (message_id, ber.SEARCH_RESULT_DONE)
+    assert ber.decode_result(response).code == 52
+    assert not client.closed
+    assert h.events[("upstream_error", "connect_failed")] >= 1
+    assert h.core.requests == []
+
+
+def test_upstream_back_after_backoff() -> None:
+    h = make(directory=FakeDirectory(refuse_connect=True))
+    client = h.client()
+    h.directory.refuse_connect = False
+    client.bind(ALICE, good())
+    assert client.result().code == 52  # within the backoff: not retried
+    h.clock.advance(2)
+    client.bind(ALICE, good())
+    assert client.result().code == 0
+
+
+def test_upstream_lost_after_ready_closes_the_client_with_a_notice() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, good())
+    client.responses()
+    h.directory.connections[0].connectionLost(Failure(ConnectionError()))
+    (notice,) = client.responses()
+    assert ber.decode_result(notice).code == ResultCode.UNAVAILABLE
+    assert client.closed
+    assert h.events[("dropped", "upstream_lost")] == 1
+
+
+def test_start_tls_without_a_certificate_is_unavailable() -> None:
+    h = make()
+    client = h.client()
+    client.send(ber.encode_extended_request(4, ber.START_TLS_OID))
+    (response,) = client.responses()
+    assert ber.decode_result(response).code == ResultCode.UNAVAILABLE
+    assert ber.extended_response_name(response) == ber.START_TLS_OID
+    assert h.directory.requests == []
+
+
+def test_connection_events() -> None:
+    h = make()
+    client = h.client()
+    assert h.events.open_connections == 1
+    client.protocol.connectionLost(Failure(ConnectionError()))
+    assert h.events.open_connections == 0
+
+
+# ---------------------------------------------------------------- bind cache
+
+
+def test_bind_cache_accepts_a_repeat_without_the_core_but_binds_upstream() -> None:
+    h = make(bind_cache_seconds=60)
+    client = h.client()
+    client.bind(ALICE, good())
+    assert client.result().code == 0
+    client.bind(ALICE, good())
+    assert client.result().code == 0
+    assert len(h.core.requests) == 1
+    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]
+    assert h.events[("bind", "accept", Reason.REPEAT.value)] == 1
+
+
+def test_bind_cache_window_ends() -> None:
+    h = make(bind_cache_seconds=60)
+    client = h.client()
+    client.bind(ALICE, good())
+    client.responses()
+    h.clock.advance(61)
+    client.bind(ALICE, good())
+    client.responses()
+    assert len(h.core.requests) == 2
+
+
+def test_bind_cache_is_per_address_and_per_credential() -> None:
+    h = make(bind_cache_seconds=60)
+    h.client().bind(ALICE, good())
+    h.client(IPv4Address("TCP", "10.0.0.8", 1)).bind(ALICE, good())
+    h.client().bind(ALICE, "alice-pw,654321")
+    assert len(h.core.requests) == 3
+
+
+def test_bind_cache_dropped_on_a_failed_bind_for_the_user() -> None:
+    h = make(bind_cache_seconds=60)
+    client = h.client()
+    client.bind(ALICE, good())
+    client.bind(ALICE, "alice-pw,000000")  # fails: drops alice's entries
+    client.bind(ALICE, good())
+    assert len(h.core.requests) == 3
+
+
+def test_bind_cache_never_caches_failures() -> None:
+    h = make(bind_cache_seconds=60)
+    client = h.client()
+    client.bind(ALICE, "alice-pw,000000")
+    client.bind(ALICE, "alice-pw,000000")
+    assert len(h.core.requests) == 2
+
+
+def test_bind_cache_hit_with_a_changed_password_is_refused_and_dropped() -> None:
+    h = make(bind_cache_seconds=60)
+    client = h.client()
+    client.bind(ALICE, good())
+    client.responses()
+    h.directory.bind_results[b"alice-pw"] = 49  # password changed in the directory
+    client.bind(ALICE, good())
+    assert client.result().code == 49
+    del h.directory.bind_results[b"alice-pw"]
+    client.bind(ALICE, good())
+    client.responses()
+    assert len(h.core.requests) == 2
+
+
+def test_bind_cache_rules_per_dn() -> None:
+    h = make(bind_cache_rules=(BindCacheRule(f"ou=people,{BASE}", 30),))
+    client = h.client()
+    client.bind(ALICE, good())
+    client.bind(ALICE, good())
+    assert len(h.core.requests) == 1
+    h.clock.advance(31)
+    client.bind(ALICE, good())
+    assert len(h.core.requests) == 2
+    off = make()
+    other = off.client()
+    other.bind(ALICE, good())
+    other.bind(ALICE, good())
+    assert len(off.core.requests) == 2
+
+
+def test_core_decision_can_be_slow() -> None:
+    h = make()
+    hold: Deferred[None] = Deferred()
+    h.core.hold = hold
+    client = h.client()
+    client.bind(ALICE, good())
+    assert client.responses() == []
+    hold.callback(None)
+    assert client.result().code == 0
+
+
+# ---------------------------------------------------------------- garbage in
+
+
+def _assert_survives(chunks: list[bytes]) -> None:
+    h = make(allow_anonymous=True)
+    client = h.client()
+    for chunk in chunks:
+        client.send(chunk)
+    for response in client.responses():
+        header = ber.peek(response)  # everything the client gets is well-formed
+        if header.message_id == 0:
+            assert ber.decode_result(response).code != ResultCode.OTHER  # no internal error
+    assert h.events.counts[("bind", "reject", "internal_error")] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=120), max_size=8))
+def test_random_bytes_never_crash_the_server(chunks: list[bytes]) -> None:
+    _assert_survives(chunks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(near_valid(), st.integers(min_value=1, max_value=40))
+def test_mutated_messages_never_crash_the_server(data: bytes, chunk: int) -> None:
+    _assert_survives([data[i : i + chunk] for i in range(0, len(data), chunk)])

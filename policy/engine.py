@@ -151,8 +151,10 @@ class PolicyEngine:
         if isinstance(verdict, DirectoryError):
             reason = Reason.UNKNOWN_USER if verdict.reason == "unknown_user" else (
                 Reason.EMPTY_PASSWORD if not p.password else Reason.BAD_PASSWORD)
-            if reason is Reason.UNKNOWN_USER:
-                # Counting unknown names would let anyone fill the state store.
+            if reason is not Reason.BAD_PASSWORD:
+                # Counting unknown names would let anyone fill the state store; an
+                # empty password never reaches the directory, so it guesses nothing
+                # (and counting it would make a row for any made-up name).
                 return self._finish(p.request, p.username, Outcome.REJECT, reason)
             return self._failure(p, reason)
         return self._second_factor(p, verdict)

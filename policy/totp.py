@@ -60,7 +60,9 @@ def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | 
     Every candidate is compared in constant time, and all of them are
     computed, so timing says nothing about which step (if any) matched.
     """
-    if len(code) != params.digits or not code.isdigit():
+    # isascii: str.isdigit() is true for other scripts' digits ("١٢٣٤٥٦"), which
+    # hmac.compare_digest refuses with a TypeError.
+    if len(code) != params.digits or not code.isdigit() or not code.isascii():
         return None
     totp = pyotp.TOTP(secret, digits=params.digits, interval=params.period)
     current = params.step_at(now)

@@ -1,0 +1,201 @@
+"""`scripts/serve` on a copy of the embedded default config (conf/mfa-proxy.toml,
+its ports moved to free ones, its var/ in a temporary folder): it starts, answers
+/healthz, /readyz and /metrics, and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE = REPO / "scripts" / "serve"
+START_WAIT = 90.0  # bounds, never expectations: machines are noisy
+STOP_WAIT = 30.0
+
+FAMILIES = [
+    ("mfa_proxy_requests_total", "counter"),
+    ("mfa_proxy_decision_seconds", "histogram"),
+    ("mfa_proxy_radius_dropped_total", "counter"),
+    ("mfa_proxy_directory_seconds", "histogram"),
+    ("mfa_proxy_directory_errors_total", "counter"),
+    ("mfa_proxy_lockouts_total", "counter"),
+    ("mfa_proxy_ldap_connections", "gauge"),
+    ("mfa_proxy_users", "gauge"),
+]
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_pair() -> int:
+    """A UDP port p with p + 1 free too (RADIUS accounting defaults to auth + 1)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port >= 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free UDP port pair")
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (loopback)
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    root: Path
+    http: int
+    log: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http}{path}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(STOP_WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_WAIT)
+            raise
+
+
+def default_config_copy(root: Path, http: int, radius: int) -> Path:
+    conf = root / "conf"
+    conf.mkdir()
+    text = (REPO / "conf" / "mfa-proxy.toml").read_text()
+    assert '"127.0.0.1:9812"' in text and '"127.0.0.1:1812"' in text
+    text = text.replace('"127.0.0.1:9812"', f'"127.0.0.1:{http}"')
+    text = text.replace('"127.0.0.1:1812"', f'"127.0.0.1:{radius}"')
+    (conf / "mfa-proxy.toml").write_text(text)
+    return conf / "mfa-proxy.toml"
+
+
+def start(config: Path, root: Path, http: int) -> Server:
+    log = root / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(SERVE), "-c", str(config)], stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    return Server(process, root, http, log)
+
+
+def wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + START_WAIT
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"serve exited {server.process.returncode}:\n{server.output()}")
+        try:
+            if get(server.url("/healthz"))[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"/healthz did not answer within {START_WAIT:g} s:\n{server.output()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    http = free_tcp_port()
+    config = default_config_copy(tmp_path, http, free_udp_pair())
+    s = start(config, tmp_path, http)
+    try:
+        wait_healthy(s)
+        yield s
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait(STOP_WAIT)
+
+
+def test_serve_answers_health_ready_metrics_and_stops_on_sigterm(server: Server) -> None:
+    assert get(server.url("/healthz")) == (200, "ok\n")
+    assert get(server.url("/readyz")) == (200, "ready\n")
+
+    status, metrics = get(server.url("/metrics"))
+    assert status == 200
+    for family, kind in FAMILIES:
+        assert f"# TYPE {family} {kind}\n" in metrics, family
+    assert "mfa_proxy_ready 1.0" in metrics  # set by the /readyz just answered
+
+    # the embedded default made its own state under the copy's var/
+    var = server.root / "var"
+    for name in ("mfa-proxy.db", "secret.key", "radius-localhost.secret"):
+        assert (var / name).is_file(), name
+        assert (var / name).stat().st_mode & 0o077 == 0, name
+
+    assert server.stop() == 0
+    assert "stopped" in server.output()
+    with pytest.raises(OSError):
+        get(server.url("/healthz"))
+
+
+def test_readyz_follows_the_directory(server: Server) -> None:
+    users = server.root / "var" / "users.toml"
+    users.write_text("[users.alice\n")  # a broken users file: the directory cannot answer
+    status, body = get(server.url("/readyz"))
+    assert status == 503
+    assert body.startswith("not ready\n")
+    assert "directory:" in body
+    assert "mfa_proxy_ready 0.0" in get(server.url("/metrics"))[1]
+    users.write_text("")
+    assert get(server.url("/readyz")) == (200, "ready\n")
+    assert get(server.url("/healthz"))[0] == 200  # alive all along
+    assert server.stop() == 0
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = default_config_copy(tmp_path, free_tcp_port(), free_udp_pair())
+    text = config.read_text()
+    config.write_text(text.replace("enrollment_days = 7", "enrollment_days = 400")
+                      .replace('"127.0.0.1/32"', '"127.0.0.1/99"'))
+    p = subprocess.run([str(SERVE), "-c", str(config)], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=START_WAIT)
+    assert p.returncode == 2
+    assert sorted(p.stderr.splitlines()) == [
+        "config error: policy.enrollment_days: must be between 1 and 365, got 400",
+        "config error: radius.clients[0].address: not an address or CIDR: '127.0.0.1/99'",
+    ]
+    assert not (tmp_path / "var" / "mfa-proxy.db").exists()
+
+
+def test_serve_exits_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        http = int(taken.getsockname()[1])
+        config = default_config_copy(tmp_path, http, free_udp_pair())
+        p = subprocess.run([str(SERVE), "-c", str(config)], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=START_WAIT)
+    assert p.returncode == 1, p.stderr
+    assert "cannot start" in p.stderr

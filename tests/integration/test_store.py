@@ -1,0 +1,396 @@
+"""The state store, against SQLite and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from policy.keys import KeyRing
+from policy.migrations import current_revision, head_revision
+from policy.store import LOCKED_FOREVER, AuditRecord, Store, StoreError, UserRecord
+from tests.pg import Postgres
+
+pytestmark = pytest.mark.timeout(60)
+
+T0 = 1_700_000_000
+DAY = 86400
+PLAIN = b"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = float(T0)
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.new_database("store")
+
+
+@pytest.fixture(scope="module")
+def pg_store_url(postgres_url: str) -> str:
+    """The session database, migrated once; tests empty its tables."""
+    s = Store(postgres_url)
+    s.upgrade()
+    s.close()
+    return postgres_url
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(backend: str, clock: Clock, request: pytest.FixtureRequest,
+          tmp_path: Path) -> Iterator[Store]:
+    if backend == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
+        s.upgrade()
+    else:
+        # CREATE DATABASE costs half a second: reuse one database, emptied
+        s = Store(request.getfixturevalue("pg_store_url"), clock)
+        with s.engine.begin() as c:
+            c.execute(text("TRUNCATE users, audit, repeat_cache"))
+    yield s
+    s.close()
+
+
+def raw_row(store: Store, username: str) -> dict[str, object]:
+    with store.engine.connect() as c:
+        row = c.execute(text("SELECT * FROM users WHERE username = :u"), {"u": username})
+        return dict(row.mappings().one())
+
+
+# -- schema -------------------------------------------------------------------------------
+
+
+def test_upgrade_reaches_head_and_is_idempotent(store: Store) -> None:
+    assert current_revision(store.engine) == head_revision()
+    store.check_current()
+    store.upgrade()
+    store.check_current()
+
+
+def test_check_current_refuses_an_empty_database(url: str) -> None:
+    s = Store(url)
+    try:
+        with pytest.raises(StoreError, match="mfa-proxy db upgrade"):
+            s.check_current()
+    finally:
+        s.close()
+
+
+def test_ping(store: Store) -> None:
+    store.ping()
+
+
+def test_ping_of_a_database_that_is_down() -> None:
+    s = Store("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+    try:
+        with pytest.raises(StoreError, match="state store unavailable"):
+            s.ping()
+    finally:
+        s.close()
+
+
+def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.db"
+    s = Store(f"sqlite:///{path}")
+    s.upgrade()
+    assert path.stat().st_mode & 0o077 == 0
+    with s.engine.connect() as c:
+        assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    s.close()
+
+
+# -- reads and admin writes -----------------------------------------------------------------
+
+
+def test_unknown_user_has_no_record(store: Store) -> None:
+    assert store.get("alice") is None
+    assert store.list_users() == []
+
+
+def test_require_then_status(store: Store, clock: Clock) -> None:
+    store.require("alice", T0 + 7 * DAY)
+    rec = store.get("alice")
+    assert rec == UserRecord("alice", required=True, enrollment_deadline=T0 + 7 * DAY)
+    assert rec.status(clock()) == "in_enrollment"
+    assert rec.days_left(clock()) == 7
+    assert rec.days_left(T0 + 1) == 7
+    assert rec.days_left(T0 + DAY) == 6
+    assert rec.status(T0 + 7 * DAY) == "enrollment_expired"
+    assert rec.days_left(T0 + 7 * DAY) is None
+
+
+def test_set_secret_enrolls_and_clears_the_replay_marker(store: Store) -> None:
+    store.require("alice", T0 + DAY)
+    store.set_secret("alice", b"blob-1", 1)
+    assert store.accept_step("alice", 100, T0)
+    store.set_secret("alice", b"blob-2", 2)
+    rec = store.get("alice")
+    assert rec is not None
+    assert (rec.secret, rec.key_version, rec.last_step) == (b"blob-2", 2, None)
+    assert rec.status(T0) == "enrolled"
+    assert raw_row(store, "alice")["enrolled_at"] == T0
+
+
+def test_set_secret_for_a_new_user_is_enrolled_not_required(store: Store) -> None:
+    store.set_secret("bob", b"blob", 1)
+    rec = store.get("bob")
+    assert rec is not None and rec.status(T0) == "enrolled_not_required"
+
+
+def test_reset_clears_the_key(store: Store) -> None:
+    store.set_secret("alice", b"blob", 1)
+    store.accept_step("alice", 5, T0)
+    store.reset("alice", T0 + 3 * DAY)
+    rec = store.get("alice")
+    assert rec == UserRecord("alice", required=True, enrollment_deadline=T0 + 3 * DAY)
+    assert raw_row(store, "alice")["enrolled_at"] is None
+
+
+def test_extend_reopens_an_expired_period(store: Store) -> None:
+    store.require("alice", T0 - DAY)
+    assert store.get("alice").status(T0) == "enrollment_expired"  # type: ignore[union-attr]
+    store.extend("alice", T0 + 2 * DAY)
+    assert store.get("alice").days_left(T0) == 2  # type: ignore[union-attr]
+
+
+def test_unrequire_keeps_the_key(store: Store) -> None:
+    assert not store.unrequire("nobody")
+    store.require("alice", T0 + DAY)
+    store.set_secret("alice", b"blob", 1)
+    assert store.unrequire("alice")
+    rec = store.get("alice")
+    assert rec is not None and not rec.required and rec.secret == b"blob"
+
+
+def test_bypass(store: Store) -> None:
+    store.set_bypass("alice", True)
+    assert store.get("alice").bypass  # type: ignore[union-attr]
+    store.set_bypass("alice", False)
+    assert not store.get("alice").bypass  # type: ignore[union-attr]
+
+
+def test_updated_at_follows_the_clock(store: Store, clock: Clock) -> None:
+    store.require("alice", T0 + DAY)
+    clock.t += 500
+    store.set_bypass("alice", True)
+    row = raw_row(store, "alice")
+    assert (row["created_at"], row["updated_at"]) == (T0, T0 + 500)
+
+
+def test_list_users_is_sorted(store: Store) -> None:
+    for name in ("carol", "alice", "bob"):
+        store.require(name, T0 + DAY)
+    assert [r.username for r in store.list_users()] == ["alice", "bob", "carol"]
+
+
+def test_count_by_status(store: Store) -> None:
+    store.require("in", T0 + DAY)
+    store.require("expired", T0 - 1)
+    store.require("enrolled", T0 + DAY)
+    store.set_secret("enrolled", b"x", 1)
+    store.set_secret("optional", b"x", 1)
+    store.set_bypass("plain", True)
+    assert store.count_by_status(T0) == {
+        "enrolled": 1, "in_enrollment": 1, "enrollment_expired": 1,
+        "enrolled_not_required": 1, "not_required": 1}
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+
+def test_failures_count_and_lock_at_the_limit(store: Store) -> None:
+    results = [store.record_failure("alice", T0, 3, 900) for _ in range(3)]
+    assert [r.failures for r in results] == [1, 2, 3]
+    assert [r.lockout_started for r in results] == [False, False, True]
+    assert results[-1].locked_until == T0 + 900
+    rec = store.get("alice")
+    assert rec is not None and rec.locked(T0) and not rec.locked(T0 + 900)
+    # a failure recorded while locked (a request that raced the lock) does not re-lock
+    again = store.record_failure("alice", T0 + 10, 3, 900)
+    assert (again.failures, again.lockout_started, again.locked_until) == (4, False, None)
+    assert store.get("alice").locked_until == T0 + 900  # type: ignore[union-attr]
+
+
+def test_expired_lock_starts_a_new_count(store: Store) -> None:
+    for _ in range(3):
+        store.record_failure("alice", T0, 3, 60)
+    r = store.record_failure("alice", T0 + 60, 3, 60)
+    assert (r.failures, r.lockout_started) == (1, False)
+    assert store.get("alice").locked_until is None  # type: ignore[union-attr]
+
+
+def test_lockout_seconds_zero_is_forever(store: Store) -> None:
+    r = store.record_failure("alice", T0, 1, 0)
+    assert r.lockout_started and r.locked_until == LOCKED_FOREVER
+    assert store.get("alice").locked(T0 + 100 * 365 * DAY)  # type: ignore[union-attr]
+    assert store.unlock("alice")
+    rec = store.get("alice")
+    assert rec is not None and rec.failures == 0 and rec.locked_until is None
+
+
+def test_record_success_clears_failures_but_not_a_lock(store: Store) -> None:
+    store.record_failure("alice", T0, 5, 900)
+    store.record_failure("alice", T0, 5, 900)
+    store.record_success("alice", T0)
+    assert store.get("alice").failures == 0  # type: ignore[union-attr]
+    for _ in range(5):
+        store.record_failure("alice", T0, 5, 900)
+    store.record_success("alice", T0 + 1)  # raced the lock: must not undo it
+    rec = store.get("alice")
+    assert rec is not None and rec.locked(T0 + 1) and rec.failures == 5
+    store.record_success("alice", T0 + 900)  # the lock is over
+    rec = store.get("alice")
+    assert rec is not None and rec.failures == 0 and rec.locked_until is None
+    store.record_success("nobody", T0)
+    assert store.get("nobody") is None
+
+
+def test_accept_step_moves_forward_only(store: Store) -> None:
+    assert not store.accept_step("alice", 10, T0)  # no such user
+    store.set_secret("alice", b"blob", 1)
+    assert store.accept_step("alice", 10, T0)
+    assert not store.accept_step("alice", 10, T0)  # same step: replay
+    assert not store.accept_step("alice", 9, T0)  # earlier: replay
+    assert store.accept_step("alice", 11, T0)
+    assert store.get("alice").last_step == 11  # type: ignore[union-attr]
+
+
+def test_accept_step_needs_a_key(store: Store) -> None:
+    store.require("alice", T0 + DAY)
+    assert not store.accept_step("alice", 10, T0)
+
+
+def test_accept_step_refused_while_locked_and_clears_failures(store: Store) -> None:
+    store.set_secret("alice", b"blob", 1)
+    for _ in range(3):
+        store.record_failure("alice", T0, 3, 900)
+    assert not store.accept_step("alice", 10, T0 + 899)
+    assert store.accept_step("alice", 10, T0 + 900)
+    rec = store.get("alice")
+    assert rec is not None and rec.failures == 0 and rec.locked_until is None
+
+
+def test_unlock(store: Store) -> None:
+    assert not store.unlock("nobody")
+    for _ in range(5):
+        store.record_failure("alice", T0, 5, 900)
+    assert store.unlock("alice")
+    rec = store.get("alice")
+    assert rec is not None and rec.failures == 0 and not rec.locked(T0)
+
+
+# -- keys at rest -------------------------------------------------------------------------------
+
+
+def test_key_at_rest_is_not_the_plaintext(store: Store, tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "secret.key")
+    store.set_secret("alice", ring.encrypt(PLAIN, "alice"), ring.current)
+    row = raw_row(store, "alice")
+    stored = bytes(row["secret"])  # type: ignore[arg-type]
+    assert PLAIN not in stored
+    assert PLAIN.decode() not in repr(row)
+    assert ring.decrypt(stored, "alice") == PLAIN
+
+
+def test_rotation_helpers(store: Store, tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "secret.key")
+    for name in ("a", "b", "c"):
+        store.set_secret(name, ring.encrypt(PLAIN, name), ring.current)
+    new = ring.add_version()
+    # secrets_to_rotate re-reads after each batch (a batch nobody rotates comes
+    # again), so take one batch at a time.
+    first = next(store.secrets_to_rotate(new, batch=2))
+    assert [u for u, _ in first] == ["a", "b"]
+    for name, blob in first:
+        assert store.replace_secret(name, blob, ring.encrypt(ring.decrypt(blob, name), name), new)
+    remaining = next(store.secrets_to_rotate(new, batch=10))
+    assert [u for u, _ in remaining] == ["c"]
+    # compare-and-swap: a key changed meanwhile is left alone
+    stale = remaining[0][1]
+    store.set_secret("c", ring.encrypt(PLAIN, "c"), new)
+    assert not store.replace_secret("c", stale, b"other", new)
+    assert next(store.secrets_to_rotate(new), None) is None
+
+
+# -- bulk import -----------------------------------------------------------------------------
+
+
+def test_import_users_inserts_and_updates_in_one_go(store: Store) -> None:
+    store.set_secret("alice", b"old", 1)
+    store.accept_step("alice", 50, T0)
+    for _ in range(2):
+        store.record_failure("alice", T0, 5, 900)
+    rows = [("alice", b"new", 2, T0 + DAY)] + [
+        (f"user{i:05d}", b"k%d" % i, 2, None) for i in range(12_000)]
+    assert store.import_users(rows) == 12_001
+    alice = store.get("alice")
+    assert alice is not None
+    assert (alice.secret, alice.key_version, alice.last_step) == (b"new", 2, None)
+    assert alice.required and alice.enrollment_deadline == T0 + DAY
+    assert alice.failures == 2  # an import does not touch counters
+    assert len(store.list_users()) == 12_001
+    u = store.get("user11999")
+    assert u is not None and u.secret == b"k11999" and u.required
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")
+def test_import_is_all_or_nothing(store: Store) -> None:
+    """Rows go in batches of 5,000; a bad row in a later batch undoes the earlier ones."""
+    from sqlalchemy.exc import IntegrityError
+
+    rows: list[tuple[str, bytes, int, int | None]] = [
+        (f"user{i:05d}", b"k", 1, None) for i in range(7_000)]
+    rows[6_500] = (None, b"k", 1, None)  # type: ignore[assignment]  # NOT NULL username
+    with pytest.raises(IntegrityError):
+        store.import_users(rows)
+    assert store.list_users() == []
+
+
+# -- audit and the repeat cache ------------------------------------------------------------------
+
+
+def test_audit_rows_and_prune(store: Store) -> None:
+    store.audit([AuditRecord(T0 - 100 * DAY, "old", "radius", "vpn", "10.0.0.1", "reject",
+                             "bad_password"),
+                 AuditRecord(T0, "alice", "ldap", "ldap", "127.0.0.1", "accept", "ok")])
+    store.audit([])
+    assert [r.username for r in store.recent_audit()] == ["alice", "old"]
+    assert [r.reason for r in store.recent_audit("alice")] == ["ok"]
+    store.prune(T0, audit_days=90)
+    assert [r.username for r in store.recent_audit()] == ["alice"]
+
+
+def test_repeat_cache(store: Store) -> None:
+    key = b"k" * 32
+    assert not store.repeat_hit(key, T0)
+    store.repeat_put(key, "alice", T0 + 30)
+    assert store.repeat_hit(key, T0 + 29)
+    assert not store.repeat_hit(key, T0 + 30)
+    store.repeat_put(key, "alice", T0 + 60)  # refreshed
+    assert store.repeat_hit(key, T0 + 59)
+    store.repeat_forget("alice")
+    assert not store.repeat_hit(key, T0)
+    store.repeat_put(key, "alice", T0 + 30)
+    store.prune(T0 + 31, audit_days=90)
+    with store.engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM repeat_cache")).scalar() == 0

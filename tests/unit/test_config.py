@@ -1,0 +1,480 @@
+"""TOML → settings: every problem names its key, all are reported at once."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from proxy.config import (
+    DEFAULT_CONFIG,
+    Address,
+    ConfigError,
+    load,
+    parse_address,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = """\
+[state]
+url = "sqlite:///var/state.db"
+key_file = "var/secret.key"
+
+[directory]
+type = "local"
+users_file = "users.toml"
+"""
+
+RADIUS = """
+[radius]
+listen = ["127.0.0.1:18120"]
+
+[[radius.clients]]
+name = "vpn"
+address = "127.0.0.0/8"
+secret = "a-long-enough-radius-secret"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "mfa-proxy.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text))
+    assert str(e.value) == "\n".join(e.value.problems)
+    return e.value.problems
+
+
+# -- good files -------------------------------------------------------------------------
+
+
+def test_minimal_file_loads_with_defaults(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE))
+    assert s.path == tmp_path / "mfa-proxy.toml"
+    assert (s.totp.digits, s.totp.period, s.totp.window) == (6, 30, 1)
+    assert (s.policy.max_failures, s.policy.lockout_seconds, s.policy.enrollment_days) == (
+        5, 900, 7)
+    assert s.radius is None and s.ldap is None
+    assert s.http.listen is None  # no [http] section: no HTTP listener
+    assert s.warnings == ()
+
+
+def test_http_section_defaults_to_loopback_9812(tmp_path: Path) -> None:
+    assert load(write(tmp_path, BASE + "[http]\n")).http.listen == Address("127.0.0.1", 9812)
+
+
+def test_relative_paths_are_relative_to_the_config_folder(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = load(write(conf, BASE))
+    assert s.state.url == f"sqlite:///{conf / 'var' / 'state.db'}"
+    assert s.state.key_file == conf / "var" / "secret.key"
+    assert s.directory.users_file == conf / "users.toml"
+
+
+def test_parent_relative_paths(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    s = load(write(conf, BASE.replace('"var/', '"../var/').replace(":///var/", ":///../var/")))
+    assert s.state.key_file == tmp_path / "var" / "secret.key"
+    assert s.state.url == f"sqlite:///{tmp_path / 'var' / 'state.db'}"
+
+
+def test_postgresql_url_is_kept(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://mfa:pw@db.example.org:5432/mfa"
+    s = load(write(tmp_path, BASE.replace('"sqlite:///var/state.db"', f'"{url}"')))
+    assert s.state.url == url
+
+
+def test_radius_section(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE + RADIUS + """
+[[radius.clients]]
+name = "pam"
+address = ["10.0.1.5", "2001:db8::/32"]
+secret = "another-long-radius-secret"
+mode = "append"
+separator = ""
+mfa = "strict"
+require_message_authenticator = false
+repeat_window_seconds = 30
+"""))
+    assert s.radius is not None
+    r = s.radius
+    assert r.listen == (Address("127.0.0.1", 18120),)
+    assert r.accounting_listen == (Address("127.0.0.1", 18121),)  # auth port + 1
+    vpn, pam = r.clients
+    assert (vpn.name, vpn.mfa, vpn.mode, vpn.separator) == ("vpn", "enrolled", "auto", ",")
+    assert vpn.require_message_authenticator
+    assert vpn.secret == b"a-long-enough-radius-secret"
+    assert [str(n) for n in pam.networks] == ["10.0.1.5/32", "2001:db8::/32"]
+    assert (pam.mode, pam.separator, pam.mfa) == ("append", "", "strict")
+    assert not pam.require_message_authenticator
+    assert pam.repeat_window_seconds == 30
+
+
+def test_secret_file_is_read_and_stripped(tmp_path: Path) -> None:
+    (tmp_path / "vpn.secret").write_text("  from-a-file-secret-123\n")
+    s = load(write(tmp_path, BASE + RADIUS.replace(
+        'secret = "a-long-enough-radius-secret"', 'secret_file = "vpn.secret"')))
+    assert s.radius is not None
+    assert s.radius.clients[0].secret == b"from-a-file-secret-123"
+
+
+def test_create_secret_file_makes_a_private_random_secret(tmp_path: Path) -> None:
+    text = BASE + RADIUS.replace('secret = "a-long-enough-radius-secret"',
+                                 'secret_file = "var/vpn.secret"\ncreate_secret_file = true')
+    first = load(write(tmp_path, text))
+    path = tmp_path / "var" / "vpn.secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert first.radius is not None
+    secret = first.radius.clients[0].secret
+    assert len(secret) >= 24
+    second = load(write(tmp_path, text))  # the second start reads the same one
+    assert second.radius is not None and second.radius.clients[0].secret == secret
+
+
+def test_short_radius_secret_is_a_warning(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE + RADIUS.replace("a-long-enough-radius-secret", "short")))
+    assert len(s.warnings) == 1
+    assert s.warnings[0].startswith("radius.clients[0].secret: shorter than 16 characters")
+
+
+def test_ipv6_listen_address(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE + '[http]\nlisten = "[::1]:9900"\n'))
+    assert s.http.listen == Address("::1", 9900)
+    assert str(s.http.listen) == "[::1]:9900"
+
+
+def test_http_listen_can_be_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, BASE + '[http]\nlisten = ""\n')).http.listen is None
+
+
+def test_ldap_upstream_defaults_to_the_directory(tmp_path: Path) -> None:
+    text = """\
+[state]
+url = "sqlite:///state.db"
+[directory]
+type = "ldap"
+urls = ["ldap://127.0.0.1:3890", "ldap://127.0.0.2:3890"]
+user_base = "ou=people,dc=example,dc=org"
+[ldap]
+listen = ["127.0.0.1:3389"]
+"""
+    s = load(write(tmp_path, text))
+    assert s.ldap is not None and s.ldap.upstream == "ldap://127.0.0.1:3890"
+    assert s.directory.urls == ("ldap://127.0.0.1:3890", "ldap://127.0.0.2:3890")
+
+
+def test_default_config_loads(tmp_path: Path) -> None:
+    """conf/mfa-proxy.toml, copied so its var/ (a generated RADIUS secret) is ours."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(DEFAULT_CONFIG, conf / "mfa-proxy.toml")
+    s = load(conf / "mfa-proxy.toml")
+    assert s.state.url == f"sqlite:///{tmp_path / 'var' / 'mfa-proxy.db'}"
+    assert s.directory.type == "local"
+    assert s.directory.users_file == tmp_path / "var" / "users.toml"
+    assert s.http.listen == Address("127.0.0.1", 9812)
+    assert s.radius is not None
+    assert [c.name for c in s.radius.clients] == ["localhost"]
+    assert (tmp_path / "var" / "radius-localhost.secret").is_file()
+    every = [a.host for a in s.radius.listen] + [s.http.listen.host]
+    assert all(h in ("127.0.0.1", "::1") for h in every)  # loopback only
+
+
+def test_ldap_example_only_lacks_its_files(tmp_path: Path) -> None:
+    """conf/examples/ldap.toml names files under /etc; nothing else may be wrong."""
+    shutil.copy(REPO / "conf" / "examples" / "ldap.toml", tmp_path / "ldap.toml")
+    try:
+        load(tmp_path / "ldap.toml")
+    except ConfigError as e:
+        for line in e.problems:
+            assert "cannot read /etc/" in line, line
+
+
+# -- broken files: each message ------------------------------------------------------------
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    assert problems(tmp_path, "bogus = 1\n" + BASE) == ["bogus: unknown key"]
+
+
+def test_unknown_key_in_a_section(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + "[policy]\nmax_failure = 5\n") == [
+        "policy.max_failure: unknown key"]
+
+
+def test_unknown_key_in_a_radius_client(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + RADIUS + 'secrte = "x"\n') == [
+        "radius.clients[0].secrte: unknown key"]
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + "[radios]\nlisten = []\n") == ["radios: unknown key"]
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ('[policy]\nmax_failures = "5"\n',
+     "policy.max_failures: expected an integer, got string '5'"),
+    ("[policy]\nmax_failures = true\n",
+     "policy.max_failures: expected an integer, got boolean True"),
+    ("[policy]\nlockout_seconds = 1.5\n",
+     "policy.lockout_seconds: expected an integer, got float 1.5"),
+    ("[totp]\nissuer = 7\n", "totp.issuer: expected a string, got integer 7"),
+    ('[radius]\nrequire_message_authenticator = "yes"\n',
+     "radius.require_message_authenticator: expected true or false, got string 'yes'"),
+    ("[http]\nlisten = 9812\n", "http.listen: expected a string, got integer 9812"),
+    ("[ldap]\nupstream = \"ldap://127.0.0.1\"\nexempt = [1]\n",
+     "ldap.exempt: expected a list of strings, found 1"),
+    ("[policy]\nmax_failures = []\n", "policy.max_failures: expected an integer, got array []"),
+])
+def test_wrong_type(tmp_path: Path, snippet: str, message: str) -> None:
+    assert message in problems(tmp_path, BASE + snippet)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (400, "policy.enrollment_days: must be between 1 and 365, got 400"),
+    (0, "policy.enrollment_days: must be between 1 and 365, got 0"),
+    (-7, "policy.enrollment_days: must be between 1 and 365, got -7"),
+])
+def test_enrollment_days_out_of_range(tmp_path: Path, value: int, message: str) -> None:
+    assert problems(tmp_path, BASE + f"[policy]\nenrollment_days = {value}\n") == [message]
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ("[totp]\ndigits = 5\n", "totp.digits: must be between 6 and 8, got 5"),
+    ("[totp]\nwindow = 11\n", "totp.window: must be between 0 and 10, got 11"),
+    ("[policy]\nmax_failures = 0\n", "policy.max_failures: must be between 1 and 1000, got 0"),
+    ("[policy]\nlockout_seconds = -1\n", "policy.lockout_seconds: must be between 0 and"),
+])
+def test_other_ranges(tmp_path: Path, snippet: str, message: str) -> None:
+    found = problems(tmp_path, BASE + snippet)
+    assert len(found) == 1 and found[0].startswith(message)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.0/33", "10.0.0.300", "vpn.example.org",
+                                     "2001:db8::/129", ""])
+def test_bad_cidr(tmp_path: Path, address: str) -> None:
+    text = BASE + RADIUS.replace('"127.0.0.0/8"', f'"{address}"')
+    assert f"radius.clients[0].address: not an address or CIDR: {address!r}" in problems(
+        tmp_path, text)
+
+
+def test_bad_cidr_among_good_ones(tmp_path: Path) -> None:
+    text = BASE + RADIUS.replace('"127.0.0.0/8"', '["127.0.0.1", "192.168.1.0/24x"]')
+    assert problems(tmp_path, text) == [
+        "radius.clients[0].address: not an address or CIDR: '192.168.1.0/24x'"]
+
+
+def test_unreadable_secret_file(tmp_path: Path) -> None:
+    text = BASE + RADIUS.replace('secret = "a-long-enough-radius-secret"',
+                                 'secret_file = "nowhere/vpn.secret"')
+    missing = tmp_path / "nowhere" / "vpn.secret"
+    assert problems(tmp_path, text) == [
+        f"radius.clients[0].secret_file: cannot read {missing}: No such file or directory"]
+
+
+def test_secret_file_that_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "adir").mkdir()
+    text = BASE + RADIUS.replace('secret = "a-long-enough-radius-secret"',
+                                 'secret_file = "adir"')
+    [line] = problems(tmp_path, text)
+    assert line.startswith(f"radius.clients[0].secret_file: cannot read {tmp_path / 'adir'}")
+
+
+def test_empty_secret_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.secret").write_text("\n")
+    text = BASE + RADIUS.replace('secret = "a-long-enough-radius-secret"',
+                                 'secret_file = "empty.secret"')
+    assert problems(tmp_path, text) == [
+        f"radius.clients[0].secret_file: {tmp_path / 'empty.secret'} is empty"]
+
+
+def test_secret_and_secret_file_both(tmp_path: Path) -> None:
+    (tmp_path / "vpn.secret").write_text("from-a-file-secret-123\n")
+    text = BASE + RADIUS + 'secret_file = "vpn.secret"\n'
+    assert problems(tmp_path, text) == [
+        "radius.clients[0].secret: give either secret or secret_file, not both"]
+
+
+def test_missing_client_secret(tmp_path: Path) -> None:
+    text = BASE + RADIUS.replace('secret = "a-long-enough-radius-secret"\n', "")
+    assert problems(tmp_path, text) == [
+        "radius.clients[0].secret: missing (set secret or secret_file)"]
+
+
+def test_unreadable_bind_password_file(tmp_path: Path) -> None:
+    text = """\
+[state]
+url = "sqlite:///state.db"
+[directory]
+type = "ldap"
+urls = ["ldap://127.0.0.1:3890"]
+bind_dn = "cn=svc,dc=example,dc=org"
+bind_password_file = "bind.secret"
+user_base = "ou=people,dc=example,dc=org"
+"""
+    assert problems(tmp_path, text) == [
+        f"directory.bind_password_file: cannot read {tmp_path / 'bind.secret'}: "
+        "No such file or directory"]
+
+
+def test_missing_state_section(tmp_path: Path) -> None:
+    text = BASE.split("[directory]")[1]
+    assert problems(tmp_path, "[directory]" + text) == ["state: missing section [state]"]
+
+
+def test_missing_directory_section(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE.split("[directory]")[0]) == [
+        "directory: missing section [directory]"]
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert problems(tmp_path, "") == ["state: missing section [state]",
+                                      "directory: missing section [directory]"]
+
+
+def test_section_that_is_not_a_table(tmp_path: Path) -> None:
+    assert problems(tmp_path, "policy = 5\n" + BASE) == ["policy: expected a table, got integer"]
+
+
+@pytest.mark.parametrize(("listen", "message"), [
+    ("localhost:9812", "http.listen: not an IP address: 'localhost' in 'localhost:9812'"),
+    ("127.0.0.1", "http.listen: expected HOST:PORT (IPv6 as [::1]:PORT), got '127.0.0.1'"),
+    ("127.0.0.1:http", "http.listen: expected HOST:PORT (IPv6 as [::1]:PORT), got "
+                       "'127.0.0.1:http'"),
+    ("127.0.0.1:70000", "http.listen: port out of range in '127.0.0.1:70000'"),
+    ("127.0.0.1:0", "http.listen: port out of range in '127.0.0.1:0'"),
+    ("::1:9812", "http.listen: an IPv6 address needs brackets, as [::1]:PORT, got '::1:9812'"),
+    ("[::1:9812", "http.listen: an IPv6 address needs brackets, as [::1]:PORT, got "
+                  "'[::1:9812'"),
+])
+def test_bad_listen_address(tmp_path: Path, listen: str, message: str) -> None:
+    assert problems(tmp_path, BASE + f'[http]\nlisten = "{listen}"\n') == [message]
+
+
+def test_bad_radius_listen_address(tmp_path: Path) -> None:
+    text = BASE + RADIUS.replace('["127.0.0.1:18120"]', '["127.0.0.1:18120", "0.0.0.0"]')
+    assert problems(tmp_path, text) == [
+        "radius.listen: expected HOST:PORT (IPv6 as [::1]:PORT), got '0.0.0.0'"]
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    [line] = problems(tmp_path, BASE + "[policy\nmax_failures = 5\n")
+    assert line.startswith(f"{tmp_path / 'mfa-proxy.toml'}: not valid TOML: ")
+    assert "line 8" in line
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path / "absent.toml")
+    assert e.value.problems == [f"{tmp_path / 'absent.toml'}: no such file"]
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ('[radius]\nmode = "push"\n',
+     "radius.mode: must be one of 'append', 'challenge', 'auto', got 'push'"),
+    ('[directory]\ntype = "ad"\n',
+     "directory.type: must be one of 'local', 'ldap', got 'ad'"),
+])
+def test_bad_choice(tmp_path: Path, snippet: str, message: str) -> None:
+    text = BASE.split("[directory]")[0] + snippet if "directory" in snippet else BASE + snippet
+    assert message in problems(tmp_path, text)
+
+
+def test_bad_mfa_choice_in_a_client(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + RADIUS + 'mfa = "sometimes"\n') == [
+        "radius.clients[0].mfa: must be one of 'enrolled', 'strict', 'off', got 'sometimes'"]
+
+
+def test_radius_without_clients(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + '[radius]\nlisten = ["127.0.0.1:18120"]\n') == [
+        "radius.clients: no [[radius.clients]]: every request would be dropped"]
+
+
+def test_duplicate_client_names(tmp_path: Path) -> None:
+    text = BASE + RADIUS + RADIUS.split("[radius]\nlisten = [\"127.0.0.1:18120\"]\n")[1]
+    assert problems(tmp_path, text) == ["radius.clients: duplicate client name 'vpn'"]
+
+
+def test_unsupported_database_url(tmp_path: Path) -> None:
+    text = BASE.replace('"sqlite:///var/state.db"', '"mysql://db/mfa"')
+    assert problems(tmp_path, text) == [
+        "state.url: unsupported database URL 'mysql' "
+        "(use sqlite:///PATH or postgresql+psycopg://…)"]
+
+
+def test_ldap_directory_requirements(tmp_path: Path) -> None:
+    text = """\
+[state]
+url = "sqlite:///state.db"
+[directory]
+type = "ldap"
+urls = ["http://dc1"]
+bind_dn = "cn=svc,dc=example,dc=org"
+user_filter = "(uid=%s)"
+"""
+    assert problems(tmp_path, text) == [
+        "directory.urls: not an ldap:// or ldaps:// URL: 'http://dc1'",
+        "directory.bind_password: missing (set bind_password or bind_password_file)",
+        "directory.user_base: missing: the DN under which users are searched",
+        "directory.user_filter: must contain {username}",
+    ]
+
+
+def test_ldap_upstream_missing_with_a_local_directory(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + '[ldap]\nlisten = ["127.0.0.1:3389"]\n') == [
+        "ldap.upstream: missing (no [directory] LDAP url to default to)"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = """\
+bogus = true
+[state]
+url = "sqlite:///state.db"
+key_file = 5
+[policy]
+enrollment_days = 400
+max_failures = "five"
+[directory]
+type = "local"
+[http]
+listen = "localhost:1"
+[radius]
+listen = ["127.0.0.1:18120"]
+[[radius.clients]]
+name = "vpn"
+address = "10.0.0.0/33"
+secret_file = "missing.secret"
+"""
+    found = problems(tmp_path, text)
+    assert sorted(found) == sorted([
+        "state.key_file: expected a string, got integer 5",
+        "policy.enrollment_days: must be between 1 and 365, got 400",
+        "policy.max_failures: expected an integer, got string 'five'",
+        "radius.clients[0].address: not an address or CIDR: '10.0.0.0/33'",
+        f"radius.clients[0].secret_file: cannot read {tmp_path / 'missing.secret'}: "
+        "No such file or directory",
+        "http.listen: not an IP address: 'localhost' in 'localhost:1'",
+        "bogus: unknown key",
+    ])
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:1812") == Address("127.0.0.1", 1812)
+    assert parse_address("[::1]:1812") == Address("::1", 1812)
+    assert parse_address("[2001:db8::1]:389") == Address("2001:db8::1", 389)
+    with pytest.raises(ValueError):
+        parse_address("[::1]")

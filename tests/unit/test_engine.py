@@ -1,0 +1,863 @@
+"""The decision: enrollment timeline, `mfa` modes, codes, replay and lockout.
+
+Every test runs the real PolicyEngine on a real (SQLite) Store with a fake
+clock handed to both: time moves only when a test says so, nothing sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from twisted.internet import defer
+
+from backends.base import (
+    DirectoryUnavailable,
+    Identity,
+    InvalidCredentials,
+    UnknownUser,
+)
+from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
+from policy.engine import Authenticator, Limits, PolicyEngine, split_secret
+from policy.keys import KeyRing
+from policy.store import LOCKED_FOREVER, Store, UserRecord
+from policy.totp import TotpParams, code_for_step, new_secret
+from policy.usernames import UsernameRules
+
+DAY = 86400
+T0 = 1_700_000_015.0  # 5 s into a 30 s time step
+PARAMS = TotpParams(digits=6, period=30, window=1)
+
+ACCEPT, REJECT, NEED_CODE = Outcome.ACCEPT, Outcome.REJECT, Outcome.NEED_CODE
+
+
+class FakeClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeDirectory:
+    """alice / bob / carol with passwords NAME-pw; records every call."""
+
+    def __init__(self) -> None:
+        self.passwords = {n: f"{n}-pw" for n in ("alice", "bob", "carol")}
+        self.calls: list[tuple[str, str]] = []
+        self.down = False
+
+    def verify(self, username: str, password: str) -> Identity:
+        self.calls.append((username, password))
+        if self.down:
+            raise DirectoryUnavailable("connection refused")
+        if username not in self.passwords:
+            raise UnknownUser(username)
+        if password != self.passwords[username]:
+            raise InvalidCredentials(username)
+        return Identity(username, f"uid={username},ou=people,dc=example,dc=org", ("vpn",))
+
+
+@dataclass
+class Events:
+    lockouts: int = 0
+    directory_calls: list[tuple[float, str | None]] = field(default_factory=list)
+    state_errors: list[str] = field(default_factory=list)
+
+    def lockout(self) -> None:
+        self.lockouts += 1
+
+    def directory(self, seconds: float, error: str | None) -> None:
+        self.directory_calls.append((seconds, error))
+
+    def state_error(self, operation: str) -> None:
+        self.state_errors.append(operation)
+
+
+@dataclass
+class Harness:
+    engine: PolicyEngine
+    store: Store
+    keys: KeyRing
+    clock: FakeClock
+    directory: FakeDirectory
+    events: Events
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    def request(self, username: str = "alice", secret: str | None = None, *,
+                code: str | None = None, mfa: MfaMode = MfaMode.ENROLLED,
+                split: SplitMode = SplitMode.AUTO, client: str = "vpn",
+                repeat: int = 0) -> AuthRequest:
+        if secret is None:
+            secret = f"{username}-pw"
+        return AuthRequest(username=username, secret=secret, protocol="radius", client=client,
+                           mfa=mfa, split=split, separator=",", code=code,
+                           repeat_window_seconds=repeat, source="192.0.2.7")
+
+    def auth(self, username: str = "alice", secret: str | None = None, **kw: Any) -> Decision:
+        return self.engine.authenticate_sync(self.request(username, secret, **kw),
+                                             self.directory.verify)
+
+    def require(self, username: str = "alice", days: int = 7) -> None:
+        self.store.require(username, int(self.clock()) + days * DAY)
+
+    def enroll(self, username: str = "alice") -> str:
+        secret = new_secret()
+        self.store.set_secret(username, self.keys.encrypt(secret.encode(), username),
+                              self.keys.current)
+        self.secrets[username] = secret
+        return secret
+
+    def code(self, username: str = "alice", offset: int = 0) -> str:
+        return code_for_step(self.secrets[username], PARAMS.step_at(self.clock()) + offset,
+                             PARAMS)
+
+    def with_code(self, username: str = "alice", offset: int = 0) -> str:
+        return f"{username}-pw,{self.code(username, offset)}"
+
+    def record(self, username: str = "alice") -> UserRecord:
+        return self.store.get(username) or UserRecord(username)
+
+    def next_step(self) -> None:
+        self.clock.advance(PARAMS.period)
+
+
+def make_harness(tmp_path: Path, limits: Limits | None = None) -> Harness:
+    limits = limits or Limits(max_failures=5, lockout_seconds=900)
+    clock = FakeClock()
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
+    store.upgrade()
+    keys = KeyRing(tmp_path / "secret.key")
+    events = Events()
+    engine = PolicyEngine(store, keys, PARAMS, limits, UsernameRules(), clock=clock,
+                          events=events)
+    return Harness(engine, store, keys, clock, FakeDirectory(), events)
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = make_harness(tmp_path)
+    yield harness
+    harness.store.close()
+
+
+def outcome(d: Decision) -> tuple[Outcome, Reason]:
+    return d.outcome, d.reason
+
+
+# -- reading the password field ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("secret", "split", "sep", "expected"), [
+    ("pw,123456", SplitMode.AUTO, ",", ("pw", "123456")),
+    ("pw,123456", SplitMode.APPEND, ",", ("pw", "123456")),
+    ("pw,123456", SplitMode.CHALLENGE, ",", ("pw,123456", None)),
+    ("p,w,123456", SplitMode.AUTO, ",", ("p,w", "123456")),  # last separator only
+    ("pw,12345", SplitMode.AUTO, ",", ("pw,12345", None)),  # too short
+    ("pw,1234567", SplitMode.AUTO, ",", ("pw,1234567", None)),  # too long
+    ("pw,12a456", SplitMode.AUTO, ",", ("pw,12a456", None)),
+    ("pw,١٢٣٤٥٦", SplitMode.AUTO, ",", ("pw,١٢٣٤٥٦", None)),  # not ASCII digits
+    ("pw123456", SplitMode.AUTO, ",", ("pw123456", None)),  # no separator
+    (",123456", SplitMode.AUTO, ",", ("", "123456")),
+    ("pw123456", SplitMode.AUTO, "", ("pw", "123456")),  # "" = last `digits` characters
+    ("123456", SplitMode.AUTO, "", ("123456", None)),  # nothing left for a password
+    ("pw12345a", SplitMode.AUTO, "", ("pw12345a", None)),
+    ("pw::123456", SplitMode.APPEND, "::", ("pw", "123456")),
+])
+def test_split_secret(secret: str, split: SplitMode, sep: str,
+                      expected: tuple[str, str | None]) -> None:
+    assert split_secret(secret, split, sep, 6) == expected
+
+
+def test_split_secret_eight_digits() -> None:
+    assert split_secret("pw,12345678", SplitMode.AUTO, ",", 8) == ("pw", "12345678")
+    assert split_secret("pw,123456", SplitMode.AUTO, ",", 8) == ("pw,123456", None)
+
+
+# -- enrollment timeline ----------------------------------------------------------------
+
+
+def test_enrollment_timeline(h: Harness) -> None:
+    # never required: the password is enough
+    assert outcome(h.auth()) == (ACCEPT, Reason.NOT_REQUIRED)
+
+    h.require(days=7)
+    d = h.auth()
+    assert outcome(d) == (ACCEPT, Reason.IN_ENROLLMENT)
+    assert d.days_left == 7
+    assert "7 days left" in d.message
+    assert d.identity is not None and d.identity.username == "alice"
+
+    h.clock.advance(3600)  # whole days rounded up
+    assert h.auth().days_left == 7
+    h.clock.advance(DAY - 3600)
+    assert h.auth().days_left == 6
+    h.clock.advance(6 * DAY - 1)  # one second before the deadline
+    d = h.auth()
+    assert (d.outcome, d.days_left) == (ACCEPT, 1)
+    assert "1 day left" in d.message
+
+    h.clock.advance(1)  # the deadline itself: expired
+    d = h.auth()
+    assert outcome(d) == (REJECT, Reason.ENROLLMENT_EXPIRED)
+    assert "expired" in d.message
+    assert d.days_left is None
+    h.clock.advance(30 * DAY)
+    assert outcome(h.auth()) == (REJECT, Reason.ENROLLMENT_EXPIRED)
+    assert h.record().failures == 0  # the user's password was right: not a failure
+    assert outcome(h.auth(secret="wrong")) == (REJECT, Reason.BAD_PASSWORD)
+
+    # an admin extends: from now
+    h.store.extend("alice", int(h.clock()) + 2 * DAY)
+    d = h.auth()
+    assert outcome(d) == (ACCEPT, Reason.IN_ENROLLMENT)
+    assert d.days_left == 2
+    assert h.record().failures == 0  # the success cleared the bad password
+
+    # the user enrolls: from now on a code is needed
+    h.enroll()
+    assert outcome(h.auth()) == (NEED_CODE, Reason.CODE_NEEDED)
+    assert outcome(h.auth(split=SplitMode.CHALLENGE)) == (NEED_CODE, Reason.CODE_NEEDED)
+    assert outcome(h.auth(split=SplitMode.APPEND)) == (REJECT, Reason.MISSING_CODE)
+    assert h.record().failures == 1  # a missing code in append mode is a failure
+
+    d = h.auth(secret=h.with_code())
+    assert outcome(d) == (ACCEPT, Reason.OK)
+    assert d.days_left is None
+    assert h.record().failures == 0
+    assert h.record().status(h.clock()) == "enrolled"
+
+
+def test_challenge_answer_is_the_code_field(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    first = h.auth(split=SplitMode.CHALLENGE)
+    assert outcome(first) == (NEED_CODE, Reason.CODE_NEEDED)
+    assert first.message == "Enter your verification code"
+    # the front-end sends the code with the identity the first round verified
+    req = AuthRequest("alice", "", "radius", "vpn", split=SplitMode.CHALLENGE,
+                      code=h.code(), verified_identity=first.identity)
+    calls = len(h.directory.calls)
+    assert outcome(h.engine.authenticate_sync(req, h.directory.verify)) == (ACCEPT, Reason.OK)
+    assert len(h.directory.calls) == calls  # the password is not asked again
+
+
+def test_password_field_is_not_split_for_a_user_who_needs_no_code(h: Harness) -> None:
+    h.directory.passwords["alice"] = "pass,123456"
+    assert outcome(h.auth(secret="pass,123456")) == (ACCEPT, Reason.NOT_REQUIRED)
+    assert h.directory.calls[-1] == ("alice", "pass,123456")
+
+
+def test_directory_gets_the_password_without_the_code(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    h.auth(secret=h.with_code())
+    assert h.directory.calls == [("alice", "alice-pw")]
+
+
+def test_reset_clears_the_key_and_opens_a_new_period(h: Harness) -> None:
+    h.require()
+    old = h.enroll()
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    h.store.reset("alice", int(h.clock()) + 3 * DAY)
+    rec = h.record()
+    assert rec.secret is None and rec.key_version is None and rec.last_step is None
+    assert rec.required
+    d = h.auth()
+    assert outcome(d) == (ACCEPT, Reason.IN_ENROLLMENT)
+    assert d.days_left == 3
+    h.next_step()
+    new = h.enroll()
+    assert new != old
+    old_code = code_for_step(old, PARAMS.step_at(h.clock()), PARAMS)
+    assert old_code != h.code()
+    assert outcome(h.auth(secret=f"alice-pw,{old_code}")) == (REJECT, Reason.BAD_CODE)
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+
+
+def test_bypass(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    h.store.set_bypass("alice", True)
+    for mfa in (MfaMode.ENROLLED, MfaMode.STRICT):
+        assert outcome(h.auth(mfa=mfa)) == (ACCEPT, Reason.BYPASS)
+        assert outcome(h.auth(mfa=mfa, split=SplitMode.APPEND)) == (ACCEPT, Reason.BYPASS)
+    assert outcome(h.auth(secret="wrong")) == (REJECT, Reason.BAD_PASSWORD)
+    h.store.set_bypass("alice", False)
+    assert outcome(h.auth()) == (NEED_CODE, Reason.CODE_NEEDED)
+
+
+def test_bypass_lets_an_expired_enrollment_in(h: Harness) -> None:
+    h.require(days=1)
+    h.clock.advance(2 * DAY)
+    assert outcome(h.auth()) == (REJECT, Reason.ENROLLMENT_EXPIRED)
+    h.store.set_bypass("alice", True)
+    assert outcome(h.auth()) == (ACCEPT, Reason.BYPASS)
+
+
+def test_unrequire_keeps_the_key(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    assert h.store.unrequire("alice")
+    rec = h.record()
+    assert rec.enrolled and not rec.required
+    assert rec.status(h.clock()) == "enrolled_not_required"
+    assert outcome(h.auth()) == (ACCEPT, Reason.NOT_REQUIRED)
+    assert outcome(h.auth(mfa=MfaMode.STRICT)) == (NEED_CODE, Reason.CODE_NEEDED)
+
+
+# -- the `mfa` setting of a resource, for every user state ----------------------------------
+
+STATES = ["enrolled", "in_enrollment", "enrollment_expired", "enrolled_not_required",
+          "not_required", "bypass"]
+
+# (state, mfa) -> what the password alone gets
+PASSWORD_ONLY = {
+    ("enrolled", "enrolled"): (NEED_CODE, Reason.CODE_NEEDED),
+    ("enrolled", "strict"): (NEED_CODE, Reason.CODE_NEEDED),
+    ("enrolled", "off"): (ACCEPT, Reason.MFA_OFF),
+    ("in_enrollment", "enrolled"): (ACCEPT, Reason.IN_ENROLLMENT),
+    ("in_enrollment", "strict"): (REJECT, Reason.NOT_ENROLLED),
+    ("in_enrollment", "off"): (ACCEPT, Reason.MFA_OFF),
+    ("enrollment_expired", "enrolled"): (REJECT, Reason.ENROLLMENT_EXPIRED),
+    ("enrollment_expired", "strict"): (REJECT, Reason.ENROLLMENT_EXPIRED),
+    ("enrollment_expired", "off"): (ACCEPT, Reason.MFA_OFF),
+    ("enrolled_not_required", "enrolled"): (ACCEPT, Reason.NOT_REQUIRED),
+    ("enrolled_not_required", "strict"): (NEED_CODE, Reason.CODE_NEEDED),
+    ("enrolled_not_required", "off"): (ACCEPT, Reason.MFA_OFF),
+    ("not_required", "enrolled"): (ACCEPT, Reason.NOT_REQUIRED),
+    ("not_required", "strict"): (REJECT, Reason.NOT_ENROLLED),
+    ("not_required", "off"): (ACCEPT, Reason.MFA_OFF),
+    ("bypass", "enrolled"): (ACCEPT, Reason.BYPASS),
+    ("bypass", "strict"): (ACCEPT, Reason.BYPASS),
+    ("bypass", "off"): (ACCEPT, Reason.MFA_OFF),
+}
+
+
+def put_in_state(h: Harness, state: str) -> None:
+    if state in ("enrolled", "enrolled_not_required", "bypass"):
+        h.require()
+        h.enroll()
+    if state == "enrolled_not_required":
+        h.store.unrequire("alice")
+    if state == "bypass":
+        h.store.set_bypass("alice", True)
+    if state == "in_enrollment":
+        h.require(days=7)
+    if state == "enrollment_expired":
+        h.require(days=1)
+        h.clock.advance(DAY)
+    if state != "bypass":
+        assert h.record().status(h.clock()) == state
+
+
+@pytest.mark.parametrize("mfa", ["enrolled", "strict", "off"])
+@pytest.mark.parametrize("state", STATES)
+def test_mfa_modes_password_only(h: Harness, state: str, mfa: str) -> None:
+    put_in_state(h, state)
+    assert outcome(h.auth(mfa=MfaMode(mfa))) == PASSWORD_ONLY[(state, mfa)]
+
+
+@pytest.mark.parametrize("mfa", ["enrolled", "strict"])
+@pytest.mark.parametrize("state", ["enrolled", "enrolled_not_required"])
+def test_mfa_modes_code_accepted_where_needed(h: Harness, state: str, mfa: str) -> None:
+    put_in_state(h, state)
+    if PASSWORD_ONLY[(state, mfa)][0] is NEED_CODE:
+        assert outcome(h.auth(secret=h.with_code(), mfa=MfaMode(mfa))) == (ACCEPT, Reason.OK)
+
+
+def test_wrong_password_is_refused_in_every_mode(h: Harness) -> None:
+    for mfa in MfaMode:
+        assert outcome(h.auth(secret="nope", mfa=mfa)) == (REJECT, Reason.BAD_PASSWORD)
+
+
+# -- codes and replay ---------------------------------------------------------------------
+
+
+def test_wrong_code_is_bad_code(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    wrong = f"{(int(h.code()) + 1) % 1_000_000:06d}"
+    assert outcome(h.auth(secret=f"alice-pw,{wrong}")) == (REJECT, Reason.BAD_CODE)
+    assert h.record().failures == 1
+
+
+@pytest.mark.parametrize("code", ["١٢٣٤٥٦", "12345", "1234567", "12 456", "", "abcdef"])
+def test_malformed_challenge_answers_are_bad_codes(h: Harness, code: str) -> None:
+    """A challenge answer (or SCRV1 code) arrives as typed: anything but the right
+    ASCII digits is a bad code, never an error."""
+    h.require()
+    h.enroll()
+    d = h.auth(split=SplitMode.CHALLENGE, code=code)
+    assert outcome(d) == (REJECT, Reason.BAD_CODE)
+
+
+def test_wrong_password_with_right_code_is_bad_password(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    assert outcome(h.auth(secret=f"nope,{h.code()}")) == (REJECT, Reason.BAD_PASSWORD)
+    # the code was not spent: the right password with it still works
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_codes_within_the_window_are_accepted(h: Harness, offset: int) -> None:
+    h.require()
+    h.enroll()
+    assert outcome(h.auth(secret=h.with_code(offset=offset))) == (ACCEPT, Reason.OK)
+
+
+@pytest.mark.parametrize("offset", [-3, -2, 2, 3])
+def test_codes_beyond_the_window_are_refused(h: Harness, offset: int) -> None:
+    h.require()
+    h.enroll()
+    assert outcome(h.auth(secret=h.with_code(offset=offset))) == (REJECT, Reason.BAD_CODE)
+
+
+def test_same_code_twice_is_a_replay(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    code_field = h.with_code()
+    assert outcome(h.auth(secret=code_field)) == (ACCEPT, Reason.OK)
+    d = h.auth(secret=code_field)
+    assert outcome(d) == (REJECT, Reason.REPLAYED_CODE)
+    assert h.record().failures == 1  # a replay counts as a failure
+    # still a replay from another client and through the challenge path
+    assert outcome(h.auth(secret=code_field, client="other")) == (REJECT, Reason.REPLAYED_CODE)
+    assert outcome(h.auth(split=SplitMode.CHALLENGE, code=h.code())) == (
+        REJECT, Reason.REPLAYED_CODE)
+
+
+def test_an_earlier_code_after_a_later_one_is_a_replay(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    earlier, later = h.code(offset=-1), h.code(offset=0)
+    assert outcome(h.auth(secret=f"alice-pw,{later}")) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(secret=f"alice-pw,{earlier}")) == (REJECT, Reason.REPLAYED_CODE)
+
+
+def test_a_later_code_after_an_earlier_one_is_accepted(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    assert outcome(h.auth(secret=h.with_code(offset=-1))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(secret=h.with_code(offset=0))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(secret=h.with_code(offset=0))) == (REJECT, Reason.REPLAYED_CODE)
+
+
+def test_next_time_step_brings_a_fresh_code(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    for _ in range(5):
+        assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+        h.next_step()
+    step = PARAMS.step_at(h.clock()) - 1
+    assert h.record().last_step == step
+
+
+def test_replay_marker_is_per_user(h: Harness) -> None:
+    h.require("alice")
+    h.require("bob")
+    secret = h.enroll("alice")
+    # bob happens to have the same key (an import gone wrong): his use is his own
+    h.store.set_secret("bob", h.keys.encrypt(secret.encode(), "bob"), h.keys.current)
+    h.secrets["bob"] = secret
+    assert outcome(h.auth("alice", h.with_code("alice"))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth("bob", h.with_code("bob"))) == (ACCEPT, Reason.OK)
+
+
+def test_repeat_window_accepts_the_same_request_again(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    field_ = h.with_code()
+    assert outcome(h.auth(secret=field_, repeat=60)) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(secret=field_, repeat=60)) == (ACCEPT, Reason.REPEAT)
+    # another client, or a client without the window, is refused
+    assert outcome(h.auth(secret=field_, repeat=60, client="other")) == (
+        REJECT, Reason.REPLAYED_CODE)
+
+
+def test_repeat_window_expires(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    field_ = h.with_code()
+    assert outcome(h.auth(secret=field_, repeat=20)) == (ACCEPT, Reason.OK)
+    h.clock.advance(21)
+    assert outcome(h.auth(secret=field_, repeat=20)) == (REJECT, Reason.REPLAYED_CODE)
+
+
+def test_repeat_window_off_by_default(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    field_ = h.with_code()
+    assert outcome(h.auth(secret=field_)) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(secret=field_)) == (REJECT, Reason.REPLAYED_CODE)
+
+
+# -- lockout ------------------------------------------------------------------------------
+
+
+def enrolled(h: Harness) -> Harness:
+    h.require()
+    h.enroll()
+    return h
+
+
+def test_n_minus_one_failures_then_success_resets(h: Harness) -> None:
+    enrolled(h)
+    for _ in range(4):
+        d = h.auth(secret="wrong")
+        assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
+        assert not d.lockout_started
+    assert h.record().failures == 4
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert h.record().failures == 0
+    for _ in range(4):
+        assert not h.auth(secret="wrong").lockout_started
+    assert not h.record().locked(h.clock())
+
+
+def test_password_only_success_resets_too(h: Harness) -> None:
+    for _ in range(4):
+        h.auth(secret="wrong")
+    assert h.record().failures == 4
+    assert outcome(h.auth()) == (ACCEPT, Reason.NOT_REQUIRED)
+    assert h.record().failures == 0
+
+
+def test_nth_failure_locks_and_the_right_credentials_are_then_refused(h: Harness) -> None:
+    enrolled(h)
+    decisions = [h.auth(secret="wrong") for _ in range(5)]
+    assert [d.lockout_started for d in decisions] == [False] * 4 + [True]
+    assert decisions[-1].reason is Reason.BAD_PASSWORD
+    assert decisions[-1].locked_until == int(h.clock()) + 900
+    assert h.events.lockouts == 1
+    rec = h.record()
+    assert rec.failures == 5 and rec.locked(h.clock())
+
+    calls = len(h.directory.calls)
+    d = h.auth(secret=h.with_code())
+    assert outcome(d) == (REJECT, Reason.LOCKED_OUT)
+    assert d.locked_until == int(T0) + 900
+    assert "locked" in d.message.lower()
+    assert len(h.directory.calls) == calls  # the directory was not asked
+    assert not d.lockout_started
+    # attempts while locked neither reach the directory nor extend the lock
+    for _ in range(3):
+        assert outcome(h.auth(secret="wrong")) == (REJECT, Reason.LOCKED_OUT)
+    assert len(h.directory.calls) == calls
+    assert h.record().locked_until == int(T0) + 900
+    assert h.events.lockouts == 1
+
+
+def test_lock_expires_after_lockout_seconds(h: Harness) -> None:
+    enrolled(h)
+    for _ in range(5):
+        h.auth(secret="wrong")
+    h.clock.advance(899)
+    assert outcome(h.auth(secret=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
+    h.clock.advance(1)
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    rec = h.record()
+    assert rec.failures == 0 and rec.locked_until is None
+
+
+def test_after_a_lock_expires_the_count_starts_again(h: Harness) -> None:
+    enrolled(h)
+    for _ in range(5):
+        h.auth(secret="wrong")
+    h.clock.advance(900)
+    d = h.auth(secret="wrong")
+    assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
+    assert not d.lockout_started
+    rec = h.record()
+    assert rec.failures == 1 and rec.locked_until is None
+    for _ in range(3):
+        h.auth(secret="wrong")
+    assert h.auth(secret="wrong").lockout_started
+    assert h.events.lockouts == 2
+
+
+def test_lockout_seconds_zero_locks_until_unlock(tmp_path: Path) -> None:
+    h = make_harness(tmp_path, Limits(max_failures=3, lockout_seconds=0))
+    enrolled(h)
+    for _ in range(3):
+        d = h.auth(secret="wrong")
+    assert d.lockout_started
+    assert h.record().locked_until == LOCKED_FOREVER
+    h.clock.advance(10 * 365 * DAY)
+    assert outcome(h.auth(secret=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
+    assert h.store.unlock("alice")
+    rec = h.record()
+    assert rec.failures == 0 and rec.locked_until is None
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    h.store.close()
+
+
+def test_unlock_clears_the_lock_and_the_count(h: Harness) -> None:
+    enrolled(h)
+    for _ in range(5):
+        h.auth(secret="wrong")
+    assert h.store.unlock("alice")
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    for _ in range(4):
+        assert not h.auth(secret="wrong").lockout_started
+
+
+def test_unlock_of_a_user_without_state_is_false(h: Harness) -> None:
+    assert not h.store.unlock("nobody")
+
+
+def test_password_and_code_failures_count_together(h: Harness) -> None:
+    enrolled(h)
+    wrong_code = f"{(int(h.code()) + 1) % 1_000_000:06d}"
+    reasons = [
+        h.auth(secret="wrong").reason,
+        h.auth(secret=f"alice-pw,{wrong_code}").reason,
+        h.auth(secret="wrong").reason,
+        h.auth(split=SplitMode.APPEND).reason,
+    ]
+    assert reasons == [Reason.BAD_PASSWORD, Reason.BAD_CODE, Reason.BAD_PASSWORD,
+                       Reason.MISSING_CODE]
+    assert h.record().failures == 4
+    d = h.auth(secret=f"alice-pw,{wrong_code}")
+    assert outcome(d) == (REJECT, Reason.BAD_CODE)
+    assert d.lockout_started
+
+
+def test_replays_count_towards_the_lock(h: Harness) -> None:
+    enrolled(h)
+    code_field = h.with_code()
+    h.auth(secret=code_field)
+    decisions = [h.auth(secret=code_field) for _ in range(5)]
+    assert [d.reason for d in decisions] == [Reason.REPLAYED_CODE] * 5
+    assert decisions[-1].lockout_started
+
+
+@pytest.mark.parametrize("forms", [
+    ["alice", "ALICE", " alice ", "EXAMPLE\\alice", "alice@example.org"],
+    ["Alice", "aLiCe", "alice\t", "CORP\\ALICE", "ALICE@EXAMPLE.ORG"],
+])
+def test_case_and_domain_variants_share_one_counter(h: Harness, forms: list[str]) -> None:
+    enrolled(h)
+    decisions = [h.auth(name, secret="wrong") for name in forms]
+    assert all(d.username == "alice" for d in decisions)
+    assert decisions[-1].lockout_started
+    for name in forms:
+        d = h.auth(name, secret=h.with_code())
+        assert outcome(d) == (REJECT, Reason.LOCKED_OUT), name
+    assert h.store.get("ALICE") is None  # no second row under another spelling
+
+
+def test_each_user_has_their_own_counter(h: Harness) -> None:
+    for _ in range(5):
+        h.auth("alice", secret="wrong")
+    assert h.record("alice").locked(h.clock())
+    assert outcome(h.auth("bob")) == (ACCEPT, Reason.NOT_REQUIRED)
+    assert h.record("bob").failures == 0
+
+
+def test_unknown_users_are_not_counted(h: Harness) -> None:
+    for _ in range(10):
+        d = h.auth("mallory", secret="guess")
+        assert outcome(d) == (REJECT, Reason.UNKNOWN_USER)
+    assert h.store.get("mallory") is None
+
+
+def test_empty_password_is_refused_without_asking_the_directory(h: Harness) -> None:
+    d = h.auth(secret="")
+    assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
+    assert h.directory.calls == []
+
+
+def test_empty_passwords_for_unknown_names_leave_no_state(h: Harness) -> None:
+    """Anyone may send empty passwords for made-up names; they must not fill the store."""
+    for i in range(5):
+        assert outcome(h.auth(f"random{i}", secret="")) == (REJECT, Reason.EMPTY_PASSWORD)
+    assert h.store.list_users() == []
+
+
+def test_directory_unavailable_is_not_counted(h: Harness) -> None:
+    enrolled(h)
+    h.directory.down = True
+    for _ in range(10):
+        d = h.auth(secret=h.with_code())
+        assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
+        assert not d.lockout_started
+    rec = h.record()
+    assert rec.failures == 0 and not rec.locked(h.clock())
+    h.directory.down = False
+    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+
+
+def test_invalid_username_is_refused_without_asking_the_directory(h: Harness) -> None:
+    for name in ("", "   ", "bad\x00name", "x" * 300):
+        assert outcome(h.auth(name, secret="pw")) == (REJECT, Reason.INVALID_USERNAME)
+    assert h.directory.calls == []
+    assert h.store.list_users() == []
+
+
+def test_code_of_a_locked_user_is_not_spent(h: Harness) -> None:
+    """The lock is checked before the code: a code typed while locked is not
+    marked used and works once the lock is over (same time step)."""
+    enrolled(h)
+    for _ in range(5):
+        h.auth(secret="wrong")
+    code_field = h.with_code()
+    assert outcome(h.auth(secret=code_field)) == (REJECT, Reason.LOCKED_OUT)
+    assert h.store.unlock("alice")
+    assert outcome(h.auth(secret=code_field)) == (ACCEPT, Reason.OK)
+
+
+def test_keys_of_mixed_versions_work_mid_rotation(h: Harness) -> None:
+    """While `keys rotate` runs, some rows are under the old key version and some
+    under the new; an engine started before the rotation decrypts both."""
+    h.require("alice")
+    h.require("bob")
+    h.enroll("alice")  # version 1
+    rotator = KeyRing(h.keys.path)
+    assert rotator.add_version() == 2
+    secret = new_secret()
+    h.store.set_secret("bob", rotator.encrypt(secret.encode(), "bob"), 2)
+    h.secrets["bob"] = secret
+    assert {r.key_version for r in h.store.list_users()} == {1, 2}
+    assert outcome(h.auth("alice", h.with_code("alice"))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth("bob", h.with_code("bob"))) == (ACCEPT, Reason.OK)
+
+
+def test_a_key_moved_to_another_user_does_not_decrypt(h: Harness) -> None:
+    """Keys are bound to their username: copying alice's row to mallory in the
+    database gives mallory nothing (the engine fails closed)."""
+    from cryptography.exceptions import InvalidTag
+
+    h.require("alice")
+    h.require("bob")
+    h.enroll("alice")
+    blob = h.record("alice").secret
+    assert blob is not None
+    h.store.set_secret("bob", blob, h.keys.current)
+    with pytest.raises(InvalidTag):
+        h.auth("bob", f"bob-pw,{h.code('alice')}")
+
+
+# -- audit --------------------------------------------------------------------------------
+
+
+def test_every_decision_is_audited(h: Harness) -> None:
+    enrolled(h)
+    h.auth(secret="wrong")
+    h.auth(secret=h.with_code())
+    h.auth("mallory", secret="x")
+    assert h.engine.audit.flush() == 3
+    rows = h.store.recent_audit()
+    assert [(r.username, r.result, r.reason) for r in reversed(rows)] == [
+        ("alice", "reject", "bad_password"),
+        ("alice", "accept", "ok"),
+        ("mallory", "reject", "unknown_user"),
+    ]
+    assert all(r.protocol == "radius" and r.client == "vpn" and r.source == "192.0.2.7"
+               for r in rows)
+    assert rows[0].at == int(T0)
+    assert h.engine.audit.flush() == 0
+
+
+def test_audit_never_holds_passwords_or_codes(h: Harness) -> None:
+    enrolled(h)
+    code = h.code()
+    h.auth(secret=f"hunter2-secret,{code}")
+    h.engine.audit.flush()
+    with h.store.engine.connect() as c:
+        dump = repr(c.execute(text("SELECT * FROM audit")).all())
+    assert "hunter2" not in dump and code not in dump
+
+
+# -- the asynchronous entry point --------------------------------------------------------
+
+
+def fired(d: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred did not fire"
+    return results[0]
+
+
+def authenticator(h: Harness, verify: Any) -> Authenticator:
+    return Authenticator(h.engine, verify, lambda f, *a: defer.maybeDeferred(f, *a),
+                         clock=h.clock)
+
+
+def test_authenticator_accepts_with_code(h: Harness) -> None:
+    enrolled(h)
+
+    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+        return defer.maybeDeferred(h.directory.verify, username, password)
+
+    d = fired(authenticator(h, verify).authenticate(h.request(secret=h.with_code())))
+    assert outcome(d) == (ACCEPT, Reason.OK)
+    assert h.events.directory_calls == [(0.0, None)]
+
+
+def test_authenticator_refuses_a_locked_user_before_the_directory(h: Harness) -> None:
+    enrolled(h)
+    for _ in range(5):
+        h.auth(secret="wrong")
+    asked: list[str] = []
+
+    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+        asked.append(username)
+        return defer.succeed(Identity(username))
+
+    d = fired(authenticator(h, verify).authenticate(h.request(secret=h.with_code())))
+    assert outcome(d) == (REJECT, Reason.LOCKED_OUT)
+    assert asked == []
+
+
+def test_authenticator_unexpected_directory_error_is_unavailable(h: Harness) -> None:
+    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+        return defer.fail(RuntimeError("boom"))
+
+    d = fired(authenticator(h, verify).authenticate(h.request(secret="wrong")))
+    assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
+    assert h.events.directory_calls == [(0.0, "directory_unavailable")]
+    assert h.store.get("alice") is None
+
+
+def test_authenticator_bad_password_is_counted(h: Harness) -> None:
+    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+        return defer.fail(InvalidCredentials(username))
+
+    d = fired(authenticator(h, verify).authenticate(h.request(secret="wrong")))
+    assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
+    assert h.record().failures == 1
+    assert h.events.directory_calls == [(0.0, None)]
+
+
+def test_authenticator_state_store_failure_fails_closed(h: Harness,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(username: str) -> None:
+        raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(h.store, "get", broken)
+    d = fired(authenticator(h, lambda u, p: defer.succeed(Identity(u))).authenticate(
+        h.request()))
+    assert outcome(d) == (REJECT, Reason.STATE_UNAVAILABLE)
+    assert h.events.state_errors == ["prepare"]
+
+
+def test_authenticator_empty_password_skips_the_directory(h: Harness) -> None:
+    asked: list[str] = []
+
+    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+        asked.append(password)
+        return defer.succeed(Identity(username))
+
+    d = fired(authenticator(h, verify).authenticate(h.request(secret="")))
+    assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
+    assert asked == []

@@ -40,8 +40,15 @@ class LocalDirectory:
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._users: dict[str, dict[str, Any]] = {}
-        # Unknown users still cost one hash check, so timing does not tell who exists.
-        self._dummy = self.hasher.hash("not a password")
+        self._dummy_hash: str | None = None
+
+    @property
+    def _dummy(self) -> str:
+        """Unknown users still cost one hash check, so timing does not tell who
+        exists (made on first use: the admin CLI never needs it)."""
+        if self._dummy_hash is None:
+            self._dummy_hash = self.hasher.hash("not a password")
+        return self._dummy_hash
 
     def _load(self) -> dict[str, dict[str, Any]]:
         try:

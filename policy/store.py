@@ -287,8 +287,10 @@ class Store:
     def set_bypass(self, username: str, on: bool) -> None:
         self._upsert(username, bypass=on)
 
-    def import_users(self, rows: Sequence[tuple[str, bytes, int, int | None]]) -> int:
-        """(username, encrypted secret, key version, deadline or None) in one transaction."""
+    def import_users(self, rows: Sequence[tuple[str, bytes, int, int | None]],
+                     requirements: Sequence[tuple[str, int]] = ()) -> int:
+        """Keys ``(username, encrypted secret, key version, deadline or None)`` and
+        requirements without a key ``(username, deadline)``, in one transaction."""
         now = int(self.clock())
         values = [dict(username=u, secret=blob, key_version=v, enrolled_at=now, last_step=None,
                        required=True, enrollment_deadline=d, failures=0, bypass=False,
@@ -298,23 +300,35 @@ class Store:
             k: getattr(stmt.excluded, k) for k in
             ("secret", "key_version", "enrolled_at", "last_step", "required",
              "enrollment_deadline", "updated_at")})
+        required = [dict(username=u, required=True, enrollment_deadline=d, failures=0,
+                         bypass=False, created_at=now, updated_at=now) for u, d in requirements]
+        req_stmt = self._insert(UserState)
+        req_stmt = req_stmt.on_conflict_do_update(index_elements=["username"], set_={
+            k: getattr(req_stmt.excluded, k) for k in
+            ("required", "enrollment_deadline", "updated_at")})
         with self._session() as s, s.begin():
             for i in range(0, len(values), 5000):
                 s.execute(stmt, values[i:i + 5000])
+            for i in range(0, len(required), 5000):
+                s.execute(req_stmt, required[i:i + 5000])
         return len(values)
 
     def secrets_to_rotate(self, current_version: int, batch: int = 1000) -> Iterator[
             list[tuple[str, bytes]]]:
+        """Keys not under ``current_version``, in batches, one pass in username order."""
+        after = ""
         while True:
             with self._session() as s:
                 rows = s.execute(
                     select(UserState.username, UserState.secret)
                     .where(UserState.secret.is_not(None),
-                           UserState.key_version != current_version)
+                           UserState.key_version != current_version,
+                           UserState.username > after)
                     .order_by(UserState.username).limit(batch)).all()
             if not rows:
                 return
-            yield [(u, b) for u, b in rows]
+            after = rows[-1][0]
+            yield [(u, b) for u, b in rows if b is not None]
 
     def replace_secret(self, username: str, old: bytes, new: bytes, version: int) -> bool:
         """Compare-and-swap: a key re-enrolled meanwhile is left alone."""

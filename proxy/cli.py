@@ -84,14 +84,14 @@ class App:
     @property
     def directory(self) -> Any:
         if self._directory is None:
-            from proxy.service import make_directory
+            from proxy.directories import make_directory
 
             self._directory = make_directory(self.settings.directory)
         return self._directory
 
     @property
     def usernames(self) -> Any:
-        from proxy.service import username_rules
+        from proxy.directories import username_rules
 
         return username_rules(self.settings.directory)
 
@@ -460,10 +460,8 @@ def user_import(app: App, file: io.TextIOBase) -> None:
     enrolled = [(u, keys.encrypt(s.encode(), u), keys.current,
                  now + (d or app.settings.policy.enrollment_days) * DAY)
                 for u, s, d in rows if s]
-    count = app.store.import_users(enrolled)
-    for u, _s, d in rows:
-        if not _s:
-            app.store.require(u, now + int(d or 0) * DAY)
+    required = [(u, now + int(d or 0) * DAY) for u, s, d in rows if not s]
+    count = app.store.import_users(enrolled, required)
     click.echo(f"imported {count} key(s), {len(rows) - count} requirement(s)")
 
 
@@ -525,15 +523,23 @@ def keys_rotate(app: App) -> None:
     store = app.store
     version = ring.add_version()
     done = skipped = 0
+    failed: list[str] = []
     for batch in store.secrets_to_rotate(version):
         for name, blob in batch:
-            plain = ring.decrypt(blob, name)
+            try:
+                plain = ring.decrypt(blob, name)
+            except Exception:  # a damaged row must not stop the others
+                failed.append(name)
+                continue
             if store.replace_secret(name, blob, ring.encrypt(plain, name), version):
                 done += 1
             else:
                 skipped += 1
     click.echo(f"key version {version}: re-encrypted {done} key(s)"
                + (f", {skipped} changed meanwhile" if skipped else ""))
+    if failed:
+        raise Refused(f"{len(failed)} key(s) could not be decrypted and were left as they "
+                      f"are: {', '.join(failed[:20])}")
 
 
 @main.group("local-user")

@@ -13,13 +13,12 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from backends.base import Directory
 from policy.engine import Authenticator, Limits, PolicyEngine
 from policy.keys import KeyFileError, KeyRing
 from policy.store import Store, StoreError
 from policy.totp import TotpParams
-from policy.usernames import UsernameRules
-from proxy.config import DirectorySettings, Settings
+from proxy.config import Settings
+from proxy.directories import ldap_options, make_directory, username_rules
 from proxy.metrics import EngineMetrics, Metrics
 
 log = logging.getLogger("mfa_proxy")
@@ -28,35 +27,6 @@ DICTIONARY = Path(__file__).resolve().parent.parent / "conf" / "dictionary"
 
 class StartupError(Exception):
     pass
-
-
-def username_rules(d: DirectorySettings) -> UsernameRules:
-    return UsernameRules(d.lowercase_usernames, d.strip_domain, d.strip_realm)
-
-
-def make_directory(d: DirectorySettings) -> Directory:
-    if d.type == "local":
-        from backends.local import LocalDirectory
-
-        assert d.users_file is not None
-        return LocalDirectory(d.users_file)
-    from backends.ldap import LdapDirectory
-
-    return LdapDirectory(ldap_options(d))
-
-
-def ldap_options(d: DirectorySettings) -> Any:
-    from backends.ldap import LdapOptions
-
-    return LdapOptions(
-        urls=list(d.urls), bind_dn=d.bind_dn, bind_password=d.bind_password,
-        user_base=d.user_base, user_filter=d.user_filter,
-        username_attribute=d.username_attribute, group_base=d.group_base,
-        group_filter=d.group_filter, use_memberof=d.use_memberof, start_tls=d.start_tls,
-        ca_file=str(d.ca_file) if d.ca_file else "", tls_verify=d.tls_verify,
-        connect_timeout=d.connect_timeout, timeout=d.timeout,
-        dn_cache_seconds=float(d.dn_cache_seconds),
-    )
 
 
 def setup_logging(level: str) -> None:
@@ -135,17 +105,19 @@ class Service:
     def start(self) -> None:
         self.build()
         self._every(1.0, self._flush_audit)
-        self._every(30.0, self._refresh_user_gauge)
+        # now=True: /metrics shows the users by status from the first scrape, not
+        # only 30 s after a start.
+        self._every(30.0, self._refresh_user_gauge, now=True)
         self._every(3600.0, self._prune)
         self._listen_http()
         self._listen_radius()
         self._listen_ldap()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
 
-    def _every(self, seconds: float, f: Any) -> None:
+    def _every(self, seconds: float, f: Any, now: bool = False) -> None:
         loop = LoopingCall(f)
         loop.clock = self.reactor
-        loop.start(seconds, now=False).addErrback(
+        loop.start(seconds, now=now).addErrback(
             lambda fail: log.error("periodic task failed: %s", fail.getErrorMessage()))
         self.loops.append(loop)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from backends.base import Identity
 
 
-class MfaMode(str, enum.Enum):
+class MfaMode(enum.StrEnum):
     """How a resource (a RADIUS client, the LDAP listener) applies MFA."""
 
     ENROLLED = "enrolled"  # enrolled users need a code; others follow their enrollment state
@@ -20,7 +20,7 @@ class MfaMode(str, enum.Enum):
     OFF = "off"  # password only
 
 
-class SplitMode(str, enum.Enum):
+class SplitMode(enum.StrEnum):
     """How a password field may carry the code."""
 
     APPEND = "append"  # password, separator, code; a code is expected at the end
@@ -28,19 +28,19 @@ class SplitMode(str, enum.Enum):
     AUTO = "auto"  # split when the field ends in separator + `digits` digits
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     ACCEPT = "accept"
     REJECT = "reject"
     NEED_CODE = "challenge"  # password good, a code is needed: ask for it
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Machine-readable reasons (metric labels, audit rows, tests)."""
 
     OK = "ok"  # password and code
-    BAD_PASSWORD = "bad_password"
+    BAD_PASSWORD = "bad_password"  # noqa: S105 (a reason label)
     UNKNOWN_USER = "unknown_user"
-    EMPTY_PASSWORD = "empty_password"
+    EMPTY_PASSWORD = "empty_password"  # noqa: S105 (a reason label)
     BAD_CODE = "bad_code"
     MISSING_CODE = "missing_code"
     REPLAYED_CODE = "replayed_code"

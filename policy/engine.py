@@ -313,7 +313,8 @@ class Authenticator:
 
     def __init__(self, engine: PolicyEngine, verify: Verify,
                  run_blocking: Callable[..., Deferred[Any]], clock: Clock = time.time) -> None:
-        self.engine, self.verify, self.run_blocking, self.clock = engine, verify, run_blocking, clock
+        self.engine, self.verify, self.clock = engine, verify, clock
+        self.run_blocking = run_blocking
 
     def authenticate(self, request: AuthRequest, verify: Verify | None = None
                      ) -> Deferred[Decision]:
@@ -342,7 +343,7 @@ class Authenticator:
         return identity
 
     def _directory_failed(self, failure: Any, started: float) -> DirectoryError:
-        error = failure.value
+        error: DirectoryError = failure.value
         if not isinstance(error, DirectoryError):
             log.error("directory check raised %s: %s", type(error).__name__, error)
             error = DirectoryUnavailable(str(error))

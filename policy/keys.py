@@ -10,6 +10,7 @@ swapped between users in the database.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import struct
@@ -39,10 +40,9 @@ class KeyRing:
             if not create:
                 raise KeyFileError(f"{self.path}: missing")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            # another process may make it first: then read theirs
+            with contextlib.suppress(FileExistsError):
                 _write_new(self.path, {1: AESGCM.generate_key(256)}, 1)
-            except FileExistsError:
-                pass  # another process made it first: read theirs
         keys, current = _parse(self.path)
         with self._lock:
             self._keys, self.current = keys, current
@@ -74,7 +74,8 @@ class KeyRing:
 
     @staticmethod
     def version_of(blob: bytes) -> int:
-        return _HEADER.unpack_from(blob)[1]
+        version: int = _HEADER.unpack_from(blob)[1]
+        return version
 
     def add_version(self) -> int:
         """Make a new current key version (written atomically); return it."""

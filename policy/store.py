@@ -189,11 +189,10 @@ class Store:
         return Session(self.engine, expire_on_commit=False)
 
     def _insert(self, model: type[Base]) -> Any:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        return insert(model)
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect: Any = postgresql if self.dialect == "postgresql" else sqlite
+        return dialect.insert(model)
 
     def _ensure(self, s: Session, username: str, now: int) -> None:
         stmt = self._insert(UserState).values(

@@ -22,6 +22,8 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -145,6 +147,8 @@ class AuditRecord:
     reason: str
 
 
+users: Table = UserState.__table__  # type: ignore[assignment]
+
 _USER_COLUMNS = (UserState.username, UserState.required, UserState.enrollment_deadline,
                  UserState.secret, UserState.key_version, UserState.last_step,
                  UserState.failures, UserState.locked_until, UserState.bypass)
@@ -182,6 +186,40 @@ class Store:
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self.clock = clock
+        self._compile_hot_path()
+
+    def _compile_hot_path(self) -> None:
+        """The per-request statements, built once, on the table (SQLAlchemy Core:
+        no ORM session bookkeeping on the hot path)."""
+        u = users
+        me = u.c.username == bindparam("u")
+        not_locked = u.c.locked_until.is_(None) | (u.c.locked_until <= bindparam("t"))
+        expired = u.c.locked_until.is_not(None) & (u.c.locked_until <= bindparam("t"))
+        self._q_get = select(*(u.c[col.key] for col in _USER_COLUMNS)).where(me)
+        self._q_ensure = self._insert(UserState).values(
+            username=bindparam("username"), required=False, failures=0, bypass=False,
+            created_at=bindparam("created_at"), updated_at=bindparam("updated_at"),
+        ).on_conflict_do_nothing(index_elements=["username"])
+        # A lock that has run out starts a fresh count.
+        self._q_fail = u.update().where(me).values(
+            failures=case((expired, 1), else_=u.c.failures + 1),
+            locked_until=case((expired, None), else_=u.c.locked_until),
+            updated_at=bindparam("t"),
+        ).returning(u.c.failures)
+        self._q_lock = u.update().where(
+            me, u.c.failures >= bindparam("max"), u.c.locked_until.is_(None),
+        ).values(locked_until=bindparam("until")).returning(u.c.locked_until)
+        self._q_accept = u.update().where(
+            me, u.c.secret.is_not(None),
+            u.c.last_step.is_(None) | (u.c.last_step < bindparam("step")), not_locked,
+        ).values(last_step=bindparam("step"), failures=0, locked_until=None,
+                 updated_at=bindparam("t"))
+        self._q_success = u.update().where(
+            me, (u.c.failures > 0) | u.c.locked_until.is_not(None), not_locked,
+        ).values(failures=0, locked_until=None, updated_at=bindparam("t"))
+        r: Table = RepeatEntry.__table__  # type: ignore[assignment]
+        self._q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
+                                                   r.c.expires_at > bindparam("t"))
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -241,9 +279,9 @@ class Store:
     # -- reads ------------------------------------------------------------------
 
     def get(self, username: str) -> UserRecord | None:
-        with self._session() as s:
-            row = s.execute(select(*_USER_COLUMNS).where(UserState.username == username)).first()
-            return _record(row) if row else None
+        with self.engine.connect() as c:
+            row = c.execute(self._q_get, {"u": username}).first()
+        return _record(row) if row else None
 
     def list_users(self) -> list[UserRecord]:
         with self._session() as s:
@@ -251,13 +289,21 @@ class Store:
             return [_record(r) for r in rows]
 
     def count_by_status(self, now: float) -> dict[str, int]:
+        """Users by status, counted by the database (no rows loaded)."""
+        t = int(now)
+        enrolled = UserState.secret.is_not(None)
+        status = case(
+            (enrolled & UserState.required, "enrolled"),
+            (enrolled, "enrolled_not_required"),
+            (~UserState.required, "not_required"),
+            ((UserState.enrollment_deadline.is_not(None))
+             & (UserState.enrollment_deadline > t), "in_enrollment"),
+            else_="enrollment_expired",
+        ).label("status")
         counts = dict.fromkeys(STATUSES, 0)
-        with self._session() as s:
-            rows = s.execute(select(UserState.required, UserState.secret.is_not(None),
-                                    UserState.enrollment_deadline))
-            for required, enrolled, deadline in rows:
-                counts[UserRecord("", required, deadline, b"" if enrolled else None)
-                       .status(now)] += 1
+        with self.engine.connect() as c:
+            for name, n in c.execute(select(status, func.count()).group_by(status)):
+                counts[name] = n
         return counts
 
     # -- admin writes -----------------------------------------------------------
@@ -343,47 +389,26 @@ class Store:
                        lockout_seconds: int) -> FailureResult:
         """Count one failure; lock at ``max_failures``. Atomic across processes."""
         t = int(now)
-        expired = (UserState.locked_until.is_not(None)) & (UserState.locked_until <= t)
         until = LOCKED_FOREVER if lockout_seconds == 0 else t + lockout_seconds
-        with self._session() as s, s.begin():
-            self._ensure(s, username, t)
-            # A lock that has run out starts a fresh count.
-            failures = s.execute(
-                update(UserState).where(UserState.username == username).values(
-                    failures=case((expired, 1), else_=UserState.failures + 1),
-                    locked_until=case((expired, None), else_=UserState.locked_until),
-                    updated_at=t,
-                ).returning(UserState.failures)).scalar_one()
-            locked = s.execute(
-                update(UserState).where(UserState.username == username,
-                                        UserState.failures >= max_failures,
-                                        UserState.locked_until.is_(None))
-                .values(locked_until=until).returning(UserState.locked_until)).scalar()
+        with self.engine.begin() as c:
+            c.execute(self._q_ensure, {"username": username, "created_at": t, "updated_at": t})
+            failures = c.execute(self._q_fail, {"u": username, "t": t}).scalar_one()
+            locked = c.execute(self._q_lock, {"u": username, "max": max_failures,
+                                              "until": until}).scalar()
         return FailureResult(failures, locked is not None, locked)
 
     def accept_step(self, username: str, step: int, now: float) -> bool:
         """Move the replay marker to ``step``; False when it is already there or
         beyond (a replay) or the user got locked meanwhile. Exactly one of many
         racing requests with one code wins."""
-        t = int(now)
-        with self._session() as s, s.begin():
-            r = s.execute(update(UserState).where(
-                UserState.username == username,
-                UserState.secret.is_not(None),
-                (UserState.last_step.is_(None)) | (UserState.last_step < step),
-                (UserState.locked_until.is_(None)) | (UserState.locked_until <= t),
-            ).values(last_step=step, failures=0, locked_until=None, updated_at=t))
-            return bool(r.rowcount)  # type: ignore[attr-defined]
+        with self.engine.begin() as c:
+            r = c.execute(self._q_accept, {"u": username, "step": step, "t": int(now)})
+            return bool(r.rowcount)
 
     def record_success(self, username: str, now: float) -> None:
         """A password-only success clears the failure count (no row: nothing to do)."""
-        t = int(now)
-        with self._session() as s, s.begin():
-            s.execute(update(UserState).where(
-                UserState.username == username,
-                (UserState.failures > 0) | (UserState.locked_until.is_not(None)),
-                (UserState.locked_until.is_(None)) | (UserState.locked_until <= t),
-            ).values(failures=0, locked_until=None, updated_at=t))
+        with self.engine.begin() as c:
+            c.execute(self._q_success, {"u": username, "t": int(now)})
 
     # -- audit and the repeat cache ---------------------------------------------------
 
@@ -410,10 +435,8 @@ class Store:
             s.execute(delete(RepeatEntry).where(RepeatEntry.expires_at <= int(now)))
 
     def repeat_hit(self, key: bytes, now: float) -> bool:
-        with self._session() as s:
-            n = s.execute(select(func.count()).select_from(RepeatEntry).where(
-                RepeatEntry.key == key, RepeatEntry.expires_at > int(now))).scalar_one()
-            return bool(n)
+        with self.engine.connect() as c:
+            return c.execute(self._q_repeat_hit, {"k": key, "t": int(now)}).first() is not None
 
     def repeat_put(self, key: bytes, username: str, expires_at: float) -> None:
         stmt = self._insert(RepeatEntry).values(key=key, username=username,

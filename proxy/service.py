@@ -74,7 +74,10 @@ class Service:
             self.keys = KeyRing(s.state.key_file)
         except KeyFileError as e:
             raise StartupError(str(e)) from None
-        self.state_pool = self._pool("state", s.state.threads)
+        # SQLite has one writer at a time: several threads would only wait on its
+        # busy handler (which sleeps); PostgreSQL takes the configured threads.
+        threads = 1 if self.store.dialect == "sqlite" else s.state.threads
+        self.state_pool = self._pool("state", threads)
         self.directory_pool = self._pool("directory", 16)
         self.directory = make_directory(s.directory)
         self.async_directory = self._async_directory()

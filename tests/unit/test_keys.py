@@ -128,3 +128,11 @@ def test_broken_key_file_is_refused(tmp_path: Path, text: str, message: str) -> 
     path.write_text(text)
     with pytest.raises(KeyFileError, match=message):
         KeyRing(path)
+
+
+def test_migrations_head_constant_matches_alembic() -> None:
+    """policy.migrations.HEAD lets a current database skip loading Alembic; it
+    must name the newest revision in versions/."""
+    from policy.migrations import HEAD, head_revision
+
+    assert head_revision() == HEAD

@@ -1,0 +1,21 @@
+"""``python -m bench radius [options]`` (what ``scripts/bench`` runs)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: scripts/bench radius [options]   (scripts/bench radius --help)")
+        return 0 if argv else 2
+    if argv[0] == "radius":
+        from bench.radius import main as radius
+
+        return radius(argv[1:])
+    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

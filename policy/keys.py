@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import secrets
 import struct
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+log = logging.getLogger("mfa_proxy.keys")
 _HEADER = struct.Struct(">BI")  # format byte, key version
 _FORMAT = 1
 
@@ -44,6 +46,8 @@ class KeyRing:
             with contextlib.suppress(FileExistsError):
                 _write_new(self.path, {1: AESGCM.generate_key(256)}, 1)
         keys, current = _parse(self.path)
+        if self.path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users: chmod 600 it", self.path)
         with self._lock:
             self._keys, self.current = keys, current
 

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,27 @@ _USER_COLUMNS = (UserState.username, UserState.required, UserState.enrollment_de
 
 
 def _record(row: Any) -> UserRecord:
-    return UserRecord(*row)
+    # Raw DBAPI rows: SQLite gives booleans as 0/1 and blobs as bytes-likes.
+    name, required, deadline, secret, version, last, failures, locked, bypass = row
+    return UserRecord(name, bool(required), deadline, bytes(secret) if secret is not None
+                      else None, version, last, failures, locked, bool(bypass))
+
+
+class _Raw:
+    """A statement compiled once for one dialect, run on a DBAPI cursor."""
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        self.compiled = stmt.compile(dialect=dialect)
+        self.sql = str(self.compiled)
+        self.order = list(self.compiled.positiontup or ()) if dialect.positional else None
+
+    def run(self, cur: Any, **params: Any) -> Any:
+        values = self.compiled.construct_params(params)
+        if self.order is not None:
+            cur.execute(self.sql, tuple(values[n] for n in self.order))
+        else:
+            cur.execute(self.sql, values)
+        return cur
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -195,31 +216,58 @@ class Store:
         me = u.c.username == bindparam("u")
         not_locked = u.c.locked_until.is_(None) | (u.c.locked_until <= bindparam("t"))
         expired = u.c.locked_until.is_not(None) & (u.c.locked_until <= bindparam("t"))
-        self._q_get = select(*(u.c[col.key] for col in _USER_COLUMNS)).where(me)
-        self._q_ensure = self._insert(UserState).values(
+        q_get = select(*(u.c[col.key] for col in _USER_COLUMNS)).where(me)
+        q_ensure = self._insert(UserState).values(
             username=bindparam("username"), required=False, failures=0, bypass=False,
             created_at=bindparam("created_at"), updated_at=bindparam("updated_at"),
         ).on_conflict_do_nothing(index_elements=["username"])
         # A lock that has run out starts a fresh count.
-        self._q_fail = u.update().where(me).values(
+        q_fail = u.update().where(me).values(
             failures=case((expired, 1), else_=u.c.failures + 1),
             locked_until=case((expired, None), else_=u.c.locked_until),
             updated_at=bindparam("t"),
         ).returning(u.c.failures)
-        self._q_lock = u.update().where(
+        q_lock = u.update().where(
             me, u.c.failures >= bindparam("max"), u.c.locked_until.is_(None),
         ).values(locked_until=bindparam("until")).returning(u.c.locked_until)
-        self._q_accept = u.update().where(
+        q_accept = u.update().where(
             me, u.c.secret.is_not(None),
             u.c.last_step.is_(None) | (u.c.last_step < bindparam("step")), not_locked,
         ).values(last_step=bindparam("step"), failures=0, locked_until=None,
                  updated_at=bindparam("t"))
-        self._q_success = u.update().where(
+        q_success = u.update().where(
             me, (u.c.failures > 0) | u.c.locked_until.is_not(None), not_locked,
         ).values(failures=0, locked_until=None, updated_at=bindparam("t"))
         r: Table = RepeatEntry.__table__  # type: ignore[assignment]
-        self._q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
+        q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
                                                    r.c.expires_at > bindparam("t"))
+        d = self.engine.dialect
+        self._q_get, self._q_ensure = _Raw(q_get, d), _Raw(q_ensure, d)
+        self._q_fail, self._q_lock = _Raw(q_fail, d), _Raw(q_lock, d)
+        self._q_accept, self._q_success = _Raw(q_accept, d), _Raw(q_success, d)
+        self._q_repeat_hit = _Raw(q_repeat_hit, d)
+
+    @contextmanager
+    def _raw(self) -> Iterator[Any]:
+        """A DBAPI cursor in one transaction: the hot path skips SQLAlchemy's
+        per-statement machinery (it was most of the CPU per request)."""
+        conn = self.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            try:
+                yield cur
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                cur.close()
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"state store failed: {type(e).__name__}: {e}") from e
+        finally:
+            conn.close()
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -279,8 +327,8 @@ class Store:
     # -- reads ------------------------------------------------------------------
 
     def get(self, username: str) -> UserRecord | None:
-        with self.engine.connect() as c:
-            row = c.execute(self._q_get, {"u": username}).first()
+        with self._raw() as cur:
+            row = self._q_get.run(cur, u=username).fetchone()
         return _record(row) if row else None
 
     def list_users(self) -> list[UserRecord]:
@@ -390,25 +438,24 @@ class Store:
         """Count one failure; lock at ``max_failures``. Atomic across processes."""
         t = int(now)
         until = LOCKED_FOREVER if lockout_seconds == 0 else t + lockout_seconds
-        with self.engine.begin() as c:
-            c.execute(self._q_ensure, {"username": username, "created_at": t, "updated_at": t})
-            failures = c.execute(self._q_fail, {"u": username, "t": t}).scalar_one()
-            locked = c.execute(self._q_lock, {"u": username, "max": max_failures,
-                                              "until": until}).scalar()
+        with self._raw() as cur:
+            self._q_ensure.run(cur, username=username, created_at=t, updated_at=t)
+            failures = self._q_fail.run(cur, u=username, t=t).fetchone()[0]
+            row = self._q_lock.run(cur, u=username, max=max_failures, until=until).fetchone()
+        locked = row[0] if row else None
         return FailureResult(failures, locked is not None, locked)
 
     def accept_step(self, username: str, step: int, now: float) -> bool:
         """Move the replay marker to ``step``; False when it is already there or
         beyond (a replay) or the user got locked meanwhile. Exactly one of many
         racing requests with one code wins."""
-        with self.engine.begin() as c:
-            r = c.execute(self._q_accept, {"u": username, "step": step, "t": int(now)})
-            return bool(r.rowcount)
+        with self._raw() as cur:
+            return bool(self._q_accept.run(cur, u=username, step=step, t=int(now)).rowcount)
 
     def record_success(self, username: str, now: float) -> None:
         """A password-only success clears the failure count (no row: nothing to do)."""
-        with self.engine.begin() as c:
-            c.execute(self._q_success, {"u": username, "t": int(now)})
+        with self._raw() as cur:
+            self._q_success.run(cur, u=username, t=int(now))
 
     # -- audit and the repeat cache ---------------------------------------------------
 
@@ -435,8 +482,8 @@ class Store:
             s.execute(delete(RepeatEntry).where(RepeatEntry.expires_at <= int(now)))
 
     def repeat_hit(self, key: bytes, now: float) -> bool:
-        with self.engine.connect() as c:
-            return c.execute(self._q_repeat_hit, {"k": key, "t": int(now)}).first() is not None
+        with self._raw() as cur:
+            return self._q_repeat_hit.run(cur, k=key, t=int(now)).fetchone() is not None
 
     def repeat_put(self, key: bytes, username: str, expires_at: float) -> None:
         stmt = self._insert(RepeatEntry).values(key=key, username=username,

@@ -34,6 +34,7 @@ class KeyRing:
         self.path = path
         self._lock = threading.Lock()
         self._keys: dict[int, bytes] = {}
+        self._ciphers: dict[int, AESGCM] = {}
         self.current = 0
         self._load(create=True)
 
@@ -50,11 +51,12 @@ class KeyRing:
             log.warning("%s is readable by other users: chmod 600 it", self.path)
         with self._lock:
             self._keys, self.current = keys, current
+            self._ciphers = {}
 
     def encrypt(self, plaintext: bytes, username: str) -> bytes:
         version = self.current
         nonce = secrets.token_bytes(12)
-        ct = AESGCM(self._keys[version]).encrypt(nonce, plaintext, username.encode())
+        ct = self._cipher(version).encrypt(nonce, plaintext, username.encode())
         return _HEADER.pack(_FORMAT, version) + nonce + ct
 
     def decrypt(self, blob: bytes, username: str) -> bytes:
@@ -66,7 +68,13 @@ class KeyRing:
             if version not in self._keys:
                 raise KeyFileError(f"{self.path}: no key version {version}")
         nonce, ct = blob[_HEADER.size:_HEADER.size + 12], blob[_HEADER.size + 12:]
-        return AESGCM(self._keys[version]).decrypt(nonce, ct, username.encode())
+        return self._cipher(version).decrypt(nonce, ct, username.encode())
+
+    def _cipher(self, version: int) -> AESGCM:
+        cipher = self._ciphers.get(version)
+        if cipher is None:
+            cipher = self._ciphers[version] = AESGCM(self._keys[version])
+        return cipher
 
     def derive(self, purpose: bytes) -> bytes:
         """A stable sub-key for keyed hashes shared by every instance (the oldest

@@ -54,23 +54,32 @@ def code_for_step(secret: str, step: int, params: TotpParams) -> str:
     return pyotp.TOTP(secret, digits=params.digits, interval=params.period).generate_otp(step)
 
 
+def _hotp(key: bytes, counter: int, digits: int) -> str:
+    """RFC 4226 §5.3 (HMAC-SHA-1, dynamic truncation); the key decoded once per
+    request rather than once per candidate step."""
+    mac = hmac.digest(key, counter.to_bytes(8, "big"), "sha1")
+    offset = mac[-1] & 0x0F
+    value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFFFFFF
+    return str(value % 10**digits).zfill(digits)
+
+
 def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | None:
     """The time step (within the window) this code belongs to, or None.
 
     Every candidate is compared in constant time, and all of them are
     computed, so timing says nothing about which step (if any) matched.
     """
-    # isascii: str.isdigit() is true for other scripts' digits ("١٢٣٤٥٦"), which
-    # hmac.compare_digest refuses with a TypeError.
-    if len(code) != params.digits or not code.isdigit() or not code.isascii():
+    # isascii(): str.isdigit() accepts other scripts' digits, which
+    # hmac.compare_digest refuses (TypeError) — such a code is just wrong.
+    if len(code) != params.digits or not (code.isascii() and code.isdigit()):
         return None
-    totp = pyotp.TOTP(secret, digits=params.digits, interval=params.period)
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8), casefold=True)
     current = params.step_at(now)
     found = None
     # Newest first: when two steps give the same code, take the later one so the
     # replay marker moves as far as it can.
     for step in range(current + params.window, current - params.window - 1, -1):
-        if hmac.compare_digest(totp.generate_otp(step), code) and found is None:
+        if hmac.compare_digest(_hotp(key, step, params.digits), code) and found is None:
             found = step
     return found
 

@@ -1,4 +1,4 @@
-"""``python -m bench radius [options]`` (what ``scripts/bench`` runs)."""
+"""``python -m bench radius|ldap [options]`` (what ``scripts/bench`` runs)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: scripts/bench radius [options]   (scripts/bench radius --help)")
+        print("usage: scripts/bench radius|ldap [options]   (scripts/bench radius --help, "
+              "scripts/bench ldap --help)")
         return 0 if argv else 2
     if argv[0] == "radius":
         from bench.radius import main as radius
 
         return radius(argv[1:])
-    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius)", file=sys.stderr)
+    if argv[0] == "ldap":
+        from bench.ldap import main as ldap
+
+        return ldap(argv[1:])
+    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap)", file=sys.stderr)
     return 2
 
 

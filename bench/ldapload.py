@@ -8,14 +8,28 @@ persistent connections, one operation in flight per connection (RFC 4511
 ``searchbind``  the proxy's real work: search ``(uid=X)`` as the service
                 account on one connection, then bind as the DN found on a
                 second one. One operation = search + bind.
+
+And what an application behind an LDAP server does (``scripts/bench ldap``,
+:func:`run_frontend`), the same against slapd directly or through mfa-proxy:
+
+``bindsearch``  on one persistent connection per worker: a simple bind as
+                the user, then a base search ``(uid=X)`` of the user's own
+                entry (cn, mail): the bench slapd's ACL lets a user read that
+                entry only, not even ou=people. One operation = bind + search,
+                both checked (bind 0; search 0 with exactly that entry).
+``search``      one bind as the service account when the worker connects,
+                then searches ``(uid=X)`` of random users only: the forwarding
+                path alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +39,7 @@ from bench.common import (
     SVC_PASSWORD,
     CpuWindow,
     latency_ms,
+    memory_kb,
     password,
     uid,
     user_dn,
@@ -70,6 +85,19 @@ def search_request(msgid: int, base: str, attribute: str, value: str) -> bytes:
     return message(msgid, tlv(0x63, body))
 
 
+SCOPE_BASE, SCOPE_SUBTREE = 0, 2
+
+
+def search_attributes(msgid: int, base: str, scope: int, attribute: str, value: str,
+                      attributes: tuple[str, ...], size_limit: int = 0) -> bytes:
+    """A search with an equality filter that asks for ``attributes``."""
+    body = (tlv(0x04, base.encode()) + integer(scope, 0x0A) + integer(0, 0x0A)
+            + integer(size_limit) + integer(10) + tlv(0x01, b"\x00")
+            + tlv(0xA3, tlv(0x04, attribute.encode()) + tlv(0x04, value.encode()))
+            + tlv(0x30, b"".join(tlv(0x04, a.encode()) for a in attributes)))
+    return message(msgid, tlv(0x63, body))
+
+
 def read_header(buf: bytes | bytearray, pos: int) -> tuple[int, int, int] | None:
     """(tag, value start, value end) of the TLV at pos; None when incomplete."""
     if pos + 2 > len(buf):
@@ -91,7 +119,8 @@ SIZE_LIMIT_EXCEEDED = 4
 @dataclass
 class Reply:
     code: int
-    dn: bytes | None = None
+    dn: bytes | None = None  # the last entry's DN (searches)
+    entries: int = 0  # SearchResultEntry messages (searches)
 
 
 class Connection(asyncio.Protocol):
@@ -101,6 +130,7 @@ class Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.waiter: asyncio.Future[Reply] | None = None
         self.found: bytes | None = None
+        self.entries = 0
         self.transport: Any = None
         self.msgid = 0
         self.closed: BaseException | None = None
@@ -129,16 +159,19 @@ class Connection(asyncio.Protocol):
         if op == 0x64:  # SearchResultEntry: objectName first
             _, s, e = read_header(msg, start)  # type: ignore[misc]
             self.found = msg[s:e]
+            self.entries += 1
         elif op in (0x61, 0x65):  # BindResponse, SearchResultDone: resultCode first
             _, s, e = read_header(msg, start)  # type: ignore[misc]
             if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_result(Reply(int.from_bytes(msg[s:e], "big"), self.found))
+                self.waiter.set_result(Reply(int.from_bytes(msg[s:e], "big"), self.found,
+                                             self.entries))
 
     def _send(self, data: bytes) -> asyncio.Future[Reply]:
         if self.closed is not None:
             raise self.closed
         self.waiter = asyncio.get_running_loop().create_future()
         self.found = None
+        self.entries = 0
         self.transport.write(data)
         return self.waiter
 
@@ -151,6 +184,11 @@ class Connection(asyncio.Protocol):
 
     def search_uid(self, value: str) -> asyncio.Future[Reply]:
         return self._send(search_request(self.next_id(), PEOPLE_DN, "uid", value))
+
+    def search(self, base: str, scope: int, attribute: str, value: str,
+               attributes: tuple[str, ...]) -> asyncio.Future[Reply]:
+        return self._send(search_attributes(self.next_id(), base, scope, attribute, value,
+                                            attributes))
 
     def close(self) -> None:
         if self.transport is not None and self.closed is None:
@@ -273,3 +311,219 @@ def run(mode: str, host: str, port: int, users: int, concurrency: int, seconds: 
         raise ValueError("loopback only")
     return asyncio.run(_run(mode, host, port, users, concurrency, seconds, warmup, watch,
                             max_ops))
+
+
+# ---------------------------------------------------------------- an LDAP server's clients
+
+ENTRY_ATTRIBUTES = ("cn", "mail")
+MAX_RECONNECTS = 5  # per worker and level: then the worker gives up (counted)
+# (user index, bind password) for a bind made at wall-clock time t; None: no user left
+Credential = Callable[[float], "tuple[int, str] | None"]
+
+
+@dataclass
+class FrontendResult:
+    """One workload at one concurrency against one server (slapd, or the proxy)."""
+
+    label: str
+    workload: str
+    concurrency: int
+    seconds: float
+    warmup: float
+    ops: int = 0  # completed and checked inside the measured window
+    ok: int = 0
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    outside: int = 0  # operations in the warm-up and the tail, not measured
+    outside_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    latencies: list[float] = field(default_factory=list)
+    bind_latencies: list[float] = field(default_factory=list)
+    search_latencies: list[float] = field(default_factory=list)
+    reconnects: int = 0
+    gave_up: int = 0  # workers that stopped after MAX_RECONNECTS lost connections
+    stuck: int = 0  # workers still waiting for an answer long after the window
+    cpu: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    stopped_early_at: float | None = None  # seconds into the window when users ran out
+
+    def summary(self) -> dict[str, Any]:
+        measured = self.seconds if self.stopped_early_at is None else self.stopped_early_at
+        cpu_s = self.cpu.get("cpu_s", {})
+        n = self.ops
+        binds = latency_ms(self.bind_latencies)
+        searches = latency_ms(self.search_latencies)
+        return {
+            "label": self.label, "workload": self.workload, "concurrency": self.concurrency,
+            "seconds": measured, "warmup_s": self.warmup, "ops": n, "ok": self.ok,
+            "failed": n - self.ok, "failures": dict(self.failures),
+            "ops_per_s": n / measured if measured else 0.0,
+            **latency_ms(self.latencies),
+            "bind_p50_ms": binds["p50_ms"], "bind_p99_ms": binds["p99_ms"],
+            "search_p50_ms": searches["p50_ms"], "search_p99_ms": searches["p99_ms"],
+            "outside_window_ops": self.outside,
+            "outside_window_failures": dict(self.outside_failures),
+            "reconnects": self.reconnects, "workers_gave_up": self.gave_up,
+            "workers_stuck": self.stuck,
+            "cpu_s": cpu_s,
+            "cpu_us_per_op": {k: (v / n * 1e6 if n else None) for k, v in cpu_s.items()},
+            "cpu_cores": {k: v / measured for k, v in cpu_s.items()} if measured else {},
+            "machine_busy_cores": self.cpu.get("machine_busy_s", 0.0) / measured
+            if measured else None,
+            "other_cores": self.cpu.get("other_s", 0.0) / measured if measured else None,
+            "memory_kb": self.memory, "stopped_early": self.stopped_early_at is not None,
+        }
+
+
+def check_entry(reply: Reply, dn: str) -> str | None:
+    """None when a search found exactly the entry ``dn``, else what went wrong."""
+    if reply.code != 0:
+        return f"search result {reply.code}"
+    if reply.entries != 1:
+        return f"search returned {reply.entries} entries"
+    if reply.dn is None or reply.dn.decode(errors="replace").lower() != dn.lower():
+        return "search returned another entry"
+    return None
+
+
+async def _open(workload: str, host: str, port: int) -> Connection:
+    conn = await connect(host, port)
+    if workload == "search":
+        reply = await conn.bind(SVC_DN, SVC_PASSWORD)
+        if reply.code != 0:
+            conn.close()
+            raise RuntimeError(f"service account bind answered {reply.code} on {host}:{port}")
+    return conn
+
+
+async def _frontend_worker(workload: str, host: str, port: int, conn: Connection,
+                           credential: Credential, pick: Callable[[], int],
+                           window: dict[str, Any], result: FrontendResult,
+                           max_ops: int) -> None:
+    mono, wall = time.monotonic, time.time
+    lost = 0
+    try:
+        while True:
+            t0 = mono()
+            if t0 >= window["end"] or result.ops + result.outside >= max_ops:
+                return
+            if conn.closed is not None:
+                lost += 1
+                if lost > MAX_RECONNECTS:
+                    result.gave_up += 1
+                    return
+                result.reconnects += 1
+                conn = await _open(workload, host, port)
+                continue
+            bind_s = None
+            try:
+                if workload == "bindsearch":
+                    drawn = credential(wall())
+                    if drawn is None:  # the caller's users ran out
+                        if window["stopped"] is None:
+                            window["stopped"] = t0
+                        return
+                    i, secret = drawn
+                    dn = user_dn(i)
+                    bound = await conn.bind(dn, secret)
+                    t1 = mono()
+                    bind_s = t1 - t0
+                    if bound.code != 0:
+                        failure: str | None = f"bind result {bound.code}"
+                        t2 = t1
+                    else:
+                        found = await conn.search(dn, SCOPE_BASE, "uid", uid(i),
+                                                  ENTRY_ATTRIBUTES)
+                        t2 = mono()
+                        failure = check_entry(found, dn)
+                else:
+                    i = pick()
+                    dn = user_dn(i)
+                    t1 = t0
+                    found = await conn.search(PEOPLE_DN, SCOPE_SUBTREE, "uid", uid(i),
+                                              ENTRY_ATTRIBUTES)
+                    t2 = mono()
+                    failure = check_entry(found, dn)
+            except OSError:  # ConnectionError and friends: the server closed on us
+                t1 = t2 = mono()
+                failure = "connection lost"
+            if t0 >= window["start"] and t2 <= window["end"]:
+                result.ops += 1
+                result.latencies.append(t2 - t0)
+                if bind_s is not None:
+                    result.bind_latencies.append(bind_s)
+                if failure is None:
+                    result.ok += 1
+                    if workload == "bindsearch":
+                        result.search_latencies.append(t2 - t1)
+                    else:
+                        result.search_latencies.append(t2 - t0)
+                else:
+                    result.failures[failure] += 1
+            else:
+                result.outside += 1
+                if failure is not None:
+                    result.outside_failures[failure] += 1
+    finally:
+        conn.close()
+
+
+async def _frontend(label: str, workload: str, host: str, port: int, users: int,
+                    credential: Credential, concurrency: int, seconds: float, warmup: float,
+                    watch: dict[str, int], memory_of: tuple[str, ...], max_ops: int,
+                    seed: int, grace: float) -> FrontendResult:
+    result = FrontendResult(label, workload, concurrency, seconds, warmup)
+    conns = await asyncio.wait_for(
+        asyncio.gather(*(_open(workload, host, port) for _ in range(concurrency)),
+                       return_exceptions=True), timeout=60)
+    broken = [c for c in conns if isinstance(c, BaseException)]
+    good = [c for c in conns if isinstance(c, Connection)]
+    if broken:
+        for c in good:
+            c.close()
+        raise RuntimeError(f"{label}: {len(broken)} of {concurrency} connections failed: "
+                           f"{broken[0]!r}")
+    rng = random.Random(seed)
+    pick = lambda: rng.randint(1, users)  # noqa: E731
+    now = time.monotonic()
+    window: dict[str, Any] = {"start": now + warmup, "end": now + warmup + seconds,
+                              "stopped": None}
+    tasks = [asyncio.create_task(_frontend_worker(workload, host, port, conn, credential, pick,
+                                                  window, result, max_ops))
+             for conn in good]
+    try:
+        await asyncio.sleep(max(0.0, window["start"] - time.monotonic()))
+        cpu = CpuWindow(watch)
+        await asyncio.wait(tasks, timeout=max(0.0, window["end"] - time.monotonic()))
+        result.cpu = cpu.stop()
+        result.memory = {n: memory_kb(watch[n]) for n in memory_of}
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        result.stuck = len(pending)
+    finally:
+        for t in tasks:
+            t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [e for e in done if isinstance(e, BaseException)
+              and not isinstance(e, asyncio.CancelledError)]
+    if errors:
+        raise RuntimeError(f"{label}: a worker failed: {errors[0]!r}") from errors[0]
+    if window["stopped"] is not None and window["stopped"] < window["end"]:
+        # the users ran out: measure over the part of the window that had load (the CPU
+        # window is longer, so CPU per operation is an upper bound then)
+        result.stopped_early_at = max(0.0, window["stopped"] - window["start"])
+    return result
+
+
+def run_frontend(label: str, workload: str, host: str, port: int, users: int,
+                 credential: Credential, concurrency: int, seconds: float, warmup: float,
+                 watch: dict[str, int], memory_of: tuple[str, ...] = (),
+                 max_ops: int = 5_000_000, seed: int = 1, grace: float = 10.0) -> FrontendResult:
+    """Closed loop: ``concurrency`` persistent connections for warm-up + ``seconds``, at most
+    ``max_ops`` operations. ``bindsearch`` binds as the users ``credential`` hands out (a
+    fresh one per operation); ``search`` binds as the service account once per connection
+    and searches random users. Workers still waiting ``grace`` seconds after the window
+    are cancelled and counted as stuck."""
+    if workload not in ("bindsearch", "search"):
+        raise ValueError(f"unknown workload {workload!r}")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        raise ValueError("loopback only")
+    return asyncio.run(_frontend(label, workload, host, port, users, credential, concurrency,
+                                 seconds, warmup, watch, memory_of, max_ops, seed, grace))

@@ -337,9 +337,11 @@ def group_members(app: App, group: str) -> list[str]:
 @click.argument("username")
 @click.option("--secret", metavar="BASE32", help="Import this key instead of making one.")
 @click.option("--png", type=click.Path(dir_okay=False, writable=True), help="Write the QR code.")
+@click.option("--force", is_flag=True, help="Replace a key the user already has.")
 @config_option
 @pass_app
-def user_enroll(app: App, username: str, secret: str | None, png: str | None) -> None:
+def user_enroll(app: App, username: str, secret: str | None, png: str | None,
+                force: bool) -> None:
     """Create (or import) the user's TOTP key; print the otpauth:// URI and a QR code.
 
     The key is active at once: from now on the user must give a code wherever
@@ -356,6 +358,9 @@ def user_enroll(app: App, username: str, secret: str | None, png: str | None) ->
     t = app.settings.totp
     params = TotpParams(t.digits, t.period, t.window)
     record = app.store.get(name)
+    if record is not None and record.enrolled and not force:
+        raise Refused(f"{name} already has a key: `user reset` for a lost device, or "
+                      "`user enroll --force` to replace it")
     if record is None or not record.required:
         app.store.require(name, deadline(app, app.settings.policy.enrollment_days))
     app.store.set_secret(name, app.keys.encrypt(key.encode(), name), app.keys.current)

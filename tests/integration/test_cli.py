@@ -374,6 +374,15 @@ def test_enroll_without_require_requires(admin: Admin) -> None:
     assert (view["status"], view["required"]) == ("enrolled", True)
 
 
+def test_enroll_refuses_to_replace_a_key_without_force(admin: Admin) -> None:
+    first = parse_qs(urlsplit(otpauth(admin.ok("user", "enroll", "bob").out)).query)["secret"]
+    r = admin.run("user", "enroll", "bob")
+    assert r.code == 1
+    assert "already has a key" in r.err
+    again = admin.ok("user", "enroll", "bob", "--force").out
+    assert parse_qs(urlsplit(otpauth(again)).query)["secret"] != first
+
+
 def test_enroll_imports_a_secret(admin: Admin) -> None:
     r = admin.ok("user", "enroll", "alice", "--secret", "jbsw y3dp ehpk 3pxp jbsw y3dp ehpk 3pxp")
     uri = otpauth(r.out)

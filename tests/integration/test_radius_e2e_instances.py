@@ -127,3 +127,36 @@ def test_idempotent_success_across_two_instances_only_with_a_window(
         assert pyrad_auth(on_a, "user00502", field).code == ACCESS_ACCEPT
         assert pyrad_auth(on_b, "user00502", field).code == ACCESS_REJECT
         assert requests(b, client="strict", result="reject", reason="replayed_code") == 1
+
+
+# --- two instances, one PostgreSQL state --------------------------------------------------
+
+
+def test_two_instances_on_postgresql_share_codes_and_failures(
+        slapd: Slapd, tmp_path: Path, postgres: Any) -> None:
+    """The deployment PostgreSQL is for: `db upgrade`, then two `serve` processes on one
+    database. A code accepted by one is a replay on the other; failures on both count
+    towards one lockout."""
+    url = postgres.new_database("two_instances")
+    clients = [{"name": "vpn", "address": "127.0.0.1/32", "mode": "append"}]
+    a = ProxyProcess.configure(tmp_path / "a", slapd, clients=clients, state_url=url,
+                               overrides={"policy": {"max_failures": 4}})
+    b = ProxyProcess.configure(tmp_path / "b", slapd, clients=clients, state_url=url,
+                               key_file=a.key_file, overrides={"policy": {"max_failures": 4}})
+    upgraded = a.cli("db", "upgrade")
+    assert "revision" in upgraded.stdout
+    enroll(a, "user00601", "user00602")
+    with a.running(), b.running():
+        on_a, on_b = pyrad_client(a, "vpn"), pyrad_client(b, "vpn")
+        field = f"{user_password('user00601')},{code('user00601')}"
+        assert pyrad_auth(on_a, "user00601", field).code == ACCESS_ACCEPT
+        assert pyrad_auth(on_b, "user00601", field).code == ACCESS_REJECT
+        assert requests(b, client="vpn", result="reject", reason="replayed_code") == 1
+
+        for nas in (on_a, on_b, on_a, on_b):
+            assert pyrad_auth(nas, "user00602", f"wrong,{code('user00602')}").code \
+                == ACCESS_REJECT
+        view = b.user("user00602")
+        assert (view["failures"], view["locked"]) == (4, True)
+        good = f"{user_password('user00602')},{code('user00602')}"
+        assert pyrad_auth(on_a, "user00602", good).code == ACCESS_REJECT  # locked on A too

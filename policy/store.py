@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,9 @@ class Store:
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self.clock = clock
+        self._local = threading.local()
+        self._owned: list[Any] = []
+        self._owned_lock = threading.Lock()
         self._compile_hot_path()
 
     def _compile_hot_path(self) -> None:
@@ -247,27 +251,57 @@ class Store:
         self._q_accept, self._q_success = _Raw(q_accept, d), _Raw(q_success, d)
         self._q_repeat_hit = _Raw(q_repeat_hit, d)
 
+    def _thread_connection(self) -> Any:
+        """Each thread keeps its own DBAPI connection, out of the pool: no checkout,
+        reset-on-return or pre-ping round trip per statement on the hot path."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            fairy = self.engine.raw_connection()
+            fairy.detach()
+            conn = self._local.conn = fairy
+            with self._owned_lock:
+                self._owned.append(conn)
+        return conn
+
+    def _drop_thread_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._owned_lock:
+                if conn in self._owned:
+                    self._owned.remove(conn)
+            with suppress(Exception):
+                conn.close()
+
     @contextmanager
     def _raw(self) -> Iterator[Any]:
         """A DBAPI cursor in one transaction: the hot path skips SQLAlchemy's
         per-statement machinery (it was most of the CPU per request)."""
-        conn = self.engine.raw_connection()
         try:
+            conn = self._thread_connection()
             cur = conn.cursor()
-            try:
-                yield cur
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
-            finally:
-                cur.close()
+        except Exception as e:
+            raise StoreError(f"state store unavailable: {type(e).__name__}: {e}") from e
+        try:
+            yield cur
+            conn.commit()
         except StoreError:
+            self._rollback_or_drop(conn)
             raise
         except Exception as e:
+            self._rollback_or_drop(conn)
             raise StoreError(f"state store failed: {type(e).__name__}: {e}") from e
         finally:
-            conn.close()
+            with suppress(Exception):
+                cur.close()
+
+    def _rollback_or_drop(self, conn: Any) -> None:
+        """After an error: a connection that cannot even roll back is broken (the
+        server restarted, the network dropped): the next call makes a new one."""
+        try:
+            conn.rollback()
+        except Exception:
+            self._drop_thread_connection()
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -322,6 +356,11 @@ class Store:
             raise StoreError(f"state store unavailable: {type(e).__name__}") from e
 
     def close(self) -> None:
+        with self._owned_lock:
+            owned, self._owned = self._owned, []
+        for conn in owned:
+            with suppress(Exception):
+                conn.close()
         self.engine.dispose()
 
     # -- reads ------------------------------------------------------------------

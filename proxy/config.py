@@ -140,6 +140,7 @@ class LdapSettings:
     max_connections: int = 1000
     idle_timeout: int = 600
     username_attribute: str = "uid"
+    user_base: str = ""  # MFA binds must be under it; defaults to [directory] user_base
     bind_cache_rules: tuple[tuple[str, int], ...] = ()  # (DN or suffix, seconds)
     connect_timeout: float = 10.0
     bind_timeout: float = 30.0
@@ -371,6 +372,8 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
     http = _section(root, "http", False, _http) or HttpSettings()
     logging = _section(root, "logging", False, lambda r: r.str(
         "level", "info", ("debug", "info", "warning", "error")))
+    if directory and ldap and not ldap.user_base and directory.type == "ldap":
+        ldap = _replace(ldap, user_base=directory.user_base)
     if directory and ldap and not ldap.upstream:
         if directory.type == "ldap" and directory.urls:
             ldap = _replace(ldap, upstream=directory.urls[0])
@@ -577,6 +580,7 @@ def _ldap(r: _Reader) -> LdapSettings:
         max_connections=r.int("max_connections", 1000, 1, 100000),
         idle_timeout=r.int("idle_timeout", 600, 0, 86400),
         username_attribute=r.str("username_attribute", "uid"),
+        user_base=r.str("user_base"),
         bind_cache_rules=tuple(x for x in (_cache_rule(c) for c in r.tables("bind_cache_rules"))
                                if x),
         connect_timeout=r.float("connect_timeout", 10.0, 0.1, 300),

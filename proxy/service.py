@@ -220,6 +220,7 @@ class Service:
             allow_anonymous=lset.allow_anonymous, require_bind=lset.require_bind,
             max_message_size=lset.max_message_size, max_connections=lset.max_connections,
             idle_timeout=float(lset.idle_timeout), username_attribute=lset.username_attribute,
+            user_base=lset.user_base,
             connect_timeout=lset.connect_timeout, bind_timeout=lset.bind_timeout)
         try:
             factory = LdapProxyFactory(config, self.authenticator.authenticate,

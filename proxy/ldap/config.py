@@ -51,6 +51,11 @@ class LdapFrontendConfig:
     max_connections: int = 1000
     idle_timeout: float = 600.0  # seconds without traffic (0 = never)
     username_attribute: str = "uid"  # the RDN attribute that names the user
+    # When set, an MFA bind's DN must lie under it (a user entry): a non-exempt DN
+    # elsewhere (the rootdn, an entry named like a user in another subtree) is
+    # refused with 49 instead of passing with a password as an unknown user.
+    # Bind names that are not DNs (AD's user@realm, DOMAIN\user) are not affected.
+    user_base: str = ""
     client_name: str = "ldap"  # AuthRequest.client: a bounded metric label
     connect_timeout: float = 10.0  # seconds to reach (and TLS-handshake) the upstream
     # The longest a decision (directory bind + policy) may take before the

@@ -48,7 +48,7 @@ from proxy.ldap.bind import (
 )
 from proxy.ldap.bindcache import BindCache, CachedBind
 from proxy.ldap.config import LdapFrontendConfig, parse_listen, parse_upstream
-from proxy.ldap.dn import DnSuffixMap, username_from_bind_name
+from proxy.ldap.dn import DnSuffixMap, normalize_dn, username_from_bind_name
 from proxy.ldap.events import LdapEvents, NullLdapEvents
 from proxy.ldap.transport import set_no_delay, write_now, write_sequence_now
 
@@ -105,6 +105,7 @@ class LdapProxyFactory(ServerFactory):
         self.reactor = reactor
         self.connect_upstream = connect_upstream
         self.exempt = DnSuffixMap((dn, True) for dn in config.exempt)
+        self.user_base = DnSuffixMap([(config.user_base, True)] if config.user_base else [])
         self.cache_windows = DnSuffixMap((r.dn, r.seconds) for r in config.bind_cache_rules)
         self.bind_cache = BindCache(clock=reactor.seconds)
         self.server_tls = (
@@ -143,6 +144,12 @@ class LdapProxyFactory(ServerFactory):
 
     def is_exempt(self, bind_name: str) -> bool:
         return bool(self.exempt.lookup(bind_name))
+
+    def outside_user_base(self, bind_name: str) -> bool:
+        """A DN not under ``user_base`` (when one is set): not a user entry."""
+        if not self.user_base or normalize_dn(bind_name) is None:
+            return False
+        return not self.user_base.lookup(bind_name)
 
     def cache_window(self, bind_name: str) -> float:
         rule = self.cache_windows.lookup(bind_name)
@@ -612,6 +619,10 @@ class LdapProxyProtocol(Protocol):
             )
         if exempt:
             return self._relay_bind(message, request, "exempt")
+        if self.factory.outside_user_base(request.name):
+            return refuse(
+                ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS, "outside_user_base"
+            )
         return self._when_reachable(self._mfa_bind, request)
 
     def _when_reachable(

@@ -686,6 +686,18 @@ def test_exempt_service_account_binds_with_the_password_only(
     assert wrong.returncode == 49, wrong.stderr
 
 
+def test_a_dn_outside_the_user_base_is_refused_unless_exempt(
+        proxy: ProxyProcess, slapd: Slapd) -> None:
+    """[ldap] user_base defaults to [directory] user_base: the rootdn (a real entry
+    with a right password, but no user) does not get a password-only session."""
+    direct = whoami(slapd.url, slapd.admin_dn, slapd.admin_password)
+    assert_whoami(direct, slapd.admin_dn)  # the credential is good at the directory
+    before = proxy.metrics().requests("ldap", "reject", "outside_user_base")
+    assert_refused(whoami(proxy.url, slapd.admin_dn, slapd.admin_password), 49,
+                   "invalid credentials")
+    assert proxy.metrics().requests("ldap", "reject", "outside_user_base") == before + 1
+
+
 # ---------------------------------------------------------------- after the bind
 
 

@@ -478,3 +478,21 @@ def test_parse_address() -> None:
     assert parse_address("[2001:db8::1]:389") == Address("2001:db8::1", 389)
     with pytest.raises(ValueError):
         parse_address("[::1]")
+
+
+def test_ldap_user_base_defaults_to_the_directory_user_base(tmp_path: Path) -> None:
+    text = """
+[state]
+url = "sqlite:///s.db"
+[directory]
+type = "ldap"
+urls = ["ldap://127.0.0.1:3890"]
+user_base = "ou=people,dc=example,dc=org"
+[ldap]
+listen = ["127.0.0.1:3389"]
+"""
+    (tmp_path / "c.toml").write_text(text)
+    s = load(tmp_path / "c.toml")
+    assert s.ldap is not None and s.ldap.user_base == "ou=people,dc=example,dc=org"
+    (tmp_path / "d.toml").write_text(text + 'user_base = "dc=example,dc=org"\n')
+    assert load(tmp_path / "d.toml").ldap.user_base == "dc=example,dc=org"

@@ -45,6 +45,22 @@ from backends.base import (
     UnknownUser,
     check_password_not_empty,
 )
+from backends.ber import (  # noqa: F401 (re-exported for callers and tests)
+    BOOLEAN,
+    ENUMERATED,
+    INTEGER,
+    OCTET_STRING,
+    SEQUENCE,
+    SET,
+    BerError,
+    boolean,
+    encode_length,
+    expect,
+    integer,
+    ldap_message,
+    read_header,
+    tlv,
+)
 from backends.ldap import (
     NO_SUCH_OBJECT,
     SIZE_LIMIT_EXCEEDED,
@@ -60,9 +76,8 @@ log = Logger(namespace="mfa_proxy.backends.ldap_async")
 
 T = TypeVar("T")
 
-# ================================================================ BER codec (X.690 subset)
+# ================================================================ LDAP messages the client needs
 
-INTEGER, OCTET_STRING, BOOLEAN, ENUMERATED, SEQUENCE, SET = 0x02, 0x04, 0x01, 0x0A, 0x30, 0x31
 BIND_REQUEST, BIND_RESPONSE, UNBIND_REQUEST = 0x60, 0x61, 0x42
 SEARCH_REQUEST, SEARCH_RESULT_ENTRY, SEARCH_RESULT_DONE = 0x63, 0x64, 0x65
 SEARCH_RESULT_REFERENCE, EXTENDED_REQUEST, EXTENDED_RESPONSE = 0x73, 0x77, 0x78
@@ -72,57 +87,6 @@ START_TLS_OID = b"1.3.6.1.4.1.1466.20037"
 SCOPE_BASE, SCOPE_SUBTREE = 0, 2
 NEVER_DEREF_ALIASES = 0
 MAX_MESSAGE = 64 * 1024 * 1024  # a larger answer is an error, not a memory exhaustion
-
-
-class BerError(ValueError):
-    """Bytes that are not the LDAP the server should send."""
-
-
-def _length(size: int) -> bytes:
-    if size < 0x80:
-        return bytes((size,))
-    raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(raw),)) + raw
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + _length(len(content)) + content
-
-
-def ber_integer(value: int, tag: int = INTEGER) -> bytes:
-    return tlv(tag, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
-
-
-def ber_boolean(value: bool) -> bytes:
-    return tlv(BOOLEAN, b"\xff" if value else b"\x00")
-
-
-def ldap_message(message_id: int, operation: bytes) -> bytes:
-    return tlv(SEQUENCE, ber_integer(message_id) + operation)
-
-
-def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the element at ``pos``."""
-    if pos + 2 > end:
-        raise BerError("truncated element")
-    tag, first = buf[pos], buf[pos + 1]
-    pos += 2
-    if first >= 0x80:
-        count = first & 0x7F
-        if not 0 < count <= 4 or pos + count > end:
-            raise BerError("bad length")
-        first = int.from_bytes(buf[pos : pos + count], "big")
-        pos += count
-    if pos + first > end:
-        raise BerError("element longer than its container")
-    return tag, pos, pos + first
-
-
-def _read(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
-    found, start, stop = read_tlv(buf, pos, end)
-    if found != tag:
-        raise BerError(f"expected tag {tag:#x}, found {found:#x}")
-    return start, stop
 
 
 def frame_size(buf: bytes | bytearray, pos: int) -> int | None:
@@ -175,35 +139,35 @@ def _text(raw: bytes) -> str:
 
 def decode_envelope(message: bytes) -> tuple[int, int, int, int]:
     """(message id, protocolOp tag, op content start, op content end)."""
-    start, end = _read(message, 0, len(message), SEQUENCE)
-    id_start, id_end = _read(message, start, end, INTEGER)
+    start, end = expect(message, 0, len(message), SEQUENCE)
+    id_start, id_end = expect(message, start, end, INTEGER)
     message_id = int.from_bytes(message[id_start:id_end], "big", signed=True)
-    tag, op_start, op_end = read_tlv(message, id_end, end)
+    tag, op_start, op_end = read_header(message, id_end, end)
     return message_id, tag, op_start, op_end
 
 
 def decode_result(message: bytes, start: int, end: int) -> tuple[int, str]:
     """resultCode and diagnosticMessage of an LDAPResult (RFC 4511 §4.1.9)."""
-    code_start, code_end = _read(message, start, end, ENUMERATED)
-    _dn_start, dn_end = _read(message, code_end, end, OCTET_STRING)
-    diag_start, diag_end = _read(message, dn_end, end, OCTET_STRING)
+    code_start, code_end = expect(message, start, end, ENUMERATED)
+    _dn_start, dn_end = expect(message, code_end, end, OCTET_STRING)
+    diag_start, diag_end = expect(message, dn_end, end, OCTET_STRING)
     code = int.from_bytes(message[code_start:code_end], "big", signed=True)
     return code, _text(message[diag_start:diag_end])
 
 
 def decode_entry(message: bytes, start: int, end: int) -> SearchEntry:
-    dn_start, dn_end = _read(message, start, end, OCTET_STRING)
-    attrs_start, attrs_end = _read(message, dn_end, end, SEQUENCE)
+    dn_start, dn_end = expect(message, start, end, OCTET_STRING)
+    attrs_start, attrs_end = expect(message, dn_end, end, SEQUENCE)
     attributes: dict[str, list[str]] = {}
     pos = attrs_start
     while pos < attrs_end:
-        one_start, one_end = _read(message, pos, attrs_end, SEQUENCE)
-        type_start, type_end = _read(message, one_start, one_end, OCTET_STRING)
-        vals_start, vals_end = _read(message, type_end, one_end, SET)
+        one_start, one_end = expect(message, pos, attrs_end, SEQUENCE)
+        type_start, type_end = expect(message, one_start, one_end, OCTET_STRING)
+        vals_start, vals_end = expect(message, type_end, one_end, SET)
         values = []
         value_pos = vals_start
         while value_pos < vals_end:
-            v_start, value_pos = _read(message, value_pos, vals_end, OCTET_STRING)
+            v_start, value_pos = expect(message, value_pos, vals_end, OCTET_STRING)
             values.append(_text(message[v_start:value_pos]))
         attributes[_text(message[type_start:type_end]).lower()] = values
         pos = one_end
@@ -211,7 +175,7 @@ def decode_entry(message: bytes, start: int, end: int) -> SearchEntry:
 
 
 def encode_bind(dn: str, password: str) -> bytes:
-    return tlv(BIND_REQUEST, ber_integer(3) + tlv(OCTET_STRING, dn.encode())
+    return tlv(BIND_REQUEST, integer(3) + tlv(OCTET_STRING, dn.encode())
                + tlv(AUTH_SIMPLE, password.encode()))
 
 
@@ -440,9 +404,9 @@ class SearchTemplate:
     @classmethod
     def build(cls, base: str, scope: int, compiled: CompiledFilter,
               attributes: Sequence[str], size_limit: int, time_limit: int) -> SearchTemplate:
-        head = (tlv(OCTET_STRING, base.encode()) + ber_integer(scope, ENUMERATED)
-                + ber_integer(NEVER_DEREF_ALIASES, ENUMERATED) + ber_integer(size_limit)
-                + ber_integer(time_limit) + ber_boolean(False))
+        head = (tlv(OCTET_STRING, base.encode()) + integer(scope, ENUMERATED)
+                + integer(NEVER_DEREF_ALIASES, ENUMERATED) + integer(size_limit)
+                + integer(time_limit) + boolean(False))
         tail = tlv(SEQUENCE, b"".join(tlv(OCTET_STRING, a.encode()) for a in attributes))
         return cls(head, compiled, tail)
 

@@ -17,11 +17,19 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
-# Universal tags.
-INTEGER = 0x02
-OCTET_STRING = 0x04
-ENUMERATED = 0x0A
-SEQUENCE = 0x30
+from backends.ber import (  # noqa: F401 (re-exported: the front-end's one BER module)
+    ENUMERATED,
+    INTEGER,
+    OCTET_STRING,
+    SEQUENCE,
+    BerError,
+    encode_length,
+    expect,
+    integer,
+    read_header,
+    read_integer,
+    tlv,
+)
 
 # protocolOp tags: [APPLICATION n], constructed unless noted.
 BIND_REQUEST = 0x60
@@ -110,59 +118,6 @@ class ResultCode(enum.IntEnum):
     UNAVAILABLE = 52
     UNWILLING_TO_PERFORM = 53
     OTHER = 80
-
-
-class BerError(ValueError):
-    """Input that is not a well-formed LDAPMessage (or is too large)."""
-
-    def __init__(self, message: str, *, oversize: bool = False) -> None:
-        super().__init__(message)
-        self.oversize = oversize
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """The TLV at ``pos``: (tag, content start, content end), all within ``end``.
-
-    Definite lengths only (RFC 4511 §5.1 forbids the indefinite form) and
-    single-byte tags (LDAP uses no others).
-    """
-    if pos + 2 > end:
-        raise BerError("truncated element")
-    tag = buf[pos]
-    if tag & 0x1F == 0x1F:
-        raise BerError("multi-byte tag")
-    first = buf[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4:
-            raise BerError("unsupported length form")
-        if pos + count > end:
-            raise BerError("truncated length")
-        length = int.from_bytes(buf[pos : pos + count], "big")
-        pos += count
-    if pos + length > end:
-        raise BerError("element overruns its container")
-    return tag, pos, pos + length
-
-
-def _read(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
-    """Content (start, end) of the element at ``pos``, which must have ``tag``."""
-    found, start, stop = read_header(buf, pos, end)
-    if found != tag:
-        raise BerError(f"expected tag {tag:#04x}, found {found:#04x}")
-    return start, stop
-
-
-def _integer(buf: bytes, start: int, stop: int) -> int:
-    if not 0 < stop - start <= 4:
-        raise BerError("integer of unsupported size")
-    return int.from_bytes(buf[start:stop], "big", signed=True)
 
 
 class MessageFramer:
@@ -258,8 +213,8 @@ def peek(message: bytes) -> MessageHeader:
     tag, pos, stop = read_header(message, 0, end)
     if tag != SEQUENCE or stop != end:
         raise BerError("not a single LDAPMessage")
-    id_start, id_end = _read(message, pos, end, INTEGER)
-    message_id = _integer(message, id_start, id_end)
+    id_start, id_end = expect(message, pos, end, INTEGER)
+    message_id = read_integer(message, id_start, id_end)
     if message_id < 0:
         raise BerError("negative message ID")
     op_tag, op_start, op_end = read_header(message, id_end, end)
@@ -305,9 +260,9 @@ def decode_bind_request(message: bytes, header: MessageHeader | None = None) -> 
     if header.op_tag != BIND_REQUEST:
         raise BerError("not a BindRequest")
     end = header.op_end
-    start, stop = _read(message, header.op_start, end, INTEGER)
-    version = _integer(message, start, stop)
-    name_start, name_end = _read(message, stop, end, OCTET_STRING)
+    start, stop = expect(message, header.op_start, end, INTEGER)
+    version = read_integer(message, start, stop)
+    name_start, name_end = expect(message, stop, end, OCTET_STRING)
     name = _text(message[name_start:name_end])
     auth_tag, auth_start, auth_end = read_header(message, name_end, end)
     if auth_end != end:
@@ -335,11 +290,11 @@ def decode_bind_request(message: bytes, header: MessageHeader | None = None) -> 
 
 
 def _sasl_credentials(message: bytes, pos: int, end: int) -> tuple[str, bytes | None]:
-    start, stop = _read(message, pos, end, OCTET_STRING)
+    start, stop = expect(message, pos, end, OCTET_STRING)
     mechanism = _text(message[start:stop])
     if stop == end:
         return mechanism, None
-    cred_start, cred_end = _read(message, stop, end, OCTET_STRING)
+    cred_start, cred_end = expect(message, stop, end, OCTET_STRING)
     if cred_end != end:
         raise BerError("unexpected element after SASL credentials")
     return mechanism, message[cred_start:cred_end]
@@ -355,10 +310,10 @@ def decode_result(message: bytes, header: MessageHeader | None = None) -> LdapRe
     """The LDAPResult that opens any response (bind, extended, done, ...)."""
     header = header or peek(message)
     end = header.op_end
-    start, stop = _read(message, header.op_start, end, ENUMERATED)
-    code = _integer(message, start, stop)
-    dn_start, dn_end = _read(message, stop, end, OCTET_STRING)
-    diag_start, diag_end = _read(message, dn_end, end, OCTET_STRING)
+    start, stop = expect(message, header.op_start, end, ENUMERATED)
+    code = read_integer(message, start, stop)
+    dn_start, dn_end = expect(message, stop, end, OCTET_STRING)
+    diag_start, diag_end = expect(message, dn_end, end, OCTET_STRING)
     return LdapResult(
         code,
         message[dn_start:dn_end].decode("utf-8", "replace"),
@@ -371,7 +326,7 @@ def extended_request_name(message: bytes, header: MessageHeader | None = None) -
     header = header or peek(message)
     if header.op_tag != EXTENDED_REQUEST:
         raise BerError("not an ExtendedRequest")
-    start, stop = _read(message, header.op_start, header.op_end, EXTENDED_REQUEST_NAME)
+    start, stop = expect(message, header.op_start, header.op_end, EXTENDED_REQUEST_NAME)
     return message[start:stop]
 
 
@@ -395,29 +350,10 @@ def abandoned_message_id(message: bytes, header: MessageHeader | None = None) ->
     header = header or peek(message)
     if header.op_tag != ABANDON_REQUEST:
         raise BerError("not an AbandonRequest")
-    return _integer(message, header.op_start, header.op_end)
+    return read_integer(message, header.op_start, header.op_end)
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _length(size: int) -> bytes:
-    if size < 0x80:
-        return bytes((size,))
-    raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(raw),)) + raw
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:  # nearly everything the proxy writes
-        return bytes((tag, size)) + content
-    return bytes((tag,)) + _length(size) + content
-
-
-def integer(value: int, tag: int = INTEGER) -> bytes:
-    size = max(1, (value.bit_length() + 8) // 8)  # room for the sign bit
-    return tlv(tag, value.to_bytes(size, "big", signed=True))
 
 
 def message(message_id: int, op: bytes, controls: bytes = b"") -> bytes:

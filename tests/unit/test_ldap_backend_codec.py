@@ -31,12 +31,12 @@ from backends.ldap_async import (
     OperationTimeout,
     Reply,
     SearchTemplate,
-    ber_integer,
     compile_filter,
     decode_entry,
     decode_envelope,
     encode_bind,
     frame_size,
+    integer,
     ldap_message,
     tlv,
 )
@@ -118,7 +118,7 @@ def test_bad_templates(template: str) -> None:
      (-1, "0201ff"), (0x7FFFFFFF, "02047fffffff")],
 )
 def test_integer(value: int, encoded: str) -> None:
-    assert ber_integer(value).hex() == encoded
+    assert integer(value).hex() == encoded
 
 
 def test_long_lengths() -> None:
@@ -162,7 +162,7 @@ def entry_message(message_id: int, dn: str, attributes: dict[str, list[str]]) ->
 
 
 def result_message(message_id: int, tag: int, code: int, diagnostic: str = "") -> bytes:
-    body = ber_integer(code, ENUMERATED) + tlv(OCTET_STRING, b"") + tlv(OCTET_STRING,
+    body = integer(code, ENUMERATED) + tlv(OCTET_STRING, b"") + tlv(OCTET_STRING,
                                                                         diagnostic.encode())
     return ldap_message(message_id, tlv(tag, body))
 

@@ -3,7 +3,7 @@
 Shaped like ``twisted.names.server``: :class:`RadiusServer` owns the
 collaborators every listener shares (client table, core, duplicate cache,
 challenge store, reply rules, metrics) and builds every reply; the
-``DatagramProtocol`` classes at the end only pass bytes in and out.  It
+``DatagramProtocol`` at the end (:class:`RadiusPort`) only passes bytes in and out.  It
 never decides: an Access-Request becomes an :class:`AuthRequest` for the
 injected ``authenticate`` and its :class:`Decision` becomes the reply.
 
@@ -143,11 +143,11 @@ class RadiusServer:
 
     # --- Twisted side ----------------------------------------------------
 
-    def auth_protocol(self) -> AuthProtocol:
-        return AuthProtocol(self)
+    def auth_protocol(self) -> RadiusPort:
+        return RadiusPort(self.handle_auth)
 
-    def accounting_protocol(self) -> AccountingProtocol:
-        return AccountingProtocol(self)
+    def accounting_protocol(self) -> RadiusPort:
+        return RadiusPort(self.handle_accounting)
 
     def listen(self, reactor: UDPReactor, auth: Iterable[tuple[str, int]] = (),
                accounting: Iterable[tuple[str, int]] = ()) -> list[IListeningPort]:
@@ -445,27 +445,15 @@ class _LogLimiter:
         return True
 
 
-class AuthProtocol(DatagramProtocol):
-    """The auth port (1812): bytes to :meth:`RadiusServer.handle_auth` and back."""
+class RadiusPort(DatagramProtocol):
+    """One UDP port: datagrams to ``handle`` (RadiusServer.handle_auth or
+    handle_accounting), replies back to their sender."""
 
-    def __init__(self, server: RadiusServer) -> None:
-        self.server = server
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
-        self.server.handle_auth(datagram, addr, partial(self._send, addr))
-
-    def _send(self, addr: Any, reply: bytes) -> None:
-        _write(self.transport, reply, addr)
-
-
-class AccountingProtocol(DatagramProtocol):
-    """The accounting port (1813): Accounting-Request in, Accounting-Response out."""
-
-    def __init__(self, server: RadiusServer) -> None:
-        self.server = server
+    def __init__(self, handle: Callable[[bytes, tuple[Any, ...], Send], None]) -> None:
+        self.handle = handle
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
-        self.server.handle_accounting(datagram, addr, partial(self._send, addr))
+        self.handle(datagram, addr, partial(self._send, addr))
 
     def _send(self, addr: Any, reply: bytes) -> None:
         _write(self.transport, reply, addr)

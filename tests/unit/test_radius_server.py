@@ -16,7 +16,7 @@ from backends.base import Identity
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from proxy.radius.clients import ClientTable, RadiusClientConfig, ReplyRule
 from proxy.radius.packet import Attr, Code, Packet, encode_attribute, parse_datagram
-from proxy.radius.server import AuthProtocol, RadiusServer, ServerSettings
+from proxy.radius.server import RadiusPort, RadiusServer, ServerSettings
 from proxy.radius.testing import (
     RecordingEvents,
     access_request,
@@ -496,7 +496,7 @@ def test_protocol_writes_the_reply_to_the_source() -> None:
 def test_protocol_survives_a_send_error_and_a_closed_transport() -> None:
     h = Harness()
     h.core.then(decision(Outcome.ACCEPT)).then(decision(Outcome.ACCEPT))
-    protocol: AuthProtocol = h.server.auth_protocol()
+    protocol: RadiusPort = h.server.auth_protocol()
     protocol.transport = FakeTransport(OSError("no buffer space"))  # type: ignore[assignment]
     protocol.datagramReceived(access_request(SECRET, "alice", "pw"), NAS)
     protocol.transport = None

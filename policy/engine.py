@@ -70,6 +70,15 @@ class Prepared:
     code: str | None
     needs_code: bool
 
+    def verdict_without_directory(self) -> Identity | DirectoryError | None:
+        """The password verdict when the directory need not (or must not) be asked:
+        verified in an earlier round, or empty (never sent: it would bind anonymously)."""
+        if self.request.verified_identity is not None:
+            return self.request.verified_identity
+        if not self.password:
+            return InvalidCredentials("empty password")
+        return None
+
 
 MESSAGES = {
     Reason.LOCKED_OUT: "Account locked after too many failed attempts",
@@ -107,12 +116,16 @@ def split_secret(secret: str, split: SplitMode, separator: str,
 class PolicyEngine:
     def __init__(self, store: Store, keys: KeyRing, totp: TotpParams, limits: Limits,
                  usernames: UsernameRules, clock: Clock = time.time,
-                 events: EngineEvents | None = None, repeat_key: bytes = b"") -> None:
+                 events: EngineEvents | None = None, repeat_key: bytes = b"",
+                 repeat_windows: bool = True) -> None:
         self.store, self.keys, self.totp, self.limits = store, keys, totp, limits
         self.usernames, self.clock = usernames, clock
         self.events = events or NoEvents()
         self.repeat_key = repeat_key or hashlib.sha256(b"mfa-proxy repeat").digest()
         self.audit = AuditQueue(store)
+        # False when no resource has a repeat window: failures then skip clearing
+        # a repeat cache that is always empty (one write less per failure).
+        self.repeat_windows = repeat_windows
 
     # -- step 1: before the directory --------------------------------------------
 
@@ -229,7 +242,8 @@ class PolicyEngine:
     def _failure(self, p: Prepared, reason: Reason, identity: Identity | None = None) -> Decision:
         result = self.store.record_failure(p.username, self.clock(), self.limits.max_failures,
                                            self.limits.lockout_seconds)
-        self.store.repeat_forget(p.username)
+        if self.repeat_windows:
+            self.store.repeat_forget(p.username)
         if result.lockout_started:
             self.events.lockout()
             log.warning("lockout user=%s failures=%d until=%s", p.username, result.failures,
@@ -263,13 +277,10 @@ class PolicyEngine:
         prepared = self.prepare(request)
         if isinstance(prepared, Decision):
             return prepared
-        verdict: Identity | DirectoryError
-        if request.verified_identity is not None:
-            verdict = request.verified_identity
-        else:
+        verdict = prepared.verdict_without_directory()
+        if verdict is None:
             try:
-                verdict = verify(prepared.username, prepared.password) if prepared.password \
-                    else InvalidCredentials("empty password")
+                verdict = verify(prepared.username, prepared.password)
             except DirectoryError as e:
                 verdict = e
         return self.decide(prepared, verdict)
@@ -284,6 +295,13 @@ class AuditQueue:
         self._pending: list[AuditRecord] = []
         self._lock = threading.Lock()
         self.dropped = 0
+        self._reported = 0
+
+    def take_dropped(self) -> int:
+        """Rows dropped since the last call (for the metric)."""
+        with self._lock:
+            new, self._reported = self.dropped - self._reported, self.dropped
+        return new
 
     def add(self, record: AuditRecord) -> None:
         with self._lock:
@@ -326,11 +344,9 @@ class Authenticator:
     def _after_prepare(self, prepared: Prepared | Decision, verify: Verify) -> Any:
         if isinstance(prepared, Decision):
             return prepared
-        request = prepared.request
-        if request.verified_identity is not None:
-            return self._decide(request.verified_identity, prepared)
-        if not prepared.password:
-            return self._decide(InvalidCredentials("empty password"), prepared)
+        known = prepared.verdict_without_directory()
+        if known is not None:
+            return self._decide(known, prepared)
         started = self.clock()
         d = verify(prepared.username, prepared.password)
         d.addCallbacks(self._directory_ok, self._directory_failed,

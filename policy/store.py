@@ -245,6 +245,7 @@ class Store:
         r: Table = RepeatEntry.__table__  # type: ignore[assignment]
         q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
                                                    r.c.expires_at > bindparam("t"))
+        self._ensure_stmt = q_ensure  # the admin writes' insert-if-absent too
         d = self.engine.dialect
         self._q_get, self._q_ensure = _Raw(q_get, d), _Raw(q_ensure, d)
         self._q_fail, self._q_lock = _Raw(q_fail, d), _Raw(q_lock, d)
@@ -315,11 +316,8 @@ class Store:
         return dialect.insert(model)
 
     def _ensure(self, s: Session, username: str, now: int) -> None:
-        stmt = self._insert(UserState).values(
-            username=username, required=False, failures=0, bypass=False,
-            created_at=now, updated_at=now,
-        ).on_conflict_do_nothing(index_elements=["username"])
-        s.execute(stmt)
+        s.execute(self._ensure_stmt, {"username": username, "created_at": now,
+                                      "updated_at": now})
 
     def _update(self, username: str, **values: Any) -> bool:
         """Set fields on an existing user; False when there is no such row."""

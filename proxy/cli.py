@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -40,7 +40,6 @@ class App:
     _store: Any = None
     _keys: Any = None
     _directory: Any = None
-    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def settings(self) -> configmod.Settings:

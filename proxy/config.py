@@ -6,6 +6,7 @@ wherever it is started from.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -388,8 +389,6 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
 
 
 def _replace(obj: T, **changes: Any) -> T:
-    import dataclasses
-
     return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
 
 

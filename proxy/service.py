@@ -85,7 +85,9 @@ class Service:
             self.store, self.keys, TotpParams(s.totp.digits, s.totp.period, s.totp.window),
             Limits(s.policy.max_failures, s.policy.lockout_seconds), username_rules(s.directory),
             clock=time.time, events=EngineMetrics(self.metrics),
-            repeat_key=self.keys.derive(b"repeat-window"))
+            repeat_key=self.keys.derive(b"repeat-window"),
+            repeat_windows=any(c.repeat_window_seconds for c in
+                               (s.radius.clients if s.radius else ())))
         self.authenticator = Authenticator(self.engine, self.async_directory.verify,
                                            self.in_state_pool)
 
@@ -125,6 +127,10 @@ class Service:
         self.loops.append(loop)
 
     def _flush_audit(self) -> Deferred[Any]:
+        dropped = self.engine.audit.take_dropped()
+        if dropped:
+            self.metrics.audit_dropped.inc(dropped)
+            log.warning("%d audit row(s) dropped: the state store is not keeping up", dropped)
         d = self.in_state_pool(self.engine.audit.flush)
         d.addErrback(lambda f: log.warning("audit flush failed: %s", f.getErrorMessage()))
         return d

@@ -861,3 +861,15 @@ def test_authenticator_empty_password_skips_the_directory(h: Harness) -> None:
     d = fired(authenticator(h, verify).authenticate(h.request(secret="")))
     assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
     assert asked == []
+
+
+def test_audit_queue_counts_what_it_drops_once(h: Harness) -> None:
+    from policy.engine import AuditQueue
+    from policy.store import AuditRecord
+
+    queue = AuditQueue(h.store, max_pending=2)
+    for i in range(5):
+        queue.add(AuditRecord(float(i), "alice", "radius", "vpn", "", "reject", "bad_code"))
+    assert queue.take_dropped() == 3
+    assert queue.take_dropped() == 0  # reported once
+    assert queue.flush() == 2

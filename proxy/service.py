@@ -10,7 +10,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from policy.engine import Authenticator, Limits, PolicyEngine
@@ -20,6 +19,7 @@ from policy.totp import TotpParams
 from proxy.config import Settings
 from proxy.directories import ldap_options, make_directory, username_rules
 from proxy.metrics import EngineMetrics, Metrics
+from proxy.worker import BatchWorkers
 
 log = logging.getLogger("mfa_proxy")
 DICTIONARY = Path(__file__).resolve().parent.parent / "conf" / "dictionary"
@@ -77,7 +77,8 @@ class Service:
         # SQLite has one writer at a time: several threads would only wait on its
         # busy handler (which sleeps); PostgreSQL takes the configured threads.
         threads = 1 if self.store.dialect == "sqlite" else s.state.threads
-        self.state_pool = self._pool("state", threads)
+        self.state_workers = BatchWorkers(self.reactor, threads, "state")
+        self.state_workers.start()
         self.directory_pool = self._pool("directory", 16)
         self.directory = make_directory(s.directory)
         self.async_directory = self._async_directory()
@@ -103,7 +104,7 @@ class Service:
         return ThreadedDirectory(self.directory, self.reactor, self.directory_pool)
 
     def in_state_pool(self, f: Any, *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self.reactor, self.state_pool, f, *args)
+        return self.state_workers.submit(f, *args)
 
     # -- running ----------------------------------------------------------------------
 
@@ -241,16 +242,22 @@ class Service:
                  f" (ldaps {', '.join(map(str, lset.ldaps_listen))})" if lset.ldaps_listen
                  else "", lset.upstream)
 
+    def stop_threads(self) -> None:
+        workers = getattr(self, "state_workers", None)
+        if workers is not None:
+            workers.stop()
+        for pool in self.pools:
+            pool.stop()
+
     def stop(self) -> Deferred[Any] | None:
         for loop in self.loops:
             if loop.running:
                 loop.stop()
+        self.stop_threads()  # queued state work is finished first
         try:
             self.engine.audit.flush()
         except Exception as e:
             log.warning("final audit flush failed: %s", e)
-        for pool in self.pools:
-            pool.stop()
         self.directory.close()
         closer = getattr(self.async_directory, "close", None)
         if closer is not None and self.async_directory is not self.directory:
@@ -272,8 +279,7 @@ def run(settings: Settings) -> int:
         return 1
     except Exception as e:  # e.g. a port already in use
         log.error("cannot start: %s: %s", type(e).__name__, e)
-        for pool in service.pools:
-            pool.stop()
+        service.stop_threads()
         return 1
     log.info("mfa-proxy serving (config %s)", settings.path)
     reactor.run()  # type: ignore[attr-defined]

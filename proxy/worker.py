@@ -1,0 +1,104 @@
+"""Blocking work (the state store) off the reactor thread, handed over in batches.
+
+Twisted's ``deferToThreadPool`` costs two thread wake-ups per call, and under
+load each one makes the reactor and the worker fight over the GIL: measured
+at c=32, the two state calls of one RADIUS request cost ~470 µs of CPU that
+way, more than the whole rest of the request. Here the reactor puts jobs on
+a queue; a worker that wakes takes every job waiting, runs them one after
+the other and hands all the results back in one ``callFromThread``. Under
+load a wake-up serves many requests; when idle a job waits for nobody.
+
+Jobs run one at a time per worker thread, in the order they were put, each
+in its own unit of work (the store commits per job): a failing job fails
+only its own Deferred.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+log = logging.getLogger("mfa_proxy.worker")
+
+# One batch is bounded so results flow back while a long queue drains.
+MAX_BATCH = 256
+_STOP = object()
+
+Job = tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]
+
+
+class BatchWorkers:
+    """``submit(f, *args) -> Deferred`` run by ``threads`` worker threads."""
+
+    def __init__(self, reactor: Any, threads: int = 1, name: str = "state") -> None:
+        self.reactor = reactor
+        self._jobs: queue.SimpleQueue[Job | object] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        self.batches = 0  # wake-ups that ran at least one job (for tests and benchmarks)
+        self.jobs = 0
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._jobs.put((f, args, d))
+        return d
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what was queued, then end the threads (waits up to ``timeout``)."""
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
+
+    # -- worker thread
+
+    def _work(self) -> None:
+        get, get_nowait = self._jobs.get, self._jobs.get_nowait
+        while True:
+            batch = [get()]
+            try:
+                while len(batch) < MAX_BATCH:
+                    batch.append(get_nowait())
+            except queue.Empty:
+                pass
+            stops = 0
+            done: list[tuple[Deferred[Any], bool, Any]] = []
+            for job in batch:
+                if job is _STOP:
+                    stops += 1
+                    continue
+                f, args, d = job  # type: ignore[misc]
+                try:
+                    done.append((d, True, f(*args)))
+                except BaseException:
+                    done.append((d, False, Failure()))  # type: ignore[no-untyped-call]
+            if done:
+                self.batches += 1
+                self.jobs += len(done)
+                self.reactor.callFromThread(_deliver, done)
+            if stops:
+                for _ in range(stops - 1):  # another thread's: give it back
+                    self._jobs.put(_STOP)
+                return
+
+
+def _deliver(done: list[tuple[Deferred[Any], bool, Any]]) -> None:
+    for d, ok, value in done:
+        try:
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+        except Exception:  # a callback's bug must not cost the other results of the batch
+            log.exception("a state job's callback failed")

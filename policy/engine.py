@@ -117,7 +117,7 @@ class PolicyEngine:
     def __init__(self, store: Store, keys: KeyRing, totp: TotpParams, limits: Limits,
                  usernames: UsernameRules, clock: Clock = time.time,
                  events: EngineEvents | None = None, repeat_key: bytes = b"",
-                 repeat_windows: bool = True) -> None:
+                 repeat_windows: bool = True, log_accepts: bool = True) -> None:
         self.store, self.keys, self.totp, self.limits = store, keys, totp, limits
         self.usernames, self.clock = usernames, clock
         self.events = events or NoEvents()
@@ -126,6 +126,9 @@ class PolicyEngine:
         # False when no resource has a repeat window: failures then skip clearing
         # a repeat cache that is always empty (one write less per failure).
         self.repeat_windows = repeat_windows
+        # Every decision is in the audit table; a log line per accept costs about a
+        # tenth of a busy proxy's CPU, so it is optional ([logging] decisions).
+        self.log_accepts = log_accepts
 
     # -- step 1: before the directory --------------------------------------------
 
@@ -261,9 +264,10 @@ class PolicyEngine:
                             lockout_started, locked_until)
         self.audit.add(AuditRecord(self.clock(), username, request.protocol, request.client,
                                    request.source, outcome.value, reason.value))
-        log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s",
-                 username, request.protocol, request.client, request.source, outcome.value,
-                 reason.value)
+        if outcome is not Outcome.ACCEPT or self.log_accepts:
+            log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s",
+                     username, request.protocol, request.client, request.source,
+                     outcome.value, reason.value)
         return decision
 
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:

@@ -170,11 +170,19 @@ class _Raw:
         self.compiled = stmt.compile(dialect=dialect)
         self.sql = str(self.compiled)
         self.order = list(self.compiled.positiontup or ()) if dialect.positional else None
+        # The statement's own literals (``failures=0``...), and the names a caller
+        # must give: merged per call instead of ``construct_params`` (~8 µs each).
+        self.defaults = self.compiled.construct_params(_check=False)
+        self.required = frozenset(bind.key for bind in self.compiled.binds.values()
+                                  if bind.required)
 
     def run(self, cur: Any, **params: Any) -> Any:
-        values = self.compiled.construct_params(params)
+        if not self.required <= params.keys():
+            missing = sorted(self.required - params.keys())
+            raise TypeError(f"missing statement parameters: {missing}")
+        values = self.defaults | params
         if self.order is not None:
-            cur.execute(self.sql, tuple(values[n] for n in self.order))
+            cur.execute(self.sql, tuple([values[n] for n in self.order]))
         else:
             cur.execute(self.sql, values)
         return cur

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
@@ -54,6 +55,27 @@ def code_for_step(secret: str, step: int, params: TotpParams) -> str:
     return pyotp.TOTP(secret, digits=params.digits, interval=params.period).generate_otp(step)
 
 
+_BASE32_AS_DIGITS = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
+                                  "0123456789abcdefghijklmnopqrstuv")
+_BASE32_TEXT = re.compile("[A-Z2-7]*")
+
+
+def decode_key(secret: str) -> bytes:
+    """RFC 4648 base32 (any case, padding optional) to the key's bytes.
+
+    Per request: ``base64.b32decode`` is pure Python and cost ~17 µs, a tenth
+    of a decision; read as one base-32 number (``int(..., 32)``) it is ~1 µs.
+    """
+    text = secret.upper().rstrip("=")
+    bits = len(text) * 5
+    # 1, 3 or 6 characters past a full 8-character group encode no whole byte.
+    if not _BASE32_TEXT.fullmatch(text) or bits % 8 >= 5:
+        raise binascii.Error("not base32")
+    size = bits // 8
+    value = int(text.translate(_BASE32_AS_DIGITS), 32) if text else 0
+    return (value >> (bits - size * 8)).to_bytes(size, "big")
+
+
 def _hotp(key: bytes, counter: int, digits: int) -> str:
     """RFC 4226 §5.3 (HMAC-SHA-1, dynamic truncation); the key decoded once per
     request rather than once per candidate step."""
@@ -66,22 +88,23 @@ def _hotp(key: bytes, counter: int, digits: int) -> str:
 def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | None:
     """The time step (within the window) this code belongs to, or None.
 
-    Every candidate is compared in constant time, and all of them are
-    computed, so timing says nothing about which step (if any) matched.
+    Every candidate is compared in constant time; a wrong code is compared
+    with all of them, so its timing says nothing. A right code stops at its
+    step: which step matched is all its timing tells, and only to someone
+    who already holds a valid code.
     """
     # isascii(): str.isdigit() accepts other scripts' digits, which
     # hmac.compare_digest refuses (TypeError) — such a code is just wrong.
     if len(code) != params.digits or not (code.isascii() and code.isdigit()):
         return None
-    key = base64.b32decode(secret + "=" * (-len(secret) % 8), casefold=True)
+    key = decode_key(secret)
     current = params.step_at(now)
-    found = None
     # Newest first: when two steps give the same code, take the later one so the
     # replay marker moves as far as it can.
     for step in range(current + params.window, current - params.window - 1, -1):
-        if hmac.compare_digest(_hotp(key, step, params.digits), code) and found is None:
-            found = step
-    return found
+        if hmac.compare_digest(_hotp(key, step, params.digits), code):
+            return step
+    return None
 
 
 def provisioning_uri(secret: str, account: str, issuer: str, params: TotpParams) -> str:

@@ -163,6 +163,9 @@ class Settings:
     ldap: LdapSettings | None
     http: HttpSettings
     log_level: str = "info"
+    # "rejects": one line per refused attempt (accepts are in the audit table);
+    # "all": a line per decision, accepts too (costs CPU on a busy proxy).
+    log_decisions: str = "rejects"
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -371,8 +374,9 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
     radius = _section(root, "radius", False, lambda r: _radius(cfg, r, totp))
     ldap = _section(root, "ldap", False, _ldap)
     http = _section(root, "http", False, _http) or HttpSettings()
-    logging = _section(root, "logging", False, lambda r: r.str(
-        "level", "info", ("debug", "info", "warning", "error")))
+    logging = _section(root, "logging", False, lambda r: (
+        r.str("level", "info", ("debug", "info", "warning", "error")),
+        r.str("decisions", "rejects", ("rejects", "all"))))
     if directory and ldap and not ldap.user_base and directory.type == "ldap":
         ldap = _replace(ldap, user_base=directory.user_base)
     if directory and ldap and not ldap.upstream:
@@ -384,8 +388,9 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
         _check_timeouts(cfg, radius, directory)
     if state is None or directory is None:
         return None
+    level, decisions = logging or ("info", "rejects")
     return Settings(cfg.path, state, totp, policy, directory, radius, ldap, http,
-                    logging or "info", tuple(cfg.warnings))
+                    level, decisions, tuple(cfg.warnings))
 
 
 def _replace(obj: T, **changes: Any) -> T:

@@ -88,7 +88,8 @@ class Service:
             clock=time.time, events=EngineMetrics(self.metrics),
             repeat_key=self.keys.derive(b"repeat-window"),
             repeat_windows=any(c.repeat_window_seconds for c in
-                               (s.radius.clients if s.radius else ())))
+                               (s.radius.clients if s.radius else ())),
+            log_accepts=s.log_decisions == "all")
         self.authenticator = Authenticator(self.engine, self.async_directory.verify,
                                            self.in_state_pool)
 

@@ -394,3 +394,12 @@ def test_repeat_cache(store: Store) -> None:
     store.prune(T0 + 31, audit_days=90)
     with store.engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM repeat_cache")).scalar() == 0
+
+
+def test_hot_statements_refuse_a_missing_parameter(store: Store) -> None:
+    # The precompiled statements merge parameters themselves: a forgotten one must
+    # fail loudly, not run as NULL (``WHERE username = NULL`` would match nothing).
+    with pytest.raises(TypeError, match="'u'"):
+        store._q_accept.run(None, step=1, t=0)
+    store.set_secret("alice", b"\x01" * 32, 1)
+    assert store.accept_step("alice", 5, 0.0) and not store.accept_step("alice", 5, 0.0)

@@ -496,3 +496,11 @@ listen = ["127.0.0.1:3389"]
     assert s.ldap is not None and s.ldap.user_base == "ou=people,dc=example,dc=org"
     (tmp_path / "d.toml").write_text(text + 'user_base = "dc=example,dc=org"\n')
     assert load(tmp_path / "d.toml").ldap.user_base == "dc=example,dc=org"
+
+
+def test_logging_decisions(tmp_path: Path) -> None:
+    assert load(write(tmp_path, BASE)).log_decisions == "rejects"
+    s = load(write(tmp_path, BASE + '\n[logging]\nlevel = "debug"\ndecisions = "all"\n'))
+    assert (s.log_level, s.log_decisions) == ("debug", "all")
+    found = problems(tmp_path, BASE + '\n[logging]\ndecisions = "accepts"\n')
+    assert len(found) == 1 and found[0].startswith("logging.decisions")

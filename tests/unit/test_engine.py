@@ -6,6 +6,7 @@ clock handed to both: time moves only when a test says so, nothing sleeps.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -873,3 +874,25 @@ def test_audit_queue_counts_what_it_drops_once(h: Harness) -> None:
     assert queue.take_dropped() == 3
     assert queue.take_dropped() == 0  # reported once
     assert queue.flush() == 2
+
+
+# -- log lines ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_accepts", [True, False])
+def test_rejects_are_always_logged_accepts_only_when_asked(
+        h: Harness, caplog: pytest.LogCaptureFixture, log_accepts: bool) -> None:
+    h.engine.log_accepts = log_accepts
+    h.require()
+    h.enroll()
+    with caplog.at_level(logging.INFO, logger="mfa_proxy.policy"):
+        assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+        assert outcome(h.auth(secret="nope")) == (REJECT, Reason.BAD_PASSWORD)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decision ")]
+    rejects = [line for line in lines if "result=reject reason=bad_password" in line]
+    accepts = [line for line in lines if "result=accept reason=ok" in line]
+    assert len(rejects) == 1 and "alice-pw" not in rejects[0] and "nope" not in rejects[0]
+    assert len(accepts) == (1 if log_accepts else 0)
+    # the audit table has both, whatever the log says
+    h.engine.audit.flush()
+    assert [r.result for r in h.store.recent_audit("alice")] == ["reject", "accept"]

@@ -7,8 +7,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyotp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policy.totp import (
+    decode_key,
     InvalidSecret,
     TotpParams,
     code_for_step,
@@ -149,3 +152,20 @@ def test_provisioning_uri_round_trips_through_pyotp() -> None:
     assert parsed.issuer == "ACME & Co"
     assert parsed.digits == 8 and parsed.interval == 60
     assert parsed.at(int(T0)) == code_for_step(SECRET, params.step_at(T0), params)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=40), st.booleans(), st.booleans())
+def test_decode_key_agrees_with_b32decode(key: bytes, lower: bool, padded: bool) -> None:
+    text = base64.b32encode(key).decode()
+    text = text if padded else text.rstrip("=")
+    assert decode_key(text.lower() if lower else text) == key
+
+
+@pytest.mark.parametrize("text", ["A", "ABC", "ABCDEF", "ABCDEFGHA", "AB1C", "AB8C", "AB C",
+                                  "ÄBCD", "AB=CD"])
+def test_decode_key_refuses_what_b32decode_refuses(text: str) -> None:
+    with pytest.raises(ValueError):  # binascii.Error, a ValueError, for most
+        base64.b32decode(text + "=" * (-len(text) % 8))
+    with pytest.raises(ValueError):
+        decode_key(text)

@@ -58,7 +58,10 @@ class Reason(enum.StrEnum):
     INVALID_USERNAME = "invalid_username"
 
 
-@dataclass(frozen=True)
+# Per-request values are plain slotted dataclasses, not frozen ones: a frozen
+# dataclass pays ~2 µs more per instance in __init__, and a sign-in makes several.
+# Nothing changes them after construction.
+@dataclass(slots=True)
 class AuthRequest:
     """One sign-in attempt, protocol-neutral.
 
@@ -84,7 +87,7 @@ class AuthRequest:
     source: str = ""  # for logs and audit only (an address), never a metric label
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # see AuthRequest on frozen
 class Decision:
     outcome: Outcome
     reason: Reason

@@ -59,7 +59,7 @@ class NoEvents:
         pass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: see policy/decision.py on frozen
 class Prepared:
     """What the first step learned: who, their state, and how to read the secret."""
 
@@ -329,8 +329,11 @@ class AuditQueue:
 class Authenticator:
     """The reactor-facing entry point: ``authenticate(request) -> Deferred[Decision]``.
 
-    Store work runs in ``run_blocking`` (a thread pool); the directory is asked
-    through an asynchronous ``verify``. Anything unexpected becomes a reject.
+    Store work runs in ``run_blocking`` (a worker thread); the directory is
+    asked through an asynchronous ``verify``. Anything unexpected becomes a
+    reject. Each step hands its result straight to the next (one Deferred per
+    step, none returned from a callback): this runs for every request, and
+    Deferreds chained inside callbacks cost more than the steps they join.
     """
 
     def __init__(self, engine: PolicyEngine, verify: Verify,
@@ -340,30 +343,64 @@ class Authenticator:
 
     def authenticate(self, request: AuthRequest, verify: Verify | None = None
                      ) -> Deferred[Decision]:
-        d = self.run_blocking(self.engine.prepare, request)
-        d.addCallback(self._after_prepare, verify or self.verify)
-        d.addErrback(self._failed, request, "prepare")
-        return d
+        from twisted.internet.defer import Deferred
 
-    def _after_prepare(self, prepared: Prepared | Decision, verify: Verify) -> Any:
+        result: Deferred[Decision] = Deferred()
+        self._step(result, request, "prepare", self.engine.prepare, request).addCallback(
+            self._after_prepare, result, request, verify or self.verify)
+        return result
+
+    def _step(self, result: Deferred[Decision], request: AuthRequest, name: str,
+              f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """``f`` in ``run_blocking``; on failure ``result`` gets the reject and the
+        returned Deferred stops there (it fires None, which the next step ignores)."""
+        try:
+            d = self.run_blocking(f, *args)
+        except Exception:
+            from twisted.internet.defer import fail
+
+            d = fail()
+        return d.addErrback(self._failed, result, request, name)
+
+    def _after_prepare(self, prepared: Prepared | Decision | None, result: Deferred[Decision],
+                       request: AuthRequest, verify: Verify) -> None:
+        if prepared is None:  # the step failed: result already has its reject
+            return
+        try:
+            self._ask_directory(prepared, result, verify)
+        except Exception:  # a bug: still one answer, a reject
+            from twisted.python.failure import Failure
+
+            if not result.called:
+                self._failed(Failure(), result, request, "directory")  # type: ignore[no-untyped-call]
+
+    def _ask_directory(self, prepared: Prepared | Decision, result: Deferred[Decision],
+                       verify: Verify) -> None:
         if isinstance(prepared, Decision):
-            return prepared
+            result.callback(prepared)
+            return
         known = prepared.verdict_without_directory()
         if known is not None:
-            return self._decide(known, prepared)
+            self._decide(known, prepared, result)
+            return
         started = self.clock()
-        d = verify(prepared.username, prepared.password)
-        d.addCallbacks(self._directory_ok, self._directory_failed,
-                       callbackArgs=(started,), errbackArgs=(started,))
-        d.addCallback(self._decide, prepared)
-        return d
+        try:
+            d = verify(prepared.username, prepared.password)
+        except Exception as e:  # a directory that raises instead of failing its Deferred
+            self._decide(self._directory_error(e, started), prepared, result)
+            return
+        d.addCallbacks(self._directory_ok, self._directory_failed, callbackArgs=(started,),
+                       errbackArgs=(started,))
+        d.addCallback(self._decide, prepared, result)
 
     def _directory_ok(self, identity: Identity, started: float) -> Identity:
         self.engine.events.directory(self.clock() - started, None)
         return identity
 
     def _directory_failed(self, failure: Any, started: float) -> DirectoryError:
-        error: DirectoryError = failure.value
+        return self._directory_error(failure.value, started)
+
+    def _directory_error(self, error: BaseException, started: float) -> DirectoryError:
         if not isinstance(error, DirectoryError):
             log.error("directory check raised %s: %s", type(error).__name__, error)
             error = DirectoryUnavailable(str(error))
@@ -371,14 +408,21 @@ class Authenticator:
         self.engine.events.directory(self.clock() - started, reason)
         return error
 
-    def _decide(self, verdict: Identity | DirectoryError, prepared: Prepared) -> Any:
-        d = self.run_blocking(self.engine.decide, prepared, verdict)
-        d.addErrback(self._failed, prepared.request, "decide")
-        return d
+    def _decide(self, verdict: Identity | DirectoryError, prepared: Prepared,
+                result: Deferred[Decision]) -> None:
+        d = self._step(result, prepared.request, "decide", self.engine.decide, prepared, verdict)
+        d.addCallback(self._decided, result)
 
-    def _failed(self, failure: Any, request: AuthRequest, step: str) -> Decision:
-        if isinstance(failure.value, Decision):
-            return failure.value
+    @staticmethod
+    def _decided(decision: Decision | None, result: Deferred[Decision]) -> None:
+        if decision is not None:
+            result.callback(decision)
+
+    def _failed(self, failure: Any, result: Deferred[Decision], request: AuthRequest,
+                step: str) -> None:
+        result.callback(self._fail_closed(failure, request, step))
+
+    def _fail_closed(self, failure: Any, request: AuthRequest, step: str) -> Decision:
         from sqlalchemy.exc import SQLAlchemyError
 
         from policy.store import StoreError

@@ -95,7 +95,7 @@ class RepeatEntry(Base):
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: see policy/decision.py on frozen
 class UserRecord:
     """A snapshot of one user's MFA state."""
 
@@ -131,14 +131,14 @@ class UserRecord:
         return math.ceil((self.enrollment_deadline - now) / DAY)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: see policy/decision.py on frozen
 class FailureResult:
     failures: int
     lockout_started: bool
     locked_until: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: see policy/decision.py on frozen
 class AuditRecord:
     at: float
     username: str

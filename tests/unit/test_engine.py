@@ -864,6 +864,49 @@ def test_authenticator_empty_password_skips_the_directory(h: Harness) -> None:
     assert asked == []
 
 
+def test_authenticator_directory_raising_instead_of_failing_is_unavailable(h: Harness) -> None:
+    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+        raise RuntimeError("raised, not returned")
+
+    d = fired(authenticator(h, verify).authenticate(h.request(secret="pw")))
+    assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
+
+
+def test_authenticator_decide_failure_fails_closed_once(h: Harness,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    enrolled(h)
+
+    def broken(username: str, step: int, now: float) -> bool:
+        raise OperationalError("UPDATE", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(h.store, "accept_step", broken)
+    d = authenticator(h, lambda u, p: defer.succeed(Identity(u))).authenticate(
+        h.request(secret=h.with_code()))
+    assert outcome(fired(d)) == (REJECT, Reason.STATE_UNAVAILABLE)
+    assert h.events.state_errors == ["decide"]
+
+
+def test_authenticator_a_worker_that_refuses_the_job_still_gets_one_reject(h: Harness) -> None:
+    def refusing(f: Any, *args: Any) -> defer.Deferred[Any]:
+        raise RuntimeError("worker stopped")
+
+    auth = Authenticator(h.engine, lambda u, p: defer.succeed(Identity(u)), refusing,
+                         clock=h.clock)
+    assert outcome(fired(auth.authenticate(h.request()))) == (REJECT, Reason.STATE_UNAVAILABLE)
+
+
+def test_authenticator_a_bug_after_prepare_still_gets_one_reject(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from policy.engine import Prepared
+
+    def bug(self: Prepared) -> None:
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(Prepared, "verdict_without_directory", bug)
+    d = authenticator(h, lambda u, p: defer.succeed(Identity(u))).authenticate(h.request())
+    assert outcome(fired(d)) == (REJECT, Reason.STATE_UNAVAILABLE)
+
+
 def test_audit_queue_counts_what_it_drops_once(h: Harness) -> None:
     from policy.engine import AuditQueue
     from policy.store import AuditRecord

@@ -253,12 +253,18 @@ class Store:
         r: Table = RepeatEntry.__table__  # type: ignore[assignment]
         q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
                                                    r.c.expires_at > bindparam("t"))
+        q_repeat_put = self._insert(RepeatEntry).values(
+            key=bindparam("k"), username=bindparam("u"), expires_at=bindparam("e"))
+        q_repeat_put = q_repeat_put.on_conflict_do_update(
+            index_elements=["key"], set_={"expires_at": q_repeat_put.excluded.expires_at})
+        q_repeat_forget = r.delete().where(r.c.username == bindparam("u"))
         self._ensure_stmt = q_ensure  # the admin writes' insert-if-absent too
         d = self.engine.dialect
         self._q_get, self._q_ensure = _Raw(q_get, d), _Raw(q_ensure, d)
         self._q_fail, self._q_lock = _Raw(q_fail, d), _Raw(q_lock, d)
         self._q_accept, self._q_success = _Raw(q_accept, d), _Raw(q_success, d)
         self._q_repeat_hit = _Raw(q_repeat_hit, d)
+        self._q_repeat_put, self._q_repeat_forget = _Raw(q_repeat_put, d), _Raw(q_repeat_forget, d)
 
     def _thread_connection(self) -> Any:
         """Each thread keeps its own DBAPI connection, out of the pool: no checkout,
@@ -285,24 +291,54 @@ class Store:
     @contextmanager
     def _raw(self) -> Iterator[Any]:
         """A DBAPI cursor in one transaction: the hot path skips SQLAlchemy's
-        per-statement machinery (it was most of the CPU per request)."""
+        per-statement machinery (it was most of the CPU per request). Inside
+        :meth:`group` the group's transaction is used and committed at its end."""
         try:
             conn = self._thread_connection()
             cur = conn.cursor()
         except Exception as e:
             raise StoreError(f"state store unavailable: {type(e).__name__}: {e}") from e
+        grouped = getattr(self._local, "grouped", False)
         try:
             yield cur
-            conn.commit()
+            if not grouped:
+                conn.commit()
         except StoreError:
-            self._rollback_or_drop(conn)
+            if not grouped:
+                self._rollback_or_drop(conn)
             raise
         except Exception as e:
-            self._rollback_or_drop(conn)
+            if not grouped:
+                self._rollback_or_drop(conn)
             raise StoreError(f"state store failed: {type(e).__name__}: {e}") from e
         finally:
             with suppress(Exception):
                 cur.close()
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Several hot-path units of work (``get``, ``accept_step``,
+        ``record_failure`` ...) in one transaction with one commit: on SQLite a
+        commit costs more than the UPDATE it ends (~25 of ~34 µs). Results read
+        inside must not be acted on before the block has left without an error:
+        on any error everything in it is rolled back. Only the hot-path methods
+        may run inside (the admin methods use their own connection, which would
+        wait for this transaction's lock)."""
+        try:
+            conn = self._thread_connection()
+        except Exception as e:
+            raise StoreError(f"state store unavailable: {type(e).__name__}: {e}") from e
+        self._local.grouped = True
+        try:
+            yield
+            self._local.grouped = False
+            conn.commit()
+        except BaseException as e:
+            self._local.grouped = False
+            self._rollback_or_drop(conn)
+            if isinstance(e, StoreError) or not isinstance(e, Exception):
+                raise
+            raise StoreError(f"state store failed: {type(e).__name__}: {e}") from e
 
     def _rollback_or_drop(self, conn: Any) -> None:
         """After an error: a connection that cannot even roll back is broken (the
@@ -531,13 +567,9 @@ class Store:
             return self._q_repeat_hit.run(cur, k=key, t=int(now)).fetchone() is not None
 
     def repeat_put(self, key: bytes, username: str, expires_at: float) -> None:
-        stmt = self._insert(RepeatEntry).values(key=key, username=username,
-                                                expires_at=math.ceil(expires_at))
-        stmt = stmt.on_conflict_do_update(index_elements=["key"],
-                                          set_={"expires_at": stmt.excluded.expires_at})
-        with self._session() as s, s.begin():
-            s.execute(stmt)
+        with self._raw() as cur:
+            self._q_repeat_put.run(cur, k=key, u=username, e=math.ceil(expires_at))
 
     def repeat_forget(self, username: str) -> None:
-        with self._session() as s, s.begin():
-            s.execute(delete(RepeatEntry).where(RepeatEntry.username == username))
+        with self._raw() as cur:
+            self._q_repeat_forget.run(cur, u=username)

@@ -77,7 +77,12 @@ class Service:
         # SQLite has one writer at a time: several threads would only wait on its
         # busy handler (which sleeps); PostgreSQL takes the configured threads.
         threads = 1 if self.store.dialect == "sqlite" else s.state.threads
-        self.state_workers = BatchWorkers(self.reactor, threads, "state")
+        # SQLite: the engine's steps that wait together share one transaction and
+        # one commit (a commit costs more than the statement it ends). PostgreSQL
+        # commits per step: grouped row locks of several threads could deadlock.
+        group = self.store.group if self.store.dialect == "sqlite" else None
+        self.state_workers = BatchWorkers(self.reactor, threads, "state", group,
+                                          (StoreError,))
         self.state_workers.start()
         self.directory_pool = self._pool("directory", 16)
         self.directory = make_directory(s.directory)
@@ -91,7 +96,7 @@ class Service:
                                (s.radius.clients if s.radius else ())),
             log_accepts=s.log_decisions == "all")
         self.authenticator = Authenticator(self.engine, self.async_directory.verify,
-                                           self.in_state_pool)
+                                           self.state_workers.submit_grouped)
 
     def _async_directory(self) -> Any:
         """LDAP gets the Twisted-native client (no thread per request); the

@@ -8,9 +8,12 @@ a queue; a worker that wakes takes every job waiting, runs them one after
 the other and hands all the results back in one ``callFromThread``. Under
 load a wake-up serves many requests; when idle a job waits for nobody.
 
-Jobs run one at a time per worker thread, in the order they were put, each
-in its own unit of work (the store commits per job): a failing job fails
-only its own Deferred.
+Jobs run one at a time per worker thread, in the order they were put. A job
+fails only its own Deferred, except inside a group: ``submit_grouped`` jobs
+that wait together run in one ``group()`` (the store's one-transaction,
+one-commit block) and get their results only once it committed. When the
+group fails (an error from the store inside it, or the commit) its writes are
+gone, so every job in it fails: the callers reject, fail-secure.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -30,14 +34,20 @@ log = logging.getLogger("mfa_proxy.worker")
 MAX_BATCH = 256
 _STOP = object()
 
-Job = tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]
+Job = tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any], bool]  # bool: grouped
+Done = list[tuple[Deferred[Any], bool, Any]]
 
 
 class BatchWorkers:
     """``submit(f, *args) -> Deferred`` run by ``threads`` worker threads."""
 
-    def __init__(self, reactor: Any, threads: int = 1, name: str = "state") -> None:
+    def __init__(self, reactor: Any, threads: int = 1, name: str = "state",
+                 group: Callable[[], AbstractContextManager[None]] | None = None,
+                 group_errors: tuple[type[BaseException], ...] = ()) -> None:
+        """``group``: the block grouped jobs run in (None: they run alone);
+        ``group_errors``: what a job may raise that spoils its whole group."""
         self.reactor = reactor
+        self._group, self._group_errors = group, group_errors
         self._jobs: queue.SimpleQueue[Job | object] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, threads))]
@@ -50,7 +60,13 @@ class BatchWorkers:
 
     def submit(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
-        self._jobs.put((f, args, d))
+        self._jobs.put((f, args, d, False))
+        return d
+
+    def submit_grouped(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Like :meth:`submit`, for a job that may share a group with its neighbours."""
+        d: Deferred[Any] = Deferred()
+        self._jobs.put((f, args, d, self._group is not None))
         return d
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -73,16 +89,23 @@ class BatchWorkers:
             except queue.Empty:
                 pass
             stops = 0
-            done: list[tuple[Deferred[Any], bool, Any]] = []
+            done: Done = []
+            jobs: list[Job] = []
             for job in batch:
                 if job is _STOP:
                     stops += 1
-                    continue
-                f, args, d = job  # type: ignore[misc]
-                try:
-                    done.append((d, True, f(*args)))
-                except BaseException:
-                    done.append((d, False, Failure()))  # type: ignore[no-untyped-call]
+                else:
+                    jobs.append(job)  # type: ignore[arg-type]
+            start = 0
+            while start < len(jobs):
+                end = start + 1
+                while jobs[start][3] and end < len(jobs) and jobs[end][3]:
+                    end += 1
+                if jobs[start][3]:
+                    self._run_group(jobs[start:end], done)
+                else:
+                    _run(jobs[start], done)
+                start = end
             if done:
                 self.batches += 1
                 self.jobs += len(done)
@@ -91,6 +114,35 @@ class BatchWorkers:
                 for _ in range(stops - 1):  # another thread's: give it back
                     self._jobs.put(_STOP)
                 return
+
+    def _run_group(self, jobs: list[Job], done: Done) -> None:
+        assert self._group is not None
+        results: Done = []
+        try:
+            with self._group():
+                for job in jobs:
+                    f, args, d, _ = job
+                    try:
+                        results.append((d, True, f(*args)))
+                    except self._group_errors:
+                        raise
+                    except Exception:  # this job's own error: the group goes on
+                        results.append((d, False, Failure()))  # type: ignore[no-untyped-call]
+        except BaseException:
+            failure = Failure()  # type: ignore[no-untyped-call]
+            log.error("a group of %d state job(s) failed and was rolled back: %s",
+                      len(jobs), failure.getErrorMessage())
+            done.extend((job[2], False, failure) for job in jobs)
+            return
+        done.extend(results)
+
+
+def _run(job: Job, done: Done) -> None:
+    f, args, d, _ = job
+    try:
+        done.append((d, True, f(*args)))
+    except BaseException:
+        done.append((d, False, Failure()))  # type: ignore[no-untyped-call]
 
 
 def _deliver(done: list[tuple[Deferred[Any], bool, Any]]) -> None:

@@ -403,3 +403,21 @@ def test_hot_statements_refuse_a_missing_parameter(store: Store) -> None:
         store._q_accept.run(None, step=1, t=0)
     store.set_secret("alice", b"\x01" * 32, 1)
     assert store.accept_step("alice", 5, 0.0) and not store.accept_step("alice", 5, 0.0)
+
+
+def test_group_commits_once_and_rolls_back_everything_on_error(store: Store) -> None:
+    store.set_secret("alice", b"\x01" * 32, 1)
+    store.set_secret("bob", b"\x02" * 32, 1)
+    with store.group():
+        assert store.accept_step("alice", 10, 0.0)
+        assert store.get("alice").last_step == 10  # the group reads its own writes
+        store.record_failure("bob", 0.0, 5, 900)
+    assert store.get("alice").last_step == 10 and store.get("bob").failures == 1
+
+    with pytest.raises(StoreError), store.group():
+        assert store.accept_step("alice", 11, 0.0)
+        store.record_failure("bob", 0.0, 5, 900)
+        raise StoreError("the disk is full")
+    # nothing of the failed group stayed: the code for step 11 is still unused
+    assert store.get("alice").last_step == 10 and store.get("bob").failures == 1
+    assert store.accept_step("alice", 11, 0.0)  # and the connection still works

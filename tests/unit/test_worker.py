@@ -84,3 +84,114 @@ def test_stop_finishes_what_was_queued_and_ends_every_thread(threads: int) -> No
     while not reactor.calls.empty():
         reactor.run_one()
     assert sorted(got) == list(range(50))
+
+
+class Spoiled(Exception):
+    """Stands for the store's error: it spoils the whole group."""
+
+
+class RecordingGroup:
+    def __init__(self) -> None:
+        self.entered = 0
+        self.committed: list[list[Any]] = []
+        self.rolled_back = 0
+        self.writes: list[Any] = []
+
+    def __call__(self) -> Any:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def block() -> Any:
+            self.entered += 1
+            self.writes = []
+            try:
+                yield
+            except BaseException:
+                self.rolled_back += 1
+                raise
+            self.committed.append(self.writes)
+
+        return block()
+
+
+def held_batch(workers: BatchWorkers, jobs: list[tuple[bool, Any]]) -> list[Any]:
+    """Submit ``jobs`` (grouped?, f) while the worker is held, so they form one batch."""
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        assert gate.wait(5)
+
+    workers.submit(hold)
+    assert started.wait(5)
+    got = results_of([(workers.submit_grouped if grouped else workers.submit)(f)
+                      for grouped, f in jobs])
+    gate.set()
+    return got
+
+
+def test_grouped_jobs_waiting_together_share_one_group_and_answer_after_it() -> None:
+    reactor, group = FakeReactor(), RecordingGroup()
+    workers = BatchWorkers(reactor, 1, group=group, group_errors=(Spoiled,))
+    workers.start()
+    try:
+        def write(n: int) -> Any:
+            return lambda: group.writes.append(n) or n
+
+        got = held_batch(workers, [(True, write(1)), (True, write(2)), (False, lambda: "alone"),
+                                   (True, write(3))])
+        reactor.run_one()  # hold()
+        reactor.run_one()
+        assert got == [1, 2, "alone", 3]
+        # two groups: the job that may not be grouped splits them
+        assert group.committed == [[1, 2], [3]] and group.rolled_back == 0
+    finally:
+        workers.stop()
+
+
+def test_a_spoiling_error_fails_every_job_of_its_group_and_only_that_group() -> None:
+    reactor, group = FakeReactor(), RecordingGroup()
+    workers = BatchWorkers(reactor, 1, group=group, group_errors=(Spoiled,))
+    workers.start()
+    try:
+        def spoil() -> None:
+            raise Spoiled("database is locked")
+
+        got = held_batch(workers, [(True, lambda: "written"), (True, spoil),
+                                   (True, lambda: "never run"), (False, lambda: "alone"),
+                                   (True, lambda: "next group")])
+        reactor.run_one()
+        reactor.run_one()
+        # the first job's write was rolled back with the group: it must not say "done"
+        assert [g.check(Spoiled) is not None for g in got[:3]] == [True, True, True]
+        assert got[3:] == ["alone", "next group"]
+        assert group.rolled_back == 1 and len(group.committed) == 1
+    finally:
+        workers.stop()
+
+
+def test_a_jobs_own_error_fails_only_that_job_inside_a_group() -> None:
+    reactor, group = FakeReactor(), RecordingGroup()
+    workers = BatchWorkers(reactor, 1, group=group, group_errors=(Spoiled,))
+    workers.start()
+    try:
+        got = held_batch(workers, [(True, lambda: 1), (True, lambda: 1 / 0), (True, lambda: 3)])
+        reactor.run_one()
+        reactor.run_one()
+        assert got[0] == 1 and got[1].check(ZeroDivisionError) and got[2] == 3
+        assert len(group.committed) == 1 and group.rolled_back == 0
+    finally:
+        workers.stop()
+
+
+def test_without_a_group_grouped_jobs_run_alone() -> None:
+    reactor = FakeReactor()
+    workers = BatchWorkers(reactor, 1)
+    workers.start()
+    try:
+        got = held_batch(workers, [(True, lambda: 1), (True, lambda: 1 / 0), (True, lambda: 3)])
+        reactor.run_one()
+        reactor.run_one()
+        assert got[0] == 1 and got[1].check(ZeroDivisionError) and got[2] == 3
+    finally:
+        workers.stop()

@@ -307,11 +307,6 @@ class RadiusServer:
     # --- a Decision: to a reply ------------------------------------------
 
     def _decided(self, decision: Decision, ex: _Exchange) -> bytes:
-        elapsed = max(0.0, self._clock.seconds() - ex.started)  # a wall clock may step back
-        self.events.decision_seconds(elapsed)
-        if ex.client.nas_timeout and elapsed > ex.client.nas_timeout:
-            log.warning("RADIUS: deciding for client %s took %.1f s, longer than its "
-                        "nas_timeout (%.1f s)", ex.client.name, elapsed, ex.client.nas_timeout)
         if decision.outcome is Outcome.ACCEPT:
             return self._accept(ex, decision)
         if decision.outcome is Outcome.NEED_CODE:
@@ -372,6 +367,13 @@ class RadiusServer:
         self.events.dropped(DropReason.INTERNAL_ERROR)
 
     def _finish(self, ex: _Exchange, reply: bytes) -> None:
+        """Every answered Access-Request ends here: rejected locally, answered from
+        a stored challenge round or decided by the core, it is timed the same way."""
+        elapsed = max(0.0, self._clock.seconds() - ex.started)  # a wall clock may step back
+        self.events.decision_seconds(elapsed)
+        if ex.client.nas_timeout and elapsed > ex.client.nas_timeout:
+            log.warning("RADIUS: deciding for client %s took %.1f s, longer than its "
+                        "nas_timeout (%.1f s)", ex.client.name, elapsed, ex.client.nas_timeout)
         self.duplicates.complete(ex.key, reply)
         ex.send(reply)
 

@@ -241,6 +241,7 @@ def test_chap_mschap_and_eap_are_rejected_unsupported(extra, password) -> None:
     _, reply = h.ask(password, extra=extra)
     assert reply.code == Code.ACCESS_REJECT and h.core.requests == []
     assert h.events.requests == [("vpn", "reject", "unsupported_auth")]
+    assert len(h.events.decisions) == 1  # a local reject is a decision too: timed
 
 
 def test_no_user_password_is_rejected() -> None:
@@ -256,6 +257,7 @@ def test_no_user_name_is_rejected() -> None:
     reply = h.send(request)
     assert reply is not None and reply[0] == Code.ACCESS_REJECT
     assert h.events.requests == [("vpn", "reject", "missing_username")]
+    assert len(h.events.decisions) == 1
 
 
 def test_garbled_password_from_a_wrong_secret_never_reaches_the_core() -> None:

@@ -6,17 +6,26 @@ threads:
 
 - the user filter is parsed once (RFC 4515) into a tree of pre-encoded BER
   where only the assertion values holding ``{username}`` are re-encoded per
-  request. The username goes in as raw bytes of an assertion value, so it
-  can never become filter syntax (the BER form of RFC 4515 escaping);
+  request (with a single placeholder, only the lengths around it are). The
+  username goes in as raw bytes of an assertion value, so it can never
+  become filter syntax (the BER form of RFC 4515 escaping);
 - service-account connections carry the searches, many at once
   (message-id multiplexing);
 - user binds go over a separate pool of connections, one bind at a time
   per connection (RFC 4511 §4.2.1: nothing else may be in flight during a
   bind), re-binding on the same connection each time;
-- every operation has a timeout; URLs are tried in order with the same
-  "remember it as down" failover as :mod:`backends.ldap`;
+- every operation has a timeout, kept as a deadline: one timer per
+  connection (and one for the bind queue) serves every request on it; URLs
+  are tried in order with the same "remember it as down" failover as
+  :mod:`backends.ldap`;
 - an optional username → identity cache (``dn_cache_seconds``) saves the
   search, never the bind.
+
+``verify()`` has two paths. While the connections it needs are open, it runs
+as reply callbacks (:class:`_Verify`): no coroutine, one Deferred, the entry
+decoded down to the DN, the username and memberOf. Whatever is rare --
+connecting, a lost connection, a group search, a refused cached DN -- goes
+to the coroutines, which are the reference behaviour.
 
 Errors and results are those of :class:`backends.ldap.LdapDirectory`.
 """
@@ -26,7 +35,9 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from operator import attrgetter
+from typing import Any, NamedTuple, TypeVar
+from typing import Protocol as Interface  # (Protocol is Twisted's, below)
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, error, ssl
@@ -87,6 +98,8 @@ START_TLS_OID = b"1.3.6.1.4.1.1466.20037"
 SCOPE_BASE, SCOPE_SUBTREE = 0, 2
 NEVER_DEREF_ALIASES = 0
 MAX_MESSAGE = 64 * 1024 * 1024  # a larger answer is an error, not a memory exhaustion
+_FINAL_REPLIES = (SEARCH_RESULT_DONE, BIND_RESPONSE, EXTENDED_RESPONSE)
+_IGNORED_REPLIES = (SEARCH_RESULT_REFERENCE, INTERMEDIATE_RESPONSE)
 
 
 def frame_size(buf: bytes | bytearray, pos: int) -> int | None:
@@ -139,43 +152,116 @@ def _text(raw: bytes) -> str:
 
 def decode_envelope(message: bytes) -> tuple[int, int, int, int]:
     """(message id, protocolOp tag, op content start, op content end)."""
-    start, end = expect(message, 0, len(message), SEQUENCE)
-    id_start, id_end = expect(message, start, end, INTEGER)
-    message_id = int.from_bytes(message[id_start:id_end], "big", signed=True)
-    tag, op_start, op_end = read_header(message, id_end, end)
+    return _envelope(message, 0, len(message))
+
+
+def _envelope(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
+    """:func:`decode_envelope` of the message at ``buf[pos:end]``, without copying it."""
+    start, end = _expect(buf, pos, end, SEQUENCE)
+    id_start, id_end = _expect(buf, start, end, INTEGER)
+    message_id = int.from_bytes(buf[id_start:id_end], "big", signed=True)
+    tag, op_start, op_end = _read_header(buf, id_end, end)
     return message_id, tag, op_start, op_end
+
+
+# The two BER readers with the short length form (nearly every element of a reply)
+# inline: about half the calls per element. Anything else, errors included, is left
+# to backends.ber, so the results and the errors are the same.
+
+
+def _read_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    if pos + 2 <= end:
+        tag, size = buf[pos], buf[pos + 1]
+        if size < 0x80 and pos + 2 + size <= end and tag & 0x1F != 0x1F:
+            return tag, pos + 2, pos + 2 + size
+    return read_header(buf, pos, end)
+
+
+def _expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
+    if pos + 2 <= end and buf[pos] == tag:
+        size = buf[pos + 1]
+        if size < 0x80 and pos + 2 + size <= end:
+            return pos + 2, pos + 2 + size
+    return expect(buf, pos, end, tag)
 
 
 def decode_result(message: bytes, start: int, end: int) -> tuple[int, str]:
     """resultCode and diagnosticMessage of an LDAPResult (RFC 4511 §4.1.9)."""
-    code_start, code_end = expect(message, start, end, ENUMERATED)
-    _dn_start, dn_end = expect(message, code_end, end, OCTET_STRING)
-    diag_start, diag_end = expect(message, dn_end, end, OCTET_STRING)
+    code_start, code_end = _expect(message, start, end, ENUMERATED)
+    _dn_start, dn_end = _expect(message, code_end, end, OCTET_STRING)
+    diag_start, diag_end = _expect(message, dn_end, end, OCTET_STRING)
     code = int.from_bytes(message[code_start:code_end], "big", signed=True)
-    return code, _text(message[diag_start:diag_end])
+    return code, _text(message[diag_start:diag_end]) if diag_end > diag_start else ""
 
 
 def decode_entry(message: bytes, start: int, end: int) -> SearchEntry:
-    dn_start, dn_end = expect(message, start, end, OCTET_STRING)
-    attrs_start, attrs_end = expect(message, dn_end, end, SEQUENCE)
+    dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
+    attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
     attributes: dict[str, list[str]] = {}
     pos = attrs_start
     while pos < attrs_end:
-        one_start, one_end = expect(message, pos, attrs_end, SEQUENCE)
-        type_start, type_end = expect(message, one_start, one_end, OCTET_STRING)
-        vals_start, vals_end = expect(message, type_end, one_end, SET)
-        values = []
-        value_pos = vals_start
-        while value_pos < vals_end:
-            v_start, value_pos = expect(message, value_pos, vals_end, OCTET_STRING)
-            values.append(_text(message[v_start:value_pos]))
+        one_start, one_end = _expect(message, pos, attrs_end, SEQUENCE)
+        type_start, type_end = _expect(message, one_start, one_end, OCTET_STRING)
+        vals_start, vals_end = _expect(message, type_end, one_end, SET)
+        values = _values(message, vals_start, vals_end)
         attributes[_text(message[type_start:type_end]).lower()] = values
         pos = one_end
     return SearchEntry(_text(message[dn_start:dn_end]), attributes)
 
 
+def _values(message: bytes, pos: int, end: int) -> list[str]:
+    """The values of one attribute: SET OF OCTET STRING."""
+    values = []
+    while pos < end:
+        start, pos = _expect(message, pos, end, OCTET_STRING)
+        values.append(_text(message[start:pos]))
+    return values
+
+
+class UserEntry(NamedTuple):
+    """What a verify needs of the user's entry."""
+
+    dn: str
+    name: str | None  # the first value of the username attribute
+    member_of: list[str]  # empty unless memberOf is used
+
+
+class UserEntryReader:
+    """Decodes a user's search entry down to a :class:`UserEntry`.
+
+    The search asks for these attributes only; any other one is skipped whole
+    rather than decoded, which is what keeps this cheaper than decode_entry.
+    """
+
+    def __init__(self, username_attribute: str, use_memberof: bool) -> None:
+        # Attribute types are ASCII, so bytes.lower() is str.lower() here.
+        self._name = username_attribute.lower().encode()
+        self._member_of = b"memberof" if use_memberof else None
+
+    def read(self, message: bytes, start: int, end: int) -> UserEntry:
+        dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
+        attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
+        name: str | None = None
+        member_of: list[str] = []
+        pos = attrs_start
+        while pos < attrs_end:
+            one_start, pos = _expect(message, pos, attrs_end, SEQUENCE)
+            type_start, type_end = _expect(message, one_start, pos, OCTET_STRING)
+            vals_start, vals_end = _expect(message, type_end, pos, SET)
+            kind = message[type_start:type_end].lower()
+            if kind == self._name:  # a repeated attribute: the last one counts, as in a dict
+                values = _values(message, vals_start, vals_end)
+                name = values[0] if values else None
+            if kind == self._member_of:
+                member_of = _values(message, vals_start, vals_end)
+        return UserEntry(_text(message[dn_start:dn_end]), name, member_of)
+
+
+_BIND_VERSION = integer(3)
+
+
 def encode_bind(dn: str, password: str) -> bytes:
-    return tlv(BIND_REQUEST, integer(3) + tlv(OCTET_STRING, dn.encode())
+    return tlv(BIND_REQUEST, _BIND_VERSION + tlv(OCTET_STRING, dn.encode())
                + tlv(AUTH_SIMPLE, password.encode()))
 
 
@@ -239,6 +325,65 @@ def _constructed(tag: int, children: list[_Node]) -> _Node:
     return _Constructed(tag, children)
 
 
+class _Slot:
+    """Where the only placeholder of a template sits, with everything around it encoded.
+
+    ``levels`` run from the outermost element in: (tag, bytes before, bytes after)
+    the element holding the placeholder, ending with the one holding its value.
+    Only the lengths depend on the value, so an encode is a few length headers
+    and one join instead of a walk over the tree.
+    """
+
+    def __init__(self, name: str, levels: list[tuple[int, bytes, bytes]]) -> None:
+        self.name = name
+        self.levels = levels
+        self._inner_first = [(tag, before, len(before) + len(after))
+                             for tag, before, after in reversed(levels)]
+        self._suffix = b"".join(after for _tag, _before, after in reversed(levels))
+
+    def inside(self, tag: int, before: bytes, after: bytes) -> _Slot:
+        """The same slot, one element further in (``tag`` wraps everything)."""
+        return _Slot(self.name, [(tag, before, after), *self.levels])
+
+    def encode(self, value: bytes) -> bytes:
+        heads: list[bytes] = []
+        size = len(value)
+        for tag, before, static_size in self._inner_first:
+            size += static_size
+            head = bytes((tag, size)) if size < 0x80 else bytes((tag,)) + encode_length(size)
+            heads.append(head + before)
+            size += len(head)
+        heads.reverse()
+        heads.append(value)
+        heads.append(self._suffix)
+        return b"".join(heads)
+
+
+def _slot_of(node: _Node) -> _Slot | None:
+    """The slot of a filter with exactly one placeholder occurrence, else None."""
+    if isinstance(node, _Value):
+        names = [i for i, piece in enumerate(node.pieces) if isinstance(piece, str)]
+        if len(names) != 1:
+            return None
+        at = names[0]
+        name = node.pieces[at]
+        assert isinstance(name, str)
+        return _Slot(name, [(node.tag, _literal(node.pieces[:at]), _literal(node.pieces[at + 1:]))])
+    if isinstance(node, _Constructed):
+        dynamic = [i for i, child in enumerate(node.children) if child.static is None]
+        inner = _slot_of(node.children[dynamic[0]]) if len(dynamic) == 1 else None
+        if inner is None:
+            return None
+        at = dynamic[0]
+        return inner.inside(node.tag, b"".join(c.static or b"" for c in node.children[:at]),
+                            b"".join(c.static or b"" for c in node.children[at + 1:]))
+    return None
+
+
+def _literal(pieces: list[bytes | str]) -> bytes:
+    return b"".join(p for p in pieces if isinstance(p, bytes))
+
+
 @dataclass(frozen=True)
 class CompiledFilter:
     """A filter template parsed once; ``encode`` substitutes raw placeholder values."""
@@ -246,8 +391,11 @@ class CompiledFilter:
     template: str
     root: _Node
     placeholders: frozenset[str]
+    slot: _Slot | None = None  # the fast encoding, when one placeholder occurs once
 
     def encode(self, **values: str) -> bytes:
+        if self.slot is not None:
+            return self.slot.encode(values[self.slot.name].encode("utf-8"))
         return self.root.encode({k: v.encode("utf-8") for k, v in values.items()})
 
 
@@ -257,7 +405,7 @@ def compile_filter(template: str, placeholders: Sequence[str] = ("username",)) -
     root = parser.filter()
     if parser.pos != len(parser.text):
         raise FilterTemplateError(f"unexpected text after the filter at {parser.pos}")
-    return CompiledFilter(template, root, frozenset(parser.used))
+    return CompiledFilter(template, root, frozenset(parser.used), _slot_of(root))
 
 
 class _FilterParser:
@@ -400,6 +548,12 @@ class SearchTemplate:
     head: bytes  # baseObject .. typesOnly
     filter: CompiledFilter
     tail: bytes  # attributes
+    slot: _Slot | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.filter.slot is not None:  # the whole request, not only the filter, in one go
+            object.__setattr__(self, "slot",
+                               self.filter.slot.inside(SEARCH_REQUEST, self.head, self.tail))
 
     @classmethod
     def build(cls, base: str, scope: int, compiled: CompiledFilter,
@@ -411,6 +565,8 @@ class SearchTemplate:
         return cls(head, compiled, tail)
 
     def encode(self, **values: str) -> bytes:
+        if self.slot is not None:
+            return self.slot.encode(values[self.slot.name].encode("utf-8"))
         return tlv(SEARCH_REQUEST, self.head + self.filter.encode(**values) + self.tail)
 
 
@@ -425,40 +581,85 @@ class OperationTimeout(ConnectionLost):
     """No reply within the operation timeout."""
 
 
-@dataclass
-class _Pending:
-    deferred: Deferred[Reply]
-    timer: Any
-    entries: list[SearchEntry] = field(default_factory=list)
+class _Waiter(Interface):
+    """Who hears the replies to one request: its entries, then its result or its loss.
+
+    ``deadline`` and ``timeout`` are set by :meth:`LdapClientProtocol.send`.
+    """
+
+    deadline: float
+    timeout: float
+
+    def on_entry(self, message: bytes, start: int, end: int) -> None: ...
+
+    def on_result(self, code: int, diagnostic: str) -> None: ...
+
+    def on_lost(self, why: ConnectionLost) -> None: ...
+
+
+class _Collect:
+    """A request answered as one :class:`Reply` (every request but verify's fast ones)."""
+
+    __slots__ = ("deadline", "deferred", "entries", "timeout")
+
+    def __init__(self) -> None:
+        self.deferred: Deferred[Reply] = Deferred()
+        self.entries: list[SearchEntry] = []
+        self.deadline = self.timeout = 0.0
+
+    def on_entry(self, message: bytes, start: int, end: int) -> None:
+        self.entries.append(decode_entry(message, start, end))
+
+    def on_result(self, code: int, diagnostic: str) -> None:
+        self.deferred.callback(Reply(code, diagnostic, self.entries))
+
+    def on_lost(self, why: ConnectionLost) -> None:
+        self.deferred.errback(why)
 
 
 @implementer(IHandshakeListener)
 class LdapClientProtocol(Protocol):
-    """One LDAP connection: frames replies, matches them to requests by message id."""
+    """One LDAP connection: frames replies, matches them to requests by message id.
+
+    Timeouts: each request has a deadline and one timer per connection is armed
+    for the earliest one, lazily -- a reply does not cancel it; when it fires,
+    the requests past their deadline fail and it is armed for the next one.
+    Under load that is one timer every ``timeout`` seconds, not one per request.
+    """
 
     def __init__(self, reactor: Any, endpoint: Endpoint) -> None:
         self.reactor = reactor  # IReactorTime; Any because zope interfaces confuse mypy
         self.endpoint = endpoint
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, _Waiter] = {}
         self.is_connected = False
         self.lost: Deferred[None] = Deferred()
         self._handshake: Deferred[None] | None = None
         self._buffer = bytearray()
         self._next_id = 1
         self._aborted = False
+        self._timer: Any = None  # IDelayedCall, due at or before every pending deadline
+        self._timer_due = 0.0
 
     # -- requests
 
     def request(self, operation: bytes, timeout: float) -> Deferred[Reply]:
+        collect = _Collect()
+        self.send(operation, collect, timeout)
+        return collect.deferred
+
+    def send(self, operation: bytes, waiter: _Waiter, timeout: float) -> None:
+        """Send ``operation``; ``waiter`` hears the replies (or the loss, maybe at once)."""
         if not self.is_connected:
-            return defer.fail(ConnectionLost("connection closed"))
+            waiter.on_lost(ConnectionLost("connection closed"))
+            return
         message_id = self._next_id
         self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1
-        deferred: Deferred[Reply] = Deferred()
-        timer = self.reactor.callLater(timeout, self._timed_out, message_id, timeout)
-        self.pending[message_id] = _Pending(deferred, timer)
+        waiter.deadline = deadline = self.reactor.seconds() + timeout
+        waiter.timeout = timeout
+        self.pending[message_id] = waiter
+        if self._timer is None or deadline < self._timer_due:
+            self._arm(deadline)
         self._transport.write(ldap_message(message_id, operation))
-        return deferred
 
     def start_tls(self, creator: Any, timeout: float) -> Deferred[None]:
         """Switch to TLS now; fires once the handshake (and verification) succeeded."""
@@ -499,16 +700,23 @@ class LdapClientProtocol(Protocol):
             handshake.callback(None)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self._buffer += data
         pos = 0
         try:
-            while (size := frame_size(self._buffer, pos)) is not None:
-                self._dispatch(bytes(self._buffer[pos : pos + size]))
+            if self._buffer:  # the rest of a message that came in pieces
+                self._buffer += data
+                if frame_size(self._buffer, 0) is None:
+                    return
+                data = bytes(self._buffer)  # one copy per completed message, not per piece
+                self._buffer.clear()
+            # Messages are decoded where they lie in ``data``: no copy of each one.
+            while (size := frame_size(data, pos)) is not None:
+                self._dispatch(data, pos, pos + size)
                 pos += size
         except BerError as bad:
             self.abort(f"undecodable reply: {bad}")
             return
-        del self._buffer[:pos]
+        if pos < len(data):
+            self._buffer += memoryview(data)[pos:]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.is_connected = False
@@ -516,17 +724,18 @@ class LdapClientProtocol(Protocol):
         handshake, self._handshake = self._handshake, None
         if handshake is not None and not handshake.called:
             handshake.errback(why)
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         pending, self.pending = self.pending, {}
         for waiting in pending.values():
-            if waiting.timer.active():
-                waiting.timer.cancel()
-            waiting.deferred.errback(why)
+            waiting.on_lost(why)
         self.lost.callback(None)
 
     # -- replies
 
-    def _dispatch(self, message: bytes) -> None:
-        message_id, tag, start, end = decode_envelope(message)
+    def _dispatch(self, message: bytes, start: int, end: int) -> None:
+        message_id, tag, op_start, op_end = _envelope(message, start, end)
         if message_id == 0:  # Notice of Disconnection (RFC 4511 §4.4.1)
             self.abort("notice of disconnection")
             return
@@ -534,22 +743,38 @@ class LdapClientProtocol(Protocol):
         if waiting is None:
             return  # a late reply to a request that timed out
         if tag == SEARCH_RESULT_ENTRY:
-            waiting.entries.append(decode_entry(message, start, end))
-        elif tag in (SEARCH_RESULT_DONE, BIND_RESPONSE, EXTENDED_RESPONSE):
-            code, diagnostic = decode_result(message, start, end)
+            waiting.on_entry(message, op_start, op_end)
+        elif tag in _FINAL_REPLIES:
+            code, diagnostic = decode_result(message, op_start, op_end)
             del self.pending[message_id]
-            waiting.timer.cancel()
-            waiting.deferred.callback(Reply(code, diagnostic, waiting.entries))
-        elif tag not in (SEARCH_RESULT_REFERENCE, INTERMEDIATE_RESPONSE):
+            waiting.on_result(code, diagnostic)
+        elif tag not in _IGNORED_REPLIES:
             raise BerError(f"unexpected protocolOp {tag:#x}")
 
-    def _timed_out(self, message_id: int, timeout: float) -> None:
-        waiting = self.pending.pop(message_id, None)
-        if waiting is not None:
-            waiting.deferred.errback(OperationTimeout(
-                f"{self.endpoint.url}: no answer within {timeout:g}s"))
+    # -- timeouts
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self.reactor.callLater(max(0.0, due - self.reactor.seconds()),
+                                             self._expire)
+
+    def _expire(self) -> None:
+        """Fail the requests past their deadline; re-arm for the earliest one left."""
+        self._timer = None
+        now = self.reactor.seconds()
+        late = [(mid, waiting) for mid, waiting in self.pending.items() if waiting.deadline <= now]
+        for message_id, waiting in late:
+            if self.pending.pop(message_id, None) is None:
+                continue  # failed meanwhile, by a connectionLost that an on_lost caused
+            waiting.on_lost(OperationTimeout(
+                f"{self.endpoint.url}: no answer within {waiting.timeout:g}s"))
+        if late:
             # The server is stuck or the link is: nothing else on it can be trusted.
             self.abort("operation timed out")
+        if self.pending:  # (on_lost may have sent more: arm for the earliest of all)
+            self._arm(min(waiting.deadline for waiting in self.pending.values()))
 
 
 class _OneConnection(Factory):
@@ -583,11 +808,20 @@ class _Link:
         client = self.client
         return len(client.pending) if client is not None and client.is_connected else -1
 
+    def ready(self) -> LdapClientProtocol | None:
+        """The connection, when :meth:`get` would hand it over as it is (no side effect)."""
+        client = self.client
+        if client is not None and client.is_connected and not self._should_move(client):
+            return client
+        return None
+
     def get(self) -> Deferred[tuple[LdapClientProtocol, bool]]:
         """The connection and whether it was already open (it may have gone stale)."""
         client = self.client
-        if client is not None and client.is_connected and not self._should_move(client):
-            return defer.succeed((client, True))
+        if client is not None and client.is_connected:
+            if not self._should_move(client):
+                return defer.succeed((client, True))
+            client.close()
         waiter: Deferred[LdapClientProtocol] = Deferred()
         if self._waiters is None:
             self._waiters = [waiter]
@@ -598,14 +832,13 @@ class _Link:
 
     def _should_move(self, client: LdapClientProtocol) -> bool:
         """True when a preferred URL may be back: leave the fallback once it is idle."""
+        order = self._endpoints.all
+        if len(order) < 2:
+            return False  # nowhere else to go
         preferred = self._endpoints.preferred()
         if preferred is None or preferred is client.endpoint:
             return False
-        order = self._endpoints.all
-        if order.index(preferred) > order.index(client.endpoint) or client.pending:
-            return False
-        client.close()
-        return True
+        return order.index(preferred) < order.index(client.endpoint) and not client.pending
 
     def _opened(self, result: LdapClientProtocol | Failure) -> None:
         waiters, self._waiters = self._waiters or [], None
@@ -622,26 +855,93 @@ class _Link:
         return client.close() if client is not None else defer.succeed(None)
 
 
-class _BindLinks:
-    """Links for user binds: each carries one bind at a time; callers queue for one."""
+_load = attrgetter("load")  # of a _Link (a key function without a Python frame)
 
-    def __init__(self, links: list[_Link]) -> None:
+
+class _LinkWaiter(Interface):
+    """A caller queued for a bind link: given one, or told the wait is over."""
+
+    def give(self, link: _Link) -> None: ...
+
+    def expire(self, why: DirectoryUnavailable) -> None: ...
+
+
+class _QueuedDeferred:
+    """A coroutine's place in the bind queue."""
+
+    __slots__ = ("deferred",)
+
+    def __init__(self, links: _BindLinks) -> None:
+        self.deferred: Deferred[_Link] = Deferred(lambda _: links.forget(self))
+
+    def give(self, link: _Link) -> None:
+        self.deferred.callback(link)
+
+    def expire(self, why: DirectoryUnavailable) -> None:
+        self.deferred.errback(why)
+
+
+class _BindLinks:
+    """Links for user binds: each carries one bind at a time; callers queue for one.
+
+    A caller waits ``timeout`` at most. The queue is in arrival order, hence in
+    deadline order, so one timer, due for the head of the queue, serves all.
+    """
+
+    def __init__(self, links: list[_Link], timeout: float, reactor: Any) -> None:
         self.links = links
         self._idle = list(links)
-        self._queue: deque[Deferred[_Link]] = deque()
+        self._queue: deque[tuple[float, _LinkWaiter]] = deque()
+        self._timeout = timeout
+        self._reactor = reactor
+        self._timer: Any = None
 
-    def acquire(self, timeout: float, reactor: Any) -> Deferred[_Link]:
-        if self._idle:
-            return defer.succeed(self._idle.pop())
-        waiter: Deferred[_Link] = Deferred(lambda d: self._queue.remove(d))
-        self._queue.append(waiter)
-        return waiter.addTimeout(timeout, reactor)
+    def take(self) -> _Link | None:
+        """An idle link, if any, now."""
+        return self._idle.pop() if self._idle else None
+
+    def wait(self, waiter: _LinkWaiter) -> None:
+        """Queue ``waiter`` for the next link released."""
+        self._queue.append((self._reactor.seconds() + self._timeout, waiter))
+        if self._timer is None:
+            self._arm()
+
+    def acquire(self) -> Deferred[_Link]:
+        """A link, now or once one is released; fails with DirectoryUnavailable in time."""
+        link = self.take()
+        if link is not None:
+            return defer.succeed(link)
+        queued = _QueuedDeferred(self)
+        self.wait(queued)
+        return queued.deferred
 
     def release(self, link: _Link) -> None:
         if self._queue:
-            self._queue.popleft().callback(link)
+            self._queue.popleft()[1].give(link)
         else:
             self._idle.append(link)
+
+    def forget(self, waiter: _LinkWaiter) -> None:
+        """Take a cancelled waiter out of the queue."""
+        for queued in self._queue:
+            if queued[1] is waiter:
+                self._queue.remove(queued)
+                return
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        delay = self._queue[0][0] - self._reactor.seconds()
+        self._timer = self._reactor.callLater(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        while self._queue and self._queue[0][0] <= now:
+            self._queue.popleft()[1].expire(DirectoryUnavailable(
+                f"no free bind connection within {self._timeout:g}s"))
+        if self._queue:  # (expire may have queued more: arm for the head, whoever it is)
+            self._arm()
 
 
 # ================================================================ the directory
@@ -687,6 +987,176 @@ class Stats:
     connects: int = 0
 
 
+class _Binding(NamedTuple):
+    """A user bind to make, and what a refusal means (a cached DN may be stale)."""
+
+    username: str
+    password: str
+    identity: Identity
+    dn: str  # identity.dn, known not to be empty
+    cached: bool
+
+
+def _binding(username: str, password: str, identity: Identity | None,
+             cached: bool) -> _Binding:
+    if identity is None or not identity.dn:  # an empty DN would bind anonymously
+        raise UnknownUser(f"no such user: {username!r}")
+    return _Binding(username, password, identity, identity.dn, cached)
+
+
+def _search_refused(code: int, diagnostic: str, missing_ok: bool = False) -> Exception | None:
+    if code in (SUCCESS, SIZE_LIMIT_EXCEEDED) or (missing_ok and code == NO_SUCH_OBJECT):
+        return None
+    return DirectoryUnavailable(f"search: result {code} {diagnostic}".strip())
+
+
+class _Verify:
+    """One verify() run from the reply dispatch, for as long as all goes the common way.
+
+    The search goes to an open service connection, the bind to an idle (or the
+    next released) bind connection, and each reply drives the next step:
+    ``result`` is the only Deferred made. Anything unusual -- a lost connection,
+    a group search, a refused cached DN, a link that must (re)connect -- hands
+    the rest to the coroutines of :class:`AsyncLdapDirectory` from the step
+    reached, so errors, retries and failover stay theirs.
+    """
+
+    __slots__ = ("_binding", "_client", "_directory", "_link", "_matches", "_password",
+                 "_request", "_user", "_username", "deadline", "result", "timeout")
+
+    def __init__(self, directory: AsyncLdapDirectory, username: str, password: str) -> None:
+        self.result: Deferred[Identity] = Deferred()
+        self._directory = directory
+        self._username = username
+        self._password = password
+        self._request = b""
+        self._client: LdapClientProtocol | None = None  # carrying the current request
+        self._user: UserEntry | None = None
+        self._matches = 0
+        self._binding: _Binding | None = None
+        self._link: _Link | None = None  # set while the bind is in flight
+        self.deadline = self.timeout = 0.0  # of the request in flight (set by send)
+
+    # -- the search
+
+    def search(self, client: LdapClientProtocol) -> None:
+        directory = self._directory
+        try:
+            self._request = directory._user_search.encode(username=self._username)
+        except UnicodeError:  # text that is not UTF-8: fail where the coroutine always did
+            self._hand_over(directory._verify_uncached(self._username, self._password))
+            return
+        directory.stats.searches += 1
+        self._client = client
+        client.send(self._request, self, directory.options.timeout)
+
+    def _searched(self, code: int, diagnostic: str) -> None:
+        directory, username = self._directory, self._username
+        refused = _search_refused(code, diagnostic)
+        if refused is not None:
+            self._fail(refused)
+            return
+        user = self._user
+        if not directory._only_one(self._matches) or user is None:
+            self._fail(UnknownUser(f"no such user: {username!r}"))
+            return
+        groups = directory._memberof_groups(user)
+        if groups is None:  # a group search: left to the coroutines
+            self._hand_over(directory._verify_found(username, self._password, [user]))
+            return
+        self.bind(directory._remember(username, user, groups), cached=False)
+
+    # -- the bind
+
+    def bind(self, identity: Identity, cached: bool) -> None:
+        """Bind as the user on a free bind link, now or once one is released."""
+        directory = self._directory
+        try:
+            self._binding = _binding(self._username, self._password, identity, cached)
+            self._request = encode_bind(self._binding.dn, self._password)
+        except UnknownUser as unknown:
+            self._fail(unknown)
+            return
+        except UnicodeError:  # text that is not UTF-8: fail where the coroutine always did
+            self._hand_over(directory._bind_user(self._username, self._password, identity,
+                                                 cached))
+            return
+        directory.stats.binds += 1
+        link = directory._binders.take()
+        if link is None:
+            directory._binders.wait(self)
+        else:
+            self.give(link)
+
+    def give(self, link: _Link) -> None:
+        assert self._binding is not None
+        client = link.ready()
+        if client is None:  # it must connect (or move): the coroutine's job
+            self._hand_over(self._directory._finish_bind(self._binding, link, []))
+            return
+        self._link, self._client = link, client
+        client.send(self._request, self, self._directory.options.timeout)
+
+    def expire(self, why: DirectoryUnavailable) -> None:
+        self._fail(why)
+
+    def _bound(self, link: _Link, code: int, diagnostic: str) -> None:
+        binding = self._binding
+        assert binding is not None
+        self._directory._binders.release(link)
+        if code == SUCCESS:
+            self.result.callback(binding.identity)
+            return
+        refused = bind_failure(code, diagnostic)
+        if binding.cached and isinstance(refused, InvalidCredentials):
+            self._hand_over(self._directory._retry_stale(binding, refused))
+        else:
+            self._fail(refused)
+
+    # -- replies (_Waiter)
+
+    def on_entry(self, message: bytes, start: int, end: int) -> None:
+        if self._link is not None:  # an entry in answer to a bind: checked, ignored
+            decode_entry(message, start, end)
+            return
+        user = self._directory._user_reader.read(message, start, end)
+        self._matches += 1
+        if self._user is None:
+            self._user = user
+
+    def on_result(self, code: int, diagnostic: str) -> None:
+        try:
+            link, self._link = self._link, None
+            if link is None:
+                self._searched(code, diagnostic)
+            else:
+                self._bound(link, code, diagnostic)
+        except Exception as bug:  # fail this verify, as a coroutine would, not the connection
+            self._fail(bug)
+
+    def on_lost(self, why: ConnectionLost) -> None:
+        """Move on as the coroutines do: the request again, bounded by the URL count."""
+        directory = self._directory
+        if isinstance(why, OperationTimeout) and self._client is not None:
+            directory.endpoints.mark_down(self._client.endpoint, str(why))
+        link, self._link = self._link, None
+        if link is None:
+            self._hand_over(directory._verify_searching(self._username, self._password,
+                                                        self._request, [str(why)]))
+        else:
+            assert self._binding is not None
+            self._hand_over(directory._finish_bind(self._binding, link, [str(why)]))
+
+    # -- the end
+
+    def _hand_over(self, rest: Coroutine[Deferred[Any], Any, Identity]) -> None:
+        self._directory._run(rest).chainDeferred(self.result)
+
+    def _fail(self, why: Exception | Failure) -> None:
+        if not self.result.called:  # (cancelled by the caller meanwhile)
+            self.result.errback(why)
+
+
 class AsyncLdapDirectory:
     """The :class:`backends.base.AsyncDirectory` of an LDAP server, without threads."""
 
@@ -702,20 +1172,33 @@ class AsyncLdapDirectory:
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
                                            self._user_attributes(), size_limit=2)
+        self._user_reader = UserEntryReader(options.username_attribute, options.use_memberof)
         self._group_search = self._template(options.group_base, SCOPE_SUBTREE,
                                             options.group_filter, ("dn",),
                                             [options.group_name_attribute])
         self._service = [_Link(lambda: self._connect(service=True), self.endpoints)
                          for _ in range(max(1, options.pool_size))]
-        self._binders = _BindLinks([_Link(lambda: self._connect(service=False), self.endpoints)
-                                    for _ in range(max(1, options.bind_pool_size))])
+        binders = [_Link(lambda: self._connect(service=False), self.endpoints)
+                   for _ in range(max(1, options.bind_pool_size))]
+        self._binders = _BindLinks(binders, options.timeout, reactor)
         self._trust: Any = None
         self._closed = False
 
     # -- AsyncDirectory
 
     def verify(self, username: str, password: str) -> Deferred[Identity]:
-        return self._run(self._verify(username, password))
+        if not password or not username:  # refused before any network use
+            return self._run(self._verify(username, password))
+        identity = self.cache.get(username)
+        attempt = _Verify(self, username, password)
+        if identity is not None:
+            attempt.bind(identity, cached=True)
+            return attempt.result
+        client = self._least_loaded().ready()
+        if client is None:  # connecting (or moving back to a preferred URL) first
+            return self._run(self._verify_uncached(username, password))
+        attempt.search(client)
+        return attempt.result
 
     def lookup(self, username: str) -> Deferred[Identity | None]:
         return self._run(self._lookup(username))
@@ -736,32 +1219,58 @@ class AsyncLdapDirectory:
     def _run(coroutine: Coroutine[Deferred[Any], Any, T]) -> Deferred[T]:
         return Deferred.fromCoroutine(coroutine)
 
-    # -- users
+    # -- users: the coroutines (everything verify's fast path hands over)
 
     async def _verify(self, username: str, password: str) -> Identity:
         check_password_not_empty(password)
         identity = self.cache.get(username)
-        cached = identity is not None
-        if identity is None:
-            identity = await self._find_user(username)
-        if identity is None or not identity.dn:  # an empty DN would bind anonymously
-            raise UnknownUser(f"no such user: {username!r}")
+        if identity is not None:
+            return await self._bind_user(username, password, identity, cached=True)
+        return await self._verify_uncached(username, password)
+
+    async def _verify_uncached(self, username: str, password: str) -> Identity:
+        identity = await self._find_user(username)
+        return await self._bind_user(username, password, identity, cached=False)
+
+    async def _verify_searching(self, username: str, password: str, request: bytes,
+                                errors: list[str]) -> Identity:
+        """The rest of a verify whose user search was lost after ``errors``."""
+        reply = await self._search_on(request, errors)
+        return await self._verify_found(username, password, self._users_in(reply))
+
+    async def _verify_found(self, username: str, password: str,
+                            users: list[UserEntry]) -> Identity:
+        identity = await self._identity_of(username, users)
+        return await self._bind_user(username, password, identity, cached=False)
+
+    async def _bind_user(self, username: str, password: str, identity: Identity | None,
+                         cached: bool) -> Identity:
+        binding = _binding(username, password, identity, cached)
+        self.stats.binds += 1
+        return await self._finish_bind(binding, await self._binders.acquire(), [])
+
+    async def _finish_bind(self, binding: _Binding, link: _Link, errors: list[str]) -> Identity:
+        """Bind on ``link`` (released here) after ``errors``; a refused cached DN is retried."""
         try:
-            await self._bind(identity.dn, password)
-        except InvalidCredentials:
-            if not cached:
+            await self._bind_on(link, binding.dn, binding.password, errors)
+        except InvalidCredentials as refused:
+            if not binding.cached:
                 raise
-            # The cached DN may be stale (renamed, deleted): look again, bind again only
-            # if the DN changed, so a wrong password still costs exactly one bind.
-            self.cache.forget(username)
-            fresh = await self._find_user(username)
-            if fresh is None or not fresh.dn:
-                raise UnknownUser(f"no such user: {username!r}") from None
-            if fresh.dn == identity.dn:
-                raise
-            await self._bind(fresh.dn, password)
-            identity = fresh
-        return identity
+            return await self._retry_stale(binding, refused)
+        return binding.identity
+
+    async def _retry_stale(self, binding: _Binding, refused: InvalidCredentials) -> Identity:
+        """The cached DN may be stale (renamed, deleted): look again, bind again only
+        if the DN changed, so a wrong password still costs exactly one bind."""
+        self.cache.forget(binding.username)
+        fresh = await self._find_user(binding.username)
+        if fresh is None or not fresh.dn:
+            raise UnknownUser(f"no such user: {binding.username!r}") from None
+        if fresh.dn == binding.dn:
+            raise refused
+        self.stats.binds += 1
+        await self._bind_on(await self._binders.acquire(), fresh.dn, binding.password, [])
+        return fresh
 
     async def _lookup(self, username: str) -> Identity | None:
         return self.cache.get(username) or await self._find_user(username)
@@ -770,30 +1279,48 @@ class AsyncLdapDirectory:
         if not username:
             return None
         reply = await self._search(self._user_search.encode(username=username))
-        if len(reply.entries) != 1:
-            if reply.entries:
-                log.warn("user filter matches several entries for one username")
+        return await self._identity_of(username, self._users_in(reply))
+
+    async def _identity_of(self, username: str, users: list[UserEntry]) -> Identity | None:
+        if not self._only_one(len(users)):
             return None
-        entry = reply.entries[0]
-        name = entry.first(self.options.username_attribute) or username
-        identity = Identity(name, entry.dn, await self._groups_of(entry))
-        self.cache.put(username, identity)
-        return identity
+        groups = self._memberof_groups(users[0])
+        if groups is None:
+            groups = await self._search_groups(users[0].dn)
+        return self._remember(username, users[0], groups)
+
+    def _users_in(self, reply: Reply) -> list[UserEntry]:
+        member_of = self.options.use_memberof
+        return [UserEntry(e.dn, e.first(self.options.username_attribute),
+                          e.values("memberOf") if member_of else []) for e in reply.entries]
 
     def _user_attributes(self) -> list[str]:
         names = [self.options.username_attribute]
         return names + ["memberOf"] if self.options.use_memberof else names
 
+    # -- users: what both paths share
+
+    def _only_one(self, matches: int) -> bool:
+        if matches > 1:
+            log.warn("user filter matches several entries for one username")
+        return matches == 1
+
+    def _memberof_groups(self, user: UserEntry) -> tuple[str, ...] | None:
+        """The groups memberOf names; None when a group search must tell."""
+        if user.member_of:
+            names = [rdn_value(dn, self.options.group_name_attribute) for dn in user.member_of]
+            return tuple(sorted({n for n in names if n is not None}))
+        return None if self.options.group_base else ()
+
+    def _remember(self, username: str, user: UserEntry, groups: tuple[str, ...]) -> Identity:
+        identity = Identity(user.name or username, user.dn, groups)
+        self.cache.put(username, identity)
+        return identity
+
     # -- groups
 
-    async def _groups_of(self, entry: SearchEntry) -> tuple[str, ...]:
-        member_of = entry.values("memberOf") if self.options.use_memberof else []
-        if member_of:
-            names = [rdn_value(dn, self.options.group_name_attribute) for dn in member_of]
-            return tuple(sorted({n for n in names if n is not None}))
-        if not self.options.group_base:
-            return ()
-        reply = await self._search(self._group_search.encode(dn=entry.dn))
+    async def _search_groups(self, dn: str) -> tuple[str, ...]:
+        reply = await self._search(self._group_search.encode(dn=dn))
         found = [g.first(self.options.group_name_attribute) for g in reply.entries]
         return tuple(sorted({n for n in found if n}))
 
@@ -828,31 +1355,32 @@ class AsyncLdapDirectory:
 
     async def _search(self, request: bytes, missing_ok: bool = False) -> Reply:
         self.stats.searches += 1
-        reply = await self._on_link(lambda: self._least_loaded().get(), None, request)
-        if reply.code in (SUCCESS, SIZE_LIMIT_EXCEEDED) or (
-                missing_ok and reply.code == NO_SUCH_OBJECT):
-            return reply
-        raise DirectoryUnavailable(f"search: result {reply.code} {reply.diagnostic}".strip())
+        return await self._search_on(request, [], missing_ok)
 
-    async def _bind(self, dn: str, password: str) -> None:
-        self.stats.binds += 1
+    async def _search_on(self, request: bytes, errors: list[str],
+                         missing_ok: bool = False) -> Reply:
+        """A search on the service links, after ``errors`` (attempts already lost)."""
+        reply = await self._on_link(lambda: self._least_loaded().get(), request, errors)
+        refused = _search_refused(reply.code, reply.diagnostic, missing_ok)
+        if refused is not None:
+            raise refused
+        return reply
+
+    async def _bind_on(self, link: _Link, dn: str, password: str, errors: list[str]) -> None:
+        """A user bind on an acquired ``link``, which is released here."""
         try:
-            link = await self._binders.acquire(self.options.timeout, self.reactor)
-        except defer.TimeoutError:
-            raise DirectoryUnavailable(
-                f"no free bind connection within {self.options.timeout:g}s") from None
-        try:
-            reply = await self._on_link(link.get, link, encode_bind(dn, password))
+            reply = await self._on_link(link.get, encode_bind(dn, password), errors)
         finally:
             self._binders.release(link)
         if reply.code != SUCCESS:
             raise bind_failure(reply.code, reply.diagnostic)
 
     async def _on_link(self, get: Callable[[], Deferred[tuple[LdapClientProtocol, bool]]],
-                       link: _Link | None, request: bytes) -> Reply:
-        """Send ``request``; on a broken connection move on (bounded by the URL count)."""
-        errors: list[str] = []
-        for _attempt in range(len(self.endpoints.all) + 1):
+                       request: bytes, errors: list[str]) -> Reply:
+        """Send ``request``; on a broken connection move on (bounded by the URL count,
+        attempts already lost -- ``errors`` -- included)."""
+        errors = list(errors)
+        for _attempt in range(len(self.endpoints.all) + 1 - len(errors)):
             client, reused = await get()
             try:
                 return await client.request(request, self.options.timeout)
@@ -863,7 +1391,7 @@ class AsyncLdapDirectory:
         raise DirectoryUnavailable(f"directory unavailable ({'; '.join(errors)})")
 
     def _least_loaded(self) -> _Link:
-        return min(self._service, key=lambda link: link.load)
+        return min(self._service, key=_load)
 
     # -- connecting
 

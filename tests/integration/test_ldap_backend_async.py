@@ -8,10 +8,29 @@ from typing import Any
 import ldap3
 import pytest
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import blockingCallFromThread
 
-from backends.base import DirectoryUnavailable, Identity, InvalidCredentials
-from backends.ldap_async import AsyncLdapDirectory
+from backends.base import (
+    DirectoryError,
+    DirectoryUnavailable,
+    Identity,
+    InvalidCredentials,
+    UnknownUser,
+)
+from backends.ldap_async import (
+    BIND_REQUEST,
+    BIND_RESPONSE,
+    ENUMERATED,
+    OCTET_STRING,
+    AsyncLdapDirectory,
+    decode_envelope,
+    frame_size,
+    integer,
+    ldap_message,
+    tlv,
+)
 from tests.integration.slapd import Slapd, user_dn
 from tests.integration.test_ldap_backend import options_for
 
@@ -111,3 +130,95 @@ def test_closed_directory_is_unavailable(make_async: MakeAsync, slapd: Slapd,
     call(directory.close)
     with pytest.raises(DirectoryUnavailable):
         call(directory.verify, "grace", "grace-pw")
+
+
+# ---------------------------------------------------------------- the fast path of verify()
+
+
+def count_coroutines(directory: AsyncLdapDirectory) -> list[int]:
+    """Count the coroutines the directory starts from now on (the fast path starts none)."""
+    started: list[int] = []
+
+    def run(coroutine: Any) -> Deferred[Any]:
+        started.append(1)
+        return Deferred.fromCoroutine(coroutine)
+
+    directory._run = run  # type: ignore[method-assign]
+    return started
+
+
+CASES = [("alice", "alice-pw"), ("alice", "wrong"), ("bob", "bob-pw"), ("nobody", "x"),
+         ("zoë", "zoë-pw"), ("st*r(x)", "wrong"), ("*", "alice-pw")]
+
+
+ALICE_GROUPS = ("admins", "staff", "vpn-users")
+
+
+@pytest.mark.parametrize(("overrides", "handed_over", "alice_groups"), [
+    ({}, 2, ALICE_GROUPS),  # zoë and st*r(x) have no memberOf: a group search for them
+    ({"use_memberof": False}, 5, ALICE_GROUPS),  # a group search for every user found
+    ({"group_base": ""}, 0, ALICE_GROUPS),
+    ({"group_base": "", "use_memberof": False}, 0, ()),
+])
+def test_the_fast_and_the_slow_path_agree(make_async: MakeAsync, slapd: Slapd,
+                                          call: Callable[..., Any], overrides: dict[str, Any],
+                                          handed_over: int,
+                                          alice_groups: tuple[str, ...]) -> None:
+    directory = make_async(slapd, pool_size=1, bind_pool_size=1, dn_cache_seconds=0,
+                           **overrides)
+    call(directory.verify, "carol", "carol-pw")  # opens both connections
+
+    def outcome(verify: Callable[[str, str], Deferred[Identity]], name: str,
+                password: str) -> Any:
+        try:
+            return call(verify, name, password)
+        except DirectoryError as refused:
+            return type(refused), str(refused)
+
+    started = count_coroutines(directory)
+    fast = [outcome(directory.verify, name, password) for name, password in CASES]
+    assert len(started) == handed_over
+
+    def slow(name: str, password: str) -> Deferred[Identity]:
+        return directory._run(directory._verify(name, password))
+
+    assert fast == [outcome(slow, name, password) for name, password in CASES]
+    assert fast[0] == Identity("alice", user_dn("alice"), alice_groups)
+    assert fast[1] == (InvalidCredentials, "bind refused: result 49")
+    assert fast[3] == (UnknownUser, "no such user: 'nobody'")
+    assert fast[6] == (UnknownUser, "no such user: '*'")
+
+
+class BindsOnly(Protocol):
+    """An LDAP server that accepts every bind and never answers a search."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self.buffer += data
+        while (size := frame_size(self.buffer, 0)) is not None:
+            message, self.buffer = self.buffer[:size], self.buffer[size:]
+            message_id, tag, _start, _end = decode_envelope(message)
+            if tag == BIND_REQUEST:
+                result = integer(0, ENUMERATED) + tlv(OCTET_STRING, b"") * 2
+                self.transport.write(ldap_message(message_id, tlv(BIND_RESPONSE, result)))
+
+
+@pytest.fixture
+def binds_only(twisted_reactor: Any, call: Callable[..., Any]) -> Iterator[str]:
+    port = call(twisted_reactor.listenTCP, 0, Factory.forProtocol(BindsOnly), 50, "127.0.0.1")
+    yield f"ldap://127.0.0.1:{port.getHost().port}"
+    call(port.stopListening)
+
+
+def test_a_search_without_answer_times_out_on_the_fast_path(
+        make_async: MakeAsync, slapd: Slapd, call: Callable[..., Any], binds_only: str) -> None:
+    directory = make_async(slapd, urls=[binds_only], pool_size=1, timeout=0.5)
+    call(directory._service[0].get)  # the service connection, open and bound
+    started = count_coroutines(directory)
+    with pytest.raises(DirectoryUnavailable) as caught:
+        call(directory.verify, "alice", "alice-pw")
+    assert "no answer within 0.5s" in str(caught.value)
+    assert len(started) == 1  # the retry after the timeout, by the coroutine
+    assert directory.endpoints.all[0].down_until > 0

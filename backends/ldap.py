@@ -111,9 +111,8 @@ class LdapOptions:
 
 
 def _template_problems(key: str, template: str, placeholder: str) -> list[str]:
-    # The Twisted client's parser is the strict one; the import is late because
-    # backends.ldap_async builds on this module.
-    from backends.ldap_async import FilterTemplateError, compile_filter
+    # The Twisted client's parser is the strict one (backends.ldap_filter).
+    from backends.ldap_filter import FilterTemplateError, compile_filter
 
     try:
         compiled = compile_filter(template, (placeholder,))

@@ -109,7 +109,7 @@ class Service:
 
         return ThreadedDirectory(self.directory, self.reactor, self.directory_pool)
 
-    def in_state_pool(self, f: Any, *args: Any) -> Deferred[Any]:
+    def in_state_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.state_workers.submit(f, *args)
 
     # -- running ----------------------------------------------------------------------
@@ -138,12 +138,12 @@ class Service:
         if dropped:
             self.metrics.audit_dropped.inc(dropped)
             log.warning("%d audit row(s) dropped: the state store is not keeping up", dropped)
-        d = self.in_state_pool(self.engine.audit.flush)
+        d = self.in_state_thread(self.engine.audit.flush)
         d.addErrback(lambda f: log.warning("audit flush failed: %s", f.getErrorMessage()))
         return d
 
     def _refresh_user_gauge(self) -> Deferred[Any]:
-        d = self.in_state_pool(self.store.count_by_status, time.time())
+        d = self.in_state_thread(self.store.count_by_status, time.time())
 
         def publish(counts: dict[str, int]) -> None:
             for status, n in counts.items():
@@ -154,7 +154,7 @@ class Service:
         return d
 
     def _prune(self) -> Deferred[Any]:
-        d = self.in_state_pool(self.store.prune, time.time(), self.settings.policy.audit_days)
+        d = self.in_state_thread(self.store.prune, time.time(), self.settings.policy.audit_days)
         d.addErrback(lambda f: log.warning("prune failed: %s", f.getErrorMessage()))
         return d
 
@@ -164,7 +164,7 @@ class Service:
         def store_ok() -> None:
             self.store.ping()
 
-        checks = [self.in_state_pool(store_ok), self.async_directory.ping()]
+        checks = [self.in_state_thread(store_ok), self.async_directory.ping()]
         names = ["state store", "directory"]
         results = [d.addCallbacks(lambda _: None, lambda f, n=n: f"{n}: {f.getErrorMessage()}")
                    for d, n in zip(checks, names, strict=True)]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 log = logging.getLogger("mfa_proxy.worker")
@@ -36,6 +36,10 @@ _STOP = object()
 
 Job = tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any], bool]  # bool: grouped
 Done = list[tuple[Deferred[Any], bool, Any]]
+
+
+class WorkersStopped(RuntimeError):
+    """A job submitted after :meth:`BatchWorkers.stop`."""
 
 
 class BatchWorkers:
@@ -51,6 +55,7 @@ class BatchWorkers:
         self._jobs: queue.SimpleQueue[Job | object] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, threads))]
+        self._stopped = False
         self.batches = 0  # wake-ups that ran at least one job (for tests and benchmarks)
         self.jobs = 0
 
@@ -59,18 +64,22 @@ class BatchWorkers:
             thread.start()
 
     def submit(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self._jobs.put((f, args, d, False))
-        return d
+        return self._put(f, args, False)
 
     def submit_grouped(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Like :meth:`submit`, for a job that may share a group with its neighbours."""
+        return self._put(f, args, self._group is not None)
+
+    def _put(self, f: Callable[..., Any], args: tuple[Any, ...], grouped: bool) -> Deferred[Any]:
+        if self._stopped:  # nobody would run it: fail now rather than never
+            return fail(WorkersStopped("the state worker threads have stopped"))
         d: Deferred[Any] = Deferred()
-        self._jobs.put((f, args, d, self._group is not None))
+        self._jobs.put((f, args, d, grouped))
         return d
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what was queued, then end the threads (waits up to ``timeout``)."""
+        self._stopped = True
         for _ in self._threads:
             self._jobs.put(_STOP)
         for thread in self._threads:

@@ -195,3 +195,13 @@ def test_without_a_group_grouped_jobs_run_alone() -> None:
         assert got[0] == 1 and got[1].check(ZeroDivisionError) and got[2] == 3
     finally:
         workers.stop()
+
+
+def test_a_job_submitted_after_stop_fails_at_once() -> None:
+    from proxy.worker import WorkersStopped
+
+    workers = BatchWorkers(FakeReactor(), 1)
+    workers.start()
+    workers.stop(timeout=5)
+    got = results_of([workers.submit(lambda: 1), workers.submit_grouped(lambda: 2)])
+    assert all(g.check(WorkersStopped) for g in got)

@@ -27,7 +27,7 @@ from backends.base import Identity
 from policy.decision import AuthRequest, Decision, Outcome, Reason
 from proxy.radius.challenge import ChallengeStore
 from proxy.radius.clients import ClientTable, EnrollmentNotice, RadiusClientConfig, ReplyRuleLike
-from proxy.radius.duplicates import DuplicateCache, DuplicateKey, Seen
+from proxy.radius.duplicates import DuplicateCache, DuplicateKey, Seen, duplicate_key
 from proxy.radius.events import DropReason, LocalReason, NoEvents, RadiusEvents
 from proxy.radius.openvpn import parse_static_challenge
 from proxy.radius.packet import (
@@ -216,7 +216,7 @@ class RadiusServer:
         if problem is not None:
             self.events.dropped(problem)
             return
-        key = DuplicateKey(addr[0], addr[1], packet.identifier, packet.authenticator)
+        key = duplicate_key(addr[0], addr[1], packet.identifier, packet.authenticator)
         seen = self.duplicates.begin(key)
         if seen is Seen.IN_PROGRESS:
             self.events.dropped(DropReason.DUPLICATE_IN_PROGRESS)

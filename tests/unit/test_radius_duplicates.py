@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from proxy.radius.duplicates import MIN_IN_PROGRESS_SECONDS, DuplicateCache, DuplicateKey, Seen
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.radius.duplicates import (
+    MIN_IN_PROGRESS_SECONDS,
+    DuplicateCache,
+    DuplicateKey,
+    Seen,
+    duplicate_key,
+)
 
 
 class FakeClock:
@@ -14,7 +23,7 @@ class FakeClock:
 
 
 def key(n: int = 1, port: int = 4000, host: str = "10.0.0.1") -> DuplicateKey:
-    return DuplicateKey(host, port, n % 256, n.to_bytes(16, "big"))
+    return duplicate_key(host, port, n % 256, n.to_bytes(16, "big"))
 
 
 def test_first_copy_is_new_then_in_progress_then_answered() -> None:
@@ -31,9 +40,9 @@ def test_key_is_client_port_identifier_and_authenticator() -> None:
     cache.begin(key())
     assert cache.begin(key(port=4001)) is Seen.NEW
     assert cache.begin(key(host="10.0.0.2")) is Seen.NEW
-    other_authenticator = DuplicateKey("10.0.0.1", 4000, 1, bytes(16))
+    other_authenticator = duplicate_key("10.0.0.1", 4000, 1, bytes(16))
     assert cache.begin(other_authenticator) is Seen.NEW
-    assert cache.begin(DuplicateKey("10.0.0.1", 4000, 2, key().authenticator)) is Seen.NEW
+    assert cache.begin(duplicate_key("10.0.0.1", 4000, 2, (1).to_bytes(16, "big"))) is Seen.NEW
 
 
 def test_answers_expire_after_the_window() -> None:
@@ -93,3 +102,11 @@ def test_expired_entries_are_purged() -> None:
     clock.now += 31
     cache.begin(key(1000))
     assert len(cache) == 1
+
+
+@given(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.11", "::1", "fe80::1"]),
+                 st.integers(0, 65535), st.integers(0, 255), st.binary(min_size=16, max_size=16)),
+       st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.11", "::1", "fe80::1"]),
+                 st.integers(0, 65535), st.integers(0, 255), st.binary(min_size=16, max_size=16)))
+def test_distinct_requests_never_share_a_key(a: tuple, b: tuple) -> None:  # type: ignore[type-arg]
+    assert (duplicate_key(*a) == duplicate_key(*b)) == (a == b)

@@ -71,7 +71,7 @@ from backends.ber import (  # noqa: F401 (re-exported for callers and tests)
     read_header,
     tlv,
 )
-from backends.ldap import (
+from backends.ldap_common import (
     NO_SUCH_OBJECT,
     SIZE_LIMIT_EXCEEDED,
     SUCCESS,

@@ -24,3 +24,6 @@ class ThreadedDirectory:
 
     def ping(self) -> Deferred[None]:
         return deferToThreadPool(self.reactor, self.pool, self.directory.ping)
+
+    def close(self) -> None:
+        self.directory.close()

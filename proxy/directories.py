@@ -25,7 +25,7 @@ def make_directory(d: DirectorySettings) -> Directory:
 
 
 def ldap_options(d: DirectorySettings) -> Any:
-    from backends.ldap import LdapOptions
+    from backends.ldap_common import LdapOptions
 
     return LdapOptions(
         urls=list(d.urls), bind_dn=d.bind_dn, bind_password=d.bind_password,

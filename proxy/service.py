@@ -84,8 +84,6 @@ class Service:
         self.state_workers = BatchWorkers(self.reactor, threads, "state", group,
                                           (StoreError,))
         self.state_workers.start()
-        self.directory_pool = self._pool("directory", 16)
-        self.directory = make_directory(s.directory)
         self.async_directory = self._async_directory()
         self.engine = PolicyEngine(
             self.store, self.keys, TotpParams(s.totp.digits, s.totp.period, s.totp.window),
@@ -102,12 +100,15 @@ class Service:
         """LDAP gets the Twisted-native client (no thread per request); the
         local file runs its argon2 checks in the directory pool."""
         if self.settings.directory.type == "ldap":
+            # Not ldap3 (the admin commands' client): serve never needs it.
             from backends.ldap_async import AsyncLdapDirectory
 
             return AsyncLdapDirectory(ldap_options(self.settings.directory), self.reactor)
         from backends.threaded import ThreadedDirectory
 
-        return ThreadedDirectory(self.directory, self.reactor, self.directory_pool)
+        self.directory_pool = self._pool("directory", 16)
+        return ThreadedDirectory(make_directory(self.settings.directory), self.reactor,
+                                 self.directory_pool)
 
     def in_state_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.state_workers.submit(f, *args)
@@ -264,9 +265,8 @@ class Service:
             self.engine.audit.flush()
         except Exception as e:
             log.warning("final audit flush failed: %s", e)
-        self.directory.close()
         closer = getattr(self.async_directory, "close", None)
-        if closer is not None and self.async_directory is not self.directory:
+        if closer is not None:
             closer()
         self.store.close()
         log.info("stopped")

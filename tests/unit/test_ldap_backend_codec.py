@@ -577,3 +577,19 @@ def test_a_cached_dn_refused_is_looked_up_again() -> None:
     wired.search.answer_search([ALICE])  # same DN: the refusal stands, one bind only
     assert outcome_of(again) == (InvalidCredentials, "bind refused: result 49")
     assert wired.bind.requests() == []
+
+
+def test_the_request_path_does_not_load_ldap3() -> None:
+    # ldap3 (and pyasn1 with it) is the admin commands' client: ~10 MB a serve with
+    # an LDAP directory does not need to keep resident.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, backends.ldap_async, proxy.service, proxy.radius.server, "
+            "proxy.ldap.server, proxy.directories as d, proxy.config as c; "
+            "d.ldap_options(c.DirectorySettings(type='ldap', urls=('ldap://127.0.0.1',))); "
+            "print(sorted(m for m in ('ldap3', 'alembic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "[]"

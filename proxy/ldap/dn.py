@@ -144,8 +144,12 @@ def username_from_bind_name(name: str, attribute: str = "uid") -> str:
     return name
 
 
+@lru_cache(maxsize=4096)
 def normalize_dn(dn: str) -> tuple[Rdn, ...] | None:
     """A comparable form (values case-folded, AVAs sorted); None when not a DN.
+
+    Remembered like :func:`_parsed`: one bind asks for it three or four times
+    (exempt, user_base, bind-cache rules).
 
     Case-folding values is right for the naming attributes in use (uid, cn,
     ou, dc, o, mail all match case-insensitively).

@@ -114,8 +114,10 @@ class RecordingGroup:
         return block()
 
 
-def held_batch(workers: BatchWorkers, jobs: list[tuple[bool, Any]]) -> list[Any]:
-    """Submit ``jobs`` (grouped?, f) while the worker is held, so they form one batch."""
+def run_held(reactor: FakeReactor, workers: BatchWorkers,
+             jobs: list[tuple[bool, Any]]) -> list[Any]:
+    """Submit ``jobs`` (grouped?, f) while the worker is held, so they form one batch;
+    hand both batches back (the holding job's, then theirs) and return their results."""
     gate, started = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -127,61 +129,56 @@ def held_batch(workers: BatchWorkers, jobs: list[tuple[bool, Any]]) -> list[Any]
     got = results_of([(workers.submit_grouped if grouped else workers.submit)(f)
                       for grouped, f in jobs])
     gate.set()
+    reactor.run_one()
+    reactor.run_one()
     return got
 
 
-def test_grouped_jobs_waiting_together_share_one_group_and_answer_after_it() -> None:
+@pytest.fixture
+def grouped() -> Any:
     reactor, group = FakeReactor(), RecordingGroup()
     workers = BatchWorkers(reactor, 1, group=group, group_errors=(Spoiled,))
     workers.start()
-    try:
-        def write(n: int) -> Any:
-            return lambda: group.writes.append(n) or n
-
-        got = held_batch(workers, [(True, write(1)), (True, write(2)), (False, lambda: "alone"),
-                                   (True, write(3))])
-        reactor.run_one()  # hold()
-        reactor.run_one()
-        assert got == [1, 2, "alone", 3]
-        # two groups: the job that may not be grouped splits them
-        assert group.committed == [[1, 2], [3]] and group.rolled_back == 0
-    finally:
-        workers.stop()
+    yield reactor, group, workers
+    workers.stop()
 
 
-def test_a_spoiling_error_fails_every_job_of_its_group_and_only_that_group() -> None:
-    reactor, group = FakeReactor(), RecordingGroup()
-    workers = BatchWorkers(reactor, 1, group=group, group_errors=(Spoiled,))
-    workers.start()
-    try:
-        def spoil() -> None:
-            raise Spoiled("database is locked")
+def test_grouped_jobs_waiting_together_share_one_group_and_answer_after_it(grouped: Any) -> None:
+    reactor, group, workers = grouped
 
-        got = held_batch(workers, [(True, lambda: "written"), (True, spoil),
-                                   (True, lambda: "never run"), (False, lambda: "alone"),
-                                   (True, lambda: "next group")])
-        reactor.run_one()
-        reactor.run_one()
-        # the first job's write was rolled back with the group: it must not say "done"
-        assert [g.check(Spoiled) is not None for g in got[:3]] == [True, True, True]
-        assert got[3:] == ["alone", "next group"]
-        assert group.rolled_back == 1 and len(group.committed) == 1
-    finally:
-        workers.stop()
+    def write(n: int) -> Any:
+        return lambda: group.writes.append(n) or n
+
+    got = run_held(reactor, workers, [(True, write(1)), (True, write(2)),
+                                      (False, lambda: "alone"), (True, write(3))])
+    assert got == [1, 2, "alone", 3]
+    # two groups: the job that may not be grouped splits them
+    assert group.committed == [[1, 2], [3]] and group.rolled_back == 0
 
 
-def test_a_jobs_own_error_fails_only_that_job_inside_a_group() -> None:
-    reactor, group = FakeReactor(), RecordingGroup()
-    workers = BatchWorkers(reactor, 1, group=group, group_errors=(Spoiled,))
-    workers.start()
-    try:
-        got = held_batch(workers, [(True, lambda: 1), (True, lambda: 1 / 0), (True, lambda: 3)])
-        reactor.run_one()
-        reactor.run_one()
-        assert got[0] == 1 and got[1].check(ZeroDivisionError) and got[2] == 3
-        assert len(group.committed) == 1 and group.rolled_back == 0
-    finally:
-        workers.stop()
+def test_a_spoiling_error_fails_every_job_of_its_group_and_only_that_group(grouped: Any) -> None:
+    reactor, group, workers = grouped
+
+    def spoil() -> None:
+        raise Spoiled("database is locked")
+
+    got = run_held(reactor, workers, [(True, lambda: "written"), (True, spoil),
+                                      (True, lambda: "never run"), (False, lambda: "alone"),
+                                      (True, lambda: "next group")])
+    # the first job's write was rolled back with the group: it must not say "done"
+    assert [g.check(Spoiled) is not None for g in got[:3]] == [True, True, True]
+    assert got[3:] == ["alone", "next group"]
+    assert group.rolled_back == 1 and len(group.committed) == 1
+
+
+THREE_JOBS = [(True, lambda: 1), (True, lambda: 1 / 0), (True, lambda: 3)]
+
+
+def test_a_jobs_own_error_fails_only_that_job_inside_a_group(grouped: Any) -> None:
+    reactor, group, workers = grouped
+    got = run_held(reactor, workers, THREE_JOBS)
+    assert got[0] == 1 and got[1].check(ZeroDivisionError) and got[2] == 3
+    assert len(group.committed) == 1 and group.rolled_back == 0
 
 
 def test_without_a_group_grouped_jobs_run_alone() -> None:
@@ -189,9 +186,7 @@ def test_without_a_group_grouped_jobs_run_alone() -> None:
     workers = BatchWorkers(reactor, 1)
     workers.start()
     try:
-        got = held_batch(workers, [(True, lambda: 1), (True, lambda: 1 / 0), (True, lambda: 3)])
-        reactor.run_one()
-        reactor.run_one()
+        got = run_held(reactor, workers, THREE_JOBS)
         assert got[0] == 1 and got[1].check(ZeroDivisionError) and got[2] == 3
     finally:
         workers.stop()

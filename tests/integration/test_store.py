@@ -421,3 +421,31 @@ def test_group_commits_once_and_rolls_back_everything_on_error(store: Store) -> 
     # nothing of the failed group stayed: the code for step 11 is still unused
     assert store.get("alice").last_step == 10 and store.get("bob").failures == 1
     assert store.accept_step("alice", 11, 0.0)  # and the connection still works
+
+
+def test_background_checkpoints_leave_the_wal_to_checkpoint(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    Store(url).upgrade()
+    server = Store(url, background_checkpoints=True)
+    try:
+        with server.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        for n in range(300):  # a few hundred commits: the WAL keeps them
+            server.set_secret(f"user{n}", b"\x01" * 32, 1)
+        busy, wal_pages, copied = server.checkpoint() or (None, None, None)
+        assert busy == 0 and wal_pages > 0 and copied == wal_pages
+        assert len(server.list_users()) == 300
+    finally:
+        server.close()
+    # the default (CLI) keeps SQLite's own checkpoints
+    cli = Store(url)
+    try:
+        with cli.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    finally:
+        cli.close()
+
+
+def test_checkpoint_is_a_sqlite_matter(store: Store) -> None:
+    done = store.checkpoint()
+    assert (done is None) == (store.dialect == "postgresql")

@@ -31,15 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +49,11 @@ from bench.common import (
     password,
     ratio,
     say,
-    stopping,
     table,
     uid,
     user_dn,
 )
-from bench.radius import _f, environment, quiet_machine
+from bench.radius import _f, run_with_slapd
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_CONCURRENCY = 32
@@ -529,45 +524,12 @@ def run_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
 
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = Path(a.json) if a.json else ROOT / "var" / "bench" / f"ldap-{stamp}.json"
-    workdir = Path(tempfile.mkdtemp(prefix="mfa-bench-ldap-"))
-    res: dict[str, Any] = {"bench": "ldap", "started": started, "environment": environment(),
-                           "options": {k: v for k, v in vars(a).items() if k != "levels"}}
-    procs: list[Managed] = []
-    done = False
-    try:
-        with stopping(procs):
-            say(f"workdir {workdir}")
-            busy = quiet_machine(a.wait_quiet)
-            res["busy_cores_before"] = busy
-            if busy >= 0.3:
-                say(f"warning: {busy:.2f} cores busy with other work before the start: "
-                    "figures will be low (see 'other cores')")
-            directory = slapd.start(workdir / "slapd", a.users, a.slapd_threads)
-            procs.append(directory.proc)
-            res["slapd"] = {"users": a.users, "threads": a.slapd_threads}
-            run_proxy(directory, workdir, a, procs, res)
-        text = report(res, a)
-        done = True
-    except KeyboardInterrupt:
-        say("interrupted; every process stopped")
-        return 130
-    except Exception as e:
-        traceback.print_exc()
-        say(f"the benchmark broke: {type(e).__name__}: {e}")
-        say(f"logs kept in {workdir}")
-        return 1
-    finally:
-        if done and not a.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(text)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    print(f"\nJSON: {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
-          + (f"; temp dir kept: {workdir}" if a.keep else ""))
-    return 0
+
+    def measure(directory: slapd.Directory, workdir: Path, procs: list[Managed],
+                res: dict[str, Any]) -> None:
+        run_proxy(directory, workdir, a, procs, res)
+
+    return run_with_slapd("ldap", a, measure, report)
 
 
 if __name__ == "__main__":

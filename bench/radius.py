@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -457,13 +458,19 @@ def environment() -> dict[str, Any]:
             "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def main(argv: list[str]) -> int:
-    a = parse_args(argv)
+Measure = Callable[[slapd.Directory, Path, list[Managed], dict[str, Any]], None]
+
+
+def run_with_slapd(name: str, a: argparse.Namespace, measure: Measure,
+                   report_of: Callable[[dict[str, Any], argparse.Namespace], str]) -> int:
+    """What every benchmark does around its own measurements: a temp dir, a quiet
+    machine check, the bench slapd, every process stopped by PID, the table on
+    stdout, JSON in var/bench/<name>-<timestamp>.json. ``measure`` fills ``res``."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = Path(a.json) if a.json else ROOT / "var" / "bench" / f"radius-{stamp}.json"
-    workdir = Path(tempfile.mkdtemp(prefix="mfa-bench-radius-"))
-    res: dict[str, Any] = {"bench": "radius", "started": started, "environment": environment(),
+    json_path = Path(a.json) if a.json else ROOT / "var" / "bench" / f"{name}-{stamp}.json"
+    workdir = Path(tempfile.mkdtemp(prefix=f"mfa-bench-{name}-"))
+    res: dict[str, Any] = {"bench": name, "started": started, "environment": environment(),
                            "options": {k: v for k, v in vars(a).items() if k != "levels"}}
     procs: list[Managed] = []
     ok = False
@@ -478,14 +485,8 @@ def main(argv: list[str]) -> int:
             directory = slapd.start(workdir / "slapd", a.users, a.slapd_threads)
             procs.append(directory.proc)
             res["slapd"] = {"users": a.users, "threads": a.slapd_threads}
-            res["ceiling"] = ceiling(directory, a)
-            res["proxy"] = run_proxy(directory, workdir, a, procs)
-            procs[-1].stop()  # the proxy: FreeRADIUS gets the machine to itself
-            if not a.no_freeradius:
-                res["freeradius"] = run_freeradius(directory, workdir, a, procs)
-            else:
-                res["freeradius"] = {"skipped": "--no-freeradius"}
-        text = report(res, a)
+            measure(directory, workdir, procs, res)
+        text = report_of(res, a)
         ok = True
     except KeyboardInterrupt:
         say("interrupted; every process stopped")
@@ -504,6 +505,22 @@ def main(argv: list[str]) -> int:
     print(f"\nJSON: {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
           + (f"; temp dir kept: {workdir}" if a.keep else ""))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+
+    def measure(directory: slapd.Directory, workdir: Path, procs: list[Managed],
+                res: dict[str, Any]) -> None:
+        res["ceiling"] = ceiling(directory, a)
+        res["proxy"] = run_proxy(directory, workdir, a, procs)
+        procs[-1].stop()  # the proxy: FreeRADIUS gets the machine to itself
+        if not a.no_freeradius:
+            res["freeradius"] = run_freeradius(directory, workdir, a, procs)
+        else:
+            res["freeradius"] = {"skipped": "--no-freeradius"}
+
+    return run_with_slapd("radius", a, measure, report)
 
 
 if __name__ == "__main__":

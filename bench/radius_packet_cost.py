@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccessAccept, AuthPacket
@@ -25,6 +24,7 @@ from backends.base import Identity
 from policy.decision import AuthRequest, Decision, Outcome, Reason
 from proxy.radius.clients import ClientTable, RadiusClientConfig, ReplyRule
 from proxy.radius.packet import (
+    SHIPPED_DICTIONARY,
     Attr,
     access_accept,
     decode_user_password,
@@ -34,7 +34,7 @@ from proxy.radius.packet import (
 from proxy.radius.server import RadiusServer, ServerSettings
 from proxy.radius.testing import access_request
 
-DICTIONARY = Dictionary(str(Path(__file__).resolve().parents[1] / "conf" / "dictionary"))
+DICTIONARY = Dictionary(str(SHIPPED_DICTIONARY))
 SECRET = b"a-long-random-shared-secret"
 ROUNDS = 3000
 # What a VPN concentrator typically sends besides the credentials.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -22,7 +21,6 @@ from proxy.metrics import EngineMetrics, Metrics
 from proxy.worker import BatchWorkers
 
 log = logging.getLogger("mfa_proxy")
-DICTIONARY = Path(__file__).resolve().parent.parent / "conf" / "dictionary"
 
 
 class StartupError(Exception):
@@ -211,6 +209,7 @@ class Service:
 
         from proxy.metrics import RadiusMetrics
         from proxy.radius.clients import ClientTable, RadiusClientConfig
+        from proxy.radius.packet import SHIPPED_DICTIONARY
         from proxy.radius.server import RadiusServer, ServerSettings
 
         clients = ClientTable([RadiusClientConfig(
@@ -219,7 +218,7 @@ class Service:
             repeat_window_seconds=c.repeat_window_seconds, enrollment_notice=c.enrollment_notice,
             nas_timeout=c.nas_timeout) for c in r.clients])
         server = RadiusServer(
-            clients, self.authenticator.authenticate, Dictionary(str(DICTIONARY)),
+            clients, self.authenticator.authenticate, Dictionary(str(SHIPPED_DICTIONARY)),
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))

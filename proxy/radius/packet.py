@@ -24,6 +24,7 @@ import hmac
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyrad.dictionary import Dictionary
@@ -31,6 +32,9 @@ from pyrad.packet import AcctPacket, AuthPacket
 from pyrad.packet import Packet as PyradPacket
 
 from proxy.radius.events import DropReason
+
+# The RADIUS dictionary shipped in conf/: what serve loads, and tests and benchmarks too.
+SHIPPED_DICTIONARY = Path(__file__).resolve().parents[2] / "conf" / "dictionary"
 
 HEADER_LENGTH = 20
 MAX_LENGTH = 4096  # RFC 2865 §3

@@ -67,6 +67,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.radius.packet import SHIPPED_DICTIONARY
 from tests.integration.slapd import Slapd
 
 START_TIMEOUT = 30.0  # seconds for `serve` to answer /readyz 200
@@ -449,7 +450,7 @@ def running_proxy(workdir: pathlib.Path, slapd: Slapd | None = None,
 
 # ---------------------------------------------------------------- the NAS side (RADIUS)
 
-RADIUS_DICTIONARY = pathlib.Path(__file__).resolve().parents[2] / "conf" / "dictionary"
+RADIUS_DICTIONARY = SHIPPED_DICTIONARY
 RADIUS_TIMEOUT = 15.0  # generous: a reply that should come
 
 

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +25,18 @@ from twisted.internet.threads import blockingCallFromThread
 from backends.base import Identity
 from policy.decision import AuthRequest, Decision, Outcome, Reason, SplitMode
 from proxy.radius.clients import ClientTable, RadiusClientConfig, ReplyRule
-from proxy.radius.packet import Attr, Packet, hmac_md5, parse_datagram, verify_message_authenticator
+from proxy.radius.packet import (
+    SHIPPED_DICTIONARY,
+    Attr,
+    Packet,
+    hmac_md5,
+    parse_datagram,
+    verify_message_authenticator,
+)
 from proxy.radius.server import RadiusServer, ServerSettings
 from proxy.radius.testing import RecordingEvents, access_request, verify_reply
 
-DICTIONARY_PATH = Path(__file__).resolve().parents[2] / "conf" / "dictionary"
+DICTIONARY_PATH = SHIPPED_DICTIONARY
 SECRET = "testing123-a-long-shared-secret"
 PASSWORD, CODE = "s3cret", "123456"
 SLOW_SECONDS = 1.5

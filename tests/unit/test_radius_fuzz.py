@@ -7,7 +7,6 @@ and the server still answers a valid request afterwards.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +17,15 @@ from twisted.internet.task import Clock
 from policy.decision import AuthRequest, Decision, Outcome, Reason
 from proxy.radius.clients import ClientTable, RadiusClientConfig
 from proxy.radius.events import DropReason
-from proxy.radius.packet import Attr, Code, Packet, hmac_md5, parse_datagram, to_pyrad
+from proxy.radius.packet import (
+    SHIPPED_DICTIONARY,
+    Attr,
+    Code,
+    Packet,
+    hmac_md5,
+    parse_datagram,
+    to_pyrad,
+)
 from proxy.radius.server import RadiusServer
 from proxy.radius.testing import (
     RecordingEvents,
@@ -28,7 +35,7 @@ from proxy.radius.testing import (
     verify_reply,
 )
 
-DICTIONARY = Dictionary(str(Path(__file__).resolve().parents[2] / "conf" / "dictionary"))
+DICTIONARY = Dictionary(str(SHIPPED_DICTIONARY))
 SECRET = b"fuzz-secret"
 SOURCE = ("127.0.0.1", 5555)
 

@@ -14,6 +14,7 @@ from pyrad.packet import Packet as PyradPacket
 
 from proxy.radius.events import DropReason
 from proxy.radius.packet import (
+    SHIPPED_DICTIONARY,
     Attr,
     Code,
     Packet,
@@ -40,7 +41,7 @@ from proxy.radius.packet import (
 )
 from proxy.radius.testing import access_request, accounting_request, verify_reply
 
-DICTIONARY_PATH = Path(__file__).resolve().parents[2] / "conf" / "dictionary"
+DICTIONARY_PATH = SHIPPED_DICTIONARY
 
 # RFC 2865 §7.1 "User Telnet to Specified Host": the Access-Request from NAS
 # 192.168.1.16 port 3 for user nemo, password "arctangent", secret "xyzzy5461".

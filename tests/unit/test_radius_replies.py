@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from pyrad.dictionary import Dictionary
 
 from proxy.radius.clients import ReplyRule
-from proxy.radius.packet import encode_attribute, parse_datagram
+from proxy.radius.packet import SHIPPED_DICTIONARY, encode_attribute, parse_datagram
 from proxy.radius.replies import ReplyAttributes, group_names
 
-DICTIONARY = Dictionary(str(Path(__file__).resolve().parents[2] / "conf" / "dictionary"))
+DICTIONARY = Dictionary(str(SHIPPED_DICTIONARY))
 
 
 def attributes_of(encoded: bytes) -> list[tuple[int, bytes]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from pyrad.dictionary import Dictionary
@@ -15,7 +14,14 @@ from twisted.internet.task import Clock
 from backends.base import Identity
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from proxy.radius.clients import ClientTable, RadiusClientConfig, ReplyRule
-from proxy.radius.packet import Attr, Code, Packet, encode_attribute, parse_datagram
+from proxy.radius.packet import (
+    SHIPPED_DICTIONARY,
+    Attr,
+    Code,
+    Packet,
+    encode_attribute,
+    parse_datagram,
+)
 from proxy.radius.server import RadiusPort, RadiusServer, ServerSettings
 from proxy.radius.testing import (
     RecordingEvents,
@@ -25,7 +31,7 @@ from proxy.radius.testing import (
     verify_reply,
 )
 
-DICTIONARY = Dictionary(str(Path(__file__).resolve().parents[2] / "conf" / "dictionary"))
+DICTIONARY = Dictionary(str(SHIPPED_DICTIONARY))
 SECRET = b"vpn-shared-secret"
 NAS = ("10.0.0.5", 40000)
 ALICE = Identity("alice", "uid=alice,ou=people,dc=example,dc=org", ("cn=admins,ou=groups",))

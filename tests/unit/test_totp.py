@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.totp import (
-    decode_key,
     InvalidSecret,
     TotpParams,
     code_for_step,
+    decode_key,
     match_step,
     new_secret,
     normalize_secret,

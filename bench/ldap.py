@@ -53,7 +53,7 @@ from bench.common import (
     uid,
     user_dn,
 )
-from bench.radius import _f, run_with_slapd
+from bench.radius import _f, bench_arguments, bench_defaults, run_with_slapd
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_CONCURRENCY = 32
@@ -67,57 +67,12 @@ WORKLOADS = (("bindsearch", "bind + search"), ("search", "search only"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="scripts/bench ldap", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--users", type=int, help="bench users in slapd, all enrolled "
-                    "(default 100000; --quick 10000)")
-    ap.add_argument("--concurrency", help="persistent connections, comma-separated "
-                    "(default 1,8,32,128; --quick 8,32)")
-    ap.add_argument("--seconds", type=float, help="measured seconds per level "
-                    "(default 10; --quick 5)")
-    ap.add_argument("--warmup", type=float, default=2.0, help="seconds before each "
-                    "measurement (default 2)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a fast sanity run: 10,000 users, concurrency 8,32, 5 s each")
+    # 512: the proxy's max_connections is 1000, and the search-only runs hold as many
+    ap = bench_arguments("ldap", "persistent connections", "bind + search")
+    ap.description = __doc__
     ap.add_argument("--max-ops", type=int, default=5_000_000,
                     help="hard cap on operations per level")
-    ap.add_argument("--no-reuse", action="store_true",
-                    help="never bind a user twice through the proxy in the whole run, even in "
-                         "a later time step (a level stops when the users run out)")
-    ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                    help="mfa-proxy's [logging] level (default info, as in production)")
-    ap.add_argument("--slapd-threads", type=int, default=16)
-    ap.add_argument("--profile", action="store_true",
-                    help="after the measured levels, profile the proxy with py-spy during an "
-                         "extra c=32 bind + search run (not in the table)")
-    ap.add_argument("--profile-seconds", type=float, default=10.0)
-    ap.add_argument("--profile-threads", action="store_true",
-                    help="sample every busy thread instead of only the one holding the GIL")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                    help="before starting, wait up to this long for the machine to be idle")
-    ap.add_argument("--json", help="where to write the results "
-                    "(default var/bench/ldap-<timestamp>.json)")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the temp dir (configs, logs, slapd data)")
-    a = ap.parse_args(argv)
-    a.users = a.users or (10_000 if a.quick else 100_000)
-    a.concurrency = a.concurrency or ("8,32" if a.quick else "1,8,32,128")
-    a.seconds = a.seconds or (5.0 if a.quick else 10.0)
-    try:
-        a.levels = [int(c) for c in str(a.concurrency).split(",") if c.strip()]
-    except ValueError:
-        ap.error(f"--concurrency: expected numbers like 1,8,32, got {a.concurrency!r}")
-    if not a.levels or any(c < 1 or c > 512 for c in a.levels):
-        ap.error("--concurrency: each level between 1 and 512 (the proxy's max_connections "
-                 "is 1000)")
-    if not 1 <= a.users <= 1_000_000:
-        ap.error("--users: between 1 and 1,000,000")
-    if not 0 < a.seconds <= 600 or not 0 <= a.warmup <= 60:
-        ap.error("--seconds must be in (0, 600], --warmup in [0, 60]")
-    if not 0 < a.profile_seconds <= 600:
-        ap.error("--profile-seconds must be in (0, 600]")
-    return a
+    return bench_defaults(ap, ap.parse_args(argv), max_level=512)
 
 
 # ---------------------------------------------------------------- credentials

@@ -47,13 +47,13 @@ TARGET_TEXT = ("TARGET (issue 3): at c=32 proxy >= 1.0x FreeRADIUS throughput, p
                "RSS < 100 MB")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def bench_arguments(name: str, concurrency: str, profile_run: str) -> argparse.ArgumentParser:
+    """The options every benchmark has (``concurrency``: what one level keeps busy)."""
     ap = argparse.ArgumentParser(
-        prog="scripts/bench radius", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=f"scripts/bench {name}", formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, help="bench users in slapd, all enrolled "
                     "(default 100000; --quick 10000)")
-    ap.add_argument("--concurrency", help="RADIUS requests outstanding, comma-separated "
+    ap.add_argument("--concurrency", help=f"{concurrency}, comma-separated "
                     "(default 1,8,32,128; --quick 8,32)")
     ap.add_argument("--seconds", type=float, help="measured seconds per level "
                     "(default 10; --quick 5)")
@@ -61,25 +61,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "measurement (default 2)")
     ap.add_argument("--quick", action="store_true",
                     help="a fast sanity run: 10,000 users, concurrency 8,32, 5 s each")
-    ap.add_argument("--no-freeradius", action="store_true", help="skip the FreeRADIUS reference")
-    ap.add_argument("--ldap-concurrency", type=int, default=32,
-                    help="connections (pairs for search+bind) of the ceiling run (default 32)")
-    ap.add_argument("--timeout", type=float, default=2.0,
-                    help="seconds before a RADIUS request counts as a timeout (no retransmit)")
-    ap.add_argument("--max-requests", type=int, default=2_000_000,
-                    help="hard cap on requests per level")
     ap.add_argument("--no-reuse", action="store_true",
-                    help="never send a user twice in the whole run, even in a later time "
-                         "step (a level stops when the users run out)")
+                    help="never send a user's code twice in the whole run, even in a later "
+                         "time step (a level stops when the users run out)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                    help="mfa-proxy's [logging] level (default info: one line per decision, "
-                         "as in production)")
+                    help="mfa-proxy's [logging] level (default info, as in production; "
+                         "accepts are not logged by default: [logging] decisions)")
     ap.add_argument("--slapd-threads", type=int, default=16)
-    ap.add_argument("--freeradius-threads", type=int, default=32,
-                    help="FreeRADIUS thread pool and LDAP connection pool size")
     ap.add_argument("--profile", action="store_true",
                     help="after the measured levels, profile the proxy with py-spy during an "
-                         "extra c=32 run (not in the table)")
+                         f"extra c=32 {profile_run} run (not in the table)")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
     ap.add_argument("--profile-threads", action="store_true",
                     help="sample every busy thread instead of only the one holding the GIL")
@@ -87,10 +78,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="before starting, wait up to this long for the machine to be idle "
                          "(other processes' CPU disturbs the figures)")
     ap.add_argument("--json", help="where to write the results "
-                    "(default var/bench/radius-<timestamp>.json)")
+                    f"(default var/bench/{name}-<timestamp>.json)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temp dir (configs, logs, slapd data)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def bench_defaults(ap: argparse.ArgumentParser, a: argparse.Namespace,
+                   max_level: int) -> argparse.Namespace:
+    """Fill the --quick defaults, parse the levels and check the common ranges."""
     a.users = a.users or (10_000 if a.quick else 100_000)
     a.concurrency = a.concurrency or ("8,32" if a.quick else "1,8,32,128")
     a.seconds = a.seconds or (5.0 if a.quick else 10.0)
@@ -98,13 +94,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.levels = [int(c) for c in str(a.concurrency).split(",") if c.strip()]
     except ValueError:
         ap.error(f"--concurrency: expected numbers like 1,8,32, got {a.concurrency!r}")
-    if not a.levels or any(c < 1 or c > 1024 for c in a.levels):
-        ap.error("--concurrency: each level between 1 and 1024")
+    if not a.levels or any(c < 1 or c > max_level for c in a.levels):
+        ap.error(f"--concurrency: each level between 1 and {max_level}")
     if not 1 <= a.users <= 1_000_000:
         ap.error("--users: between 1 and 1,000,000")
     if not 0 < a.seconds <= 600 or not 0 <= a.warmup <= 60:
         ap.error("--seconds must be in (0, 600], --warmup in [0, 60]")
+    if not 0 < a.profile_seconds <= 600:
+        ap.error("--profile-seconds must be in (0, 600]")
     return a
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = bench_arguments("radius", "RADIUS requests outstanding", "Access-Request")
+    ap.description = __doc__
+    ap.add_argument("--no-freeradius", action="store_true", help="skip the FreeRADIUS reference")
+    ap.add_argument("--ldap-concurrency", type=int, default=32,
+                    help="connections (pairs for search+bind) of the ceiling run (default 32)")
+    ap.add_argument("--timeout", type=float, default=2.0,
+                    help="seconds before a RADIUS request counts as a timeout (no retransmit)")
+    ap.add_argument("--max-requests", type=int, default=2_000_000,
+                    help="hard cap on requests per level")
+    ap.add_argument("--freeradius-threads", type=int, default=32,
+                    help="FreeRADIUS thread pool and LDAP connection pool size")
+    return bench_defaults(ap, ap.parse_args(argv), max_level=1024)
 
 
 # ---------------------------------------------------------------- one server, every level

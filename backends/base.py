@@ -17,11 +17,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who the directory says the user is, after a successful check."""
+    """A directory entry: the MFA identity.
+
+    ``username`` is the entry's own name (the username attribute's value as
+    stored, not as a client typed it); the core keys every piece of state by
+    its normalised form. ``from_cache``: found in a short-lived look-up cache
+    (a refused password may then mean a stale entry, worth one fresh look).
+    """
 
     username: str
     dn: str | None = None
     groups: tuple[str, ...] = field(default_factory=tuple)
+    from_cache: bool = field(default=False, compare=False, repr=False)
 
 
 class DirectoryError(Exception):
@@ -58,10 +65,14 @@ class Directory(Protocol):
     name: str
 
     def verify(self, username: str, password: str) -> Identity:
-        """Check the password; return the identity or raise a DirectoryError."""
+        """Look up and check the password; the identity or a DirectoryError."""
 
     def lookup(self, username: str) -> Identity | None:
         """Find a user without a password (None when unknown)."""
+
+    def check_password(self, identity: Identity, password: str) -> Identity:
+        """Check the password of an entry ``lookup`` found; the identity
+        (refreshed when the entry moved) or a DirectoryError."""
 
     def group_members(self, group: str) -> list[str]:
         """Usernames in a directory group (raises UnknownUser for an unknown group)."""
@@ -74,11 +85,20 @@ class Directory(Protocol):
 
 
 class AsyncDirectory(Protocol):
-    """What the reactor side uses: every call returns a Deferred."""
+    """What the core uses on the reactor side: every call returns a Deferred.
 
-    def verify(self, username: str, password: str) -> Deferred[Identity]: ...
+    The core first resolves a name (``lookup``) or a bind DN (``lookup_dn``)
+    to the entry, with the service account; only then, once the entry's lock
+    has been checked, is its password tried (``check_password``).
+    """
 
     def lookup(self, username: str) -> Deferred[Identity | None]: ...
+
+    def lookup_dn(self, dn: str) -> Deferred[Identity | None]:
+        """The entry at ``dn`` -- any spelling the directory accepts -- if it is
+        exactly the entry ``lookup`` finds for its own name; else None."""
+
+    def check_password(self, identity: Identity, password: str) -> Deferred[Identity]: ...
 
     def ping(self) -> Deferred[None]: ...
 

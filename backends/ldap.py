@@ -140,15 +140,21 @@ class LdapDirectory:
 
     def verify(self, username: str, password: str) -> Identity:
         check_password_not_empty(password)
-        entry = self._find_user(username)
-        if entry is None or not entry.dn:  # an empty DN would bind anonymously
+        identity = self.lookup(username)
+        if identity is None:
             raise UnknownUser(f"no such user: {username!r}")
-        self._bind_as(entry.dn, password)
-        return self._identity(entry, username)
+        return self.check_password(identity, password)
 
     def lookup(self, username: str) -> Identity | None:
         entry = self._find_user(username)
-        return None if entry is None else self._identity(entry, username)
+        return None if entry is None else self._identity(entry)
+
+    def check_password(self, identity: Identity, password: str) -> Identity:
+        check_password_not_empty(password)
+        if not identity.dn:  # an empty DN would bind anonymously
+            raise UnknownUser(f"no such user: {identity.username!r}")
+        self._bind_as(identity.dn, password)
+        return identity
 
     def group_members(self, group: str) -> list[str]:
         members = self._group_member_dns(group)
@@ -179,8 +185,11 @@ class LdapDirectory:
             return None
         return entries[0] if entries else None
 
-    def _identity(self, entry: _Entry, username: str) -> Identity:
-        name = entry.first(self.options.username_attribute) or username
+    def _identity(self, entry: _Entry) -> Identity | None:
+        """The entry's own name; an entry without one (or without a DN) is nobody."""
+        name = entry.first(self.options.username_attribute)
+        if not name or not entry.dn:
+            return None
         return Identity(username=name, dn=entry.dn, groups=self._groups_of(entry))
 
     def _username_of(self, dn: str) -> str | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 from typing import Protocol as Interface  # (Protocol is Twisted's, below)
@@ -104,6 +104,9 @@ SCOPE_BASE, SCOPE_SUBTREE = 0, 2
 NEVER_DEREF_ALIASES = 0
 MAX_MESSAGE = 64 * 1024 * 1024  # a larger answer is an error, not a memory exhaustion
 _FINAL_REPLIES = (SEARCH_RESULT_DONE, BIND_RESPONSE, EXTENDED_RESPONSE)
+# A base read of a bind DN answered with these: the DN names no entry we may use
+# (noSuchObject, invalidDNSyntax, insufficientAccessRights, referral, aliasProblem).
+DN_NAMES_NOBODY = frozenset({32, 34, 50, 10, 33, 36})
 _IGNORED_REPLIES = (SEARCH_RESULT_REFERENCE, INTERMEDIATE_RESPONSE)
 
 
@@ -718,21 +721,24 @@ def _search_refused(code: int, diagnostic: str, missing_ok: bool = False) -> Exc
 
 
 class _Verify:
-    """One verify() run from the reply dispatch, for as long as all goes the common way.
+    """One look-up or one password check, run from the reply dispatch for as long
+    as all goes the common way.
 
-    The search goes to an open service connection, the bind to an idle (or the
-    next released) bind connection, and each reply drives the next step:
-    ``result`` is the only Deferred made. Anything unusual -- a lost connection,
-    a group search, a refused cached DN, a link that must (re)connect -- hands
-    the rest to the coroutines of :class:`AsyncLdapDirectory` from the step
-    reached, so errors, retries and failover stay theirs.
+    A look-up (``password`` None) searches on an open service connection; a
+    password check binds on an idle (or the next released) bind connection;
+    each reply drives the next step and ``result`` is the only Deferred made.
+    Anything unusual -- a lost connection, a group search, a refused cached
+    DN, a link that must (re)connect -- hands the rest to the coroutines of
+    :class:`AsyncLdapDirectory` from the step reached, so errors, retries and
+    failover stay theirs.
     """
 
     __slots__ = ("_binding", "_client", "_directory", "_link", "_matches", "_password",
                  "_request", "_user", "_username", "deadline", "result", "timeout")
 
-    def __init__(self, directory: AsyncLdapDirectory, username: str, password: str) -> None:
-        self.result: Deferred[Identity] = Deferred()
+    def __init__(self, directory: AsyncLdapDirectory, username: str,
+                 password: str | None = None) -> None:
+        self.result: Deferred[Any] = Deferred()
         self._directory = directory
         self._username = username
         self._password = password
@@ -751,7 +757,7 @@ class _Verify:
         try:
             self._request = directory._user_search.encode(username=self._username)
         except UnicodeError:  # text that is not UTF-8: fail where the coroutine always did
-            self._hand_over(directory._verify_uncached(self._username, self._password))
+            self._hand_over(directory._find_user(self._username))
             return
         directory.stats.searches += 1
         self._client = client
@@ -765,28 +771,29 @@ class _Verify:
             return
         user = self._user
         if not directory._only_one(self._matches) or user is None:
-            self._fail(UnknownUser(f"no such user: {username!r}"))
+            self.result.callback(None)
             return
         groups = directory._memberof_groups(user)
         if groups is None:  # a group search: left to the coroutines
-            self._hand_over(directory._verify_found(username, self._password, [user]))
+            self._hand_over(directory._identity_of(username, [user]))
             return
-        self.bind(directory._remember(username, user, groups), cached=False)
+        self.result.callback(directory._remember(username, user, groups))
 
     # -- the bind
 
-    def bind(self, identity: Identity, cached: bool) -> None:
-        """Bind as the user on a free bind link, now or once one is released."""
+    def bind(self, identity: Identity) -> None:
+        """Bind as the entry on a free bind link, now or once one is released."""
         directory = self._directory
+        password = self._password or ""
         try:
-            self._binding = _binding(self._username, self._password, identity, cached)
-            self._request = encode_bind(self._binding.dn, self._password)
-        except UnknownUser as unknown:
-            self._fail(unknown)
+            self._binding = _binding(identity.username, password, identity,
+                                     identity.from_cache)
+            self._request = encode_bind(self._binding.dn, password)
+        except (UnknownUser, InvalidCredentials) as refused:
+            self._fail(refused)
             return
         except UnicodeError:  # text that is not UTF-8: fail where the coroutine always did
-            self._hand_over(directory._bind_user(self._username, self._password, identity,
-                                                 cached))
+            self._hand_over(directory._bind_user(identity, password))
             return
         directory.stats.binds += 1
         link = directory._binders.take()
@@ -838,7 +845,7 @@ class _Verify:
                 self._searched(code, diagnostic)
             else:
                 self._bound(link, code, diagnostic)
-        except Exception as bug:  # fail this verify, as a coroutine would, not the connection
+        except Exception as bug:  # fail this request, as a coroutine would, not the connection
             self._fail(bug)
 
     def on_lost(self, why: ConnectionLost) -> None:
@@ -848,15 +855,15 @@ class _Verify:
             directory.endpoints.mark_down(self._client.endpoint, str(why))
         link, self._link = self._link, None
         if link is None:
-            self._hand_over(directory._verify_searching(self._username, self._password,
-                                                        self._request, [str(why)]))
+            self._hand_over(directory._lookup_searching(self._username, self._request,
+                                                        [str(why)]))
         else:
             assert self._binding is not None
             self._hand_over(directory._finish_bind(self._binding, link, [str(why)]))
 
     # -- the end
 
-    def _hand_over(self, rest: Coroutine[Deferred[Any], Any, Identity]) -> None:
+    def _hand_over(self, rest: Coroutine[Deferred[Any], Any, Any]) -> None:
         self._directory._run(rest).chainDeferred(self.result)
 
     def _fail(self, why: Exception | Failure) -> None:
@@ -893,22 +900,34 @@ class AsyncLdapDirectory:
 
     # -- AsyncDirectory
 
-    def verify(self, username: str, password: str) -> Deferred[Identity]:
-        if not password or not username:  # refused before any network use
-            return self._run(self._verify(username, password))
-        identity = self.cache.get(username)
-        attempt = _Verify(self, username, password)
-        if identity is not None:
-            attempt.bind(identity, cached=True)
-            return attempt.result
+    def lookup(self, username: str) -> Deferred[Identity | None]:
+        """The entry the user filter finds for ``username`` (None: no single one)."""
+        if not username:
+            return defer.succeed(None)
+        cached = self.cache.get(username)
+        if cached is not None:
+            return defer.succeed(cached)
         client = self._least_loaded().ready()
         if client is None:  # connecting (or moving back to a preferred URL) first
-            return self._run(self._verify_uncached(username, password))
+            return self._run(self._find_user(username))
+        attempt = _Verify(self, username)
         attempt.search(client)
         return attempt.result
 
-    def lookup(self, username: str) -> Deferred[Identity | None]:
-        return self._run(self._lookup(username))
+    def lookup_dn(self, dn: str) -> Deferred[Identity | None]:
+        return self._run(self._lookup_dn(dn))
+
+    def check_password(self, identity: Identity, password: str) -> Deferred[Identity]:
+        """Bind as the entry; a refusal of an entry from the cache looks once more."""
+        if not password:  # would bind anonymously
+            return defer.fail(InvalidCredentials("empty password"))
+        attempt = _Verify(self, identity.username, password)
+        attempt.bind(identity)
+        return attempt.result
+
+    def verify(self, username: str, password: str) -> Deferred[Identity]:
+        """lookup, then check_password (the core calls the two apart)."""
+        return self._run(self._verify(username, password))
 
     def group_members(self, group: str) -> Deferred[list[str]]:
         return self._run(self._group_members(group))
@@ -930,29 +949,19 @@ class AsyncLdapDirectory:
 
     async def _verify(self, username: str, password: str) -> Identity:
         check_password_not_empty(password)
-        identity = self.cache.get(username)
-        if identity is not None:
-            return await self._bind_user(username, password, identity, cached=True)
-        return await self._verify_uncached(username, password)
+        identity = await self.lookup(username)
+        if identity is None:
+            raise UnknownUser(f"no such user: {username!r}")
+        return await self.check_password(identity, password)
 
-    async def _verify_uncached(self, username: str, password: str) -> Identity:
-        identity = await self._find_user(username)
-        return await self._bind_user(username, password, identity, cached=False)
-
-    async def _verify_searching(self, username: str, password: str, request: bytes,
-                                errors: list[str]) -> Identity:
-        """The rest of a verify whose user search was lost after ``errors``."""
+    async def _lookup_searching(self, username: str, request: bytes,
+                                errors: list[str]) -> Identity | None:
+        """The rest of a look-up whose search was lost after ``errors``."""
         reply = await self._search_on(request, errors)
-        return await self._verify_found(username, password, self._users_in(reply))
+        return await self._identity_of(username, self._users_in(reply))
 
-    async def _verify_found(self, username: str, password: str,
-                            users: list[UserEntry]) -> Identity:
-        identity = await self._identity_of(username, users)
-        return await self._bind_user(username, password, identity, cached=False)
-
-    async def _bind_user(self, username: str, password: str, identity: Identity | None,
-                         cached: bool) -> Identity:
-        binding = _binding(username, password, identity, cached)
+    async def _bind_user(self, identity: Identity, password: str) -> Identity:
+        binding = _binding(identity.username, password, identity, identity.from_cache)
         self.stats.binds += 1
         return await self._finish_bind(binding, await self._binders.acquire(), [])
 
@@ -979,8 +988,38 @@ class AsyncLdapDirectory:
         await self._bind_on(await self._binders.acquire(), fresh.dn, binding.password, [])
         return fresh
 
-    async def _lookup(self, username: str) -> Identity | None:
-        return self.cache.get(username) or await self._find_user(username)
+    async def _lookup_dn(self, dn: str) -> Identity | None:
+        """Read the entry at ``dn`` (the directory resolves every spelling it
+        accepts: case, aliases, options, escapes, Unicode forms), then look it up
+        by its own name: only when that finds this very entry is it an identity.
+        So a DN outside ``user_base``, the rootdn, or one of two entries sharing
+        a name is nobody."""
+        if not dn:
+            return None
+        try:
+            request = self._template(dn, SCOPE_BASE, "(objectClass=*)", (),
+                                     [self.options.username_attribute], size_limit=1).encode()
+        except (UnicodeError, FilterTemplateError, BerError):
+            return None
+        self.stats.searches += 1
+        reply = await self._on_link(lambda: self._least_loaded().get(), request, [])
+        if reply.code in DN_NAMES_NOBODY:
+            return None
+        refused = _search_refused(reply.code, reply.diagnostic)
+        if refused is not None:
+            raise refused
+        if len(reply.entries) != 1:
+            return None
+        entry = reply.entries[0]
+        name = entry.first(self.options.username_attribute)
+        if not name:
+            return None
+        identity = await self.lookup(name)
+        if identity is None or (identity.dn or "").casefold() != entry.dn.casefold():
+            if identity is not None:
+                log.warn("bind DN {dn!r} is not the entry its name finds", dn=entry.dn)
+            return None
+        return identity
 
     async def _find_user(self, username: str) -> Identity | None:
         if not username:
@@ -1019,9 +1058,14 @@ class AsyncLdapDirectory:
             return tuple(sorted({n for n in names if n is not None}))
         return None if self.options.group_base else ()
 
-    def _remember(self, username: str, user: UserEntry, groups: tuple[str, ...]) -> Identity:
-        identity = Identity(user.name or username, user.dn, groups)
-        self.cache.put(username, identity)
+    def _remember(self, username: str, user: UserEntry, groups: tuple[str, ...]
+                  ) -> Identity | None:
+        """The entry's identity under its own name; one without a name (or a DN,
+        which would bind anonymously) is nobody."""
+        if not user.name or not user.dn:
+            return None
+        identity = Identity(user.name, user.dn, groups)
+        self.cache.put(username, replace(identity, from_cache=True))
         return identity
 
     # -- groups

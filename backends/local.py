@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class LocalDirectory:
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._users: dict[str, dict[str, Any]] = {}
+        self._folded: dict[str, str] = {}  # folded name -> the file's key
         self._dummy_hash: str | None = None
 
     @property
@@ -65,8 +67,15 @@ class LocalDirectory:
                     raise DirectoryUnavailable(f"{self.path}: {e}") from e
                 users = data.get("users", {})
                 self._users = {str(k): v for k, v in users.items() if isinstance(v, dict)}
+                self._folded = {_fold(k): k for k in self._users}
                 self._mtime = mtime
             return self._users
+
+    def _entry(self, username: str) -> tuple[str, dict[str, Any]] | None:
+        """The file's own key and entry for any case or compatibility form of a name."""
+        users = self._load()
+        key = self._folded.get(_fold(username))
+        return (key, users[key]) if key is not None and key in users else None
 
     def verify(self, username: str, password: str) -> Identity:
         check_password_not_empty(password)
@@ -86,8 +95,24 @@ class LocalDirectory:
         return Identity(username, None, tuple(str(g) for g in groups))
 
     def lookup(self, username: str) -> Identity | None:
-        entry = self._load().get(username)
-        return self._identity(username, entry) if entry is not None else None
+        found = self._entry(username)
+        return self._identity(*found) if found is not None else None
+
+    def lookup_dn(self, dn: str) -> Identity | None:
+        return None  # the file has no DNs: an LDAP bind DN names nobody here
+
+    def check_password(self, identity: Identity, password: str) -> Identity:
+        """The password of an entry :meth:`lookup` found (by its own key)."""
+        check_password_not_empty(password)
+        entry = self._load().get(identity.username)
+        hashed = str(entry.get("password", "")) if entry else ""
+        if not hashed:
+            raise UnknownUser(identity.username)
+        try:
+            self.hasher.verify(hashed, password)
+        except (VerificationError, InvalidHashError):
+            raise InvalidCredentials(identity.username) from None
+        return identity
 
     def group_members(self, group: str) -> list[str]:
         members = [u for u, e in self._load().items() if group in e.get("groups", [])]
@@ -118,6 +143,10 @@ class LocalDirectory:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(HEADER + _dump(users))
         os.replace(tmp, self.path)
+
+
+def _fold(name: str) -> str:
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).strip()
 
 
 def _quote(s: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -21,6 +21,17 @@ class ThreadedDirectory:
 
     def lookup(self, username: str) -> Deferred[Identity | None]:
         return deferToThreadPool(self.reactor, self.pool, self.directory.lookup, username)
+
+    def lookup_dn(self, dn: str) -> Deferred[Identity | None]:
+        """A directory without DNs (the local file) resolves no bind DN."""
+        lookup_dn = getattr(self.directory, "lookup_dn", None)
+        if lookup_dn is None:
+            return succeed(None)
+        return deferToThreadPool(self.reactor, self.pool, lookup_dn, dn)
+
+    def check_password(self, identity: Identity, password: str) -> Deferred[Identity]:
+        return deferToThreadPool(self.reactor, self.pool, self.directory.check_password,
+                                 identity, password)
 
     def ping(self) -> Deferred[None]:
         return deferToThreadPool(self.reactor, self.pool, self.directory.ping)

@@ -56,6 +56,7 @@ class Reason(enum.StrEnum):
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     STATE_UNAVAILABLE = "state_unavailable"
     INVALID_USERNAME = "invalid_username"
+    BUSY = "busy"  # too many attempts for one identity waiting at once
 
 
 # Per-request values are plain slotted dataclasses, not frozen ones: a frozen
@@ -70,7 +71,7 @@ class AuthRequest:
     password alone; otherwise ``split`` says how a code may be appended to it.
     """
 
-    username: str
+    username: str  # as the client gave it (logs); the core resolves it to the entry
     secret: str
     protocol: str  # "radius" | "ldap" | ...
     client: str  # a bounded name: the configured client, never an address
@@ -85,6 +86,9 @@ class AuthRequest:
     # within this many seconds gets the same accept (0 = off).
     repeat_window_seconds: int = 0
     source: str = ""  # for logs and audit only (an address), never a metric label
+    # LDAP: the bind DN; the identity is the entry at this DN (any spelling the
+    # directory accepts), not a name read out of it.
+    bind_dn: str | None = None
 
 
 @dataclass(slots=True)  # see AuthRequest on frozen
@@ -97,7 +101,12 @@ class Decision:
     message: str = ""  # what the user may be told (Reply-Message, diagnostic)
     lockout_started: bool = False  # this attempt locked the account
     locked_until: float | None = None
-    extras: dict[str, str] = field(default_factory=dict)
+    # What the client is told when it differs from ``reason``: an unknown name
+    # is answered exactly like a locked account once it has been guessed at as often.
+    public_reason: Reason | None = None
+    # The password part of the secret, on an accept where the directory checked it
+    # (the LDAP front-end binds its upstream session with it, after the decision).
+    password: str = field(default="", repr=False)
 
     @property
     def accepted(self) -> bool:

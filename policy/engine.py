@@ -1,9 +1,20 @@
-"""The decision: password → MFA state → code → limits → audit → Decision.
+"""The decision, the same for every protocol, in named phases:
 
-The same for every protocol. :class:`PolicyEngine` holds the logic as plain
-synchronous steps (testable with an injected clock, no reactor); the
-:class:`Authenticator` runs them off the reactor thread around the directory
-check, which is asynchronous.
+1. **resolve** the name (or LDAP bind DN) to its directory entry, with the
+   service account: the entry is the MFA identity, and its own name (not
+   the typed one) keys every piece of state. No entry, no state.
+2. **gate**: one attempt at a time per identity in this process, so each
+   sees the counters the previous one left (a burst of guesses cannot all
+   reach the directory before the lock).
+3. **begin**: the identity's lock and MFA state, before its password is
+   tried; the one reading of the secret (password, code).
+4. **password**: the directory binds as the entry.
+5. **decide**: code, counters, audit -- on the state as it is then, the
+   accept conditional on the identity not being locked.
+
+:class:`PolicyEngine` holds phases 1, 3 and 5 as plain synchronous steps
+(an injected clock, no reactor); :class:`Authenticator` runs them around
+the asynchronous directory, the state steps on the state thread.
 """
 
 from __future__ import annotations
@@ -11,27 +22,34 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import random
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
-from backends.base import DirectoryError, DirectoryUnavailable, Identity, InvalidCredentials
+from backends.base import (
+    AsyncDirectory,
+    Directory,
+    DirectoryError,
+    DirectoryUnavailable,
+    Identity,
+    InvalidCredentials,
+)
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from policy.keys import KeyRing
-from policy.store import AuditRecord, Store, UserRecord
+from policy.store import LOCKED_FOREVER, AuditRecord, Store, UserRecord
 from policy.totp import TotpParams, match_step
-from policy.usernames import InvalidUsername, UsernameRules
+from policy.usernames import InvalidUsername, UsernameRules, loggable
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
 log = logging.getLogger("mfa_proxy.policy")
-T = TypeVar("T")
 
 Clock = Callable[[], float]
-Verify = Callable[[str, str], "Deferred[Identity]"]
 
 
 @dataclass(frozen=True)
@@ -61,23 +79,15 @@ class NoEvents:
 
 @dataclass(slots=True)  # per request: see policy/decision.py on frozen
 class Prepared:
-    """What the first step learned: who, their state, and how to read the secret."""
+    """What ``begin`` learned: which entry, its state, and how to read the secret."""
 
     request: AuthRequest
-    username: str
+    username: str  # canonical: the entry's own name, normalised
+    identity: Identity
     record: UserRecord
     password: str
     code: str | None
     needs_code: bool
-
-    def verdict_without_directory(self) -> Identity | DirectoryError | None:
-        """The password verdict when the directory need not (or must not) be asked:
-        verified in an earlier round, or empty (never sent: it would bind anonymously)."""
-        if self.request.verified_identity is not None:
-            return self.request.verified_identity
-        if not self.password:
-            return InvalidCredentials("empty password")
-        return None
 
 
 MESSAGES = {
@@ -113,7 +123,45 @@ def split_secret(secret: str, split: SplitMode, separator: str,
     return secret, None
 
 
+class UnknownNames:
+    """Failure counts for names that resolve to no entry: in memory, bounded.
+
+    An unknown name creates no state, yet it must read like a real account to
+    a guesser: after as many wrong passwords it is answered "locked" too.
+    """
+
+    def __init__(self, limits: Limits, max_names: int = 10_000) -> None:
+        self.limits = limits
+        self.max_names = max_names
+        self._names: OrderedDict[str, tuple[int, float | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def attempt(self, name: str, now: float) -> tuple[bool, float | None]:
+        """Count one attempt: (was already locked, locked until)."""
+        with self._lock:
+            failures, until = self._names.pop(name, (0, None))
+            if until is not None and until > now:
+                self._names[name] = (failures, until)
+                return True, until
+            failures = 1 if until is not None else failures + 1
+            until = None
+            if self.limits.max_failures and failures >= self.limits.max_failures:
+                seconds = self.limits.lockout_seconds
+                until = float(LOCKED_FOREVER) if seconds == 0 else now + seconds
+            self._names[name] = (failures, until)
+            while len(self._names) > self.max_names:
+                self._names.popitem(last=False)
+            return False, until
+
+
 class PolicyEngine:
+    """The synchronous steps of a decision, each a unit of state work.
+
+    ``begin`` (the entry's lock and state, the split of the secret) runs
+    before the password is tried; ``decide`` (password verdict, code,
+    counters) after. Both key everything by the entry's canonical name.
+    """
+
     def __init__(self, store: Store, keys: KeyRing, totp: TotpParams, limits: Limits,
                  usernames: UsernameRules, clock: Clock = time.time,
                  events: EngineEvents | None = None, repeat_key: bytes = b"",
@@ -123,6 +171,7 @@ class PolicyEngine:
         self.events = events or NoEvents()
         self.repeat_key = repeat_key or hashlib.sha256(b"mfa-proxy repeat").digest()
         self.audit = AuditQueue(store)
+        self.unknown_names = UnknownNames(limits)
         # False when no resource has a repeat window: failures then skip clearing
         # a repeat cache that is always empty (one write less per failure).
         self.repeat_windows = repeat_windows
@@ -130,19 +179,38 @@ class PolicyEngine:
         # tenth of a busy proxy's CPU, so it is optional ([logging] decisions).
         self.log_accepts = log_accepts
 
-    # -- step 1: before the directory --------------------------------------------
+    # -- phase 1: the name (no state, no directory) ----------------------------------
 
-    def prepare(self, request: AuthRequest) -> Prepared | Decision:
-        """Refuse a locked user before the directory is asked (never burn the
-        directory's own lockout counter for an attacker); read the secret."""
-        try:
-            username = self.usernames.normalize(request.username)
-        except InvalidUsername:
-            return self._finish(request, request.username[:64], Outcome.REJECT,
-                                Reason.INVALID_USERNAME)
+    def lookup_name(self, request: AuthRequest) -> str:
+        """The name to look the entry up by (InvalidUsername: refuse)."""
+        return self.usernames.normalize(request.username)
+
+    def canonical(self, identity: Identity) -> str:
+        """The state key of an entry (InvalidUsername: treat as unknown)."""
+        return self.usernames.canonical(identity.username)
+
+    def refuse(self, request: AuthRequest, name: str, reason: Reason) -> Decision:
+        """A reject that touches no state: the attempt never reached an entry."""
+        return self._finish(request, name, Outcome.REJECT, reason)
+
+    def unknown(self, request: AuthRequest, name: str) -> Decision:
+        """No such entry: no state, but the same answer a real account would get."""
+        locked, until = self.unknown_names.attempt(name.casefold(), self.clock())
+        if locked:
+            return self._finish(request, name, Outcome.REJECT, Reason.UNKNOWN_USER,
+                                message=MESSAGES[Reason.LOCKED_OUT],
+                                public_reason=Reason.LOCKED_OUT, locked_until=until)
+        return self._finish(request, name, Outcome.REJECT, Reason.UNKNOWN_USER,
+                            public_reason=Reason.BAD_PASSWORD)
+
+    # -- phase 2: the entry's state, before its password is tried ---------------------
+
+    def begin(self, request: AuthRequest, identity: Identity, username: str
+              ) -> Prepared | Decision:
+        """Refuse a locked identity before the directory sees its password (no
+        password oracle, no burning the directory's own lockout); read the secret."""
         record = self.store.get(username) or UserRecord(username)
-        now = self.clock()
-        if record.locked(now):
+        if record.locked(self.clock()):
             return self._finish(request, username, Outcome.REJECT, Reason.LOCKED_OUT,
                                 locked_until=record.locked_until)
         needs_code = self._needs_code(record, request.mfa)
@@ -150,7 +218,10 @@ class PolicyEngine:
         if needs_code and code is None:
             password, code = split_secret(request.secret, request.split, request.separator,
                                           self.totp.digits)
-        return Prepared(request, username, record, password, code, needs_code)
+        if not password and request.verified_identity is None:
+            # Never sent to a directory (it would bind anonymously), never counted.
+            return self._finish(request, username, Outcome.REJECT, Reason.EMPTY_PASSWORD)
+        return Prepared(request, username, identity, record, password, code, needs_code)
 
     @staticmethod
     def _needs_code(record: UserRecord, mfa: MfaMode) -> bool:
@@ -158,25 +229,28 @@ class PolicyEngine:
             return False
         return record.required or mfa is MfaMode.STRICT
 
-    # -- step 2: after the directory ---------------------------------------------
+    # -- phase 3: after the password -------------------------------------------------
 
     def decide(self, p: Prepared, verdict: Identity | DirectoryError) -> Decision:
+        """Every outcome on the state as it is now, not as ``begin`` saw it: a lock
+        that came meanwhile (another instance, a concurrent guess) wins."""
+        now = self.clock()
+        p.record = self.store.get(p.username) or UserRecord(p.username)
+        if p.record.locked(now):
+            return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
+                                locked_until=p.record.locked_until)
         if isinstance(verdict, DirectoryUnavailable):
             return self._finish(p.request, p.username, Outcome.REJECT,
                                 Reason.DIRECTORY_UNAVAILABLE)
         if isinstance(verdict, DirectoryError):
-            reason = Reason.UNKNOWN_USER if verdict.reason == "unknown_user" else (
-                Reason.EMPTY_PASSWORD if not p.password else Reason.BAD_PASSWORD)
-            if reason is not Reason.BAD_PASSWORD:
-                # Counting unknown names would let anyone fill the state store; an
-                # empty password never reaches the directory, so it guesses nothing
-                # (and counting it would make a row for any made-up name).
-                return self._finish(p.request, p.username, Outcome.REJECT, reason)
-            return self._failure(p, reason)
-        return self._second_factor(p, verdict)
+            # The entry exists: a refused password counts on it, whatever the
+            # directory called it (a stale cached entry included).
+            return self._failure(p, Reason.BAD_PASSWORD)
+        p.needs_code = self._needs_code(p.record, p.request.mfa)
+        return self._second_factor(p, verdict, now)
 
-    def _second_factor(self, p: Prepared, identity: Identity) -> Decision:
-        rec, mfa, now = p.record, p.request.mfa, self.clock()
+    def _second_factor(self, p: Prepared, identity: Identity, now: float) -> Decision:
+        rec, mfa = p.record, p.request.mfa
         if mfa is MfaMode.OFF:
             return self._success(p, identity, Reason.MFA_OFF)
         if rec.bypass:
@@ -206,23 +280,25 @@ class PolicyEngine:
         step = match_step(secret, p.code, now, self.totp)
         if step is None:
             return self._failure(p, Reason.BAD_CODE, identity)
+        # Conditional on the identity not being locked, atomically.
         if self.store.accept_step(p.username, step, now):
             self._remember_success(p, now)
-            return self._finish(p.request, p.username, Outcome.ACCEPT, Reason.OK, identity)
+            return self._accepted(p, identity, Reason.OK)
         if self._is_repeat(p, now):
-            return self._finish(p.request, p.username, Outcome.ACCEPT, Reason.REPEAT, identity)
+            return self._accepted(p, identity, Reason.REPEAT)
         current = self.store.get(p.username)
         if current is not None and current.locked(now):
             return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
-                                identity, locked_until=current.locked_until)
+                                locked_until=current.locked_until)
         return self._failure(p, Reason.REPLAYED_CODE, identity)
 
     # -- idempotent success (opt-in per client) -------------------------------------
 
     def _repeat_digest(self, p: Prepared) -> bytes:
-        material = "\x00".join((p.request.protocol, p.request.client, p.username,
-                                p.password, p.code or ""))
-        return hmac.new(self.repeat_key, material.encode(), hashlib.sha256).digest()
+        material = "\x00".join((p.request.protocol, p.request.client, p.request.source,
+                                p.username, p.password, p.code or ""))
+        return hmac.new(self.repeat_key, material.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).digest()
 
     def _remember_success(self, p: Prepared, now: float) -> None:
         window = p.request.repeat_window_seconds
@@ -237,10 +313,21 @@ class PolicyEngine:
 
     def _success(self, p: Prepared, identity: Identity, reason: Reason,
                  days_left: int | None = None) -> Decision:
-        if p.record.failures or p.record.locked_until is not None:
-            self.store.record_success(p.username, self.clock())
-        return self._finish(p.request, p.username, Outcome.ACCEPT, reason, identity,
-                            days_left=days_left)
+        if ((p.record.failures or p.record.locked_until is not None)
+                and not self.store.record_success(p.username, self.clock())):
+            current = self.store.get(p.username)
+            if current is not None and current.locked(self.clock()):
+                return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
+                                    locked_until=current.locked_until)
+        return self._accepted(p, identity, reason, days_left)
+
+    def _accepted(self, p: Prepared, identity: Identity, reason: Reason,
+                  days_left: int | None = None) -> Decision:
+        decision = self._finish(p.request, p.username, Outcome.ACCEPT, reason, identity,
+                                days_left=days_left)
+        if p.request.verified_identity is None:
+            decision.password = p.password
+        return decision
 
     def _failure(self, p: Prepared, reason: Reason, identity: Identity | None = None) -> Decision:
         result = self.store.record_failure(p.username, self.clock(), self.limits.max_failures,
@@ -249,42 +336,68 @@ class PolicyEngine:
             self.store.repeat_forget(p.username)
         if result.lockout_started:
             self.events.lockout()
-            log.warning("lockout user=%s failures=%d until=%s", p.username, result.failures,
-                        result.locked_until)
+            log.warning("lockout user=%s failures=%d until=%s", loggable(p.username),
+                        result.failures, result.locked_until)
         return self._finish(p.request, p.username, Outcome.REJECT, reason, identity,
                             lockout_started=result.lockout_started,
                             locked_until=result.locked_until)
 
     def _finish(self, request: AuthRequest, username: str, outcome: Outcome, reason: Reason,
                 identity: Identity | None = None, days_left: int | None = None,
-                lockout_started: bool = False, locked_until: int | None = None) -> Decision:
-        message = (enrollment_message(days_left) if days_left is not None
-                   else MESSAGES.get(reason, ""))
-        decision = Decision(outcome, reason, username, identity, days_left, message,
-                            lockout_started, locked_until)
-        self.audit.add(AuditRecord(self.clock(), username, request.protocol, request.client,
+                lockout_started: bool = False, locked_until: float | None = None,
+                message: str | None = None, public_reason: Reason | None = None) -> Decision:
+        if message is None:
+            message = (enrollment_message(days_left) if days_left is not None
+                       else MESSAGES.get(reason, ""))
+        name = loggable(username)
+        decision = Decision(outcome, reason, name, identity, days_left, message,
+                            lockout_started, locked_until, public_reason)
+        self.audit.add(AuditRecord(self.clock(), name, request.protocol, request.client,
                                    request.source, outcome.value, reason.value))
         if outcome is not Outcome.ACCEPT or self.log_accepts:
             log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s",
-                     username, request.protocol, request.client, request.source,
+                     name, request.protocol, request.client, loggable(request.source),
                      outcome.value, reason.value)
         return decision
 
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:
         """A decision when the engine itself could not run (state store down, a bug)."""
-        return Decision(Outcome.REJECT, reason, request.username)
+        return Decision(Outcome.REJECT, reason, loggable(request.username))
 
-    # -- synchronous whole (CLI, tests, sync callers) ---------------------------------
+    # -- the same phases, synchronously (admin checks, tests, threads) ----------------
 
-    def authenticate_sync(self, request: AuthRequest,
-                          verify: Callable[[str, str], Identity]) -> Decision:
-        prepared = self.prepare(request)
+    def authenticate_sync(self, request: AuthRequest, directory: Directory) -> Decision:
+        """resolve → begin → password → decide, blocking, without the per-identity
+        gate (callers that race on purpose use it to test the store's atomicity)."""
+        if not request.secret and request.verified_identity is None:
+            return self.refuse(request, request.username, Reason.EMPTY_PASSWORD)
+        identity = request.verified_identity
+        if identity is None:
+            try:
+                if request.bind_dn is not None:
+                    name = request.bind_dn
+                    lookup_dn = getattr(directory, "lookup_dn", None)
+                    identity = lookup_dn(name) if lookup_dn is not None else None
+                else:
+                    name = self.lookup_name(request)
+                    identity = directory.lookup(name)
+            except InvalidUsername:
+                return self.refuse(request, request.username, Reason.INVALID_USERNAME)
+            except DirectoryError:
+                return self.refuse(request, request.username, Reason.DIRECTORY_UNAVAILABLE)
+            if identity is None:
+                return self.unknown(request, name)
+        try:
+            username = self.canonical(identity)
+        except InvalidUsername:
+            return self.unknown(request, identity.username)
+        prepared = self.begin(request, identity, username)
         if isinstance(prepared, Decision):
             return prepared
-        verdict = prepared.verdict_without_directory()
-        if verdict is None:
+        verdict: Identity | DirectoryError = identity
+        if request.verified_identity is None:
             try:
-                verdict = verify(prepared.username, prepared.password)
+                verdict = directory.check_password(identity, prepared.password)
             except DirectoryError as e:
                 verdict = e
         return self.decide(prepared, verdict)
@@ -326,103 +439,249 @@ class AuditQueue:
         return len(batch)
 
 
+class IdentityGate:
+    """One attempt at a time per identity; the others wait their turn, in order.
+
+    Without it, fifty guesses sent at once all read "not locked" and all
+    reach the directory before the first failure is counted. At most
+    ``max_waiting`` wait per identity; beyond that an attempt is refused.
+    Reactor thread only.
+    """
+
+    def __init__(self, max_waiting: int = 32) -> None:
+        self.max_waiting = max_waiting
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}
+
+    def enter(self, key: str, proceed: Callable[[], None]) -> bool:
+        """Run ``proceed`` now, or once the attempts before it have left; False
+        when too many wait already (``proceed`` then never runs)."""
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = deque()
+            proceed()
+            return True
+        if len(waiting) >= self.max_waiting:
+            return False
+        waiting.append(proceed)
+        return True
+
+    def leave(self, key: str) -> None:
+        waiting = self._waiting.get(key)
+        if not waiting:
+            self._waiting.pop(key, None)
+            return
+        waiting.popleft()()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+
+class LatencyMimic:
+    """How long a wrong password for a real entry takes to answer, lately.
+
+    An unknown name needs no state and no bind, so it would be answered
+    sooner: it waits about as long (an exponential average with jitter),
+    and a guesser cannot tell which names exist by the clock.
+    """
+
+    def __init__(self, initial: float = 0.002, weight: float = 0.1, cap: float = 2.0) -> None:
+        self.average, self.weight, self.cap = initial, weight, cap
+
+    def observe(self, seconds: float) -> None:
+        self.average += self.weight * (min(seconds, self.cap) - self.average)
+
+    def delay(self) -> float:
+        return self.average * random.uniform(0.85, 1.15)  # noqa: S311 (not a secret)
+
+
 class Authenticator:
     """The reactor-facing entry point: ``authenticate(request) -> Deferred[Decision]``.
 
-    Store work runs in ``run_blocking`` (a worker thread); the directory is
-    asked through an asynchronous ``verify``. Anything unexpected becomes a
-    reject. Each step hands its result straight to the next (one Deferred per
-    step, none returned from a callback): this runs for every request, and
-    Deferreds chained inside callbacks cost more than the steps they join.
+    Every front-end calls it the same way. The directory is asynchronous;
+    the engine's state steps run in ``run_blocking`` (the state thread);
+    anything unexpected becomes a reject. ``call_later`` (the reactor's)
+    delays the answers to unknown names.
     """
 
-    def __init__(self, engine: PolicyEngine, verify: Verify,
-                 run_blocking: Callable[..., Deferred[Any]], clock: Clock = time.time) -> None:
-        self.engine, self.verify, self.clock = engine, verify, clock
+    def __init__(self, engine: PolicyEngine, directory: AsyncDirectory,
+                 run_blocking: Callable[..., Deferred[Any]], clock: Clock = time.time,
+                 call_later: Callable[..., Any] | None = None) -> None:
+        self.engine, self.directory, self.clock = engine, directory, clock
         self.run_blocking = run_blocking
+        self.call_later = call_later
+        self.gate = IdentityGate()
+        self.mimic = LatencyMimic()
 
-    def authenticate(self, request: AuthRequest, verify: Verify | None = None
-                     ) -> Deferred[Decision]:
+    def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
         from twisted.internet.defer import Deferred
 
         result: Deferred[Decision] = Deferred()
-        self._step(result, request, "prepare", self.engine.prepare, request).addCallback(
-            self._after_prepare, result, request, verify or self.verify)
+        _SignIn(self, request, result).resolve()
         return result
 
-    def _step(self, result: Deferred[Decision], request: AuthRequest, name: str,
-              f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """``f`` in ``run_blocking``; on failure ``result`` gets the reject and the
-        returned Deferred stops there (it fires None, which the next step ignores)."""
-        try:
-            d = self.run_blocking(f, *args)
-        except Exception:
-            from twisted.internet.defer import fail
 
-            d = fail()
-        return d.addErrback(self._failed, result, request, name)
+class _SignIn:
+    """One request through the phases; each method hands on to the next.
 
-    def _after_prepare(self, prepared: Prepared | Decision | None, result: Deferred[Decision],
-                       request: AuthRequest, verify: Verify) -> None:
-        if prepared is None:  # the step failed: result already has its reject
+    One result Deferred, none returned from a callback: this runs for every
+    request, and Deferreds chained inside callbacks cost more than the steps
+    they join. Every path ends in :meth:`_done`, exactly once, which lets
+    the next attempt for the identity through the gate.
+    """
+
+    __slots__ = ("auth", "engine", "gated", "identity", "name", "prepared", "request",
+                 "result", "started", "username")
+
+    def __init__(self, auth: Authenticator, request: AuthRequest,
+                 result: Deferred[Decision]) -> None:
+        self.auth, self.engine, self.request, self.result = auth, auth.engine, request, result
+        self.name = request.username
+        self.username = ""  # canonical, once resolved
+        self.identity: Identity | None = None
+        self.prepared: Prepared | None = None
+        self.gated = False
+        self.started = 0.0
+
+    # -- 1. resolve ---------------------------------------------------------------
+
+    def resolve(self) -> None:
+        request = self.request
+        if request.verified_identity is not None:  # a challenge's second round
+            self._resolved(request.verified_identity)
             return
+        if not request.secret:
+            self._done(self.engine.refuse(request, request.username, Reason.EMPTY_PASSWORD))
+            return
+        self.started = self.auth.clock()
         try:
-            self._ask_directory(prepared, result, verify)
+            if request.bind_dn is not None:
+                self.name = request.bind_dn
+                found = self.auth.directory.lookup_dn(request.bind_dn)
+            else:
+                self.name = self.engine.lookup_name(request)
+                found = self.auth.directory.lookup(self.name)
+        except InvalidUsername:
+            self._done(self.engine.refuse(request, request.username, Reason.INVALID_USERNAME))
+            return
+        except Exception as e:  # a directory that raises instead of failing its Deferred
+            self._lookup_failed(e)
+            return
+        found.addCallbacks(self._found, self._lookup_failed_async)
+
+    def _found(self, identity: Identity | None) -> None:
+        self._timed(None)
+        self._run(self._resolved, identity)
+
+    def _lookup_failed_async(self, failure: Any) -> None:
+        self._lookup_failed(failure.value)
+
+    def _lookup_failed(self, error: BaseException) -> None:
+        reason = _directory_error(error)
+        self._timed(reason.reason)
+        self._done(self.engine.refuse(self.request, self.name, Reason.DIRECTORY_UNAVAILABLE))
+
+    def _resolved(self, identity: Identity | None) -> None:
+        if identity is not None:
+            try:
+                self.username = self.engine.canonical(identity)
+            except InvalidUsername:
+                identity = None
+        if identity is None:
+            self._unknown()
+            return
+        self.identity = identity
+        # -- 2. the gate
+        if not self.auth.gate.enter(self.username, self._begin):
+            self._done(self.engine.refuse(self.request, self.username, Reason.BUSY))
+
+    def _unknown(self) -> None:
+        decision = self.engine.unknown(self.request, self.name)
+        later = self.auth.call_later
+        if later is None:
+            self._done(decision)
+        else:
+            later(self.auth.mimic.delay(), self._done, decision)
+
+    # -- 3. begin -----------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self.gated = True
+        assert self.identity is not None
+        self.started = self.auth.clock()
+        self._step("begin", self.engine.begin, self._begun, self.request, self.identity,
+                   self.username)
+
+    def _begun(self, prepared: Prepared | Decision) -> None:
+        if isinstance(prepared, Decision):
+            self._done(prepared)
+            return
+        self.prepared = prepared
+        if self.request.verified_identity is not None:
+            self._decide(self.request.verified_identity)
+            return
+        # -- 4. the password
+        assert self.identity is not None
+        checked_at = self.auth.clock()
+        try:
+            d = self.auth.directory.check_password(self.identity, prepared.password)
+        except Exception as e:
+            self._decide(_directory_error(e))
+            return
+        d.addCallbacks(self._password_ok, self._password_failed, callbackArgs=(checked_at,),
+                       errbackArgs=(checked_at,))
+
+    def _password_ok(self, identity: Identity, checked_at: float) -> None:
+        self.auth.engine.events.directory(self.auth.clock() - checked_at, None)
+        self._run(self._decide, identity)
+
+    def _password_failed(self, failure: Any, checked_at: float) -> None:
+        error = _directory_error(failure.value)
+        reason = error.reason if isinstance(error, DirectoryUnavailable) else None
+        self.auth.engine.events.directory(self.auth.clock() - checked_at, reason)
+        self._run(self._decide, error)
+
+    # -- 5. decide ----------------------------------------------------------------
+
+    def _decide(self, verdict: Identity | DirectoryError) -> None:
+        assert self.prepared is not None
+        if isinstance(verdict, InvalidCredentials):
+            self._step("decide", self.engine.decide, self._decided_failure, self.prepared,
+                       verdict)
+        else:
+            self._step("decide", self.engine.decide, self._done, self.prepared, verdict)
+
+    def _decided_failure(self, decision: Decision) -> None:
+        # What a wrong password costs a real entry: unknown names wait as long.
+        self.auth.mimic.observe(self.auth.clock() - self.started)
+        self._done(decision)
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _step(self, name: str, f: Callable[..., Any], then: Callable[[Any], None],
+              *args: Any) -> None:
+        """``f(*args)`` on the state thread, then ``then(result)`` (or a reject)."""
+        try:
+            d = self.auth.run_blocking(f, *args)
+        except Exception:
+            from twisted.python.failure import Failure
+
+            self._failed(Failure(), name)  # type: ignore[no-untyped-call]
+            return
+        d.addCallbacks(self._continue, self._failed, callbackArgs=(then,),
+                       errbackArgs=(name,))
+
+    def _continue(self, value: Any, then: Callable[[Any], None]) -> None:
+        self._run(then, value)
+
+    def _run(self, then: Callable[[Any], None], value: Any) -> None:
+        try:
+            then(value)
         except Exception:  # a bug: still one answer, a reject
             from twisted.python.failure import Failure
 
-            if not result.called:
-                self._failed(Failure(), result, request, "directory")  # type: ignore[no-untyped-call]
+            self._failed(Failure(), "decision")  # type: ignore[no-untyped-call]
 
-    def _ask_directory(self, prepared: Prepared | Decision, result: Deferred[Decision],
-                       verify: Verify) -> None:
-        if isinstance(prepared, Decision):
-            result.callback(prepared)
-            return
-        known = prepared.verdict_without_directory()
-        if known is not None:
-            self._decide(known, prepared, result)
-            return
-        started = self.clock()
-        try:
-            d = verify(prepared.username, prepared.password)
-        except Exception as e:  # a directory that raises instead of failing its Deferred
-            self._decide(self._directory_error(e, started), prepared, result)
-            return
-        d.addCallbacks(self._directory_ok, self._directory_failed, callbackArgs=(started,),
-                       errbackArgs=(started,))
-        d.addCallback(self._decide, prepared, result)
-
-    def _directory_ok(self, identity: Identity, started: float) -> Identity:
-        self.engine.events.directory(self.clock() - started, None)
-        return identity
-
-    def _directory_failed(self, failure: Any, started: float) -> DirectoryError:
-        return self._directory_error(failure.value, started)
-
-    def _directory_error(self, error: BaseException, started: float) -> DirectoryError:
-        if not isinstance(error, DirectoryError):
-            log.error("directory check raised %s: %s", type(error).__name__, error)
-            error = DirectoryUnavailable(str(error))
-        reason = error.reason if isinstance(error, DirectoryUnavailable) else None
-        self.engine.events.directory(self.clock() - started, reason)
-        return error
-
-    def _decide(self, verdict: Identity | DirectoryError, prepared: Prepared,
-                result: Deferred[Decision]) -> None:
-        d = self._step(result, prepared.request, "decide", self.engine.decide, prepared, verdict)
-        d.addCallback(self._decided, result)
-
-    @staticmethod
-    def _decided(decision: Decision | None, result: Deferred[Decision]) -> None:
-        if decision is not None:
-            result.callback(decision)
-
-    def _failed(self, failure: Any, result: Deferred[Decision], request: AuthRequest,
-                step: str) -> None:
-        result.callback(self._fail_closed(failure, request, step))
-
-    def _fail_closed(self, failure: Any, request: AuthRequest, step: str) -> Decision:
+    def _failed(self, failure: Any, step: str) -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
         from policy.store import StoreError
@@ -430,6 +689,23 @@ class Authenticator:
         if isinstance(failure.value, SQLAlchemyError | StoreError):
             self.engine.events.state_error(step)
             log.error("state store failed during %s: %s", step, type(failure.value).__name__)
-            return self.engine.fail_closed(request, Reason.STATE_UNAVAILABLE)
-        log.error("unexpected error during %s: %s", step, failure.getTraceback())
-        return self.engine.fail_closed(request, Reason.STATE_UNAVAILABLE)
+        else:
+            log.error("unexpected error during %s: %s", step, failure.getTraceback())
+        self._done(self.engine.fail_closed(self.request, Reason.STATE_UNAVAILABLE))
+
+    def _timed(self, error: str | None) -> None:
+        self.engine.events.directory(self.auth.clock() - self.started, error)
+
+    def _done(self, decision: Decision) -> None:
+        if self.gated:
+            self.gated = False
+            self.auth.gate.leave(self.username)
+        if not self.result.called:
+            self.result.callback(decision)
+
+
+def _directory_error(error: BaseException) -> DirectoryError:
+    if isinstance(error, DirectoryError):
+        return error
+    log.error("directory call raised %s: %s", type(error).__name__, error)
+    return DirectoryUnavailable(str(error))

@@ -569,10 +569,12 @@ class Store:
         with self._raw() as cur:
             return bool(self._q_accept.run(cur, u=username, step=step, t=int(now)).rowcount)
 
-    def record_success(self, username: str, now: float) -> None:
-        """A password-only success clears the failure count (no row: nothing to do)."""
+    def record_success(self, username: str, now: float) -> bool:
+        """A password-only success clears the failure count, unless the user is
+        locked (atomically): False when nothing was cleared (locked, or no
+        failures left to clear)."""
         with self._raw() as cur:
-            self._q_success.run(cur, u=username, t=int(now))
+            return bool(self._q_success.run(cur, u=username, t=int(now)).rowcount)
 
     # -- audit and the repeat cache ---------------------------------------------------
 

@@ -1,7 +1,10 @@
-"""One user, one name: usernames are normalised once, before anything counts.
+"""One user, one name: how a typed name becomes the name the directory is asked for.
 
-Without this a guesser could dodge the failure counter by changing case or by
-adding a domain (``ALICE``, ``EXAMPLE\\alice``, ``alice@example.org``).
+This is not what makes the MFA identity: the core resolves every name to its
+directory entry and keys all state by the entry's own name (normalised here
+too, so admin commands and the directory agree). Normalising the typed name
+(NFKC, case-folded, ``DOMAIN\\`` and ``@realm`` dropped) only makes more
+spellings find their entry; a spelling that finds none creates no state.
 """
 
 from __future__ import annotations
@@ -23,16 +26,38 @@ class UsernameRules:
     strip_realm: bool = True  # user@realm -> user
 
     def normalize(self, raw: str) -> str:
-        name = unicodedata.normalize("NFC", raw).strip()
+        """A typed name as the directory is asked for it (InvalidUsername when
+        there is no name left, or a control character in it)."""
+        name = unicodedata.normalize("NFKC", raw).strip()
         if self.strip_domain and "\\" in name:
             name = name.rsplit("\\", 1)[1]
         if self.strip_realm and "@" in name:
             name = name.split("@", 1)[0]
-        name = name.strip()
+        return self.canonical(name)
+
+    def canonical(self, stored: str) -> str:
+        """The state key of a directory entry, from its own username value.
+
+        No domain or realm is dropped: two entries named ``alice@a.example``
+        and ``alice@b.example`` are two identities. Case and compatibility
+        forms fold as in :meth:`normalize`, so ``user require Alice`` and the
+        entry ``uid=alice`` agree.
+        """
+        name = unicodedata.normalize("NFKC", stored).strip()
         if self.lowercase:
-            name = name.casefold()
+            name = unicodedata.normalize("NFKC", name.casefold())
         if not name or len(name) > MAX_USERNAME:
             raise InvalidUsername("empty or too long username")
         if any(unicodedata.category(c).startswith("C") for c in name):
             raise InvalidUsername("control characters in username")
         return name
+
+
+def loggable(text: str, limit: int = 128) -> str:
+    """``text`` safe for one log line or audit row: control and format
+    characters (newlines, escapes, bidi overrides) as visible escapes."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")

@@ -94,10 +94,13 @@ class Service:
             clock=time.time, events=EngineMetrics(self.metrics),
             repeat_key=self.keys.derive(b"repeat-window"),
             repeat_windows=any(c.repeat_window_seconds for c in
-                               (s.radius.clients if s.radius else ())),
+                               (s.radius.clients if s.radius else ())) or bool(
+                s.ldap and (s.ldap.bind_cache_seconds
+                            or any(sec for _, sec in s.ldap.bind_cache_rules))),
             log_accepts=s.log_decisions == "all")
-        self.authenticator = Authenticator(self.engine, self.async_directory.verify,
-                                           self.state_workers.submit_grouped)
+        self.authenticator = Authenticator(self.engine, self.async_directory,
+                                           self.state_workers.submit_grouped,
+                                           call_later=self.reactor.callLater)
 
     def _async_directory(self) -> Any:
         """LDAP gets the Twisted-native client (no thread per request); the

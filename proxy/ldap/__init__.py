@@ -14,6 +14,7 @@ Public API::
 Modules: ``ber`` (framing, peeking, the few messages decoded or encoded),
 ``server`` (factory and per-connection protocol), ``upstream`` (the
 connection to the directory), ``bind`` (decision → BindResponse), ``dn``
-(bind DN → username, DN suffix rules), ``bindcache``, ``tls``,
-``transport`` (low-latency writes), ``events``, ``config``.
+(DN suffix rules: exempt, user_base, bind-cache windows), ``tls``,
+``transport`` (low-latency writes), ``events``, ``config``. Which entry a
+bind DN names, and whether both factors pass, is the core's business.
 """

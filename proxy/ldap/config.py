@@ -41,8 +41,10 @@ class LdapFrontendConfig:
     mfa: MfaMode = MfaMode.ENROLLED
     separator: str = ","  # between password and code in a simple bind's password
     # Accept a repeat of the same successful credential from the same address
-    # within this many seconds without a new code (0 = off). Trade-off: a
-    # stolen password+code is replayable for the window from the same address.
+    # within this many seconds without a new code (0 = off): the core's repeat
+    # window, so each such bind is still a decision with its audit row, and the
+    # password is still checked. Trade-off: a stolen password+code is
+    # replayable for the window from the same address.
     bind_cache_seconds: int = 0
     bind_cache_rules: tuple[BindCacheRule, ...] = ()
     allow_anonymous: bool = False

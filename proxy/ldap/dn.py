@@ -1,10 +1,10 @@
 """Distinguished names, only as far as the front-end needs them (RFC 4514).
 
-Two uses: the username a bind DN stands for (the value of the configured
-attribute in the first RDN: ``uid=alice,ou=people,…`` → ``alice``), and
-whether a DN is one of, or lies under, configured DNs (exempt service
-accounts, bind-cache rules). Both must see through the spellings of one DN
-(case, spaces, escapes), or ``UID=Alice, ou=People`` would dodge a rule.
+One use: whether a DN is one of, or lies under, configured DNs (exempt
+service accounts, ``user_base``, bind-cache rules), seeing through the
+plain spellings of one DN (ASCII case, spaces, escapes, OIDs for the common
+types). Which entry a bind DN names is never decided here: the core asks the
+directory, which knows every spelling it accepts.
 """
 
 from __future__ import annotations
@@ -125,39 +125,28 @@ def _parsed(name: str) -> tuple[Rdn, ...] | None:
         return None
 
 
-def username_from_bind_name(name: str, attribute: str = "uid") -> str:
-    """The username a bind name stands for.
-
-    A DN gives the value of ``attribute`` in its first RDN. Anything else —
-    a name that is not a DN (``alice@example.org``, ``EXAMPLE\\alice``) or a
-    DN whose first RDN lacks the attribute (``cn=admin,…``) — is returned as
-    it is, for the core to normalise or refuse.
-    """
-    rdns = _parsed(name)
-    if not rdns:
-        return name
-    wanted = attribute.lower()
-    wanted = _TYPE_ALIASES.get(wanted, wanted)
-    for attribute_type, value in rdns[0]:
-        if attribute_type == wanted:
-            return value
-    return name
-
-
 @lru_cache(maxsize=4096)
 def normalize_dn(dn: str) -> tuple[Rdn, ...] | None:
-    """A comparable form (values case-folded, AVAs sorted); None when not a DN.
+    """A comparable form (values with ASCII letters lower-cased, AVAs sorted);
+    None when not a DN.
 
     Remembered like :func:`_parsed`: one bind asks for it three or four times
     (exempt, user_base, bind-cache rules).
 
-    Case-folding values is right for the naming attributes in use (uid, cn,
-    ou, dc, o, mail all match case-insensitively).
+    Only ASCII case folds: the directory folds more (Unicode case and
+    compatibility forms), so every DN this calls equal is one the directory
+    calls equal too, never the reverse. An exempt rule can thus be dodged only
+    towards the MFA path (which resolves the entry), never widened onto
+    another entry.
     """
     rdns = _parsed(dn)
     if rdns is None:
         return None
-    return tuple(tuple(sorted((t, v.casefold()) for t, v in rdn)) for rdn in rdns)
+    return tuple(tuple(sorted((t, _ascii_lower(v)) for t, v in rdn)) for rdn in rdns)
+
+
+def _ascii_lower(value: str) -> str:
+    return value.encode("utf-8", "surrogateescape").lower().decode("utf-8", "surrogateescape")
 
 
 T = TypeVar("T")
@@ -180,7 +169,7 @@ class DnSuffixMap(Generic[T]):
             if normal:
                 self._by_dn[normal] = value
             elif dn.strip():
-                self._by_name[dn.strip().casefold()] = value
+                self._by_name[_ascii_lower(dn.strip())] = value
         self._lengths = sorted({len(k) for k in self._by_dn}, reverse=True)
 
     def __bool__(self) -> bool:
@@ -188,7 +177,7 @@ class DnSuffixMap(Generic[T]):
 
     def lookup(self, dn: str) -> T | None:
         if self._by_name:
-            found = self._by_name.get(dn.strip().casefold())
+            found = self._by_name.get(_ascii_lower(dn.strip()))
             if found is not None:
                 return found
         if not self._by_dn:

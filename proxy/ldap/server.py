@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -33,7 +32,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from backends.base import DirectoryUnavailable, Identity, InvalidCredentials
+from backends.base import DirectoryUnavailable
 from policy.decision import AuthRequest, Decision, Reason, SplitMode
 from proxy.ldap import ber, tls, upstream
 from proxy.ldap.ber import ResultCode
@@ -46,15 +45,12 @@ from proxy.ldap.bind import (
     reply_for_decision,
     reply_for_error,
 )
-from proxy.ldap.bindcache import BindCache, CachedBind
 from proxy.ldap.config import LdapFrontendConfig, parse_listen, parse_upstream
-from proxy.ldap.dn import DnSuffixMap, normalize_dn, username_from_bind_name
+from proxy.ldap.dn import DnSuffixMap, normalize_dn
 from proxy.ldap.events import LdapEvents, NullLdapEvents
 from proxy.ldap.transport import set_no_delay, write_now, write_sequence_now
 
 log = Logger()
-
-Verify = Callable[[str, str], "Deferred[Identity]"]
 
 RECONNECT_BACKOFF = 1.0  # seconds between attempts to reach a down upstream, per connection
 
@@ -62,9 +58,7 @@ RECONNECT_BACKOFF = 1.0  # seconds between attempts to reach a down upstream, pe
 class Authenticate(TypingProtocol):
     """The core's entry point, as the front-end calls it."""
 
-    def __call__(
-        self, request: AuthRequest, verify: Verify | None = None
-    ) -> Deferred[Decision]: ...
+    def __call__(self, request: AuthRequest) -> Deferred[Decision]: ...
 
 
 # How a connection reaches its directory (tests pass a fake).
@@ -107,7 +101,6 @@ class LdapProxyFactory(ServerFactory):
         self.exempt = DnSuffixMap((dn, True) for dn in config.exempt)
         self.user_base = DnSuffixMap([(config.user_base, True)] if config.user_base else [])
         self.cache_windows = DnSuffixMap((r.dn, r.seconds) for r in config.bind_cache_rules)
-        self.bind_cache = BindCache(clock=reactor.seconds)
         self.server_tls = (
             tls.server_options(config.cert_file, config.key_file) if config.cert_file else None
         )
@@ -145,10 +138,16 @@ class LdapProxyFactory(ServerFactory):
     def is_exempt(self, bind_name: str) -> bool:
         return bool(self.exempt.lookup(bind_name))
 
-    def outside_user_base(self, bind_name: str) -> bool:
-        """A DN not under ``user_base`` (when one is set): not a user entry."""
-        if not self.user_base or normalize_dn(bind_name) is None:
+    def outside_user_base(self, bind_name: str, unparsable_is_outside: bool = False) -> bool:
+        """A DN not under ``user_base`` (when one is set): not a user entry.
+
+        A bind name that does not parse (AD's user@realm, or a spelling only
+        the directory understands) is left to the core, which resolves it to
+        an entry; the entry's own DN (``unparsable_is_outside``) must parse."""
+        if not self.user_base:
             return False
+        if normalize_dn(bind_name) is None:
+            return unparsable_is_outside
         return not self.user_base.lookup(bind_name)
 
     def cache_window(self, bind_name: str) -> float:
@@ -189,16 +188,6 @@ class _Refuse(Protocol):
             ber.encode_notice_of_disconnection(ResultCode.BUSY, "too many connections")
         )
         self.transport.loseConnection()
-
-
-@dataclass
-class _Attempt:
-    """One MFA bind in progress: what verify learned, for the answer and the cache."""
-
-    request: ber.BindRequest
-    username: str  # as taken from the bind name, before the core normalises it
-    verified: bool = False
-    password_length: int = 0  # bytes of the credential that are the password
 
 
 class LdapProxyProtocol(Protocol):
@@ -575,7 +564,7 @@ class LdapProxyProtocol(Protocol):
         self._authenticated = False  # whatever the outcome, the old identity ends here
         started = self._clock.seconds()
         decided: Deferred[BindReply] = maybeDeferred(self._decide_bind, message, request)  # type: ignore[call-overload]
-        if self.config.bind_timeout > 0 and not decided.called:
+        if self.config.bind_timeout > 0 and (not decided.called or decided.paused):
             # Cancelling runs _bind_error with CancelledError: the bind gets 52.
             timer = self._clock.callLater(self.config.bind_timeout, decided.cancel)
             decided.addBoth(_stop_timer, timer)
@@ -666,22 +655,16 @@ class LdapProxyProtocol(Protocol):
         return BindReply(code, diagnostic, "reject", refused, raw=response)
 
     def _mfa_bind(self, ready: bool, request: ber.BindRequest) -> BindReply | Deferred[BindReply]:
+        """Both factors first, through the core; only then is this client's
+        upstream session bound, as the entry the core resolved (never the DN as
+        the client spelled it) and with the password the core checked."""
         if not ready:
             return refuse(ResultCode.UNAVAILABLE, UNAVAILABLE, Reason.DIRECTORY_UNAVAILABLE.value)
         assert request.password is not None
-        attempt = _Attempt(
-            request, username_from_bind_name(request.name, self.config.username_attribute)
-        )
-        window = self.factory.cache_window(request.name)
-        cache_key = None
-        if window > 0:
-            cache_key = self.factory.bind_cache.key(request.name, request.password, self._peer)
-            cached = self.factory.bind_cache.get(cache_key)
-            if cached is not None:
-                return self._cached_bind(attempt, cached)
+        name = request.name
         auth = AuthRequest(
-            username=attempt.username,
-            # surrogateescape: a password that is not UTF-8 survives the round trip to verify()
+            username=name,
+            # surrogateescape: a password that is not UTF-8 survives the round trip
             secret=request.password.decode("utf-8", "surrogateescape"),
             protocol="ldap",
             client=self.config.client_name,
@@ -689,76 +672,43 @@ class LdapProxyProtocol(Protocol):
             split=SplitMode.APPEND,
             separator=self.config.separator,
             source=self._peer,
+            # A DN names an entry (the directory resolves its spellings); anything
+            # else (AD's user@realm, DOMAIN\\user) is a name for the user filter.
+            bind_dn=name if "=" in name else None,
+            repeat_window_seconds=int(self.factory.cache_window(name)),
         )
-        decided = maybeDeferred(
-            self.factory.authenticate, auth, verify=partial(self._verify, attempt)
-        )
-        return decided.addCallback(self._decided, attempt, cache_key, window)
+        decided = maybeDeferred(self.factory.authenticate, auth)
+        return decided.addCallback(self._decided, request)
 
-    def _verify(self, attempt: _Attempt, username: str, password: str) -> Deferred[Identity]:
-        """The core's password check: the real bind, on this client's upstream session."""
-        raw = password.encode("utf-8", "surrogateescape")
-        if not raw:
-            return fail(InvalidCredentials("empty password"))  # would bind anonymously
-        request = attempt.request
-        bind = ber.encode_bind_request(request.message_id, request.name, raw, request.controls)
-        answered = self._upstream_request(bind, request.message_id)
-        return answered.addCallback(self._verified, attempt, username, raw)
+    def _decided(self, decision: Decision, request: ber.BindRequest
+                 ) -> BindReply | Deferred[BindReply]:
+        reply = reply_for_decision(decision)
+        if not reply.success:
+            return reply
+        identity = decision.identity
+        if identity is None or not identity.dn or not decision.password:
+            log.error("core accepted an LDAP bind without an entry to bind as")
+            return refuse(ResultCode.OTHER, "internal error", "internal_error")
+        if self.factory.outside_user_base(identity.dn, unparsable_is_outside=True):
+            return refuse(ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS,
+                          "outside_user_base")
+        raw = decision.password.encode("utf-8", "surrogateescape")
+        bind = ber.encode_bind_request(request.message_id, identity.dn, raw, request.controls)
+        self.events.forwarded("bind")
+        sent = self._upstream_request(bind, request.message_id)
+        return sent.addCallback(self._session_bound, reply)
 
-    def _verified(self, response: bytes, attempt: _Attempt, username: str, raw: bytes) -> Identity:
+    def _session_bound(self, response: bytes, reply: BindReply) -> BindReply:
         code, _, diagnostic = _result(response)
         self._upstream_authenticated = code == ResultCode.SUCCESS
         if code == ResultCode.SUCCESS:
-            attempt.verified = True
-            credential = attempt.request.password or b""
-            attempt.password_length = len(raw) if credential.startswith(raw) else 0
-            return Identity(username, attempt.request.name)
+            return reply
+        # The directory took this password a moment ago on the core's own bind.
+        log.warn("session bind refused after the core accepted: {code} {diagnostic}",
+                 code=code, diagnostic=diagnostic)
         if code in UPSTREAM_REFUSALS:
-            raise InvalidCredentials(diagnostic or INVALID_CREDENTIALS)
-        raise DirectoryUnavailable(f"directory answered the bind with {code}: {diagnostic}")
-
-    def _decided(
-        self, decision: Decision, attempt: _Attempt, cache_key: bytes | None, window: float
-    ) -> BindReply:
-        if decision.accepted and not attempt.verified:
-            # The upstream session is not bound as the user: accepting would lie.
-            log.error("core accepted an LDAP bind without verifying the password")
-            return refuse(ResultCode.OTHER, "internal error", "internal_error")
-        reply = reply_for_decision(decision)
-        cache = self.factory.bind_cache
-        if reply.success and cache_key is not None and attempt.password_length:
-            cache.put(
-                cache_key,
-                decision.username,
-                attempt.password_length,
-                reply.diagnostic,
-                window,
-                aliases=(attempt.username,),
-            )
-        elif not reply.success:
-            cache.forget_user(decision.username, attempt.username)
-        return reply
-
-    def _cached_bind(self, attempt: _Attempt, cached: CachedBind) -> Deferred[BindReply]:
-        """A repeat within the window: no new code, but the password still goes upstream."""
-        credential = attempt.request.password or b""
-        password = credential[: cached.password_length].decode("utf-8", "surrogateescape")
-        checked = self._verify(attempt, cached.username, password)
-
-        def accepted(_: Identity) -> BindReply:
-            return BindReply(
-                ResultCode.SUCCESS,
-                cached.diagnostic,
-                "accept",
-                Reason.REPEAT.value,
-                authenticated=True,
-            )
-
-        def refused(failure: Failure) -> BindReply | Failure:
-            self.factory.bind_cache.forget_user(cached.username, attempt.username)
-            return reply_for_error(failure.value) or failure
-
-        return checked.addCallbacks(accepted, refused)
+            return refuse(ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS, "bad_password")
+        return refuse(ResultCode.UNAVAILABLE, UNAVAILABLE, Reason.DIRECTORY_UNAVAILABLE.value)
 
     def _bind_error(self, failure: Failure) -> BindReply:
         reply = reply_for_error(failure.value)

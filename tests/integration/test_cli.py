@@ -134,7 +134,7 @@ class Admin:
         directory = LocalDirectory(self.root / "users.toml")
         try:
             return engine.authenticate_sync(AuthRequest(user, secret, "radius", "test"),
-                                             directory.verify)
+                                             directory)
         finally:
             store.close()
 

@@ -74,6 +74,12 @@ class BlockingAsyncDirectory:
     def lookup(self, username: str) -> Identity | None:
         return cast("Identity | None", self._call(self.directory.lookup, username))
 
+    def lookup_dn(self, dn: str) -> Identity | None:
+        return cast("Identity | None", self._call(self.directory.lookup_dn, dn))
+
+    def check_password(self, identity: Identity, password: str) -> Identity:
+        return cast(Identity, self._call(self.directory.check_password, identity, password))
+
     def group_members(self, group: str) -> list[str]:
         return cast("list[str]", self._call(self.directory.group_members, group))
 

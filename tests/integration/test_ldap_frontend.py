@@ -1,9 +1,9 @@
 """The LDAP front-end in front of a real slapd, driven by real clients
 (ldapwhoami, ldapsearch and friends from ldap-utils; ldap3; raw sockets).
 
-The front-end runs in the session's reactor thread with a fake core
-(FakeCore: code 123456 is good, everything else bad; it calls verify, so the
-password is checked by slapd through the client's own upstream session).
+The front-end runs in the session's reactor thread in front of the real core
+(RealCore: the product's engine on SQLite, asking this slapd through the
+product's directory client; alice, bob, carol and dave enrolled).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from tests.integration.slapd import (
     make_server_cert,
     user_dn,
 )
-from tests.unit.test_ldap_frontend_fakes import GOOD_CODE, FakeCore
+from tests.integration.test_ldap_backend import options_for
+from tests.unit.test_ldap_frontend_fakes import RealCore
 
 ALICE = user_dn("alice")
 BOB = user_dn("bob")
@@ -65,7 +66,7 @@ class Proxy:
     reactor: Any
     factory: LdapProxyFactory
     ports: list[Any]
-    core: FakeCore
+    core: RealCore
     events: CountingLdapEvents
 
     def _port(self, index: int) -> int:
@@ -88,8 +89,10 @@ class Proxy:
             self.factory.disconnect_all()
             for port in self.ports:
                 port.stopListening()
+            self.core.directory.close()
 
         blockingCallFromThread(self.reactor, stop)
+        self.core.close()
 
 
 @pytest.fixture
@@ -109,9 +112,13 @@ def start_proxy(twisted_reactor: Any, proxy_tls: ProxyTls) -> Iterator[Any]:
             ),
             **settings,
         )
-        core, events = FakeCore(), CountingLdapEvents()
+        events = CountingLdapEvents()
 
         def build() -> Proxy:
+            from backends.ldap_async import AsyncLdapDirectory
+
+            directory = AsyncLdapDirectory(options_for(slapd), twisted_reactor)
+            core = RealCore(directory)
             factory = LdapProxyFactory(config, core, events=events, reactor=twisted_reactor)
             return Proxy(twisted_reactor, factory, factory.listen(), core, events)
 
@@ -188,14 +195,14 @@ def raw_exchange(port: int, data: bytes, host: str = "127.0.0.1") -> list[bytes]
 
 
 def test_whoami_with_password_and_code(proxy: Proxy) -> None:
-    result = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    result = whoami(proxy.url, ALICE, proxy.core.good())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"dn:{ALICE}"
-    assert proxy.core.requests[0].username == "alice"
+    assert proxy.core.requests[0].bind_dn == ALICE
     assert proxy.events[("bind", "accept", "ok")] == 1
 
 
-@pytest.mark.parametrize("password", ["alice-pw,654321", "alice-pw", f"wrong,{GOOD_CODE}"])
+@pytest.mark.parametrize("password", ["alice-pw,654321", "alice-pw", "wrong,123456"])
 def test_wrong_code_missing_code_or_wrong_password_is_49(proxy: Proxy, password: str) -> None:
     result = whoami(proxy.url, ALICE, password)
     assert result.returncode == 49
@@ -217,7 +224,7 @@ def test_failed_mfa_bind_leaves_only_anonymous_rights(proxy: Proxy) -> None:
     assert not connection.bind()
     assert connection.result["result"] == 49
     assert not description_seen(connection)  # anonymous: the ACL hides it
-    assert connection.rebind(ALICE, f"alice-pw,{GOOD_CODE}")
+    assert connection.rebind(ALICE, proxy.core.good())
     assert description_seen(connection)  # bound as alice: visible
     assert not connection.rebind(ALICE, "alice-pw,999999")
     assert not description_seen(connection)  # and hidden again after a failed bind
@@ -225,16 +232,16 @@ def test_failed_mfa_bind_leaves_only_anonymous_rights(proxy: Proxy) -> None:
 
 
 def test_locked_and_expired_users(proxy: Proxy) -> None:
-    proxy.core.locked.add("alice")
-    proxy.core.expired.add("bob")
-    locked = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    proxy.core.lock("alice")
+    proxy.core.expire("bob")
+    locked = whoami(proxy.url, ALICE, proxy.core.good())
     assert locked.returncode == 49 and "locked" in locked.stderr
     expired = whoami(proxy.url, BOB, "bob-pw")
     assert expired.returncode == 49 and "enrollment expired" in expired.stderr
 
 
 def test_enrollment_period_passes_with_the_password_and_tells_the_days(proxy: Proxy) -> None:
-    proxy.core.enrolling["carol"] = 5
+    proxy.core.enrolling("carol", 5)
     server = ldap3.Server(proxy.url, get_info=ldap3.NONE)
     connection = ldap3.Connection(server, user_dn("carol"), "carol-pw")
     assert connection.bind()
@@ -260,7 +267,7 @@ def test_sasl_is_7(proxy: Proxy) -> None:
         ldap3.Server(proxy.url, get_info=ldap3.NONE),
         authentication=ldap3.SASL,
         sasl_mechanism=ldap3.PLAIN,
-        sasl_credentials=(None, "alice", f"alice-pw,{GOOD_CODE}"),
+        sasl_credentials=(None, "alice", proxy.core.good()),
     )
     connection.open()
     assert not connection.bind()
@@ -284,7 +291,7 @@ def test_anonymous_bind_refused_unless_allowed(slapd: Slapd, start_proxy: Any) -
 
 
 def _search_both(proxy: Proxy, slapd: Slapd, *args: str) -> tuple[str, str]:
-    through = ldapsearch(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}", *args)
+    through = ldapsearch(proxy.url, ALICE, proxy.core.good(), *args)
     direct = ldapsearch(slapd.url, ALICE, "alice-pw", *args)
     assert through.returncode == direct.returncode, through.stderr
     return through.stdout, direct.stdout
@@ -314,7 +321,7 @@ def test_paged_search_over_1200_entries_identical_to_slapd(proxy: Proxy, slapd: 
 def test_size_limit_error_is_relayed(proxy: Proxy, slapd: Slapd) -> None:
     """Unpaged, slapd stops at 500 entries with sizeLimitExceeded (4): so must we."""
     through = ldapsearch(
-        proxy.url, ALICE, f"alice-pw,{GOOD_CODE}", "-b", BASE_DN, "(uid=user*)", "1.1"
+        proxy.url, ALICE, proxy.core.good(), "-b", BASE_DN, "(uid=user*)", "1.1"
     )
     direct = ldapsearch(slapd.url, ALICE, "alice-pw", "-b", BASE_DN, "(uid=user*)", "1.1")
     assert through.returncode == direct.returncode == 4
@@ -325,7 +332,7 @@ def test_size_limit_error_is_relayed(proxy: Proxy, slapd: Slapd) -> None:
 
 
 def test_start_tls_towards_the_client(proxy: Proxy, proxy_tls: ProxyTls) -> None:
-    password = f"alice-pw,{GOOD_CODE}"
+    password = proxy.core.good()
     started = whoami(proxy.url, ALICE, password, "-ZZ", ca_file=proxy_tls.ca_file)
     assert started.returncode == 0, started.stderr
     assert started.stdout.strip() == f"dn:{ALICE}"
@@ -333,11 +340,11 @@ def test_start_tls_towards_the_client(proxy: Proxy, proxy_tls: ProxyTls) -> None
 
 def test_ldaps_listener(slapd: Slapd, start_proxy: Any, proxy_tls: ProxyTls) -> None:
     proxy = start_proxy(slapd, ldaps_listen=("127.0.0.1:0",))
-    result = whoami(proxy.ldaps_url, ALICE, f"alice-pw,{GOOD_CODE}", ca_file=proxy_tls.ca_file)
+    result = whoami(proxy.ldaps_url, ALICE, proxy.core.good(), ca_file=proxy_tls.ca_file)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"dn:{ALICE}"
     # a client that does not trust the proxy's CA refuses it
-    wrong = whoami(proxy.ldaps_url, ALICE, f"alice-pw,{GOOD_CODE}", ca_file=slapd.ca_file)
+    wrong = whoami(proxy.ldaps_url, ALICE, proxy.core.good(), ca_file=slapd.ca_file)
     assert wrong.returncode != 0
 
 
@@ -357,7 +364,7 @@ def test_tls_towards_the_directory(slapd: Slapd, start_proxy: Any, how: str) -> 
         proxy = start_proxy(slapd, upstream=slapd.ldaps_url)
     else:
         proxy = start_proxy(slapd, upstream_start_tls=True)
-    result = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    result = whoami(proxy.url, ALICE, proxy.core.good())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"dn:{ALICE}"
 
@@ -371,11 +378,11 @@ def test_directory_certificate_is_verified(
         proxy = start_proxy(slapd, upstream=slapd.ldaps_url, **wrong_ca)
     else:
         proxy = start_proxy(slapd, upstream_start_tls=True, **wrong_ca)
-    result = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+    result = whoami(proxy.url, ALICE, proxy.core.good())
     assert result.returncode == 52, result.stderr
     assert proxy.core.requests == []
     insecure = start_proxy(slapd, upstream=slapd.ldaps_url, tls_verify=False, **wrong_ca)
-    assert whoami(insecure.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+    assert whoami(insecure.url, ALICE, insecure.core.good()).returncode == 0
 
 
 # ---------------------------------------------------------------- failures and limits
@@ -385,14 +392,14 @@ def test_upstream_down_answers_52_and_the_listener_stays_up(
     slapd_fresh: Slapd, start_proxy: Any
 ) -> None:
     proxy = start_proxy(slapd_fresh)
-    assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+    assert whoami(proxy.url, ALICE, proxy.core.good()).returncode == 0
     slapd_fresh.stop()
     for _ in range(2):
-        down = whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}")
+        down = whoami(proxy.url, ALICE, proxy.core.good())
         assert down.returncode == 52, down.stderr
     assert proxy.events[("upstream_error", "connect_failed")] >= 2
     slapd_fresh.start()
-    assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+    assert whoami(proxy.url, ALICE, proxy.core.good()).returncode == 0
 
 
 def test_upstream_stopping_mid_session_closes_the_client(
@@ -400,7 +407,7 @@ def test_upstream_stopping_mid_session_closes_the_client(
 ) -> None:
     proxy = start_proxy(slapd_fresh)
     connection = ldap3.Connection(
-        ldap3.Server(proxy.url, get_info=ldap3.NONE), ALICE, f"alice-pw,{GOOD_CODE}"
+        ldap3.Server(proxy.url, get_info=ldap3.NONE), ALICE, proxy.core.good()
     )
     assert connection.bind()
     slapd_fresh.stop()
@@ -425,7 +432,7 @@ def test_malformed_bytes_get_a_notice_of_disconnection(
     assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
     assert ber.decode_result(notice).code == code
     # and the listener still serves others
-    assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
+    assert whoami(proxy.url, ALICE, proxy.core.good()).returncode == 0
 
 
 def test_idle_timeout_and_max_connections(slapd: Slapd, start_proxy: Any) -> None:
@@ -447,16 +454,17 @@ def test_ipv6_listener(slapd: Slapd, start_proxy: Any) -> None:
     except OSError:
         pytest.skip("no IPv6 loopback here")
     proxy = start_proxy(slapd, listen=("[::1]:0",))
-    result = whoami(f"ldap://[::1]:{proxy.port}", ALICE, f"alice-pw,{GOOD_CODE}")
+    result = whoami(f"ldap://[::1]:{proxy.port}", ALICE, proxy.core.good())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"dn:{ALICE}"
 
 
 def test_bind_cache_accepts_the_repeat_of_a_used_code(slapd: Slapd, start_proxy: Any) -> None:
     proxy = start_proxy(slapd, bind_cache_seconds=30)
+    credential = proxy.core.good()
     for _ in range(3):
-        assert whoami(proxy.url, ALICE, f"alice-pw,{GOOD_CODE}").returncode == 0
-    assert len(proxy.core.requests) == 1
+        assert whoami(proxy.url, ALICE, credential).returncode == 0
+    assert len(proxy.core.requests) == 3  # each a decision of the core, with its audit row
     assert proxy.events[("bind", "accept", "repeat")] == 2
 
 
@@ -514,7 +522,7 @@ def test_user_changes_own_password_through_the_proxy(slapd_fresh: Slapd, start_p
         "-D",
         dave,
         "-w",
-        f"dave-pw,{GOOD_CODE}",
+        proxy.core.good("dave"),
         "-a",
         "dave-pw",
         "-s",

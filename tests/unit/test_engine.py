@@ -49,22 +49,63 @@ class FakeClock:
 
 
 class FakeDirectory:
-    """alice / bob / carol with passwords NAME-pw; records every call."""
+    """alice / bob / carol with passwords NAME-pw, matched case-insensitively
+    (like an LDAP uid); records every password check in ``calls``."""
 
     def __init__(self) -> None:
         self.passwords = {n: f"{n}-pw" for n in ("alice", "bob", "carol")}
         self.calls: list[tuple[str, str]] = []
+        self.lookups: list[str] = []
         self.down = False
 
-    def verify(self, username: str, password: str) -> Identity:
-        self.calls.append((username, password))
+    def lookup(self, username: str) -> Identity | None:
+        self.lookups.append(username)
         if self.down:
             raise DirectoryUnavailable("connection refused")
-        if username not in self.passwords:
+        name = username.casefold()
+        if name not in self.passwords:
+            return None
+        return Identity(name, f"uid={name},ou=people,dc=example,dc=org", ("vpn",))
+
+    def lookup_dn(self, dn: str) -> Identity | None:
+        rdn, _, rest = dn.partition(",")
+        kind, _, value = rdn.partition("=")
+        if kind.strip().lower() != "uid" or rest.replace(" ", "").lower() != \
+                "ou=people,dc=example,dc=org":
+            return None
+        return self.lookup(value.strip())
+
+    def check_password(self, identity: Identity, password: str) -> Identity:
+        self.calls.append((identity.username, password))
+        if self.down:
+            raise DirectoryUnavailable("connection refused")
+        if identity.username not in self.passwords:
+            raise UnknownUser(identity.username)
+        if password != self.passwords[identity.username]:
+            raise InvalidCredentials(identity.username)
+        return identity
+
+    def verify(self, username: str, password: str) -> Identity:
+        identity = self.lookup(username)
+        if identity is None:
             raise UnknownUser(username)
-        if password != self.passwords[username]:
-            raise InvalidCredentials(username)
-        return Identity(username, f"uid={username},ou=people,dc=example,dc=org", ("vpn",))
+        return self.check_password(identity, password)
+
+
+class AsyncFake:
+    """A FakeDirectory behind Deferreds (what the Authenticator is given)."""
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+
+    def lookup(self, username: str) -> defer.Deferred[Identity | None]:
+        return defer.maybeDeferred(self.directory.lookup, username)
+
+    def lookup_dn(self, dn: str) -> defer.Deferred[Identity | None]:
+        return defer.maybeDeferred(self.directory.lookup_dn, dn)
+
+    def check_password(self, identity: Identity, password: str) -> defer.Deferred[Identity]:
+        return defer.maybeDeferred(self.directory.check_password, identity, password)
 
 
 @dataclass
@@ -105,7 +146,7 @@ class Harness:
 
     def auth(self, username: str = "alice", secret: str | None = None, **kw: Any) -> Decision:
         return self.engine.authenticate_sync(self.request(username, secret, **kw),
-                                             self.directory.verify)
+                                             self.directory)
 
     def require(self, username: str = "alice", days: int = 7) -> None:
         self.store.require(username, int(self.clock()) + days * DAY)
@@ -247,7 +288,7 @@ def test_challenge_answer_is_the_code_field(h: Harness) -> None:
     req = AuthRequest("alice", "", "radius", "vpn", split=SplitMode.CHALLENGE,
                       code=h.code(), verified_identity=first.identity)
     calls = len(h.directory.calls)
-    assert outcome(h.engine.authenticate_sync(req, h.directory.verify)) == (ACCEPT, Reason.OK)
+    assert outcome(h.engine.authenticate_sync(req, h.directory)) == (ACCEPT, Reason.OK)
     assert len(h.directory.calls) == calls  # the password is not asked again
 
 
@@ -789,55 +830,59 @@ def fired(d: defer.Deferred[Any]) -> Any:
     return results[0]
 
 
-def authenticator(h: Harness, verify: Any) -> Authenticator:
-    return Authenticator(h.engine, verify, lambda f, *a: defer.maybeDeferred(f, *a),
-                         clock=h.clock)
+def authenticator(h: Harness, directory: Any = None, run: Any = None,
+                  call_later: Any = None) -> Authenticator:
+    return Authenticator(h.engine, directory or AsyncFake(h.directory),
+                         run or (lambda f, *a: defer.maybeDeferred(f, *a)), clock=h.clock,
+                         call_later=call_later)
+
+
+class Scripted(AsyncFake):
+    """AsyncFake with one method replaced by a function of the test's."""
+
+    def __init__(self, directory: Any, **methods: Any) -> None:
+        super().__init__(directory)
+        for name, method in methods.items():
+            setattr(self, name, method)
 
 
 def test_authenticator_accepts_with_code(h: Harness) -> None:
     enrolled(h)
-
-    def verify(username: str, password: str) -> defer.Deferred[Identity]:
-        return defer.maybeDeferred(h.directory.verify, username, password)
-
-    d = fired(authenticator(h, verify).authenticate(h.request(secret=h.with_code())))
+    d = fired(authenticator(h).authenticate(h.request(secret=h.with_code())))
     assert outcome(d) == (ACCEPT, Reason.OK)
-    assert h.events.directory_calls == [(0.0, None)]
+    assert d.password == "alice-pw"  # for a front-end that binds its own session after
+    assert h.events.directory_calls == [(0.0, None), (0.0, None)]  # look-up, bind
 
 
-def test_authenticator_refuses_a_locked_user_before_the_directory(h: Harness) -> None:
+def test_authenticator_refuses_a_locked_user_before_the_password(h: Harness) -> None:
     enrolled(h)
     for _ in range(5):
         h.auth(secret="wrong")
-    asked: list[str] = []
-
-    def verify(username: str, password: str) -> defer.Deferred[Identity]:
-        asked.append(username)
-        return defer.succeed(Identity(username))
-
-    d = fired(authenticator(h, verify).authenticate(h.request(secret=h.with_code())))
+    checked = len(h.directory.calls)
+    d = fired(authenticator(h).authenticate(h.request(secret=h.with_code())))
     assert outcome(d) == (REJECT, Reason.LOCKED_OUT)
-    assert asked == []
+    assert len(h.directory.calls) == checked
 
 
 def test_authenticator_unexpected_directory_error_is_unavailable(h: Harness) -> None:
-    def verify(username: str, password: str) -> defer.Deferred[Identity]:
-        return defer.fail(RuntimeError("boom"))
-
-    d = fired(authenticator(h, verify).authenticate(h.request(secret="wrong")))
+    failing = Scripted(h.directory, check_password=lambda i, p: defer.fail(RuntimeError("boom")))
+    d = fired(authenticator(h, failing).authenticate(h.request(secret="wrong")))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
-    assert h.events.directory_calls == [(0.0, "directory_unavailable")]
-    assert h.store.get("alice") is None
+    assert h.events.directory_calls[-1] == (0.0, "directory_unavailable")
+    assert h.record().failures == 0
 
 
-def test_authenticator_bad_password_is_counted(h: Harness) -> None:
-    def verify(username: str, password: str) -> defer.Deferred[Identity]:
-        return defer.fail(InvalidCredentials(username))
+def test_authenticator_lookup_failure_is_unavailable_and_touches_no_state(h: Harness) -> None:
+    h.directory.down = True
+    d = fired(authenticator(h).authenticate(h.request(secret="wrong")))
+    assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
+    assert h.store.get("alice") is None and h.directory.calls == []
 
-    d = fired(authenticator(h, verify).authenticate(h.request(secret="wrong")))
+
+def test_authenticator_bad_password_is_counted_on_the_entry(h: Harness) -> None:
+    d = fired(authenticator(h).authenticate(h.request("ALICE", secret="wrong")))
     assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
-    assert h.record().failures == 1
-    assert h.events.directory_calls == [(0.0, None)]
+    assert d.username == "alice" and h.record().failures == 1
 
 
 def test_authenticator_state_store_failure_fails_closed(h: Harness,
@@ -846,29 +891,30 @@ def test_authenticator_state_store_failure_fails_closed(h: Harness,
         raise OperationalError("SELECT", {}, Exception("database is locked"))
 
     monkeypatch.setattr(h.store, "get", broken)
-    d = fired(authenticator(h, lambda u, p: defer.succeed(Identity(u))).authenticate(
-        h.request()))
+    d = fired(authenticator(h).authenticate(h.request()))
     assert outcome(d) == (REJECT, Reason.STATE_UNAVAILABLE)
-    assert h.events.state_errors == ["prepare"]
+    assert h.events.state_errors == ["begin"]
 
 
 def test_authenticator_empty_password_skips_the_directory(h: Harness) -> None:
-    asked: list[str] = []
-
-    def verify(username: str, password: str) -> defer.Deferred[Identity]:
-        asked.append(password)
-        return defer.succeed(Identity(username))
-
-    d = fired(authenticator(h, verify).authenticate(h.request(secret="")))
+    d = fired(authenticator(h).authenticate(h.request(secret="")))
     assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
-    assert asked == []
+    assert h.directory.calls == [] and h.directory.lookups == []
+
+
+def test_authenticator_empty_password_after_the_code_is_not_sent(h: Harness) -> None:
+    enrolled(h)
+    d = fired(authenticator(h).authenticate(h.request(secret=f",{h.code()}")))
+    assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
+    assert h.directory.calls == [] and h.record().failures == 0
 
 
 def test_authenticator_directory_raising_instead_of_failing_is_unavailable(h: Harness) -> None:
-    def verify(username: str, password: str) -> defer.Deferred[Identity]:
+    def raising(identity: Identity, password: str) -> defer.Deferred[Identity]:
         raise RuntimeError("raised, not returned")
 
-    d = fired(authenticator(h, verify).authenticate(h.request(secret="pw")))
+    d = fired(authenticator(h, Scripted(h.directory, check_password=raising)).authenticate(
+        h.request(secret="pw")))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
 
 
@@ -880,8 +926,7 @@ def test_authenticator_decide_failure_fails_closed_once(h: Harness,
         raise OperationalError("UPDATE", {}, Exception("disk I/O error"))
 
     monkeypatch.setattr(h.store, "accept_step", broken)
-    d = authenticator(h, lambda u, p: defer.succeed(Identity(u))).authenticate(
-        h.request(secret=h.with_code()))
+    d = authenticator(h).authenticate(h.request(secret=h.with_code()))
     assert outcome(fired(d)) == (REJECT, Reason.STATE_UNAVAILABLE)
     assert h.events.state_errors == ["decide"]
 
@@ -890,21 +935,157 @@ def test_authenticator_a_worker_that_refuses_the_job_still_gets_one_reject(h: Ha
     def refusing(f: Any, *args: Any) -> defer.Deferred[Any]:
         raise RuntimeError("worker stopped")
 
-    auth = Authenticator(h.engine, lambda u, p: defer.succeed(Identity(u)), refusing,
-                         clock=h.clock)
+    auth = authenticator(h, run=refusing)
     assert outcome(fired(auth.authenticate(h.request()))) == (REJECT, Reason.STATE_UNAVAILABLE)
+    assert len(auth.gate) == 0  # the identity's turn was given back
 
 
-def test_authenticator_a_bug_after_prepare_still_gets_one_reject(
+def test_authenticator_a_bug_after_begin_still_gets_one_reject(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    from policy.engine import Prepared
-
-    def bug(self: Prepared) -> None:
+    def bug(self: Any, p: Any, verdict: Any) -> None:
         raise AttributeError("a bug")
 
-    monkeypatch.setattr(Prepared, "verdict_without_directory", bug)
-    d = authenticator(h, lambda u, p: defer.succeed(Identity(u))).authenticate(h.request())
-    assert outcome(fired(d)) == (REJECT, Reason.STATE_UNAVAILABLE)
+    monkeypatch.setattr(PolicyEngine, "decide", bug)
+    auth = authenticator(h)
+    assert outcome(fired(auth.authenticate(h.request()))) == (REJECT, Reason.STATE_UNAVAILABLE)
+    assert len(auth.gate) == 0
+
+
+# -- the identity is the entry -------------------------------------------------------------
+
+
+def test_every_spelling_the_directory_matches_is_one_identity(h: Harness) -> None:
+    enrolled(h)
+    for spelling in ("ALICE", "Alice", "ａｌｉｃｅ", "EXAMPLE\\alice", "alice@example.org"):
+        assert outcome(h.auth(spelling, secret="alice-pw", split=SplitMode.APPEND)) == (
+            REJECT, Reason.MISSING_CODE)
+    assert h.record().failures == 5 and h.record().locked(h.clock())
+    assert [r.username for r in h.store.list_users()] == ["alice"]
+
+
+def test_an_ldap_bind_dn_resolves_to_the_entry(h: Harness) -> None:
+    enrolled(h)
+    request = h.request(secret=h.with_code())
+    request.bind_dn = "UID=Alice, OU=People, DC=example, DC=org"
+    request.username = request.bind_dn
+    d = h.engine.authenticate_sync(request, h.directory)
+    assert outcome(d) == (ACCEPT, Reason.OK) and d.username == "alice"
+    assert d.identity is not None and d.identity.dn == "uid=alice,ou=people,dc=example,dc=org"
+
+
+def test_an_entry_without_a_usable_name_is_nobody(h: Harness) -> None:
+    nameless = Scripted(h.directory,
+                        lookup=lambda n: defer.succeed(Identity("ali\nce", "uid=x")))
+    d = fired(authenticator(h, nameless).authenticate(h.request(secret="alice-pw")))
+    assert outcome(d) == (REJECT, Reason.UNKNOWN_USER)
+    assert h.store.list_users() == []
+
+
+def test_unknown_names_create_no_state_but_read_like_a_real_account(h: Harness) -> None:
+    real = [h.auth("alice", secret="guess") for _ in range(6)]
+    fake = [h.auth("mallory", secret="guess") for _ in range(6)]
+    assert [r.message for r in real] == [f.message for f in fake]
+    assert real[-1].reason is Reason.LOCKED_OUT and fake[-1].reason is Reason.UNKNOWN_USER
+    assert fake[-1].public_reason is Reason.LOCKED_OUT
+    assert [r.username for r in h.store.list_users()] == ["alice"]
+
+
+def test_unknown_names_are_answered_after_a_wrong_password_s_usual_time(h: Harness) -> None:
+    from twisted.internet.task import Clock
+
+    reactor = Clock()
+    held: list[defer.Deferred[Any]] = []
+
+    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
+        d: defer.Deferred[Identity] = defer.Deferred()
+        held.append(d)
+        return d
+
+    auth = authenticator(h, Scripted(h.directory, check_password=slow),
+                         call_later=reactor.callLater)
+    for _ in range(30):  # teach it: a wrong password takes 0.5 s here
+        pending = auth.authenticate(h.request(secret="wrong"))
+        h.clock.advance(0.5)
+        held.pop().errback(InvalidCredentials("alice"))
+        assert outcome(fired(pending)) == (REJECT, Reason.BAD_PASSWORD)
+        h.engine.store.unlock("alice")
+    unknown = auth.authenticate(h.request("mallory", secret="wrong"))
+    assert not unknown.called
+    reactor.advance(0.3)
+    assert not unknown.called
+    reactor.advance(0.4)
+    assert outcome(fired(unknown)) == (REJECT, Reason.UNKNOWN_USER)
+
+
+# -- the lockout under concurrency ---------------------------------------------------------
+
+
+def test_concurrent_guesses_reach_the_directory_one_at_a_time_and_stop_at_the_lock(
+        h: Harness) -> None:
+    held: list[tuple[defer.Deferred[Identity], str]] = []
+
+    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
+        d: defer.Deferred[Identity] = defer.Deferred()
+        held.append((d, password))
+        return d
+
+    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    attempts = [auth.authenticate(h.request(secret="wrong")) for _ in range(20)]
+    right = auth.authenticate(h.request(secret="alice-pw"))
+    beyond = [auth.authenticate(h.request(secret="alice-pw")) for _ in range(20)]
+    checked = 0
+    while held:
+        assert len(held) == 1  # never two passwords of one identity in flight
+        d, password = held.pop()
+        checked += 1
+        if password == "alice-pw":
+            d.callback(Identity("alice", "uid=alice"))
+        else:
+            d.errback(InvalidCredentials("alice"))
+    assert checked == 5  # then locked: the rest never reach the directory
+    reasons = [fired(a).reason for a in attempts]
+    assert reasons[:5] == [Reason.BAD_PASSWORD] * 5
+    assert set(reasons[5:]) == {Reason.LOCKED_OUT}
+    assert outcome(fired(right)) == (REJECT, Reason.LOCKED_OUT)
+    # more than 32 waiting for one identity: refused at once, never accepted
+    assert {outcome(fired(b)) for b in beyond} == {(REJECT, Reason.LOCKED_OUT),
+                                                  (REJECT, Reason.BUSY)}
+    assert h.record().locked(h.clock()) and len(auth.gate) == 0
+
+
+def test_a_lock_that_came_meanwhile_refuses_the_right_password(h: Harness) -> None:
+    """Another instance locks the account while this one checks the password."""
+    held: list[defer.Deferred[Identity]] = []
+
+    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
+        d: defer.Deferred[Identity] = defer.Deferred()
+        held.append(d)
+        return d
+
+    h.require()
+    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    pending = auth.authenticate(h.request(secret="alice-pw"))
+    for _ in range(5):
+        h.store.record_failure("alice", h.clock(), 5, 900)
+    held.pop().callback(Identity("alice", "uid=alice"))
+    assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
+
+
+def test_the_gate_lets_waiting_attempts_through_in_order() -> None:
+    from policy.engine import IdentityGate
+
+    gate, order = IdentityGate(max_waiting=2), []
+    assert gate.enter("a", lambda: order.append(1))
+    assert gate.enter("a", lambda: order.append(2))
+    assert gate.enter("b", lambda: order.append("b"))
+    assert gate.enter("a", lambda: order.append(3))
+    assert not gate.enter("a", lambda: order.append(4))  # too many waiting
+    assert order == [1, "b"]
+    gate.leave("a")
+    gate.leave("a")
+    gate.leave("a")
+    gate.leave("b")
+    assert order == [1, "b", 2, 3] and len(gate) == 0
 
 
 def test_audit_queue_counts_what_it_drops_once(h: Harness) -> None:

@@ -440,8 +440,15 @@ class Wired:
     def verify(self, username: str, password: str, slow: bool = False) -> list[Any]:
         """The outcome (filled in once it is known) of a verify on the fast or slow path."""
         directory = self.directory
-        d = (directory._run(directory._verify(username, password)) if slow
-             else directory.verify(username, password))
+        if slow:
+            d = directory._run(directory._verify(username, password))
+        else:  # as the core calls it: the look-up, then the password
+            def check(identity: Identity | None) -> Any:
+                if identity is None:
+                    raise UnknownUser(f"no such user: {username!r}")
+                return directory.check_password(identity, password)
+
+            d = directory.lookup(username).addCallback(check)
         outcome: list[Any] = []
         d.addBoth(outcome.append)
         return outcome

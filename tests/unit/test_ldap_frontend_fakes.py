@@ -1,90 +1,152 @@
-"""Fakes for the LDAP front-end tests (shared with the integration tests).
+"""The real core behind the LDAP front-end in tests.
 
-``FakeCore`` follows the core's contract: it refuses a locked user before
-calling ``verify``, splits the secret (append mode), calls ``verify`` at
-most once, then checks the code against a fixed value.
+``RealCore`` is the product's own :class:`PolicyEngine` and
+:class:`Authenticator` on a SQLite store in a temporary folder -- nothing
+about passwords, codes or locks is imitated. Only the directory the core
+asks is chosen by the test: :class:`MemoryDirectory` (what slapd would
+answer for the test entries, for unit tests without sockets) or the real
+slapd (integration tests). Shared by the unit and integration suites.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 
-from backends.base import DirectoryUnavailable, Identity, InvalidCredentials
-from policy.decision import AuthRequest, Decision, Outcome, Reason, SplitMode
+from backends.base import AsyncDirectory, DirectoryUnavailable, Identity, InvalidCredentials
+from policy.decision import AuthRequest, Decision
+from policy.engine import Authenticator, Limits, PolicyEngine
+from policy.keys import KeyRing
+from policy.store import DAY, Store
+from policy.totp import TotpParams, code_for_step, new_secret
+from policy.usernames import UsernameRules
+from proxy.ldap.dn import parse_dn
 
-GOOD_CODE = "123456"
+BASE = "dc=example,dc=org"
+PEOPLE = f"ou=people,{BASE}"
+USERS = ("alice", "bob", "carol", "dave")
+T0 = 1_700_000_015.0
+PARAMS = TotpParams()
 
-Verify = Callable[[str, str], Deferred[Identity]]
+
+def user_dn(name: str) -> str:
+    return f"uid={name},{PEOPLE}"
 
 
-class FakeCore:
-    def __init__(self) -> None:
+class ManualClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class MemoryDirectory:
+    """The test entries uid=NAME,ou=people with password NAME-pw, resolved the
+    way slapd resolves them (any DN spelling parse_dn reads, case-insensitive
+    names; AD-style names through the user filter)."""
+
+    def __init__(self, users: tuple[str, ...] = USERS) -> None:
+        self.passwords = {name: f"{name}-pw" for name in users}
+        self.checks: list[tuple[str, str]] = []  # (username, password) tried
+        self.down = False
+
+    def lookup(self, username: str) -> Deferred[Identity | None]:
+        if self.down:
+            return fail(DirectoryUnavailable("connection refused"))
+        name = username.casefold()
+        return succeed(Identity(name, user_dn(name)) if name in self.passwords else None)
+
+    def lookup_dn(self, dn: str) -> Deferred[Identity | None]:
+        try:
+            rdns = parse_dn(dn)
+        except ValueError:
+            return succeed(None)
+        rest = [tuple((t, v.casefold()) for t, v in rdn) for rdn in rdns[1:]]
+        if not rdns or rest != [(("ou", "people"),), (("dc", "example"),), (("dc", "org"),)]:
+            return succeed(None)
+        uid = dict(rdns[0]).get("uid")
+        return self.lookup(uid) if uid else succeed(None)
+
+    def check_password(self, identity: Identity, password: str) -> Deferred[Identity]:
+        self.checks.append((identity.username, password))
+        if self.down:
+            return fail(DirectoryUnavailable("connection refused"))
+        if self.passwords.get(identity.username) != password:
+            return fail(InvalidCredentials(identity.username))
+        return succeed(identity)
+
+    def ping(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class RealCore:
+    """The front-end's ``authenticate``: the real engine, users enrolled and
+    required. ``good(user)`` is the password and a fresh valid code (the
+    core's clock then moves one time step, so the next one is fresh too)."""
+
+    def __init__(self, directory: AsyncDirectory | None = None,
+                 enrolled: tuple[str, ...] = USERS, max_failures: int = 5) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="realcore-"))
+        self.clock = ManualClock()
+        self.directory: Any = directory or MemoryDirectory()
+        self.store = Store(f"sqlite:///{self.root / 'state.db'}", self.clock)
+        self.store.upgrade()
+        self.keys = KeyRing(self.root / "secret.key")
+        self.engine = PolicyEngine(self.store, self.keys, PARAMS, Limits(max_failures, 900),
+                                   UsernameRules(), clock=self.clock)
+        self.authenticator = Authenticator(self.engine, self.directory,
+                                           lambda f, *a: maybeDeferred(f, *a), clock=self.clock)
+        self.secrets: dict[str, str] = {}
         self.requests: list[AuthRequest] = []
-        self.verified: list[tuple[str, str]] = []
-        self.locked: set[str] = set()
-        self.expired: set[str] = set()
-        self.enrolling: dict[str, int] = {}  # username → days left
-        self.accept_without_verify = False
-        self.hold: Deferred[Decision] | None = None  # when set, decisions wait for it
+        self.hold: Deferred[None] | None = None  # when set, the next decision waits for it
+        for name in enrolled:
+            self.enroll(name)
 
-    def __call__(self, request: AuthRequest, verify: Verify | None = None) -> Deferred[Decision]:
-        assert verify is not None
-        assert request.protocol == "ldap" and request.split is SplitMode.APPEND
+    def __call__(self, request: AuthRequest) -> Deferred[Decision]:
         self.requests.append(request)
-        username = request.username.lower()
-        if username in self.locked:
-            return succeed(self._reject(username, Reason.LOCKED_OUT))
-        if self.accept_without_verify:
-            return succeed(Decision(Outcome.ACCEPT, Reason.OK, username))
-        password, separator, code = request.secret.rpartition(request.separator)
-        if not separator:
-            password, code = request.secret, ""
-        self.verified.append((username, password))
-        checked = verify(username, password)
-        checked.addCallbacks(self._decide, self._refused, (username, code), None, (username,))
+        decided = self.authenticator.authenticate(request)
         if self.hold is not None:
             hold, self.hold = self.hold, None
-            return checked.addCallback(lambda decision: hold.addCallback(lambda _: decision))
-        return checked
+            return decided.addCallback(lambda d: hold.addCallback(lambda _: d))
+        return decided
 
-    def _decide(self, identity: Identity, username: str, code: str) -> Decision:
-        if username in self.expired:
-            return self._reject(username, Reason.ENROLLMENT_EXPIRED)
-        if username in self.enrolling:
-            days = self.enrolling[username]
-            return Decision(
-                Outcome.ACCEPT, Reason.IN_ENROLLMENT, username, identity, days_left=days
-            )
-        if code == GOOD_CODE:
-            return Decision(Outcome.ACCEPT, Reason.OK, username, identity)
-        return self._reject(username, Reason.BAD_CODE if code else Reason.MISSING_CODE)
+    # -- state, through the store as the admin commands write it
 
-    def _refused(self, failure: Failure, username: str) -> Decision:
-        if failure.check(DirectoryUnavailable):
-            return self._reject(username, Reason.DIRECTORY_UNAVAILABLE)
-        failure.trap(InvalidCredentials)
-        return self._reject(username, Reason.BAD_PASSWORD)
+    def enroll(self, name: str) -> None:
+        self.secrets[name] = new_secret()
+        now = int(self.clock())
+        self.store.require(name, now + 7 * DAY)
+        self.store.set_secret(name, self.keys.encrypt(self.secrets[name].encode(), name),
+                              self.keys.current)
 
-    @staticmethod
-    def _reject(username: str, reason: Reason) -> Decision:
-        return Decision(Outcome.REJECT, reason, username, message=reason.value)
+    def code(self, name: str = "alice") -> str:
+        code = code_for_step(self.secrets[name], PARAMS.step_at(self.clock()), PARAMS)
+        self.clock.t += PARAMS.period
+        return code
 
+    def good(self, name: str = "alice") -> str:
+        return f"{name}-pw,{self.code(name)}"
 
-def test_fake_core_follows_the_contract() -> None:
-    calls: list[tuple[str, str]] = []
+    def lock(self, name: str) -> None:
+        for _ in range(self.engine.limits.max_failures):
+            self.store.record_failure(name, self.clock(), self.engine.limits.max_failures,
+                                      self.engine.limits.lockout_seconds)
 
-    def verify(username: str, password: str) -> Deferred[Identity]:
-        calls.append((username, password))
-        return succeed(Identity(username))
+    def expire(self, name: str) -> None:
+        self.store.reset(name, int(self.clock()) - 1)
 
-    core = FakeCore()
-    request = AuthRequest("Alice", "pw,123456", "ldap", "ldap", split=SplitMode.APPEND)
-    decisions: list[Decision] = []
-    core(request, verify).addCallback(decisions.append)
-    assert calls == [("alice", "pw")] and decisions[0].accepted
-    core.locked.add("alice")
-    core(request, verify).addCallback(decisions.append)
-    assert decisions[1].reason is Reason.LOCKED_OUT and len(calls) == 1
+    def enrolling(self, name: str, days: int) -> None:
+        self.store.reset(name, int(self.clock()) + days * DAY - 60)
+
+    def failures(self, name: str) -> int:
+        record = self.store.get(name)
+        return record.failures if record else 0
+
+    def close(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.root, ignore_errors=True)

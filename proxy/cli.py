@@ -165,6 +165,11 @@ def main() -> None:
     Every command takes -c FILE (default conf/mfa-proxy.toml). Exit status:
     0 done, 1 refused, 2 bad usage or bad config.
     """
+    from proxy.logs import install_last_resort
+
+    # The admin commands configure no logging of their own (serve does, in
+    # proxy/service.py): what reaches Python's last-resort handler is escaped too.
+    install_last_resort()
 
 
 @main.command()

@@ -686,6 +686,34 @@ def test_retransmission_gets_the_same_bytes_and_spends_the_code_once(e2e: E2E) -
     assert watch.counted("mfa_proxy_radius_retransmissions_total", client="vpn") == 1
 
 
+def test_accepted_request_replayed_from_new_source_ports_gets_the_cached_answer(
+        e2e: E2E) -> None:
+    """The attack: an accepted Access-Request captured on the wire and replayed
+    byte for byte from five new source ports.  Each copy gets the first answer
+    from the duplicate cache; none is decided again (as a replayed code), so
+    the user's failure counter stays 0 and nobody is locked out."""
+    user = e2e.users.take("enrolled")
+    secret = e2e.proxy.client_secret("vpn")
+    request = access_request(secret, user, f"{user_password(user)},{code(user)}",
+                             identifier=63)
+    watch = Watch(e2e.proxy)
+    with Datagrams(e2e.proxy.radius_port, SOURCE["vpn"]) as nas:
+        first = nas.exchange(request)
+    assert first is not None and first[0] == ACCESS_ACCEPT
+    attackers = [Datagrams(e2e.proxy.radius_port, SOURCE["vpn"]) for _ in range(5)]
+    try:  # all open at once: five distinct source ports
+        assert len({a.sock.getsockname()[1] for a in attackers}) == 5
+        for attacker in attackers:
+            assert attacker.exchange(request) == first
+    finally:
+        for attacker in attackers:
+            attacker.close()
+    assert watch.decided() == {("vpn", "accept", "ok"): 1}
+    assert watch.counted("mfa_proxy_radius_retransmissions_total", client="vpn") == 5
+    shown = e2e.proxy.user(user)
+    assert shown["failures"] == 0 and shown["locked"] is False
+
+
 def test_retransmitted_wrong_password_counts_one_failure(e2e: E2E) -> None:
     user = e2e.users.take("enrolled")
     secret = e2e.proxy.client_secret("vpn")

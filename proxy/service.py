@@ -197,7 +197,7 @@ class Service:
             return
         from proxy.http.server import make_site
 
-        site = make_site(self.metrics.registry, self.ready)
+        site = make_site(self.metrics.registry, self.ready, self.settings.http.admin_networks)
         self.ports.append(self.reactor.listenTCP(addr.port, site, interface=addr.host))
         log.info("http listening on %s (/metrics /healthz /readyz)", addr)
 

@@ -654,6 +654,9 @@ BROKEN = {
                       ["state: missing section [state]"]),
     "listen": (GOOD.replace('"127.0.0.1:19812"', '"localhost:19812"'),
                ["http.listen: not an IP address: 'localhost' in 'localhost:19812'"]),
+    "admin_networks": (GOOD.replace('listen = "127.0.0.1:19812"',
+                                    'listen = "127.0.0.1:19812"\nadmin_networks = ["10.0.0.0/33"]'),
+                       ["http.admin_networks: not an address or CIDR: '10.0.0.0/33'"]),
     "toml": (GOOD.replace("[totp]", "[totp"), None),
     "several": (GOOD.replace("enrollment_days = 7", "enrollment_days = 0")
                 .replace('"127.0.0.0/8"', '"nowhere"').replace("[policy]", "bogus = 1\n[policy]"),

@@ -174,6 +174,46 @@ def test_readyz_follows_the_directory(server: Server) -> None:
     assert server.stop() == 0
 
 
+def get_from(source: str, port: int, path: str) -> tuple[int, str]:
+    """GET from a chosen loopback source address (127.0.0.0/8 is all loopback)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                      source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_readyz_reasons_with_admin_networks_set(tmp_path: Path) -> None:
+    """With `[http] admin_networks` naming other networks, serve starts and
+    loopback sources (127.0.0.2 here) still see the reasons: loopback is always
+    an admin source. A stranger's view ("not ready" alone) is in
+    tests/unit/test_http_ready.py: only loopback addresses exist here."""
+    http = free_tcp_port()
+    config = default_config_copy(tmp_path, http, free_udp_pair())
+    text = config.read_text()
+    assert "admin_networks = []" in text
+    config.write_text(text.replace("admin_networks = []",
+                                   'admin_networks = ["192.0.2.0/24", "2001:db8::/32"]'))
+    s = start(config, tmp_path, http)
+    try:
+        wait_healthy(s)
+        (tmp_path / "var" / "users.toml").write_text("[users.alice\n")
+        status, body = get_from("127.0.0.2", http, "/readyz")
+        assert status == 503 and body.startswith("not ready\ndirectory:"), body
+        (tmp_path / "var" / "users.toml").write_text("")
+        assert get_from("127.0.0.2", http, "/readyz") == (200, "ready\n")
+        assert s.stop() == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait(STOP_WAIT)
+
+
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     config = default_config_copy(tmp_path, free_tcp_port(), free_udp_pair())
     text = config.read_text()

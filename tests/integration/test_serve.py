@@ -4,13 +4,17 @@ its ports moved to free ones, its var/ in a temporary folder): it starts, answer
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +162,49 @@ def test_serve_answers_health_ready_metrics_and_stops_on_sigterm(server: Server)
     assert "stopped" in server.output()
     with pytest.raises(OSError):
         get(server.url("/healthz"))
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_every_secret_file_is_private_even_under_umask_000(tmp_path: Path) -> None:
+    """What the product writes under var/ holds secrets: the state database (and
+    its SQLite -wal and -shm files, which hold recent rows), the key file, the
+    generated RADIUS client secret and the local users file (argon2id hashes).
+    Each is 0600 because it was created so, not thanks to the umask."""
+    http = free_tcp_port()
+    config = default_config_copy(tmp_path, http, free_udp_pair())
+    var = tmp_path / "var"
+    var.mkdir()
+    users = var / "users.toml"
+    users.write_text("")
+    users.chmod(0o644)  # made by hand, world-readable: `local-user set` replaces it
+    with umask(0):  # a child keeps the umask it was started with
+        s = start(config, tmp_path, http)
+    try:
+        wait_healthy(s)  # first: serve creates the state and the RADIUS secret
+        with umask(0):
+            cli = subprocess.run(
+                [str(Path(sys.executable).with_name("mfa-proxy")), "local-user", "set",
+                 "alice", "-c", str(config)], input="alice-pw\n", capture_output=True,
+                text=True, timeout=120, check=False)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert get(s.url("/readyz")) == (200, "ready\n")
+        names = ["mfa-proxy.db", "mfa-proxy.db-wal", "mfa-proxy.db-shm", "secret.key",
+                 "radius-localhost.secret", "users.toml"]
+        modes = {n: oct(stat.S_IMODE((var / n).stat().st_mode)) for n in names}
+        assert modes == dict.fromkeys(names, "0o600"), modes
+        assert s.stop() == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait(STOP_WAIT)
 
 
 def test_readyz_follows_the_directory(server: Server) -> None:

@@ -39,6 +39,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from policy.escaping import escape_controls
+
 LOCKED_FOREVER = 2**53  # "until an admin unlocks" (lockout_seconds = 0)
 DAY = 86400
 
@@ -580,10 +582,15 @@ class Store:
 
     def audit(self, records: Iterable[AuditRecord]) -> None:
         """One executemany on the raw connection: a busy proxy writes a thousand
-        rows a second, and the ORM's bulk insert spent ~60 µs on each."""
-        rows = [dict(at=int(r.at), username=r.username[:256], protocol=r.protocol,
-                     client=r.client[:64], source=r.source[:64], result=r.result,
-                     reason=r.reason) for r in records]
+        rows a second, and the ORM's bulk insert spent ~60 µs on each.
+
+        The text is escaped first (policy/escaping.py): a username is what a
+        client sent when it was refused as invalid, and a newline or a terminal
+        escape in it must not reach whoever reads the audit trail."""
+        esc = escape_controls
+        rows = [dict(at=int(r.at), username=esc(r.username)[:256], protocol=esc(r.protocol),
+                     client=esc(r.client)[:64], source=esc(r.source)[:64],
+                     result=esc(r.result), reason=esc(r.reason)) for r in records]
         if rows:
             q = self._q_audit
             params: list[Any] = rows if q.order is None else [

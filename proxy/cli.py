@@ -6,10 +6,13 @@ or bad config. ``-c FILE`` goes anywhere on the command line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
 import json
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -165,6 +168,11 @@ def main() -> None:
     Every command takes -c FILE (default conf/mfa-proxy.toml). Exit status:
     0 done, 1 refused, 2 bad usage or bad config.
     """
+    from proxy.logs import install_last_resort
+
+    # The admin commands configure no logging of their own (serve does, in
+    # proxy/service.py): what reaches Python's last-resort handler is escaped too.
+    install_last_resort()
 
 
 @main.command()
@@ -354,6 +362,8 @@ def user_enroll(app: App, username: str, secret: str | None, png: str | None,
         key = normalize_secret(secret) if secret else new_secret()
     except InvalidSecret as e:
         raise Refused(f"--secret: {e}") from None
+    if png and os.path.islink(png):  # refused before the key changes, not after
+        raise Refused(f"--png {png}: a symbolic link; give the path of the file itself")
     t = app.settings.totp
     params = TotpParams(t.digits, t.period, t.window)
     record = app.store.get(name)
@@ -379,8 +389,37 @@ def print_qr(uri: str, png: str | None) -> None:
     qr.print_ascii(out=out, invert=True)
     click.echo(out.getvalue())
     if png:
-        qr.make_image().save(png)
+        image = io.BytesIO()
+        qr.make_image().save(image)
+        try:
+            write_private_file(png, image.getvalue())
+        except OSError as e:
+            raise Refused(f"--png {png}: cannot write it ({e.strerror}); the key is enrolled "
+                          "all the same: the URI above holds it") from None
         click.echo(f"QR code written to {png}")
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """``path`` becomes a new file that only its owner can read (0600).
+
+    A QR code is the TOTP key itself. The bytes go to a temporary file created
+    0600 (O_EXCL, O_NOFOLLOW) next to ``path``, which is then renamed over it:
+    the key is never readable by others for a moment, an existing file is
+    replaced rather than rewritten under its old mode, and a symbolic link put
+    in its place is replaced, never followed.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @user.command("reset")

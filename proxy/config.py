@@ -150,6 +150,8 @@ class LdapSettings:
 @dataclass(frozen=True)
 class HttpSettings:
     listen: Address | None = None
+    # Who sees why /readyz is not ready (URLs, errors): loopback always, plus these.
+    admin_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -477,11 +479,12 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
     )
 
 
-def _network(r: _Reader, value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+def _network(r: _Reader, value: str, key: str = "address"
+             ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     try:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
-        r.problem("address", f"not an address or CIDR: {value!r}")
+        r.problem(key, f"not an address or CIDR: {value!r}")
         return None
 
 
@@ -603,4 +606,6 @@ def _cache_rule(r: _Reader) -> tuple[str, int] | None:
 
 def _http(r: _Reader) -> HttpSettings:
     raw = r.str("listen", "127.0.0.1:9812")
-    return HttpSettings(r.address("listen", raw) if raw else None)
+    admin = (_network(r, a, "admin_networks") for a in r.str_list("admin_networks"))
+    return HttpSettings(r.address("listen", raw) if raw else None,
+                        tuple(n for n in admin if n is not None))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from policy.store import Store, StoreError
 from policy.totp import TotpParams
 from proxy.config import Settings
 from proxy.directories import ldap_options, make_directory, username_rules
+from proxy.logs import escaping_handler
 from proxy.metrics import EngineMetrics, Metrics
 from proxy.worker import BatchWorkers
 
@@ -28,9 +28,9 @@ class StartupError(Exception):
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """One line per record on standard error; control characters in a message
+    (a client's User-Name with a newline in it) are escaped (proxy/logs.py)."""
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[escaping_handler()])
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Twisted's own log events (and those of modules using twisted.logger) go to
     # the same handlers.
@@ -200,7 +200,7 @@ class Service:
             return
         from proxy.http.server import make_site
 
-        site = make_site(self.metrics.registry, self.ready)
+        site = make_site(self.metrics.registry, self.ready, self.settings.http.admin_networks)
         self.ports.append(self.reactor.listenTCP(addr.port, site, interface=addr.host))
         log.info("http listening on %s (/metrics /healthz /readyz)", addr)
 

@@ -1,10 +1,20 @@
 """RFC 5080 §2.2.2 duplicate detection.
 
-A NAS that hears nothing retransmits the same packet (same source, port,
-Identifier and Request Authenticator).  Deciding it again would count a
-second failure or consume a code twice, so: while the first copy is being
-decided a retransmission gets nothing (the answer is on its way), and for
-``window`` seconds after it the cached answer bytes are sent again.
+A NAS that hears nothing retransmits the same packet (same Identifier and
+Request Authenticator).  Deciding it again would count a second failure or
+consume a code twice, so: while the first copy is being decided a
+retransmission gets nothing (the answer is on its way), and for ``window``
+seconds after it the cached answer bytes are sent again.
+
+The key is the RADIUS client (its configured name), the Identifier and the
+Request Authenticator, and deliberately not the source address or port, which
+RFC 5080 lists too.  The Request Authenticator is a 16-byte random value that
+RFC 2865 requires to be unique, so the same one under the same client is the
+same request: a NAS that retransmits from a new socket, or an attacker who
+replays a captured Access-Request from new source ports (or another address
+of the same client), gets the answer already given.  Keyed by port, such a
+replay was decided again, refused as a replayed code, and counted as the
+user's failure until the user was locked out.
 """
 
 from __future__ import annotations
@@ -21,14 +31,15 @@ MIN_IN_PROGRESS_SECONDS = 30.0
 
 
 # One bytes object per entry: at a few thousand requests a second a 30-second
-# window holds tens of thousands of entries, and a tuple of four objects cost
+# window holds tens of thousands of entries, and a tuple of its parts cost
 # ~100 bytes more each (measured ~440 → ~340 bytes per entry with its answer).
 DuplicateKey: TypeAlias = bytes
 
 
-def duplicate_key(host: str, port: int, identifier: int, authenticator: bytes) -> DuplicateKey:
-    """Request Authenticator, Identifier and source port at fixed widths, then the host."""
-    return authenticator + bytes((identifier,)) + port.to_bytes(2, "big") + host.encode()
+def duplicate_key(client: str, identifier: int, authenticator: bytes) -> DuplicateKey:
+    """Request Authenticator and Identifier at fixed widths, then the client's name
+    (whatever source address and port of that client the copy came from)."""
+    return authenticator + bytes((identifier,)) + client.encode()
 
 
 class Seen(enum.Enum):

@@ -216,7 +216,7 @@ class RadiusServer:
         if problem is not None:
             self.events.dropped(problem)
             return
-        key = duplicate_key(addr[0], addr[1], packet.identifier, packet.authenticator)
+        key = duplicate_key(client.name, packet.identifier, packet.authenticator)
         seen = self.duplicates.begin(key)
         if seen is Seen.IN_PROGRESS:
             self.events.dropped(DropReason.DUPLICATE_IN_PROGRESS)

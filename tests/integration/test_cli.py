@@ -399,12 +399,51 @@ def test_enroll_refuses_a_bad_secret(admin: Admin) -> None:
     assert admin.store().get("alice") is None
 
 
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """umask 000: a file is then as private as the mode it was created with."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 def test_enroll_png(admin: Admin) -> None:
     png = admin.root / "alice-qr.png"
     r = admin.ok("user", "enroll", "alice", "--png", str(png))
     assert f"QR code written to {png}" in r.out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 200
+
+
+def test_enroll_png_is_readable_by_its_owner_only(admin: Admin, open_umask: None) -> None:
+    """The QR code is the TOTP key: never world-readable, not even under umask 000."""
+    png = admin.root / "alice-qr.png"
+    admin.ok("user", "enroll", "alice", "--png", str(png), real=True)
+    assert mode(png) == 0o600
+    # an existing world-readable file is replaced by a private one
+    old = admin.root / "bob-qr.png"
+    old.write_bytes(b"old")
+    old.chmod(0o644)
+    admin.ok("user", "enroll", "bob", "--png", str(old))
+    assert mode(old) == 0o600 and old.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in admin.root.glob(".*.tmp")) == []
+
+
+def test_enroll_png_refuses_a_symlink_and_enrolls_nothing(admin: Admin) -> None:
+    target = admin.root / "someone-elses-file"
+    target.write_bytes(b"theirs")
+    link = admin.root / "qr.png"
+    link.symlink_to(target)
+    r = admin.run("user", "enroll", "alice", "--png", str(link))
+    assert r.code == 1 and "symbolic link" in r.err
+    assert target.read_bytes() == b"theirs" and link.is_symlink()
+    assert admin.store().get("alice") is None  # refused before the key was made
 
 
 def test_reset_clears_the_key(admin: Admin) -> None:
@@ -615,6 +654,9 @@ BROKEN = {
                       ["state: missing section [state]"]),
     "listen": (GOOD.replace('"127.0.0.1:19812"', '"localhost:19812"'),
                ["http.listen: not an IP address: 'localhost' in 'localhost:19812'"]),
+    "admin_networks": (GOOD.replace('listen = "127.0.0.1:19812"',
+                                    'listen = "127.0.0.1:19812"\nadmin_networks = ["10.0.0.0/33"]'),
+                       ["http.admin_networks: not an address or CIDR: '10.0.0.0/33'"]),
     "toml": (GOOD.replace("[totp]", "[totp"), None),
     "several": (GOOD.replace("enrollment_days = 7", "enrollment_days = 0")
                 .replace('"127.0.0.0/8"', '"nowhere"').replace("[policy]", "bogus = 1\n[policy]"),

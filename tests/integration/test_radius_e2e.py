@@ -493,6 +493,47 @@ def test_unknown_user_is_refused_and_leaves_no_state(e2e: E2E) -> None:
     assert stored(e2e.proxy, "nobody-here") == {}
 
 
+# --- log and audit injection ---------------------------------------------------------------
+
+FORGED_USER_NAME = "alice\nFORGED decision user=admin result=accept"
+FORGED_ESCAPED = "alice\\nFORGED decision user=admin result=accept"
+
+
+def audit_rows(proxy: ProxyProcess, client: str) -> list[str]:
+    """The usernames of ``client``'s audit rows, read straight from SQLite."""
+    with closing(sqlite3.connect(proxy.state_path)) as db:
+        return [r[0] for r in db.execute("SELECT username FROM audit WHERE client = ?",
+                                         (client,))]
+
+
+def test_a_newline_in_the_user_name_forges_no_log_line_and_no_audit_row(e2e: E2E) -> None:
+    """The attack: a User-Name whose second line reads like a decision.  The
+    proxy refuses the name, logs it on one line with the newline as ``\\n``,
+    and audits it escaped the same way; the ANSI and U+2028 variants too."""
+    proxy = e2e.proxy
+    names = [FORGED_USER_NAME, "bob\x1b[2J\x1b[1;1HFORGED\u2028FORGED\rFORGED"]
+    escaped = [FORGED_ESCAPED, "bob\\x1b[2J\\x1b[1;1HFORGED\\u2028FORGED\\rFORGED"]
+    watch = Watch(proxy)
+    with Datagrams(proxy.radius_port, SOURCE["append"]) as nas:
+        for n, name in enumerate(names):
+            request = access_request(SECRET["append"], name, "pw,123456", identifier=90 + n)
+            reply = nas.exchange(request)
+            assert reply is not None and reply[0] == ACCESS_REJECT
+    assert watch.decided() == {("append", "reject", "invalid_username"): 2}
+    log = proxy.log_path.read_text(encoding="utf-8", errors="replace")
+    forged = [line for line in log.split("\n") if "FORGED" in line]
+    assert not [line for line in forged if line.startswith("FORGED")], log[-2000:]
+    assert len(forged) == 2, forged  # one record each, each one line
+    assert any(f"decision user={FORGED_ESCAPED} protocol=radius client=append" in line
+               for line in forged), forged
+    assert any(f"user={escaped[1]} protocol=radius" in line for line in forged), forged
+    assert not any(c in line for line in forged for c in "\r\x1b\u2028")
+    deadline = time.monotonic() + 10  # audit rows are written every 0.25 s
+    while (rows := sorted(u for u in audit_rows(proxy, "append") if "FORGED" in u)) != escaped:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+
+
 # --- reply attributes ---------------------------------------------------------------------
 
 
@@ -643,6 +684,34 @@ def test_retransmission_gets_the_same_bytes_and_spends_the_code_once(e2e: E2E) -
     check_reply(third, fresh, secret)
     assert watch.decided() == {("vpn", "accept", "ok"): 1, ("vpn", "reject", "replayed_code"): 1}
     assert watch.counted("mfa_proxy_radius_retransmissions_total", client="vpn") == 1
+
+
+def test_accepted_request_replayed_from_new_source_ports_gets_the_cached_answer(
+        e2e: E2E) -> None:
+    """The attack: an accepted Access-Request captured on the wire and replayed
+    byte for byte from five new source ports.  Each copy gets the first answer
+    from the duplicate cache; none is decided again (as a replayed code), so
+    the user's failure counter stays 0 and nobody is locked out."""
+    user = e2e.users.take("enrolled")
+    secret = e2e.proxy.client_secret("vpn")
+    request = access_request(secret, user, f"{user_password(user)},{code(user)}",
+                             identifier=63)
+    watch = Watch(e2e.proxy)
+    with Datagrams(e2e.proxy.radius_port, SOURCE["vpn"]) as nas:
+        first = nas.exchange(request)
+    assert first is not None and first[0] == ACCESS_ACCEPT
+    attackers = [Datagrams(e2e.proxy.radius_port, SOURCE["vpn"]) for _ in range(5)]
+    try:  # all open at once: five distinct source ports
+        assert len({a.sock.getsockname()[1] for a in attackers}) == 5
+        for attacker in attackers:
+            assert attacker.exchange(request) == first
+    finally:
+        for attacker in attackers:
+            attacker.close()
+    assert watch.decided() == {("vpn", "accept", "ok"): 1}
+    assert watch.counted("mfa_proxy_radius_retransmissions_total", client="vpn") == 5
+    shown = e2e.proxy.user(user)
+    assert shown["failures"] == 0 and shown["locked"] is False
 
 
 def test_retransmitted_wrong_password_counts_one_failure(e2e: E2E) -> None:

@@ -4,13 +4,17 @@ its ports moved to free ones, its var/ in a temporary folder): it starts, answer
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +164,49 @@ def test_serve_answers_health_ready_metrics_and_stops_on_sigterm(server: Server)
         get(server.url("/healthz"))
 
 
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_every_secret_file_is_private_even_under_umask_000(tmp_path: Path) -> None:
+    """What the product writes under var/ holds secrets: the state database (and
+    its SQLite -wal and -shm files, which hold recent rows), the key file, the
+    generated RADIUS client secret and the local users file (argon2id hashes).
+    Each is 0600 because it was created so, not thanks to the umask."""
+    http = free_tcp_port()
+    config = default_config_copy(tmp_path, http, free_udp_pair())
+    var = tmp_path / "var"
+    var.mkdir()
+    users = var / "users.toml"
+    users.write_text("")
+    users.chmod(0o644)  # made by hand, world-readable: `local-user set` replaces it
+    with umask(0):  # a child keeps the umask it was started with
+        s = start(config, tmp_path, http)
+    try:
+        wait_healthy(s)  # first: serve creates the state and the RADIUS secret
+        with umask(0):
+            cli = subprocess.run(
+                [str(Path(sys.executable).with_name("mfa-proxy")), "local-user", "set",
+                 "alice", "-c", str(config)], input="alice-pw\n", capture_output=True,
+                text=True, timeout=120, check=False)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert get(s.url("/readyz")) == (200, "ready\n")
+        names = ["mfa-proxy.db", "mfa-proxy.db-wal", "mfa-proxy.db-shm", "secret.key",
+                 "radius-localhost.secret", "users.toml"]
+        modes = {n: oct(stat.S_IMODE((var / n).stat().st_mode)) for n in names}
+        assert modes == dict.fromkeys(names, "0o600"), modes
+        assert s.stop() == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait(STOP_WAIT)
+
+
 def test_readyz_follows_the_directory(server: Server) -> None:
     users = server.root / "var" / "users.toml"
     users.write_text("[users.alice\n")  # a broken users file: the directory cannot answer
@@ -172,6 +219,46 @@ def test_readyz_follows_the_directory(server: Server) -> None:
     assert get(server.url("/readyz")) == (200, "ready\n")
     assert get(server.url("/healthz"))[0] == 200  # alive all along
     assert server.stop() == 0
+
+
+def get_from(source: str, port: int, path: str) -> tuple[int, str]:
+    """GET from a chosen loopback source address (127.0.0.0/8 is all loopback)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                      source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_readyz_reasons_with_admin_networks_set(tmp_path: Path) -> None:
+    """With `[http] admin_networks` naming other networks, serve starts and
+    loopback sources (127.0.0.2 here) still see the reasons: loopback is always
+    an admin source. A stranger's view ("not ready" alone) is in
+    tests/unit/test_http_ready.py: only loopback addresses exist here."""
+    http = free_tcp_port()
+    config = default_config_copy(tmp_path, http, free_udp_pair())
+    text = config.read_text()
+    assert "admin_networks = []" in text
+    config.write_text(text.replace("admin_networks = []",
+                                   'admin_networks = ["192.0.2.0/24", "2001:db8::/32"]'))
+    s = start(config, tmp_path, http)
+    try:
+        wait_healthy(s)
+        (tmp_path / "var" / "users.toml").write_text("[users.alice\n")
+        status, body = get_from("127.0.0.2", http, "/readyz")
+        assert status == 503 and body.startswith("not ready\ndirectory:"), body
+        (tmp_path / "var" / "users.toml").write_text("")
+        assert get_from("127.0.0.2", http, "/readyz") == (200, "ready\n")
+        assert s.stop() == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait(STOP_WAIT)
 
 
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:

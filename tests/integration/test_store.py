@@ -380,6 +380,24 @@ def test_audit_rows_and_prune(store: Store) -> None:
     assert [r.username for r in store.recent_audit()] == ["alice"]
 
 
+def test_audit_rows_hold_control_characters_escaped_and_nothing_else_changed(
+        store: Store) -> None:
+    """A refused invalid username is audited as the client sent it: a newline
+    (a forged row in a text export), ESC (a terminal escape for whoever reads
+    `audit`), NUL (which PostgreSQL refuses, losing the whole batch) and U+2028
+    are written as visible escapes; backslashes and other text stay as sent."""
+    sent = "alice\nFORGED\r\x1b[2J\x00\u2028\u0085 DOM\\x é"
+    store.audit([AuditRecord(T0, sent, "radius", "vpn\n", "10.0.0.1", "reject",
+                             "invalid_username")])
+    escaped = "alice\\nFORGED\\r\\x1b[2J\\x00\\u2028\\x85 DOM\\x é"
+    (row,) = store.recent_audit()
+    assert row.username == escaped
+    assert row.client == "vpn\\n"
+    assert (row.protocol, row.source, row.result, row.reason) == (
+        "radius", "10.0.0.1", "reject", "invalid_username")
+    assert store.recent_audit(escaped) == [row]
+
+
 def test_repeat_cache(store: Store) -> None:
     key = b"k" * 32
     assert not store.repeat_hit(key, T0)

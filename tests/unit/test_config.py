@@ -161,6 +161,23 @@ def test_http_listen_can_be_off(tmp_path: Path) -> None:
     assert load(write(tmp_path, BASE + '[http]\nlisten = ""\n')).http.listen is None
 
 
+def test_http_admin_networks(tmp_path: Path) -> None:
+    import ipaddress
+
+    assert load(write(tmp_path, BASE + "[http]\n")).http.admin_networks == ()  # loopback only
+    s = load(write(tmp_path, BASE + '[http]\nadmin_networks = ["10.0.0.0/8", "192.0.2.7", '
+                                    '"2001:db8::/32"]\n'))
+    assert s.http.admin_networks == tuple(ipaddress.ip_network(n) for n in (
+        "10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"))
+
+
+def test_http_admin_networks_errors_name_the_key(tmp_path: Path) -> None:
+    assert problems(tmp_path, BASE + '[http]\nadmin_networks = ["10.0.0.0/8", "intranet"]\n') \
+        == ["http.admin_networks: not an address or CIDR: 'intranet'"]
+    assert problems(tmp_path, BASE + "[http]\nadmin_networks = [10]\n") \
+        == ["http.admin_networks: expected a list of strings, found 10"]
+
+
 def test_ldap_upstream_defaults_to_the_directory(tmp_path: Path) -> None:
     text = """\
 [state]

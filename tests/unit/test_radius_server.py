@@ -350,13 +350,47 @@ def test_retransmission_is_answered_once_decided_with_the_same_bytes() -> None:
     assert h.send(request) != first and len(h.core.requests) == 2
 
 
-def test_same_identifier_from_another_port_is_not_a_duplicate() -> None:
+def test_a_copy_from_another_port_or_address_of_the_client_is_a_duplicate() -> None:
+    """The replay attack: a captured Access-Request sent again from new source
+    ports (or another address of the same client) is answered from the cache,
+    never decided again (which would count a replayed code as a failure)."""
     h = Harness()
-    h.core.then(decision(Outcome.ACCEPT)).then(decision(Outcome.ACCEPT))
-    request = access_request(SECRET, "alice", "pw")
-    h.send(request, ("10.0.0.5", 1))
-    h.send(request, ("10.0.0.5", 2))
-    assert len(h.core.requests) == 2
+    h.core.then(decision(Outcome.ACCEPT))
+    request = access_request(SECRET, "alice", "s3cret,123456")
+    first = h.send(request, ("10.0.0.5", 1))
+    assert first is not None
+    for source in [("10.0.0.5", port) for port in range(2, 7)] + [("10.0.0.77", 1812)]:
+        assert h.send(request, source) == first
+    assert len(h.core.requests) == 1
+    assert h.events.requests == [("vpn", "accept", "ok")]
+    assert h.events.retransmissions == ["vpn"] * 6
+
+
+def test_a_copy_from_another_port_while_deciding_gets_nothing() -> None:
+    h = Harness()
+    pending: Deferred[Decision] = Deferred()
+    h.core.then(pending)
+    request = access_request(SECRET, "alice", "s3cret,123456")
+    assert h.send(request, ("10.0.0.5", 1)) is None
+    assert h.send(request, ("10.0.0.5", 2)) is None
+    assert h.events.drops == {"duplicate_in_progress": 1}
+    pending.callback(decision(Outcome.ACCEPT))
+    assert len(h.core.requests) == 1
+
+
+def test_same_identifier_with_another_authenticator_or_client_is_not_a_duplicate() -> None:
+    h = Harness()
+    for _ in range(3):
+        h.core.then(decision(Outcome.ACCEPT))
+    authenticator = bytes(range(16))
+    request = access_request(SECRET, "alice", "pw", identifier=9, authenticator=authenticator)
+    h.send(request)
+    h.send(access_request(SECRET, "alice", "pw", identifier=9))  # a new request
+    # the same Identifier and Request Authenticator from another client
+    legacy = access_request(b"legacy-secret", "alice", "pw", identifier=9,
+                            authenticator=authenticator)
+    h.send(legacy, ("10.9.0.5", 40000))
+    assert [r.client for r in h.core.requests] == ["vpn", "vpn", "legacy"]
 
 
 # --- the core failing -------------------------------------------------------------

@@ -39,10 +39,11 @@ from backends.base import (
     InvalidCredentials,
 )
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
+from policy.escaping import escape_controls
 from policy.keys import KeyRing
 from policy.store import LOCKED_FOREVER, AuditRecord, Store, UserRecord
 from policy.totp import TotpParams, match_step
-from policy.usernames import InvalidUsername, UsernameRules, loggable
+from policy.usernames import MAX_USERNAME, InvalidUsername, UsernameRules
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -336,7 +337,7 @@ class PolicyEngine:
             self.store.repeat_forget(p.username)
         if result.lockout_started:
             self.events.lockout()
-            log.warning("lockout user=%s failures=%d until=%s", loggable(p.username),
+            log.warning("lockout user=%s failures=%d until=%s", p.username,
                         result.failures, result.locked_until)
         return self._finish(p.request, p.username, Outcome.REJECT, reason, identity,
                             lockout_started=result.lockout_started,
@@ -349,20 +350,20 @@ class PolicyEngine:
         if message is None:
             message = (enrollment_message(days_left) if days_left is not None
                        else MESSAGES.get(reason, ""))
-        name = loggable(username)
+        name = escape_controls(username[:MAX_USERNAME])  # typed names of nobody included
         decision = Decision(outcome, reason, name, identity, days_left, message,
                             lockout_started, locked_until, public_reason)
         self.audit.add(AuditRecord(self.clock(), name, request.protocol, request.client,
                                    request.source, outcome.value, reason.value))
         if outcome is not Outcome.ACCEPT or self.log_accepts:
             log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s",
-                     name, request.protocol, request.client, loggable(request.source),
+                     name, request.protocol, request.client, request.source,
                      outcome.value, reason.value)
         return decision
 
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:
         """A decision when the engine itself could not run (state store down, a bug)."""
-        return Decision(Outcome.REJECT, reason, loggable(request.username))
+        return Decision(Outcome.REJECT, reason, escape_controls(request.username[:MAX_USERNAME]))
 
     # -- the same phases, synchronously (admin checks, tests, threads) ----------------
 

@@ -52,12 +52,3 @@ class UsernameRules:
             raise InvalidUsername("control characters in username")
         return name
 
-
-def loggable(text: str, limit: int = 128) -> str:
-    """``text`` safe for one log line or audit row: control and format
-    characters (newlines, escapes, bidi overrides) as visible escapes."""
-    if text.isprintable() and len(text) <= limit:
-        return text
-    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                  for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")

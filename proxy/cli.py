@@ -105,19 +105,27 @@ class App:
             raise Refused(f"{raw!r}: {e}") from None
 
     def known_user(self, raw: str) -> str:
-        """The canonical name of a user the state store or the directory knows."""
+        """The identity an admin means: the directory entry's own name (as serve
+        keys the state), or a name the state store has that the directory no
+        longer knows (or cannot be asked about: its state can still be managed)."""
         from backends.base import DirectoryError
+        from policy.usernames import InvalidUsername
 
         name = self.canonical(raw)
-        if self.store.get(name) is not None:
-            return name
         try:
             found = self.directory.lookup(name)
         except DirectoryError as e:
+            if self.store.get(name) is not None:
+                return name
             raise Refused(f"cannot ask the directory about {name!r}: {e}") from None
-        if found is None:
-            raise Refused(f"unknown user {name!r}: not in the directory or the state store")
-        return name
+        if found is not None:
+            try:
+                return str(self.usernames.canonical(found.username))
+            except InvalidUsername as e:
+                raise Refused(f"the directory's name for {raw!r} is unusable: {e}") from None
+        if self.store.get(name) is not None:
+            return name
+        raise Refused(f"unknown user {name!r}: not in the directory or the state store")
 
 
 def config_failed(e: configmod.ConfigError) -> NoReturn:
@@ -337,7 +345,15 @@ def group_members(app: App, group: str) -> list[str]:
         members = app.directory.group_members(group)
     except DirectoryError as e:
         raise Refused(f"group {group!r}: {e}") from None
-    return sorted({app.canonical(m) for m in members})
+    from policy.usernames import InvalidUsername
+
+    names = set()
+    for member in members:  # the entries' own names, keyed as serve keys them
+        try:
+            names.add(str(app.usernames.canonical(member)))
+        except InvalidUsername:
+            continue
+    return sorted(names)
 
 
 @user.command("enroll")

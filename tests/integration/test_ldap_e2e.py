@@ -893,3 +893,13 @@ def test_metrics_count_ldap_connections_and_requests_by_reason(
         "mfa_proxy_ldap_forwarded_total")  # the exempt bind and the WhoAmI requests
     # labels are bounded: never a username or a DN
     assert "walter" not in after.text and "uid=" not in after.text
+
+
+def test_admin_commands_act_on_the_entry_whatever_the_spelling(proxy: ProxyProcess) -> None:
+    """`user require ＶＩＣＴＯＲ` requires the entry uid=victor, keyed as serve keys it."""
+    proxy.ok("user", "require", "ＶＩＣＴＯＲ", "--days", "3")
+    assert proxy.show("victor")["status"] == "in_enrollment"
+    assert proxy.show("EXAMPLE\\Victor")["username"] == "victor"
+    names = [u["username"] for u in proxy.ok("user", "list", "--json").json]
+    assert "victor" in names and "ＶＩＣＴＯＲ" not in names
+    assert proxy.cli("user", "require", "nobody-at-all").code == 1

@@ -882,6 +882,8 @@ class AsyncLdapDirectory:
         self.endpoints = Endpoints(options.urls, options.down_seconds, clock=reactor.seconds)
         self.stats = Stats()
         self.cache = _DnCache(options.dn_cache_seconds, reactor.seconds)
+        # bind DN as sent -> identity: saves the base read and the name search
+        self.dn_cache = _DnCache(options.dn_cache_seconds, reactor.seconds)
         self._time_limit = max(1, int(options.timeout))
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
@@ -996,6 +998,9 @@ class AsyncLdapDirectory:
         a name is nobody."""
         if not dn:
             return None
+        cached = self.dn_cache.get(dn)
+        if cached is not None:
+            return cached
         try:
             request = self._template(dn, SCOPE_BASE, "(objectClass=*)", (),
                                      [self.options.username_attribute], size_limit=1).encode()
@@ -1019,6 +1024,7 @@ class AsyncLdapDirectory:
             if identity is not None:
                 log.warn("bind DN {dn!r} is not the entry its name finds", dn=entry.dn)
             return None
+        self.dn_cache.put(dn, replace(identity, from_cache=True))
         return identity
 
     async def _find_user(self, username: str) -> Identity | None:

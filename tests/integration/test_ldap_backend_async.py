@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -234,3 +235,72 @@ def test_a_search_without_answer_times_out_on_the_fast_path(
     assert "no answer within 0.5s" in str(caught.value)
     assert len(started) == 1  # the retry after the timeout, by the coroutine
     assert directory.endpoints.all[0].down_until > 0
+
+
+def slapd_base_read(slapd: Slapd, dn: str) -> list[str]:
+    """The entries slapd itself finds at ``dn`` (ldapsearch sends the DN as it is)."""
+    found = subprocess.run(
+        ["ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", slapd.url, "-D", slapd.svc_dn,
+         "-w", slapd.svc_password, "-s", "base", "-b", dn, "1.1"],
+        capture_output=True, text=True, timeout=30, check=False)
+    return [line[4:] for line in found.stdout.splitlines() if line.startswith("dn: ")]
+
+
+@pytest.mark.parametrize("spelling", [
+    "uid=alice,ou=people,dc=example,dc=org",
+    "UID=ALICE,OU=PEOPLE,DC=EXAMPLE,DC=ORG",
+    "uid = alice , ou = people , dc = example , dc = org",
+    "uid=\\61lice,ou=people,dc=example,dc=org",
+    "0.9.2342.19200300.100.1.1=alice,ou=people,dc=example,dc=org",
+    "userid=alice,ou=people,dc=example,dc=org",
+    "uid;x-option=alice,ou=people,dc=example,dc=org",
+    "uid=ａｌｉｃｅ,ou=people,dc=example,dc=org",
+    "uid=ALİCE,ou=people,dc=example,dc=org",
+    "uid=𝐚lice,ou=people,dc=example,dc=org",
+])
+def test_lookup_dn_sees_every_spelling_slapd_accepts_as_the_one_entry(
+        make_async: MakeAsync, slapd: Slapd, call: Callable[..., Any], spelling: str) -> None:
+    """Whatever slapd itself resolves a spelling to is what the core is told."""
+    assert slapd_base_read(slapd, spelling) == [user_dn("alice")]  # slapd: this is alice
+    directory = make_async(slapd, dn_cache_seconds=0)
+    identity = call(directory.lookup_dn, spelling)
+    assert identity == Identity("alice", user_dn("alice"), ("admins", "staff", "vpn-users"))
+
+
+@pytest.mark.parametrize("dn", [
+    "cn=admin,dc=example,dc=org",  # the rootdn: no user entry
+    "cn;x=admin,dc=example,dc=org",
+    "cn=svc,ou=services,dc=example,dc=org",  # an entry outside user_base, without uid
+    "uid=nobody,ou=people,dc=example,dc=org",
+    "dc=example,dc=org",
+    "not a dn",
+    "uid=alice,ou=people,dc=example,dc=org,dc=extra",
+])
+def test_lookup_dn_of_anything_but_a_user_entry_is_nobody(
+        make_async: MakeAsync, slapd: Slapd, call: Callable[..., Any], dn: str) -> None:
+    assert call(make_async(slapd).lookup_dn, dn) is None
+
+
+def test_lookup_dn_refuses_an_entry_its_own_name_does_not_find(
+        make_async: MakeAsync, slapd_fresh: Slapd, call: Callable[..., Any]) -> None:
+    """A second entry named alice elsewhere under the base: the name finds two,
+    so neither DN is an identity (binding as one of them would be a guess)."""
+    admin = ldap3.Connection(slapd_fresh.url, slapd_fresh.admin_dn,
+                             slapd_fresh.admin_password, auto_bind=True)
+    assert admin.add(f"uid=alice,ou=services,{slapd_fresh.base_dn}",
+                     ["inetOrgPerson"], {"cn": "other alice", "sn": "x",
+                                         "userPassword": "other-pw"})
+    admin.unbind()
+    directory = make_async(slapd_fresh, user_base=slapd_fresh.base_dn, dn_cache_seconds=0)
+    assert call(directory.lookup_dn, f"uid=alice,ou=services,{slapd_fresh.base_dn}") is None
+    assert call(directory.lookup_dn, user_dn("alice")) is None
+
+
+def test_lookup_dn_is_cached_like_names(make_async: MakeAsync, slapd: Slapd,
+                                        call: Callable[..., Any]) -> None:
+    directory = make_async(slapd, dn_cache_seconds=60)
+    first = call(directory.lookup_dn, "UID=Bob,OU=People,DC=example,DC=org")
+    searches = directory.stats.searches
+    again = call(directory.lookup_dn, "UID=Bob,OU=People,DC=example,DC=org")
+    assert first == again == Identity("bob", user_dn("bob"), ("staff", "vpn-users"))
+    assert directory.stats.searches == searches and again.from_cache

@@ -198,14 +198,18 @@ class Harness:
         return Client(self.factory, peer)
 
 
-def make(**settings: Any) -> Harness:
+def make(core: RealCore | None = None, **settings: Any) -> Harness:
+    """A front-end on fakes; a new real core unless one is given (fuzzing shares one:
+    a core costs a database)."""
     directory = settings.pop("directory", None) or FakeDirectory()
     config = replace(
         LdapFrontendConfig(upstream="ldap://127.0.0.1:389", exempt=(SVC,), idle_timeout=0),
         **settings,
     )
-    core, clock, events = RealCore(), Clock(), CountingLdapEvents()
-    _cores.append(core)
+    if core is None:
+        core = RealCore()
+        _cores.append(core)
+    clock, events = Clock(), CountingLdapEvents()
     factory = LdapProxyFactory(
         config, core, events=events, reactor=clock, connect_upstream=directory.connect
     )
@@ -800,8 +804,20 @@ def test_core_decision_can_be_slow() -> None:
 # ---------------------------------------------------------------- garbage in
 
 
+_FUZZ_CORE: list[RealCore] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_fuzzing_core() -> Any:
+    yield
+    while _FUZZ_CORE:
+        _FUZZ_CORE.pop().close()
+
+
 def _assert_survives(chunks: list[bytes]) -> None:
-    h = make(allow_anonymous=True)
+    if not _FUZZ_CORE:
+        _FUZZ_CORE.append(RealCore())
+    h = make(_FUZZ_CORE[0], allow_anonymous=True)
     client = h.client()
     for chunk in chunks:
         client.send(chunk)

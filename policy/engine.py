@@ -184,7 +184,7 @@ class PolicyEngine:
 
     def lookup_name(self, request: AuthRequest) -> str:
         """The name to look the entry up by (InvalidUsername: refuse)."""
-        return self.usernames.normalize(request.username)
+        return self.usernames.lookup_form(request.username)
 
     def canonical(self, identity: Identity) -> str:
         """The state key of an entry (InvalidUsername: treat as unknown)."""

@@ -25,15 +25,23 @@ class UsernameRules:
     strip_domain: bool = True  # DOMAIN\user -> user
     strip_realm: bool = True  # user@realm -> user
 
-    def normalize(self, raw: str) -> str:
-        """A typed name as the directory is asked for it (InvalidUsername when
-        there is no name left, or a control character in it)."""
+    def lookup_form(self, raw: str) -> str:
+        """A typed name as the directory is asked for it: NFKC, without domain or
+        realm, but not case-folded -- the directory folds case its own way, and
+        Python's folding differs from it (``İ`` folds to ``i`` + a combining dot).
+        InvalidUsername when there is no name left, or a control character in it."""
         name = unicodedata.normalize("NFKC", raw).strip()
         if self.strip_domain and "\\" in name:
             name = name.rsplit("\\", 1)[1]
         if self.strip_realm and "@" in name:
             name = name.split("@", 1)[0]
-        return self.canonical(name)
+        name = name.strip()
+        _check(name)
+        return name
+
+    def normalize(self, raw: str) -> str:
+        """A typed name as a state key (when no directory entry can tell)."""
+        return self.canonical(self.lookup_form(raw))
 
     def canonical(self, stored: str) -> str:
         """The state key of a directory entry, from its own username value.
@@ -46,9 +54,13 @@ class UsernameRules:
         name = unicodedata.normalize("NFKC", stored).strip()
         if self.lowercase:
             name = unicodedata.normalize("NFKC", name.casefold())
-        if not name or len(name) > MAX_USERNAME:
-            raise InvalidUsername("empty or too long username")
-        if any(unicodedata.category(c).startswith("C") for c in name):
-            raise InvalidUsername("control characters in username")
+        _check(name)
         return name
+
+
+def _check(name: str) -> None:
+    if not name or len(name) > MAX_USERNAME:
+        raise InvalidUsername("empty or too long username")
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise InvalidUsername("control characters in username")
 

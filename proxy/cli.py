@@ -113,7 +113,7 @@ class App:
 
         name = self.canonical(raw)
         try:
-            found = self.directory.lookup(name)
+            found = self.directory.lookup(self.usernames.lookup_form(raw))
         except DirectoryError as e:
             if self.store.get(name) is not None:
                 return name

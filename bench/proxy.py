@@ -85,6 +85,7 @@ exempt = ["{SVC_DN}"]
 mfa = "enrolled"
 separator = ","
 bind_cache_seconds = 0        # every bind takes a fresh code: no cache in the path
+max_connections_per_source = 1000   # the load generator is one address, at up to 512 connections
 """ if ldap else ""
     benches = " and ".join(n for n, on in (("radius", radius), ("ldap", ldap)) if on)
     path = workdir / "mfa-proxy.toml"

@@ -136,10 +136,14 @@ class LdapSettings:
     separator: str = ","
     bind_cache_seconds: int = 0
     allow_anonymous: bool = False
-    require_bind: bool = False
-    max_message_size: int = 1048576
+    require_bind: bool = True  # default: not allow_anonymous
+    sasl_passthrough: bool = False
+    max_message_size: int = 262144
     max_connections: int = 1000
+    max_connections_per_source: int = 64
+    max_buffered_bytes: int = 64 * 1048576
     idle_timeout: int = 600
+    unbound_timeout: float = 10.0
     username_attribute: str = "uid"
     user_base: str = ""  # MFA binds must be under it; defaults to [directory] user_base
     bind_cache_rules: tuple[tuple[str, int], ...] = ()  # (DN or suffix, seconds)
@@ -575,17 +579,32 @@ def _ldap(r: _Reader) -> LdapSettings:
     ca = r.path("ca_file")
     if ca and not ca.is_file():
         r.problem("ca_file", f"cannot read {ca}")
+    allow_anonymous = r.bool("allow_anonymous", False)
+    sasl_passthrough = r.bool("sasl_passthrough", False)
+    if sasl_passthrough:
+        r.cfg.warnings.append(
+            f"{r.key('sasl_passthrough')}: SASL binds are relayed to the directory without a "
+            "code: MFA is bypassed for whatever identity the mechanism asserts")
+    max_message_size = r.int("max_message_size", 262144, 1024, 64 * 1048576)
+    max_buffered = r.int("max_buffered_bytes", 64 * 1048576, 65536, 1 << 40)
+    if max_buffered < max_message_size:
+        r.problem("max_buffered_bytes",
+                  f"must be at least max_message_size ({max_message_size}), got {max_buffered}")
     return LdapSettings(
         listen=listen, ldaps_listen=ldaps, cert_file=cert, key_file=key, upstream=upstream,
         upstream_start_tls=r.bool("start_tls", False), ca_file=ca,
         tls_verify=r.bool("tls_verify", True), exempt=r.str_list("exempt"),
         mfa=r.str("mfa", "enrolled", MFA_MODES), separator=r.str("separator", ","),
         bind_cache_seconds=r.int("bind_cache_seconds", 0, 0, 86400),
-        allow_anonymous=r.bool("allow_anonymous", False),
-        require_bind=r.bool("require_bind", False),
-        max_message_size=r.int("max_message_size", 1048576, 1024, 64 * 1048576),
+        allow_anonymous=allow_anonymous,
+        require_bind=r.bool("require_bind", not allow_anonymous),
+        sasl_passthrough=sasl_passthrough,
+        max_message_size=max_message_size,
         max_connections=r.int("max_connections", 1000, 1, 100000),
+        max_connections_per_source=r.int("max_connections_per_source", 64, 1, 100000),
+        max_buffered_bytes=max_buffered,
         idle_timeout=r.int("idle_timeout", 600, 0, 86400),
+        unbound_timeout=r.float("unbound_timeout", 10.0, 0, 3600),
         username_attribute=r.str("username_attribute", "uid"),
         user_base=r.str("user_base"),
         bind_cache_rules=tuple(x for x in (_cache_rule(c) for c in r.tables("bind_cache_rules"))

@@ -42,6 +42,9 @@ class Metrics:
         self.ldap_forwarded = Counter(
             "mfa_proxy_ldap_forwarded", "LDAP operations forwarded upstream", ["operation"],
             registry=r)
+        self.ldap_refused = Counter(
+            "mfa_proxy_ldap_refused", "LDAP operations answered by the proxy, not forwarded",
+            ["operation", "reason"], registry=r)
         self.ldap_upstream_errors = Counter(
             "mfa_proxy_ldap_upstream_errors", "LDAP upstream errors", ["reason"], registry=r)
         self.ldap_dropped = Counter(
@@ -114,6 +117,9 @@ class LdapMetrics:
 
     def forwarded(self, op_name: str) -> None:
         self.m.ldap_forwarded.labels(op_name).inc()
+
+    def refused(self, op_name: str, reason: str) -> None:
+        self.m.ldap_refused.labels(op_name, reason).inc()
 
     def upstream_error(self, reason: str) -> None:
         self.m.ldap_upstream_errors.labels(reason).inc()

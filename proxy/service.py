@@ -248,8 +248,12 @@ class Service:
             mfa=lset.mfa, separator=lset.separator, bind_cache_seconds=lset.bind_cache_seconds,
             bind_cache_rules=tuple(BindCacheRule(dn, sec) for dn, sec in lset.bind_cache_rules),
             allow_anonymous=lset.allow_anonymous, require_bind=lset.require_bind,
+            sasl_passthrough=lset.sasl_passthrough,
             max_message_size=lset.max_message_size, max_connections=lset.max_connections,
-            idle_timeout=float(lset.idle_timeout), username_attribute=lset.username_attribute,
+            max_connections_per_source=lset.max_connections_per_source,
+            max_buffered_bytes=lset.max_buffered_bytes,
+            idle_timeout=float(lset.idle_timeout), unbound_timeout=lset.unbound_timeout,
+            username_attribute=lset.username_attribute,
             user_base=lset.user_base,
             connect_timeout=lset.connect_timeout, bind_timeout=lset.bind_timeout)
         try:

@@ -128,34 +128,35 @@ class MessageFramer:
     segments is joined once, when its last byte arrives; several messages in
     one segment come out together. A message whose header announces more
     than ``max_size`` bytes is refused as soon as the header is read.
+
+    The rest is kept in one bytearray, not as the segments it came in: a
+    peer trickling a message a byte at a time costs its bytes, not a Python
+    object per segment. ``clear()`` gives the memory back.
     """
 
-    __slots__ = ("max_size", "_pending", "_pending_size", "_need")
+    __slots__ = ("max_size", "_pending", "_need")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._pending: list[bytes] = []  # chunks of an incomplete message
-        self._pending_size = 0
+        self._pending = bytearray()  # the start of an incomplete message
         self._need = 0  # size of the incomplete message, once its header is known
 
     @property
     def buffered(self) -> int:
         """Bytes held back, waiting for the rest of a message."""
-        return self._pending_size
+        return len(self._pending)
 
     def clear(self) -> None:
-        self._pending = []
-        self._pending_size = 0
+        self._pending = bytearray()  # a new one: the old buffer is freed, not kept
         self._need = 0
 
     def feed(self, data: bytes) -> list[bytes]:
         """Raises BerError on a malformed or oversized message."""
         if self._pending:
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._need and self._pending_size < self._need:
+            self._pending += data
+            if self._need and len(self._pending) < self._need:
                 return []  # the common wait for the rest of a large message
-            data = b"".join(self._pending)
+            data = bytes(self._pending)
             self.clear()
         messages: list[bytes] = []
         pos = 0
@@ -167,9 +168,7 @@ class MessageFramer:
             messages.append(data if size == end and pos == 0 else data[pos : pos + size])
             pos += size
         if pos < end:
-            rest = data[pos:] if pos else data
-            self._pending = [rest]
-            self._pending_size = len(rest)
+            self._pending = bytearray(memoryview(data)[pos:])
             self._need = max(size, 0)
         return messages
 

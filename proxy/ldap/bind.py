@@ -83,8 +83,10 @@ def reply_for_decision(decision: Decision) -> BindReply:
             decision.reason.value,
             authenticated=True,
         )
+    # What the client is told: an unknown name reads like the account it imitates.
     code, diagnostic = _REJECTIONS.get(
-        decision.reason, (ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS)
+        decision.public_reason or decision.reason,
+        (ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS),
     )
     return refuse(code, diagnostic, decision.reason.value)
 

@@ -48,10 +48,25 @@ class LdapFrontendConfig:
     bind_cache_seconds: int = 0
     bind_cache_rules: tuple[BindCacheRule, ...] = ()
     allow_anonymous: bool = False
-    require_bind: bool = False  # refuse operations before a successful bind
-    max_message_size: int = 1024 * 1024  # bytes, per LDAPMessage from a client
+    # Refuse operations (50) before a successful bind and after a failed one.
+    # None: on unless allow_anonymous (then an application may search without binding).
+    require_bind: bool | None = None
+    # Relay SASL binds to the directory as they are. They carry no code, so this
+    # BYPASSES MFA for whatever identity the mechanism asserts (PLAIN's authcid,
+    # EXTERNAL's certificate, ...); off, every SASL bind is refused with 7.
+    sasl_passthrough: bool = False
+    # bytes, per LDAPMessage from a client: a bind or a search is a few hundred
+    # bytes; a large add or modify (a photo, a certificate) may need more.
+    max_message_size: int = 256 * 1024
     max_connections: int = 1000
+    max_connections_per_source: int = 64  # open connections from one client address
+    # Bytes of partial messages held from clients across all connections; a
+    # connection whose partial message would push past it is dropped.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     idle_timeout: float = 600.0  # seconds without traffic (0 = never)
+    # Seconds a connection may stay open before its first successful bind (0 = no
+    # limit): idle or trickling unauthenticated sockets cost an upstream connection each.
+    unbound_timeout: float = 10.0
     username_attribute: str = "uid"  # the RDN attribute that names the user
     # When set, an MFA bind's DN must lie under it (a user entry): a non-exempt DN
     # elsewhere (the rootdn, an entry named like a user in another subtree) is
@@ -70,6 +85,11 @@ class LdapFrontendConfig:
         object.__setattr__(self, "mfa", MfaMode(self.mfa))
         for key in ("listen", "ldaps_listen", "exempt", "bind_cache_rules"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+
+    @property
+    def requires_bind(self) -> bool:
+        """require_bind as set, else on unless anonymous binds are allowed."""
+        return self.require_bind if self.require_bind is not None else not self.allow_anonymous
 
     def problems(self) -> list[str]:
         """One line per invalid value, naming the key (empty when valid)."""
@@ -106,7 +126,11 @@ class LdapFrontendConfig:
             found.append("ldap.max_message_size: must be at least 64 bytes")
         if self.max_connections < 1:
             found.append("ldap.max_connections: must be at least 1")
-        for key in ("idle_timeout", "connect_timeout", "bind_timeout"):
+        if self.max_connections_per_source < 1:
+            found.append("ldap.max_connections_per_source: must be at least 1")
+        if self.max_buffered_bytes < self.max_message_size:
+            found.append("ldap.max_buffered_bytes: must be at least ldap.max_message_size")
+        for key in ("idle_timeout", "unbound_timeout", "connect_timeout", "bind_timeout"):
             if getattr(self, key) < 0:
                 found.append(f"ldap.{key}: must be 0 or more")
         if not self.username_attribute:

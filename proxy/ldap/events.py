@@ -12,24 +12,40 @@ Labels used:
       a bind-cache hit, "exempt" and "anonymous" for binds passed through,
       and for binds refused by the front-end itself: "empty_password",
       "invalid_username" (password without a name), "sasl_not_supported",
-      "anonymous_refused", "protocol_error" (not LDAPv3), "internal_error";
-      an exempt bind the directory refuses is "bad_password" (or
-      "directory_unavailable" for other result codes). ``seconds`` runs from
-      the request to the answer.
+      "anonymous_refused", "protocol_error" (not LDAPv3), "internal_error",
+      "operations_outstanding" (the bind waited ``bind_timeout`` for earlier
+      operations to finish); "sasl_passthrough" for SASL binds relayed with
+      ``sasl_passthrough = true``; an exempt bind the directory refuses is
+      "bad_password" (or "directory_unavailable" for other result codes).
+      ``seconds`` runs from the request to the answer.
   forwarded(op_name): "search", "modify", "add", "delete", "modify_dn",
       "compare", "extended", "abandon", "unbind", and "bind" for binds passed
-      through as they are (exempt, anonymous).
+      through as they are (exempt, anonymous, SASL with sasl_passthrough).
+  refused(op_name, reason): an operation answered by the proxy itself, never
+      forwarded; op_name as for forwarded, reason "bind_required" (before a
+      successful bind, or after a failed one, with require_bind).
   upstream_error(reason): "connect_failed", "connect_timeout",
       "tls_handshake", "start_tls", "connection_lost", "malformed_response",
-      "reset_failed" (the anonymous bind after a failed MFA bind).
-  dropped(reason): "malformed", "oversize", "max_connections",
-      "idle_timeout", "upstream_lost" (each closes one client connection,
-      after a Notice of Disconnection).
+      "reset_failed" (the anonymous bind after a failed bind),
+      "protocol_violation" (a response the proxy cannot have asked for: a
+      BindResponse it did not wait for, or another response with the ID of
+      its own bind in flight).
+  dropped(reason): each closes one client connection, after a Notice of
+      Disconnection: "malformed", "oversize", "idle_timeout", "upstream_lost",
+      "protocol_error" (message ID 0 or out of range), "message_id_reused" (a
+      request with the ID of one still outstanding), "bind_wait_timeout",
+      "reset_failed", "bind_timeout" (a bind abandoned mid-flight: the
+      upstream session is unknown), "upstream_protocol_violation",
+      "unbound_timeout" (no successful bind within ``unbound_timeout``),
+      "buffer_limit" (``max_buffered_bytes`` reached), "internal_error" (a bug);
+      and refused at
+      connect: "max_connections", "max_connections_per_source".
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -41,6 +57,8 @@ class LdapEvents(Protocol):
     def bind(self, result: str, reason: str, seconds: float) -> None: ...
 
     def forwarded(self, op_name: str) -> None: ...
+
+    def refused(self, op_name: str, reason: str) -> None: ...
 
     def upstream_error(self, reason: str) -> None: ...
 
@@ -60,6 +78,9 @@ class NullLdapEvents:
         pass
 
     def forwarded(self, op_name: str) -> None:
+        pass
+
+    def refused(self, op_name: str, reason: str) -> None:
         pass
 
     def upstream_error(self, reason: str) -> None:
@@ -90,6 +111,9 @@ class CountingLdapEvents:
     def forwarded(self, op_name: str) -> None:
         self.counts[("forwarded", op_name)] += 1
 
+    def refused(self, op_name: str, reason: str) -> None:
+        self.counts[("refused", op_name, reason)] += 1
+
     def upstream_error(self, reason: str) -> None:
         self.counts[("upstream_error", reason)] += 1
 
@@ -98,3 +122,28 @@ class CountingLdapEvents:
 
     def __getitem__(self, key: tuple[str, ...]) -> int:
         return self.counts[key]
+
+
+class LogLimiter:
+    """At most one log line per key per ``interval`` seconds, with bounded memory:
+    a flood of connections must not become a flood of log lines (the metrics
+    still count every event)."""
+
+    def __init__(self, clock: Callable[[], float], interval: float = 60.0,
+                 max_keys: int = 1024) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        if last is None and len(self._last) >= self._max_keys:
+            self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
+            if len(self._last) >= self._max_keys:
+                return False
+        self._last[key] = now
+        return True

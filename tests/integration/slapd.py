@@ -72,6 +72,9 @@ USERS: tuple[str, ...] = (
     "ivan", "judy", "mallory", "oscar", "peggy", "trent", "victor", "walter",
 )
 SPECIAL_USERS: tuple[str, ...] = ("st*r(x)", "zoë")
+# The one user whose userPassword is stored in cleartext: slapd checks SASL PLAIN
+# through its auxprop, which compares cleartext only (in no group).
+SASL_USER = "paula"
 GROUPS: dict[str, tuple[str, ...]] = {
     "vpn-users": ("alice", "bob", "carol"),
     "admins": ("alice",),
@@ -209,12 +212,14 @@ def _entry(dn: str, *lines: str) -> str:
     return "\n".join((_line("dn", dn), *lines)) + "\n\n"
 
 
-def _person(uid: str, cn: str, groups: list[str], description: bool) -> str:
+def _person(uid: str, cn: str, groups: list[str], description: bool,
+            cleartext: bool = False) -> str:
+    password = user_password(uid) if cleartext else ssha(user_password(uid))
     lines = [
         "objectClass: inetOrgPerson", _line("uid", uid), _line("cn", cn), _line("sn", uid),
         _line("mail", f"{uid}@example.org"),
         *([_line("description", f"secret description of {uid}")] if description else []),
-        f"userPassword: {ssha(user_password(uid))}",
+        f"userPassword: {password}",
         *(f"memberOf: {g}" for g in groups),
     ]
     return _entry(user_dn(uid), *lines)
@@ -241,6 +246,7 @@ def build_ldif(extra_users: int = 0) -> str:
     ))
     for name in USERS + SPECIAL_USERS:
         parts.append(_person(name, name, memberships.get(name, []), description=True))
+    parts.append(_person(SASL_USER, SASL_USER, [], description=True, cleartext=True))
     for i in range(1, extra_users + 1):
         uid = f"user{i:05d}"
         parts.append(_person(uid, f"User {i:05d}", memberships.get(uid, []), description=False))
@@ -271,6 +277,10 @@ password-hash   {{SSHA}}
 TLSCACertificateFile  {ca}
 TLSCertificateFile    {cert}
 TLSCertificateKeyFile {key}
+# SASL PLAIN against userPassword, for the tests that prove the proxy refuses
+# (or, when configured to, passes) SASL binds: authcid "NAME" is uid=NAME.
+sasl-secprops   none
+authz-regexp    "^uid=([^,]+)(,cn=[^,]+)*,cn=auth$" "uid=$1,ou=people,{BASE_DN}"
 
 database        mdb
 maxsize         268435456

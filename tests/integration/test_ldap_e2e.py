@@ -42,8 +42,10 @@ import pyotp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.ldapwire import RawSession, raw_search, result_code, sasl_plain_bind
 from tests.integration.slapd import (
     BASE_DN,
+    SASL_USER,
     Slapd,
     free_port,
     make_ca,
@@ -673,6 +675,41 @@ def test_sasl_bind_is_7(proxy: ProxyProcess) -> None:
     assert proxy.show("alice")["failures"] == 0
 
 
+def test_sasl_plain_naming_the_exempt_dn_does_not_bypass_mfa(
+        proxy: ProxyProcess, slapd: Slapd, codes: Codes) -> None:
+    """The attack: a SASL PLAIN bind whose (ignored) name is the exempt service DN
+    and whose credentials are ``\\0user\\0password`` was relayed, and slapd
+    authenticated the user without a code."""
+    user, dn = SASL_USER, user_dn(SASL_USER)
+    proxy.ok("user", "enroll", user, "--secret", codes.new_secret(user))
+    attack = sasl_plain_bind(1, slapd.svc_dn, user, user_password(user))
+    with RawSession(slapd.port) as direct:  # slapd itself takes it: the attack is real
+        direct.send(attack)
+        assert result_code(direct.final([1])[1]) == 0
+        assert direct.whoami(2) == f"dn:{dn}"
+    before = proxy.metrics().requests("ldap", "reject", "sasl_not_supported")
+    with RawSession(proxy.ldap_port) as through:
+        through.send(attack)
+        bind_response = through.final([1])[1]
+        assert result_code(bind_response) == 7  # authMethodNotSupported
+        through.send(raw_search(2, dn))
+        assert result_code(through.final([2])[2]) == 50  # nothing is bound: bind required
+        assert through.whoami(3) is None
+    assert proxy.metrics().requests("ldap", "reject", "sasl_not_supported") == before + 1
+    # she is enrolled: her password alone is not enough either, and with the code it is
+    assert_refused(whoami(proxy.url, dn, user_password(user)), 49, "invalid credentials")
+    assert_whoami(whoami(proxy.url, dn, f"{user_password(user)},{codes.fresh(user)}"), dn)
+
+
+def test_operations_before_a_bind_are_refused(proxy: ProxyProcess) -> None:
+    labels = {"operation": "search", "reason": "bind_required"}
+    before = proxy.metrics().get("mfa_proxy_ldap_refused_total", **labels)
+    with RawSession(proxy.ldap_port) as session:
+        session.send(raw_search(1, user_dn("alice")))
+        assert result_code(session.final([1])[1]) == 50
+    assert proxy.metrics().get("mfa_proxy_ldap_refused_total", **labels) == before + 1
+
+
 def test_exempt_service_account_binds_with_the_password_only(
         proxy: ProxyProcess, slapd: Slapd) -> None:
     before = proxy.metrics().requests("ldap", "accept", "exempt")
@@ -721,15 +758,20 @@ def test_search_through_the_proxy_is_identical_to_slapd(
     assert through.stdout.count("dn: uid=user0") == 500  # slapd's size limit, both ways
 
 
-def test_failed_mfa_bind_leaves_the_connection_anonymous(
-        proxy: ProxyProcess, codes: Codes) -> None:
+def test_failed_mfa_bind_leaves_nothing_usable(proxy: ProxyProcess, codes: Codes) -> None:
+    """After a failed bind every operation is refused (require_bind, on by default);
+    that the directory session is anonymous too is tested with require_bind off in
+    test_ldap_frontend.py."""
     dn = user_dn("mallory")
 
-    def description(connection: ldap3.Connection) -> list[str]:
-        assert connection.search(dn, "(objectClass=*)", ldap3.BASE,
-                                 attributes=["cn", "description"]), connection.result
+    def description(connection: ldap3.Connection) -> list[str] | None:
+        """Her description, or None when the search is refused."""
+        if not connection.search(dn, "(objectClass=*)", ldap3.BASE,
+                                 attributes=["cn", "description"]):
+            assert connection.result["result"] == 50, connection.result  # bind required
+            return None
         (entry,) = connection.response
-        assert entry["attributes"]["cn"] == ["mallory"]  # the search itself works
+        assert entry["attributes"]["cn"] == ["mallory"]
         return list(entry["attributes"].get("description") or [])
 
     connection = ldap3_connection(proxy.url, dn, f"mallory-pw,{codes.wrong('mallory')}")
@@ -737,15 +779,16 @@ def test_failed_mfa_bind_leaves_the_connection_anonymous(
         connection.open()
         assert not connection.bind()
         assert connection.result["result"] == 49
-        assert description(connection) == []  # anonymous rights only
-        assert connection.extend.standard.who_am_i() in (None, "")
+        assert description(connection) is None
+        assert connection.extend.standard.who_am_i() is None
         assert connection.rebind(dn, f"mallory-pw,{codes.fresh('mallory')}"), connection.result
         assert description(connection) == ["secret description of mallory"]
         assert connection.extend.standard.who_am_i() == f"dn:{dn}"
         # a failed bind after a good one ends that identity, on the same connection
         assert not connection.rebind(dn, f"mallory-pw,{codes.wrong('mallory')}")
         assert connection.result["result"] == 49
-        assert description(connection) == []
+        assert description(connection) is None
+        assert connection.extend.standard.who_am_i() is None
     finally:
         connection.unbind()
 

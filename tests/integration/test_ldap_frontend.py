@@ -8,6 +8,7 @@ product's directory client; alice, bob, carol and dave enrolled).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
@@ -20,6 +21,8 @@ from typing import Any
 
 import ldap3
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from twisted.internet.threads import blockingCallFromThread
 
 from proxy.ldap import ber
@@ -27,12 +30,15 @@ from proxy.ldap.config import LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory
 from proxy.ldap.transport import _idle_plain_tcp
+from tests.integration.ldapwire import RawSession, authz_id, raw_search, sasl_plain_bind
 from tests.integration.slapd import (
     BASE_DN,
+    SASL_USER,
     Slapd,
     make_ca,
     make_server_cert,
     user_dn,
+    user_password,
 )
 from tests.integration.test_ldap_backend import options_for
 from tests.unit.test_ldap_frontend_fakes import RealCore
@@ -99,7 +105,7 @@ class Proxy:
 def start_proxy(twisted_reactor: Any, proxy_tls: ProxyTls) -> Iterator[Any]:
     started: list[Proxy] = []
 
-    def start(slapd: Slapd, **settings: Any) -> Proxy:
+    def start(slapd: Slapd, max_failures: int = 5, **settings: Any) -> Proxy:
         config = replace(
             LdapFrontendConfig(
                 listen=("127.0.0.1:0",),
@@ -118,7 +124,7 @@ def start_proxy(twisted_reactor: Any, proxy_tls: ProxyTls) -> Iterator[Any]:
             from backends.ldap_async import AsyncLdapDirectory
 
             directory = AsyncLdapDirectory(options_for(slapd), twisted_reactor)
-            core = RealCore(directory)
+            core = RealCore(directory, max_failures=max_failures)
             factory = LdapProxyFactory(config, core, events=events, reactor=twisted_reactor)
             return Proxy(twisted_reactor, factory, factory.listen(), core, events)
 
@@ -210,7 +216,8 @@ def test_wrong_code_missing_code_or_wrong_password_is_49(proxy: Proxy, password:
     assert "invalid credentials" in result.stderr
 
 
-def test_failed_mfa_bind_leaves_only_anonymous_rights(proxy: Proxy) -> None:
+def test_failed_mfa_bind_leaves_only_anonymous_rights(slapd: Slapd, start_proxy: Any) -> None:
+    proxy = start_proxy(slapd, require_bind=False)  # to see what the directory session is
     server = ldap3.Server(proxy.url, get_info=ldap3.NONE)
 
     def description_seen(connection: ldap3.Connection) -> bool:
@@ -532,9 +539,10 @@ def test_user_changes_own_password_through_the_proxy(slapd_fresh: Slapd, start_p
     assert whoami(slapd_fresh.url, dave, "dave-new").returncode == 0
 
 
-def test_plain_tcp_writes_take_the_fast_path(proxy: Proxy) -> None:
+def test_plain_tcp_writes_take_the_fast_path(slapd: Slapd, start_proxy: Any) -> None:
     """write_now() relies on Twisted's tcp.Connection internals: prove they are still there
     (if not, writes silently fall back to the queued path and the proxy gets slower)."""
+    proxy = start_proxy(slapd, require_bind=False)  # the WhoAmI below goes upstream
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         sock.sendall(ber.encode_extended_request(1, ber.WHO_AM_I_OID))
         assert ber.decode_result(sock.recv(4096)).code == 0
@@ -548,3 +556,314 @@ def test_plain_tcp_writes_take_the_fast_path(proxy: Proxy) -> None:
             return found
 
         assert blockingCallFromThread(proxy.reactor, check) == [True, True]
+
+
+# ---------------------------------------------------------------- attacks: message IDs
+
+UNKNOWN_OID = b"1.3.6.1.4.1.99999.1"  # no such extended operation: slapd answers protocolError
+
+
+def alice_search(message_id: int) -> bytes:
+    return raw_search(message_id, ALICE)
+
+BIND_PASSWORDS = {
+    "bind_good": "",  # a fresh code from the proxy's core, when encoded
+    "bind_wrong_code": "alice-pw,000000",
+    "bind_no_code": "alice-pw",
+    "bind_wrong_password": "nope,123456",
+}
+FORWARDED_KINDS = ("search", "whoami", "unknown_extended")
+KINDS = (*FORWARDED_KINDS, *BIND_PASSWORDS, "abandon")
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    message_id: int
+    target: int = 1  # what an abandon abandons
+
+    @property
+    def answered(self) -> bool:
+        return self.kind != "abandon"
+
+    def encode(self, core: RealCore) -> bytes:
+        if self.kind == "search":
+            return alice_search(self.message_id)
+        if self.kind == "whoami":
+            return ber.encode_extended_request(self.message_id, ber.WHO_AM_I_OID)
+        if self.kind == "unknown_extended":
+            return ber.encode_extended_request(self.message_id, UNKNOWN_OID)
+        if self.kind == "abandon":
+            return ber.message(self.message_id, ber.integer(self.target, ber.ABANDON_REQUEST))
+        credential = core.good() if self.kind == "bind_good" else BIND_PASSWORDS[self.kind]
+        return ber.encode_bind_request(self.message_id, ALICE, credential.encode())
+
+
+def reuses_an_outstanding_id(segment: list[Op]) -> bool:
+    """Within one segment nothing has been answered yet when a later message is
+    read: an ID taken by an earlier request that gets an answer is still in use."""
+    taken: set[int] = set()
+    for op in segment:
+        if op.message_id in taken:
+            return True
+        if op.answered:
+            taken.add(op.message_id)
+    return False
+
+
+def abandoned_in(segment: list[Op], index: int) -> bool:
+    """A forwarded request that a later abandon in its segment may have stopped."""
+    op = segment[index]
+    later = segment[index + 1 :]
+    return op.kind in FORWARDED_KINDS and any(
+        other.kind == "abandon" and other.target == op.message_id for other in later
+    )
+
+
+FINAL_WHOAMI_ID = 1000  # never used by the random operations (IDs 1-4)
+ops = st.builds(
+    Op, st.sampled_from(KINDS), st.integers(min_value=1, max_value=4), st.integers(1, 4)
+)
+
+
+@pytest.fixture
+def sequencing_proxy(slapd: Slapd, start_proxy: Any) -> Proxy:
+    # require_bind off: the WhoAmI at the end shows what the directory session is,
+    # not only that the proxy refuses to ask.
+    # A core that never locks: the model can tell what password and code give.
+    return start_proxy(  # type: ignore[no-any-return]
+        slapd, require_bind=False, unbound_timeout=0, max_failures=10**9)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(segments=st.lists(st.lists(ops, min_size=1, max_size=5), min_size=1, max_size=3))
+@example(segments=[[Op("unknown_extended", 2), Op("bind_wrong_code", 2)]])  # the 1-in-4 attack
+@example(segments=[[Op("whoami", 3), Op("bind_wrong_password", 3)]])
+@example(segments=[[Op("bind_good", 1)], [Op("unknown_extended", 2), Op("bind_wrong_code", 2)]])
+@example(segments=[[Op("bind_good", 1), Op("bind_wrong_code", 2), Op("whoami", 3)]])
+@example(segments=[[Op("search", 1), Op("abandon", 2, 1), Op("bind_wrong_code", 1)]])
+def test_random_interleavings_never_leave_the_session_bound_without_a_code(
+    sequencing_proxy: Proxy, segments: list[list[Op]]
+) -> None:
+    """Against the real slapd: searches, WhoAmI, unknown extended operations, binds
+    with right and wrong passwords and codes, abandons, with colliding message IDs,
+    in one or several segments. A WhoAmI never shows alice unless the last bind
+    before it had her password and a valid code, and a reused outstanding ID
+    always ends the session."""
+    certain = True  # no abandon has made an answer (and so an ID's state) unknown
+    last_bind: Op | None = None
+    with RawSession(sequencing_proxy.port) as session:
+        for segment in segments:
+            session.send(b"".join(op.encode(sequencing_proxy.core) for op in segment))
+            if reuses_an_outstanding_id(segment):
+                session.wait_closed()
+                assert session.notice is not None
+                assert session.notice.code == ber.ResultCode.PROTOCOL_ERROR
+                return
+            waited = [
+                op.message_id
+                for i, op in enumerate(segment)
+                if op.answered and not abandoned_in(segment, i)
+            ]
+            certain = certain and len(waited) == sum(op.answered for op in segment)
+            answers = session.final(waited)
+            for op in segment:
+                if op.kind in BIND_PASSWORDS:
+                    last_bind = op
+                elif op.kind == "whoami" and certain and op.message_id in answers:
+                    expected = f"dn:{ALICE}" if last_bind and last_bind.kind == "bind_good" else ""
+                    assert authz_id(answers[op.message_id]) == expected, (op, last_bind)
+            if session.closed:
+                assert not certain, f"closed without a reused ID: {session.notice}"
+                return
+        seen = session.whoami(FINAL_WHOAMI_ID)
+        if seen == f"dn:{ALICE}":
+            assert last_bind is not None and last_bind.kind == "bind_good", last_bind
+        if certain:
+            good = last_bind is not None and last_bind.kind == "bind_good"
+            assert seen == (f"dn:{ALICE}" if good else "")
+
+
+@pytest.mark.parametrize("attempt", range(8))  # the review's attack succeeded 1 time in 4
+def test_attack_unknown_extended_op_then_bind_with_the_same_id(
+    sequencing_proxy: Proxy, attempt: int
+) -> None:
+    with RawSession(sequencing_proxy.port) as session:
+        session.send(
+            ber.encode_extended_request(5, UNKNOWN_OID)
+            + ber.encode_bind_request(5, ALICE, b"alice-pw,000000")
+        )
+        session.wait_closed()
+        assert session.notice is not None
+        assert session.notice.code == ber.ResultCode.PROTOCOL_ERROR
+        ids_and_tags = [ber.peek_id_and_tag(m) for m in session.received]
+        assert (5, ber.BIND_RESPONSE) not in ids_and_tags  # not even a failure relayed
+    assert sequencing_proxy.events[("dropped", "message_id_reused")] == 1
+
+
+def test_attack_whoami_and_wrong_password_bind_with_the_same_id(sequencing_proxy: Proxy) -> None:
+    with RawSession(sequencing_proxy.port) as session:
+        session.send(
+            ber.encode_bind_request(1, ALICE, sequencing_proxy.core.good().encode())
+            + ber.encode_extended_request(7, ber.WHO_AM_I_OID)
+            + ber.encode_bind_request(7, ALICE, b"nope,123456")
+        )
+        session.wait_closed()
+        assert session.notice is not None
+        assert session.notice.code == ber.ResultCode.PROTOCOL_ERROR
+        assert all(ber.peek(m).op_tag != ber.BIND_RESPONSE for m in session.received)
+
+
+def test_a_wrong_bind_after_a_good_one_leaves_the_directory_session_anonymous(
+    sequencing_proxy: Proxy,
+) -> None:
+    with RawSession(sequencing_proxy.port) as session:
+        session.send(
+            ber.encode_bind_request(1, ALICE, sequencing_proxy.core.good().encode())
+            + alice_search(2)
+            + ber.encode_bind_request(3, ALICE, b"alice-pw,000000")
+        )
+        answers = session.final([1, 2, 3])
+        assert [ber.decode_result(answers[i]).code for i in (1, 2, 3)] == [0, 0, 49]
+        assert session.whoami(4) == ""  # the directory says: anonymous
+
+
+# ---------------------------------------------------------------- attacks: SASL
+
+
+def test_sasl_plain_works_against_slapd_itself(slapd: Slapd) -> None:
+    """The precondition of the SASL attack: the directory authenticates PLAIN."""
+    with RawSession(slapd.port) as session:
+        session.send(sasl_plain_bind(1, "", SASL_USER, user_password(SASL_USER)))
+        assert ber.decode_result(session.final([1])[1]).code == 0
+        assert session.whoami(2) == f"dn:{user_dn(SASL_USER)}"
+
+
+@pytest.mark.parametrize("name", ["exempt", "user", "empty"])
+def test_sasl_plain_is_refused_whatever_the_bind_name(
+    slapd: Slapd, sequencing_proxy: Proxy, name: str
+) -> None:
+    bind_name = {"exempt": slapd.svc_dn, "user": ALICE, "empty": ""}[name]
+    with RawSession(sequencing_proxy.port) as session:
+        session.send(sasl_plain_bind(1, bind_name, SASL_USER, user_password(SASL_USER)))
+        assert ber.decode_result(session.final([1])[1]).code == 7
+        assert session.whoami(2) == ""  # nothing was bound
+    assert sequencing_proxy.events[("bind", "reject", "sasl_not_supported")] == 1
+    assert sequencing_proxy.core.requests == []
+
+
+def test_sasl_passthrough_relays_sasl_and_so_bypasses_mfa(slapd: Slapd, start_proxy: Any) -> None:
+    proxy = start_proxy(slapd, sasl_passthrough=True)
+    with RawSession(proxy.port) as session:
+        session.send(sasl_plain_bind(1, slapd.svc_dn, SASL_USER, user_password(SASL_USER)))
+        assert ber.decode_result(session.final([1])[1]).code == 0
+        assert session.whoami(2) == f"dn:{user_dn(SASL_USER)}"  # no code asked: as documented
+    assert proxy.events[("bind", "accept", "sasl_passthrough")] == 1
+
+
+# ---------------------------------------------------------------- operations before a bind
+
+
+def test_operations_before_any_bind_are_refused_and_not_forwarded(proxy: Proxy) -> None:
+    with RawSession(proxy.port) as session:
+        session.send(alice_search(1) + ber.encode_extended_request(2, ber.WHO_AM_I_OID))
+        answers = session.final([1, 2])
+        assert [ber.decode_result(answers[i]).code for i in (1, 2)] == [50, 50]
+        assert ber.peek_id_and_tag(answers[1]) == (1, ber.SEARCH_RESULT_DONE)
+    assert proxy.events[("forwarded", "search")] == 0
+    assert proxy.events[("forwarded", "extended")] == 0
+    assert proxy.events[("refused", "search", "bind_required")] == 1
+
+
+@pytest.mark.parametrize("password", ["alice-pw,000000", "nope,123456"])
+def test_operations_after_a_failed_bind_are_refused(proxy: Proxy, password: str) -> None:
+    with RawSession(proxy.port) as session:
+        session.send(
+            ber.encode_bind_request(1, ALICE, proxy.core.good().encode())
+            + ber.encode_bind_request(2, ALICE, password.encode())
+            + alice_search(3)
+        )
+        answers = session.final([1, 2, 3])
+        assert [ber.decode_result(answers[i]).code for i in (1, 2, 3)] == [0, 49, 50]
+        assert session.whoami(4) is None  # refused too (50)
+    assert proxy.events[("forwarded", "search")] == 0
+
+
+# ---------------------------------------------------------------- resource exhaustion
+
+
+def bind_and_search(proxy: Proxy, source: str) -> None:
+    """A legitimate client: bind with password and code, search, unbind."""
+    with RawSession(proxy.port, source) as session:
+        session.send(ber.encode_bind_request(1, ALICE, proxy.core.good().encode()))
+        answers = session.final([1])
+        assert 1 in answers, f"closed: {session.notice}"
+        assert ber.decode_result(answers[1]).code == 0
+        session.send(alice_search(2))
+        done = session.final([2])[2]
+        assert ber.decode_result(done).code == 0
+        assert any(ber.peek(m).op_tag == ber.SEARCH_RESULT_ENTRY for m in session.received)
+        session.send(UNBIND)
+
+
+def wait_for(what: str, check: Any, seconds: float = 20.0) -> None:
+    """Poll until check() is true: bounded, and no assertion on how long it took."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def test_a_flood_of_idle_and_partial_connections_leaves_room_for_others(
+    slapd: Slapd, start_proxy: Any
+) -> None:
+    """200 idle sockets from 127.0.0.1 and 50 connections each trickling all but
+    the last byte of a 200 KiB message from 127.0.0.3, while a client from
+    127.0.0.2 keeps binding and searching."""
+    proxy = start_proxy(
+        slapd, unbound_timeout=2, max_buffered_bytes=4 * 1024 * 1024, idle_timeout=0
+    )
+    announced = raw_search(9, "x" * (200 * 1024))  # a 200 KiB search request
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            flood.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
+        bind_and_search(proxy, "127.0.0.2")
+        slow = [
+            socket.create_connection(
+                ("127.0.0.1", proxy.port), timeout=10, source_address=("127.0.0.3", 0)
+            )
+            for _ in range(50)
+        ]
+        flood += slow
+        for start in range(0, len(announced) - 1, 64 * 1024):  # round robin, chunk by chunk
+            for sock in slow:
+                with contextlib.suppress(OSError):  # dropped ones are closed under us
+                    sock.sendall(announced[start : min(start + 64 * 1024, len(announced) - 1)])
+            bind_and_search(proxy, "127.0.0.2")
+        events = proxy.events
+        assert events[("dropped", "max_connections_per_source")] >= 1
+        wait_for("a partial message over the buffer cap dropped",
+                 lambda: events[("dropped", "buffer_limit")] >= 1)
+        buffered = blockingCallFromThread(proxy.reactor, lambda: proxy.factory.buffered_bytes)
+        assert buffered <= 4 * 1024 * 1024
+        wait_for("the idle ones closed", lambda: events[("dropped", "unbound_timeout")] >= 64)
+        bind_and_search(proxy, "127.0.0.2")
+    finally:
+        for sock in flood:
+            sock.close()
+
+    def settled() -> bool:
+        state = blockingCallFromThread(
+            proxy.reactor,
+            lambda: (len(proxy.factory.connections), proxy.factory.buffered_bytes,
+                     dict(proxy.factory.sources)),
+        )
+        return bool(state == (0, 0, {}))
+
+    wait_for("every flood connection gone, and its memory with it", settled)
+    bind_and_search(proxy, "127.0.0.2")

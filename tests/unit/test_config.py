@@ -521,3 +521,71 @@ def test_logging_decisions(tmp_path: Path) -> None:
     assert (s.log_level, s.log_decisions) == ("debug", "all")
     found = problems(tmp_path, BASE + '\n[logging]\ndecisions = "accepts"\n')
     assert len(found) == 1 and found[0].startswith("logging.decisions")
+
+
+LDAP = BASE + '\n[ldap]\nupstream = "ldap://127.0.0.1:389"\n'
+
+
+def test_ldap_hardening_defaults(tmp_path: Path) -> None:
+    s = load(write(tmp_path, LDAP))
+    assert s.ldap is not None
+    assert s.ldap.require_bind is True and s.ldap.sasl_passthrough is False
+    assert s.ldap.max_message_size == 256 * 1024
+    assert s.ldap.max_connections_per_source == 64
+    assert s.ldap.max_buffered_bytes == 64 * 1024 * 1024
+    assert s.ldap.unbound_timeout == 10.0
+    assert s.warnings == ()
+
+
+def test_ldap_require_bind_defaults_off_only_with_allow_anonymous(tmp_path: Path) -> None:
+    s = load(write(tmp_path, LDAP + "allow_anonymous = true\n"))
+    assert s.ldap is not None and s.ldap.require_bind is False
+    s = load(write(tmp_path, LDAP + "allow_anonymous = true\nrequire_bind = true\n"))
+    assert s.ldap is not None and s.ldap.require_bind is True
+    s = load(write(tmp_path, LDAP + "require_bind = false\n"))
+    assert s.ldap is not None and s.ldap.require_bind is False
+
+
+def test_ldap_sasl_passthrough_loads_with_a_warning(tmp_path: Path) -> None:
+    s = load(write(tmp_path, LDAP + "sasl_passthrough = true\n"))
+    assert s.ldap is not None and s.ldap.sasl_passthrough is True
+    (warning,) = s.warnings
+    assert warning.startswith("ldap.sasl_passthrough:") and "MFA is bypassed" in warning
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ("max_connections_per_source = 0",
+     "ldap.max_connections_per_source: must be between 1 and 100000, got 0"),
+    ('max_connections_per_source = "64"',
+     "ldap.max_connections_per_source: expected an integer, got string '64'"),
+    ("unbound_timeout = -1", "ldap.unbound_timeout: must be between 0 and 3600, got -1"),
+    ("unbound_timeout = true", "ldap.unbound_timeout: expected a number, got boolean True"),
+    ("max_buffered_bytes = 1024", "ldap.max_buffered_bytes: must be between 65536 and"),
+    ("max_buffered_bytes = 100000",
+     "ldap.max_buffered_bytes: must be at least max_message_size (262144), got 100000"),
+    ("max_message_size = 100", "ldap.max_message_size: must be between 1024 and"),
+    ('sasl_passthrough = "yes"', "ldap.sasl_passthrough: expected true or false, got string"),
+])
+def test_ldap_hardening_keys_are_checked(tmp_path: Path, snippet: str, message: str) -> None:
+    found = problems(tmp_path, LDAP + snippet + "\n")
+    assert len(found) == 1 and found[0].startswith(message), found
+
+
+def test_ldap_section_passes_the_front_end_checks_too(tmp_path: Path) -> None:
+    """What check-config accepts, the front-end accepts (serve builds it from these)."""
+    from proxy.ldap.config import LdapFrontendConfig
+
+    s = load(write(tmp_path, LDAP + "max_message_size = 65536\nmax_buffered_bytes = 65536\n"))
+    assert s.ldap is not None
+    config = LdapFrontendConfig(
+        upstream=s.ldap.upstream, max_message_size=s.ldap.max_message_size,
+        max_buffered_bytes=s.ldap.max_buffered_bytes,
+        max_connections_per_source=s.ldap.max_connections_per_source,
+        unbound_timeout=s.ldap.unbound_timeout, require_bind=s.ldap.require_bind)
+    assert config.problems() == []
+    assert LdapFrontendConfig(max_connections_per_source=0, unbound_timeout=-1,
+                              max_buffered_bytes=10).problems() == [
+        "ldap.max_connections_per_source: must be at least 1",
+        "ldap.max_buffered_bytes: must be at least ldap.max_message_size",
+        "ldap.unbound_timeout: must be 0 or more",
+    ]

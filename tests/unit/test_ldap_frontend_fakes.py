@@ -30,7 +30,9 @@ BASE = "dc=example,dc=org"
 PEOPLE = f"ou=people,{BASE}"
 USERS = ("alice", "bob", "carol", "dave")
 T0 = 1_700_000_015.0
-PARAMS = TotpParams()
+# A wide window: a test may take several fresh codes before the core decides any
+# (a pipelined segment); each is for a later time step than the one before.
+PARAMS = TotpParams(window=10)
 
 
 def user_dn(name: str) -> str:
@@ -125,9 +127,10 @@ class RealCore:
                               self.keys.current)
 
     def code(self, name: str = "alice") -> str:
-        code = code_for_step(self.secrets[name], PARAMS.step_at(self.clock()), PARAMS)
+        """A code of a time step after every one handed out before (the clock
+        moves one step first), so it is fresh even if earlier ones are used."""
         self.clock.t += PARAMS.period
-        return code
+        return code_for_step(self.secrets[name], PARAMS.step_at(self.clock()), PARAMS)
 
     def good(self, name: str = "alice") -> str:
         return f"{name}-pw,{self.code(name)}"

@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from policy.decision import MfaMode, Reason
+from backends.base import Identity
+from policy.decision import Decision, MfaMode, Outcome, Reason
 from proxy.ldap import ber
 from proxy.ldap.ber import ResultCode
 from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
@@ -109,6 +110,10 @@ class FakeDirectory:
 
     def _bind_code(self, message: bytes) -> int:
         request = ber.decode_bind_request(message)
+        if request.sasl_mechanism == "PLAIN":  # authzid NUL authcid NUL password
+            _, authcid, secret = (request.sasl_credentials or b"\0\0").split(b"\0", 2)
+            dn = f"uid={authcid.decode()},ou=people,{BASE}"
+            return 0 if PASSWORDS.get(dn) == secret else 49
         password = request.password or b""
         if password in self.bind_results:
             return self.bind_results[password]
@@ -129,7 +134,9 @@ def entry(message_id: int, number: int) -> bytes:
     return ber.message(message_id, ber.tlv(ber.SEARCH_RESULT_ENTRY, body))
 
 
-def search(message_id: int) -> bytes:
+def search(message_id: int, size: int = 0) -> bytes:
+    """A subtree search under BASE; ``size``: padded with attribute names to about that."""
+    attributes = b"".join(ber.tlv(0x04, b"a" * 50) for _ in range(size // 52))
     body = (
         ber.tlv(0x04, BASE.encode())
         + ber.integer(2, ber.ENUMERATED)
@@ -138,7 +145,7 @@ def search(message_id: int) -> bytes:
         + ber.integer(0)
         + b"\x01\x01\x00"
         + ber.tlv(0x87, b"objectClass")
-        + ber.tlv(0x30, b"")
+        + ber.tlv(0x30, attributes)
     )
     return ber.message(message_id, ber.tlv(ber.SEARCH_REQUEST, body))
 
@@ -203,7 +210,9 @@ def make(core: RealCore | None = None, **settings: Any) -> Harness:
     a core costs a database)."""
     directory = settings.pop("directory", None) or FakeDirectory()
     config = replace(
-        LdapFrontendConfig(upstream="ldap://127.0.0.1:389", exempt=(SVC,), idle_timeout=0),
+        LdapFrontendConfig(
+            upstream="ldap://127.0.0.1:389", exempt=(SVC,), idle_timeout=0, unbound_timeout=0
+        ),
         **settings,
     )
     if core is None:
@@ -279,17 +288,45 @@ def test_a_failed_bind_after_a_success_resets_the_session_before_answering() -> 
     assert not client.closed
 
 
-def test_failed_reset_closes_both_connections() -> None:
+def test_after_a_session_bind_every_failure_is_followed_by_one_reset() -> None:
+    """Conservative: once a bind went upstream, only a successful anonymous bind
+    makes the session count as anonymous again."""
+    h = make()
+    client = h.client()
+    client.bind(ALICE, h.core.good())
+    assert client.result().code == 0
+    client.bind(ALICE, "nope,123456")
+    assert client.result().code == 49
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]
+    client.bind(ALICE, "")  # refused locally (53): the reset held, no second one
+    assert client.result().code == 53
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]
+
+
+def test_a_refusal_on_a_fresh_connection_needs_no_reset() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, "")
+    assert client.result().code == 53
+    client.bind(ALICE, "nope,123456")  # the core refuses: nothing went upstream
+    assert client.result().code == 49
+    assert h.directory.binds == []
+
+
+def test_failed_reset_closes_both_connections_without_answering_the_bind() -> None:
     h = make(directory=FakeDirectory(bind_results={b"": 52}))
     client = h.client()
     client.bind(ALICE, h.core.good())
     client.responses()
     client.bind(ALICE, "alice-pw,000000")
-    responses = client.responses()
-    assert ber.decode_result(responses[0]).code == 49
-    assert ber.peek(responses[1]).message_id == 0  # Notice of Disconnection
+    (notice,) = client.responses()  # no BindResponse: the session may still be alice's
+    assert ber.peek(notice).message_id == 0
+    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
     assert client.closed
+    assert h.directory.connections[0].transport.disconnecting
     assert h.events[("upstream_error", "reset_failed")] == 1
+    assert h.events[("dropped", "reset_failed")] == 1
+    assert h.events[("bind", "reject", "bad_code")] == 1
 
 
 def test_a_new_bind_after_success_that_fails_leaves_the_session_anonymous() -> None:
@@ -300,8 +337,6 @@ def test_a_new_bind_after_success_that_fails_leaves_the_session_anonymous() -> N
     client.bind(BOB, "wrong,123456")
     assert client.result().code == 49
     assert h.directory.bind_passwords() == [b"alice-pw", b""]  # alice's session reset
-    client.search()
-    assert len(client.responses()) == 4
 
 
 def test_failed_bind_after_a_success_resets_even_a_local_refusal() -> None:
@@ -419,23 +454,44 @@ def test_empty_password_is_unwilling_to_perform_without_going_upstream() -> None
     assert h.directory.binds == [] and h.core.requests == []
 
 
-def test_sasl_is_refused_for_users() -> None:
+def sasl_bind(message_id: int, name: str, mechanism: bytes, credentials: bytes | None) -> bytes:
+    sasl = ber.tlv(0x04, mechanism)
+    if credentials is not None:
+        sasl += ber.tlv(0x04, credentials)
+    body = ber.integer(3) + ber.tlv(0x04, name.encode()) + ber.tlv(0xA3, sasl)
+    return ber.message(message_id, ber.tlv(ber.BIND_REQUEST, body))
+
+
+@pytest.mark.parametrize("name", [ALICE, SVC, ""])
+def test_sasl_is_refused_whatever_the_bind_name(name: str) -> None:
+    """The attack: PLAIN names its own identity; an exempt bind name must not carry it."""
     h = make()
     client = h.client()
-    body = ber.integer(3) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0xA3, ber.tlv(0x04, b"PLAIN"))
-    client.send(ber.message(2, ber.tlv(ber.BIND_REQUEST, body)))
+    client.send(sasl_bind(2, name, b"PLAIN", b"\0alice\0alice-pw"))
     assert client.result().code == 7
-    assert h.directory.binds == []
+    assert h.directory.requests == []
+    assert h.events[("bind", "reject", "sasl_not_supported")] == 1
 
 
-def test_sasl_for_exempt_is_forwarded() -> None:
+def test_sasl_after_a_successful_bind_is_refused_and_resets_the_session() -> None:
     h = make()
     client = h.client()
-    body = ber.integer(3) + ber.tlv(0x04, SVC.encode()) + ber.tlv(0xA3, ber.tlv(0x04, b"PLAIN"))
-    message = ber.message(2, ber.tlv(ber.BIND_REQUEST, body))
-    client.send(message)
+    client.bind(ALICE, h.core.good())
     client.responses()
-    assert message in h.directory.requests
+    client.send(sasl_bind(20, SVC, b"PLAIN", b"\0bob\0bob-pw"))
+    assert client.result().code == 7
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]
+
+
+def test_sasl_passthrough_relays_the_bind_as_it_is() -> None:
+    h = make(sasl_passthrough=True)
+    client = h.client()
+    message = sasl_bind(2, "", b"PLAIN", b"\0alice\0alice-pw")
+    client.send(message)
+    assert client.result().code == 0  # the fake directory accepts it
+    assert h.directory.requests == [message]
+    assert h.events[("bind", "accept", "sasl_passthrough")] == 1
+    assert h.core.requests == []  # no MFA: that is what the option says
 
 
 def test_anonymous_bind_refused_unless_allowed() -> None:
@@ -456,7 +512,7 @@ def test_exempt_bind_is_forwarded_byte_for_byte() -> None:
     client = h.client()
     message = ber.encode_bind_request(9, "CN=svc, OU=services, DC=example, DC=org", b"svc-secret")
     client.send(message)
-    assert h.directory.requests == [message]  # as sent, spelling and all
+    assert h.directory.requests[0] == message  # as sent, spelling and all
     client.responses()
     h2 = make()
     other = h2.client()
@@ -486,7 +542,7 @@ def test_ldapv2_bind_is_a_protocol_error() -> None:
 
 
 def test_requests_and_responses_are_forwarded_unchanged() -> None:
-    h = make()
+    h = make(require_bind=False)
     client = h.client()
     message = search(77)
     client.send(message)
@@ -498,7 +554,7 @@ def test_requests_and_responses_are_forwarded_unchanged() -> None:
 
 
 def test_pipelined_requests_in_one_segment_and_split_responses() -> None:
-    h = make(directory=FakeDirectory(auto=False))
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     messages = [search(i) for i in range(2, 12)]
     client.send(b"".join(messages))
@@ -532,7 +588,7 @@ def test_messages_wait_for_the_upstream_connection() -> None:
         pending.append(connection)
         return connection
 
-    h = make(directory=directory)
+    h = make(require_bind=False, directory=directory)
     h.factory.connect_upstream = slow_connect
     client = h.client()
     client.search()
@@ -552,7 +608,7 @@ def test_unbind_is_forwarded_and_closes() -> None:
 
 
 def test_abandon_is_forwarded_and_clears_the_outstanding_operation() -> None:
-    h = make(directory=FakeDirectory(auto=False))
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     client.send(search(5))
     client.send(ber.message(6, ber.integer(5, ber.ABANDON_REQUEST)))
@@ -574,6 +630,29 @@ def test_upstream_notice_of_disconnection_is_relayed_once() -> None:
 
 
 # ---------------------------------------------------------------- require_bind
+
+
+def test_operations_before_any_bind_are_refused_by_default() -> None:
+    h = make()  # require_bind unset: on, since allow_anonymous is off
+    client = h.client()
+    message_id = client.search()
+    (response,) = client.responses()
+    assert ber.peek_id_and_tag(response) == (message_id, ber.SEARCH_RESULT_DONE)
+    assert ber.decode_result(response) == (50, "", "bind required")
+    assert h.directory.requests == []  # nothing reached the directory anonymously
+    assert h.events[("refused", "search", "bind_required")] == 1
+    assert h.factory.config.requires_bind is True
+
+
+def test_require_bind_defaults_off_with_allow_anonymous() -> None:
+    assert LdapFrontendConfig().requires_bind is True
+    assert LdapFrontendConfig(allow_anonymous=True).requires_bind is False
+    assert LdapFrontendConfig(allow_anonymous=True, require_bind=True).requires_bind is True
+    assert LdapFrontendConfig(require_bind=False).requires_bind is False
+    h = make(allow_anonymous=True)
+    client = h.client()
+    client.search()
+    assert len(client.responses()) == 4  # forwarded, as anonymous binds are allowed
 
 
 def test_require_bind_refuses_operations_before_a_bind() -> None:
@@ -602,6 +681,457 @@ def test_require_bind_after_a_failed_bind() -> None:
     client.responses()
     client.search()
     assert ber.decode_result(client.responses()[0]).code == 50
+
+
+@pytest.mark.parametrize("password", ["alice-pw,000000", "wrong,123456", ""])
+def test_operations_after_a_failed_first_bind_are_refused_by_default(password: str) -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, password)
+    assert client.result().code != 0
+    forwarded = len(h.directory.requests)
+    client.search()
+    client.send(ber.encode_extended_request(40, ber.WHO_AM_I_OID))
+    assert [ber.decode_result(r).code for r in client.responses()] == [50, 50]
+    assert len(h.directory.requests) == forwarded
+
+
+# ---------------------------------------------------------------- message IDs and sequencing
+
+
+UNKNOWN_OID = b"1.3.6.1.4.1.99999.1"
+
+
+def whoami_request(message_id: int) -> bytes:
+    return ber.encode_extended_request(message_id, ber.WHO_AM_I_OID)
+
+
+def assert_closed_for_reuse(h: Harness, client: Client) -> None:
+    notice = client.responses()[-1]
+    assert ber.peek(notice).message_id == 0
+    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
+    assert ber.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
+    assert client.closed
+    assert all(c.transport.disconnecting for c in h.directory.connections)
+    assert h.events[("dropped", "message_id_reused")] == 1
+
+
+def test_attack_unknown_extended_op_and_bind_with_one_id_in_one_segment() -> None:
+    """The directory's protocolError for the extended operation must not be taken
+    for the answer to the proxy's bind (which then skipped the reset and relayed
+    the directory's real bind success): the reused ID ends the session."""
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(
+        ber.encode_extended_request(5, UNKNOWN_OID)
+        + ber.encode_bind_request(5, ALICE, b"alice-pw,000000")
+    )
+    assert_closed_for_reuse(h, client)
+    assert h.directory.binds == []  # the bind never went upstream
+    assert h.core.requests == []
+
+
+def test_attack_whoami_and_wrong_password_bind_with_one_id() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    wrong = b"wrong,123456"
+    client.send(whoami_request(7) + ber.encode_bind_request(7, ALICE, wrong))
+    assert_closed_for_reuse(h, client)
+    assert h.directory.binds == []
+
+
+def test_reusing_the_id_of_a_bind_in_progress_closes_the_session() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(ber.encode_bind_request(3, ALICE, h.core.good().encode()) + whoami_request(3))
+    assert_closed_for_reuse(h, client)
+
+
+def test_reusing_the_id_of_a_forwarded_search_in_a_later_segment_closes_the_session() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(search(4))
+    client.send(search(4))
+    assert_closed_for_reuse(h, client)
+    assert len(h.directory.requests) == 1
+
+
+def test_an_id_may_be_used_again_once_answered() -> None:
+    h = make()
+    client = h.client()
+    client.send(ber.encode_bind_request(4, ALICE, h.core.good().encode()))
+    assert client.result().code == 0
+    client.send(search(4))
+    assert len(client.responses()) == 4
+    client.send(search(4))
+    assert len(client.responses()) == 4
+    client.send(ber.encode_bind_request(4, ALICE, h.core.good().encode()))
+    assert client.result().code == 0
+    assert not client.closed
+
+
+def test_an_id_refused_locally_is_free_again() -> None:
+    h = make()
+    client = h.client()
+    client.send(search(6))  # refused: bind required
+    assert client.result().code == 50
+    client.send(ber.encode_bind_request(6, ALICE, h.core.good().encode()))
+    assert client.result().code == 0
+
+
+@pytest.mark.parametrize(
+    ("message_id", "reason"), [(0, "protocol_error"), (ber.MAX_MESSAGE_ID + 1, "malformed")]
+)
+def test_message_id_out_of_range_is_a_protocol_error(message_id: int, reason: str) -> None:
+    h = make(require_bind=False)
+    client = h.client()
+    client.send(search(message_id))
+    (notice,) = client.responses()
+    assert ber.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
+    assert client.closed
+    assert h.directory.requests == []
+    assert h.events[("dropped", reason)] == 1
+
+
+def test_abandon_frees_the_id_of_the_operation_it_abandons() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(search(5))
+    client.send(ber.message(6, ber.integer(5, ber.ABANDON_REQUEST)))
+    client.send(search(5))
+    assert not client.closed
+    assert len(h.directory.requests) == 3
+
+
+def test_an_abandon_reusing_an_outstanding_id_closes_the_session() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(search(5))
+    client.send(ber.message(5, ber.integer(9, ber.ABANDON_REQUEST)))
+    assert_closed_for_reuse(h, client)
+
+
+def test_a_bind_waits_for_outstanding_operations() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    credential = h.core.good().encode()
+    client.send(search(2) + whoami_request(3) + ber.encode_bind_request(4, ALICE, credential))
+    assert h.directory.binds == []  # two operations still running
+    connection, first = h.directory.held.pop(0)
+    h.directory.answer(connection, first)
+    assert h.directory.binds == []  # one still running
+    h.directory.release()  # the whoami's answer: now the bind goes upstream
+    assert h.directory.binds == [(ALICE, b"alice-pw")]
+    h.directory.release()
+    responses = client.responses()
+    assert [ber.peek(r).message_id for r in responses] == [2, 2, 2, 2, 3, 4]
+    assert ber.decode_result(responses[-1]).code == 0
+
+
+def test_a_bind_waiting_longer_than_bind_timeout_gets_52_and_closes() -> None:
+    h = make(require_bind=False, bind_timeout=5, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(search(2) + ber.encode_bind_request(3, ALICE, h.core.good().encode()))
+    h.clock.advance(5)
+    bind_response, notice = client.responses()
+    assert ber.peek_id_and_tag(bind_response) == (3, ber.BIND_RESPONSE)
+    assert ber.decode_result(bind_response).code == 52
+    assert ber.peek(notice).message_id == 0
+    assert client.closed
+    assert h.directory.binds == []
+    assert h.events[("dropped", "bind_wait_timeout")] == 1
+    assert h.events[("bind", "reject", "operations_outstanding")] == 1
+
+
+def test_nothing_is_forwarded_between_the_upstream_bind_and_the_bind_answer() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    credential = h.core.good().encode()
+    client.send(ber.encode_bind_request(2, ALICE, credential) + search(3) + whoami_request(4))
+    assert h.directory.bind_passwords() == [b"alice-pw"]  # both factors passed: the session
+    assert len(h.directory.requests) == 1  # and nothing else yet
+    assert client.responses() == []
+    h.directory.release()  # the session bind is answered: the client hears 0, then the rest
+    responses = client.responses()
+    assert ber.peek_id_and_tag(responses[0]) == (2, ber.BIND_RESPONSE)
+    assert ber.decode_result(responses[0]).code == 0
+    assert len(h.directory.requests) == 3
+    h.directory.release()
+    assert [ber.peek(r).message_id for r in client.responses()] == [3, 3, 3, 3, 4]
+
+
+def test_a_failed_bind_after_a_success_holds_everything_until_the_reset() -> None:
+    h = make(require_bind=False, directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.bind(ALICE, h.core.good())
+    h.directory.release()
+    client.responses()
+    client.send(
+        ber.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami_request(7)
+    )
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # the reset, nothing else
+    requests = len(h.directory.requests)
+    assert client.responses() == []
+    h.directory.release()  # the reset holds: the client hears 49, then the rest goes
+    responses = client.responses()
+    assert ber.peek_id_and_tag(responses[0]) == (5, ber.BIND_RESPONSE)
+    assert ber.decode_result(responses[0]).code == 49
+    assert len(h.directory.requests) == requests + 2
+
+
+def test_an_injected_bind_answered_with_another_response_type_closes_both() -> None:
+    """Invariant 3: only a BindResponse answers the proxy's bind."""
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.send(ber.encode_bind_request(5, ALICE, h.core.good().encode()))
+    connection, _ = h.directory.held.pop()
+    connection.dataReceived(ber.encode_extended_response(5, ResultCode.PROTOCOL_ERROR))
+    (notice,) = client.responses()
+    assert ber.peek(notice).message_id == 0
+    assert client.closed and connection.transport.disconnecting
+    assert h.events[("upstream_error", "protocol_violation")] == 1
+    assert h.events[("dropped", "upstream_protocol_violation")] == 1
+    connection.dataReceived(ber.encode_bind_response(5, 0))  # the real answer, too late
+    assert client.responses() == []
+
+
+def test_a_bind_response_nobody_asked_for_closes_both() -> None:
+    h = make()
+    client = h.client()
+    client.bind(ALICE, h.core.good())
+    client.responses()
+    h.directory.connections[0].dataReceived(ber.encode_bind_response(9, 0))
+    (notice,) = client.responses()
+    assert ber.peek(notice).message_id == 0
+    assert client.closed
+    assert h.events[("dropped", "upstream_protocol_violation")] == 1
+
+
+def test_a_late_accept_after_the_answer_binds_nothing() -> None:
+    """A decision that comes after its bind was answered (timed out) must not
+    bind the session behind the client's back."""
+    h = make(bind_timeout=5)
+    pending: list[Deferred[Decision]] = []
+
+    def slow_core(request: Any) -> Deferred[Decision]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    h.factory.authenticate = slow_core
+    client = h.client()
+    client.bind(ALICE, "alice-pw,123456")
+    h.clock.advance(5)
+    assert ber.decode_result(client.responses()[0]).code == 52
+    assert client.closed  # a timed-out bind ends the session
+    late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE),
+                    password="alice-pw")
+    pending[0].callback(late)  # ignored: it was cancelled
+    assert h.directory.binds == []
+
+
+# ---------------------------------------------------------------- sequencing, as a property
+
+
+@dataclass
+class TrackingDirectory(FakeDirectory):
+    """A directory that checks the proxy's sequencing as it goes.
+
+    Worse than slapd on purpose: a failed bind leaves the session as it was, so
+    only the proxy's reset makes it anonymous. It honours abandon (drops a held
+    operation) and answers WhoAmI with the session's identity. ``told`` says
+    who the client was last told it is; every operation that reaches the
+    directory must run as exactly that identity.
+    """
+
+    auto: bool = False
+    identity: str = ""
+    at_directory: set[int] = field(default_factory=set)  # sent and not yet answered
+    violations: list[str] = field(default_factory=list)
+    told: Any = None  # () -> str
+
+    def received(self, connection: UpstreamConnection, message: bytes) -> None:
+        header = ber.peek(message)
+        tag, message_id = header.op_tag, header.message_id
+        if tag == ber.UNBIND_REQUEST:
+            return
+        if tag == ber.ABANDON_REQUEST:
+            target = ber.abandoned_message_id(message, header)
+            for held in list(self.held):
+                held_header = ber.peek(held[1])
+                if held_header.message_id == target and held_header.op_tag != ber.BIND_REQUEST:
+                    self.held.remove(held)
+                    self.at_directory.discard(target)
+            return
+        if message_id in self.at_directory:
+            self.violations.append(f"ID {message_id} sent while outstanding at the directory")
+        self.at_directory.add(message_id)
+        if tag != ber.BIND_REQUEST and self.told is not None and self.told() != self.identity:
+            self.violations.append(
+                f"{ber.OPERATION_NAMES[tag]} {message_id} ran as {self.identity!r}, "
+                f"the client was told {self.told()!r}"
+            )
+        super().received(connection, message)
+
+    def release_some(self, picks: list[int]) -> None:
+        """Answer held requests in any order (a directory runs them concurrently)."""
+        for pick in picks:
+            if not self.held:
+                return
+            connection, message = self.held.pop(pick % len(self.held))
+            self.answer(connection, message)
+
+    def answer(self, connection: UpstreamConnection, message: bytes) -> None:
+        header = ber.peek(message)
+        self.at_directory.discard(header.message_id)
+        if header.op_tag == ber.BIND_REQUEST and self._bind_code(message) == 0:
+            self.identity = ber.decode_bind_request(message).name
+        super().answer(connection, message)
+
+    def response(self, message: bytes) -> bytes:
+        header = ber.peek(message)
+        if header.op_tag == ber.EXTENDED_REQUEST:
+            if ber.extended_request_name(message, header) == ber.WHO_AM_I_OID:
+                value = ber.tlv(0x8B, f"dn:{self.identity}".encode() if self.identity else b"")
+                return ber.encode_result(header.message_id, ber.EXTENDED_RESPONSE, 0, extra=value)
+            return ber.encode_extended_response(header.message_id, ResultCode.PROTOCOL_ERROR)
+        return super().response(message)
+
+
+SEQ_BINDS = {
+    "bind_good": "",  # a fresh code from the sequencing core, at each send
+    "bind_wrong_code": "alice-pw,000000",
+    "bind_no_code": "alice-pw",
+    "bind_wrong_password": "nope,123456",
+}
+_SEQ_CORE: list[RealCore] = []
+
+
+def seq_core() -> RealCore:
+    """One real core for every example (a core costs a database); it never locks,
+    so the model can tell what a bind with password and code gives."""
+    if not _SEQ_CORE:
+        _SEQ_CORE.append(RealCore(max_failures=10**9))
+    return _SEQ_CORE[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_the_sequencing_core() -> Any:
+    yield
+    while _SEQ_CORE:
+        _SEQ_CORE.pop().close()
+SEQ_KINDS = ("search", "whoami", "unknown_extended", *SEQ_BINDS, "abandon")
+
+
+def seq_message(kind: str, message_id: int, target: int) -> bytes:
+    if kind == "search":
+        return search(message_id)
+    if kind == "whoami":
+        return whoami_request(message_id)
+    if kind == "unknown_extended":
+        return ber.encode_extended_request(message_id, UNKNOWN_OID)
+    if kind == "abandon":
+        return ber.message(message_id, ber.integer(target, ber.ABANDON_REQUEST))
+    credential = seq_core().good() if kind == "bind_good" else SEQ_BINDS[kind]
+    return ber.encode_bind_request(message_id, ALICE, credential.encode())
+
+
+def authz_value(response: bytes) -> str | None:
+    """A successful WhoAmI's authzId; None for any other response."""
+    header = ber.peek(response)
+    if ber.decode_result(response).code != 0:
+        return None
+    pos = header.op_start
+    for _ in range(3):
+        _, _, pos = ber.read_header(response, pos, header.op_end)
+    if pos < header.op_end:
+        tag, start, stop = ber.read_header(response, pos, header.op_end)
+        if tag == 0x8B:
+            return response[start:stop].decode()
+    return None
+
+
+seq_op = st.tuples(st.sampled_from(SEQ_KINDS), st.integers(1, 4), st.integers(1, 4))
+seq_step = st.one_of(
+    st.tuples(st.just("send"), st.lists(seq_op, min_size=1, max_size=4)),
+    st.tuples(st.just("release"), st.lists(st.integers(0, 5), max_size=6)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(seq_step, min_size=1, max_size=8))
+def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, Any]]) -> None:
+    """Random segments, directory answers in random order: the directory never sees
+    an ID twice at once, never runs an operation as anyone but who the client was
+    last told it is (so never as alice after a failed bind, nor between the
+    proxy's bind and its answer), a WhoAmI answers as of the last bind sent
+    before it, a bind succeeds only with password and code, and the session
+    closes exactly when an ID still in use is reused."""
+    directory = TrackingDirectory()
+    h = make(seq_core(), require_bind=False, directory=directory)
+    client = h.client()
+    framer = ber.MessageFramer(1 << 24)
+    seen: list[bytes] = []  # everything the client got, never cleared
+    sent_kind: dict[int, str] = {}
+    whoami_expects: dict[int, str] = {}
+    last_bind = ""  # the kind of the last bind sent
+    in_use: set[int] = set()  # from the client's side: sent, final answer not yet read
+    exact = True  # no abandon yet: the model knows exactly which IDs are in use
+
+    def read() -> None:  # runs inside the proxy too (told): records, never raises
+        for message in framer.feed(client.transport.value()[sum(map(len, seen)) :]):
+            seen.append(message)
+            message_id, tag = ber.peek_id_and_tag(message)
+            passed = tag == ber.BIND_RESPONSE and ber.decode_result(message).code == 0
+            if passed and sent_kind[message_id] != "bind_good":
+                directory.violations.append(f"{sent_kind[message_id]} {message_id} passed")
+            if tag == ber.EXTENDED_RESPONSE and message_id in whoami_expects:
+                value = authz_value(message)
+                if value is not None and value != whoami_expects[message_id]:
+                    directory.violations.append(f"WhoAmI {message_id} said {value!r}")
+            if tag in ber.FINAL_RESPONSES:
+                in_use.discard(message_id)
+
+    def told() -> str:
+        read()
+        binds = [m for m in seen if ber.peek(m).op_tag == ber.BIND_RESPONSE]
+        return ALICE if binds and ber.decode_result(binds[-1]).code == 0 else ""
+
+    directory.told = told
+    for action, argument in steps:
+        if action == "release":
+            directory.release_some(argument)
+        else:
+            read()
+            reused = False
+            taken = set(in_use)
+            for kind, message_id, _target in argument:
+                reused = reused or message_id in taken
+                if kind != "abandon":
+                    taken.add(message_id)
+                    sent_kind[message_id] = kind
+                whoami_expects.pop(message_id, None)
+                if kind in SEQ_BINDS:
+                    last_bind = kind
+                elif kind == "whoami":
+                    whoami_expects[message_id] = (
+                        f"dn:{ALICE}" if last_bind == "bind_good" else ""
+                    )
+            exact = exact and not any(kind == "abandon" for kind, _, _ in argument)
+            in_use |= taken
+            client.send(b"".join(seq_message(*op) for op in argument))
+            if exact:
+                assert client.closed == reused, (argument, in_use)
+        read()
+        assert directory.violations == []
+        assert h.events[("dropped", "internal_error")] == 0
+        if client.closed:
+            return
+    for _ in range(20):  # let everything finish
+        directory.release_some([0] * 100)
+    read()
+    assert directory.violations == []
+    assert h.events[("dropped", "internal_error")] == 0
+    assert directory.identity == told()
 
 
 # ---------------------------------------------------------------- limits and errors
@@ -647,8 +1177,126 @@ def test_max_connections() -> None:
     assert h.events[("dropped", "max_connections")] == 1
 
 
+def test_max_connections_per_source() -> None:
+    h = make(max_connections_per_source=2)
+    flooder = IPv4Address("TCP", "10.0.0.66", 1)
+    first, _ = h.client(flooder), h.client(flooder)
+    third = h.client(flooder)
+    (notice,) = third.responses()
+    assert ber.decode_result(notice).code == ResultCode.BUSY
+    assert third.closed
+    assert h.events[("dropped", "max_connections_per_source")] == 1
+    other = h.client()  # another address is not affected
+    other.bind(ALICE, h.core.good())
+    assert other.result().code == 0
+    first.protocol.connectionLost(Failure(ConnectionError()))
+    again = h.client(flooder)  # a closed connection frees its slot
+    assert not again.closed
+    assert h.factory.sources == {"10.0.0.66": 2, "10.0.0.7": 1}
+
+
+def test_unbound_timeout_closes_a_connection_that_never_binds() -> None:
+    h = make(unbound_timeout=10, require_bind=False)
+    idle, searching, binding = h.client(), h.client(), h.client()
+    binding.bind(ALICE, h.core.good())
+    binding.responses()
+    for _ in range(4):  # activity does not count, only a successful bind
+        h.clock.advance(2)
+        searching.search()
+        searching.responses()
+    h.clock.advance(2)
+    for client in (idle, searching):
+        (notice,) = client.responses()
+        assert ber.peek(notice).message_id == 0
+        assert ber.decode_result(notice).code == ResultCode.ADMIN_LIMIT_EXCEEDED
+        assert client.closed
+    assert not binding.closed
+    assert h.events[("dropped", "unbound_timeout")] == 2
+
+
+def test_unbound_timeout_waits_for_a_bind_in_progress() -> None:
+    h = make(unbound_timeout=10, directory=FakeDirectory(auto=False))
+    ok, refused = h.client(), h.client()
+    h.clock.advance(9)
+    ok.bind(ALICE, h.core.good())  # its session bind waits in the directory
+    hold: Deferred[None] = Deferred()
+    h.core.hold = hold
+    refused.bind(BOB, "bob-pw,000000")  # its decision waits in the core
+    h.clock.advance(2)
+    assert not ok.closed and not refused.closed  # their binds are still running
+    h.directory.release()
+    hold.callback(None)
+    assert ok.result().code == 0 and not ok.closed
+    bind_response, notice = refused.responses()
+    assert ber.decode_result(bind_response).code == 49
+    assert ber.peek(notice).message_id == 0 and refused.closed
+
+
+def test_partial_messages_beyond_max_buffered_bytes_are_dropped() -> None:
+    h = make(max_buffered_bytes=10_000, max_message_size=8_000)
+    big = search(9, 6_000)
+    first, second = h.client(), h.client()
+    first.send(big[:-1])  # all but the last byte
+    assert h.factory.buffered_bytes == len(big) - 1
+    second.send(big[:5_000])  # would push the total past 10,000
+    (notice,) = second.responses()
+    assert ber.decode_result(notice).code == ResultCode.BUSY
+    assert second.closed
+    assert h.events[("dropped", "buffer_limit")] == 1
+    assert isinstance(second.protocol, LdapProxyProtocol)
+    assert second.protocol._framer.buffered == 0  # nothing kept after the drop
+    assert h.factory.buffered_bytes == len(big) - 1
+    first.send(big[-1:])  # the first completes its message: its share is given back
+    assert h.factory.buffered_bytes == 0
+    assert not first.closed
+
+
+def test_a_dropped_or_closed_connection_gives_its_buffer_back() -> None:
+    h = make()
+    client = h.client()
+    client.send(search(9, 2_000)[:1_500])
+    assert h.factory.buffered_bytes == 1_500
+    client.protocol.connectionLost(Failure(ConnectionError()))
+    assert h.factory.buffered_bytes == 0
+    assert isinstance(client.protocol, LdapProxyProtocol)
+    assert client.protocol._framer.buffered == 0
+    garbage = h.client()
+    message = search(9, 2_000)
+    garbage.send(message[:1_500])
+    garbage.send(message[1_500:] + b"\x31\x00" + message[:700])  # not an LDAPMessage
+    assert garbage.closed and h.events[("dropped", "malformed")] == 1
+    assert h.factory.buffered_bytes == 0
+
+
+def test_whole_messages_pass_even_when_the_buffer_budget_is_spent() -> None:
+    """Only partial messages count: a flood of them must not lock out a client
+    whose requests arrive whole (messages queued behind a bind are bounded by
+    flow control: reading pauses while any wait)."""
+    h = make(max_buffered_bytes=10_000, max_message_size=10_000)
+    h.client().send(search(9, 9_000)[:-1])
+    assert h.factory.buffered_bytes > 9_000
+    client = h.client()
+    client.send(ber.encode_bind_request(2, ALICE, h.core.good().encode()) + search(3) + search(4))
+    assert not client.closed
+    assert [ber.peek(r).message_id for r in client.responses()] == [2, 3, 3, 3, 3, 4, 4, 4, 4]
+
+
+def test_default_limits_fit_binds_and_searches() -> None:
+    config = LdapFrontendConfig()
+    assert config.max_message_size == 256 * 1024
+    assert config.max_connections_per_source == 64
+    assert config.unbound_timeout == 10
+    assert config.max_buffered_bytes == 64 * 1024 * 1024
+    h = make(max_message_size=config.max_message_size)
+    client = h.client()
+    client.bind(ALICE, h.core.good())
+    client.responses()
+    client.send(search(7, 200_000))  # a search with a 200 kB filter still fits
+    assert len(client.responses()) == 4
+
+
 def test_idle_timeout_but_not_while_an_operation_is_outstanding() -> None:
-    h = make(idle_timeout=60, directory=FakeDirectory(auto=False))
+    h = make(idle_timeout=60, require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     client.search()
     h.clock.advance(120)
@@ -665,7 +1313,7 @@ def test_idle_timeout_but_not_while_an_operation_is_outstanding() -> None:
 
 
 def test_upstream_down_binds_get_52_and_searches_too() -> None:
-    h = make(directory=FakeDirectory(refuse_connect=True))
+    h = make(require_bind=False, directory=FakeDirectory(refuse_connect=True))
     client = h.client()
     client.bind(ALICE, h.core.good())
     assert client.result().code == 52

@@ -56,19 +56,13 @@ class App:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from policy.store import Store, StoreError
+            from policy.store import StoreError
+            from proxy.state import open_store
 
-            store = Store(self.settings.state.url, self.clock)
             try:
-                if store.dialect == "sqlite":
-                    store.upgrade()
-                else:
-                    store.check_current()
+                self._store = open_store(self.settings.state, self.clock)
             except StoreError as e:
                 raise Refused(str(e)) from None
-            except Exception as e:  # the database is down or unreachable
-                raise Refused(f"state store unavailable: {type(e).__name__}: {e}") from None
-            self._store = store
         return self._store
 
     @property
@@ -370,8 +364,9 @@ def user_enroll(app: App, username: str, secret: str | None, png: str | None,
     The key is active at once: from now on the user must give a code wherever
     MFA applies.
     """
-    from policy.totp import InvalidSecret, TotpParams, new_secret, normalize_secret
+    from policy.totp import InvalidSecret, new_secret, normalize_secret
     from policy.totp import provisioning_uri as uri_for
+    from proxy.state import totp_params
 
     name = app.known_user(username)
     try:
@@ -381,7 +376,7 @@ def user_enroll(app: App, username: str, secret: str | None, png: str | None,
     if png and os.path.islink(png):  # refused before the key changes, not after
         raise Refused(f"--png {png}: a symbolic link; give the path of the file itself")
     t = app.settings.totp
-    params = TotpParams(t.digits, t.period, t.window)
+    params = totp_params(t)
     record = app.store.get(name)
     if record is not None and record.enrolled and not force:
         raise Refused(f"{name} already has a key: `user reset` for a lost device, or "

@@ -1,14 +1,19 @@
-"""Config → state objects: the store, opened the same way for ``serve`` and the
-admin commands. Kept light (no Twisted) so the CLI starts fast."""
+"""Config → state objects: the store and the admin service, built the same way
+for ``serve`` and the admin commands. Kept light (no Twisted) so the CLI
+starts fast."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+from policy.admin import AccountEvents, Accounts
 from policy.engine import Clock
+from policy.keys import KeyRing
 from policy.store import Store, StoreError
 from policy.totp import TotpParams
-from proxy.config import StateSettings, TotpSettings
+from proxy.config import Settings, StateSettings, TotpSettings
+from proxy.directories import username_rules
 
 
 def open_store(state: StateSettings, clock: Clock = time.time,
@@ -35,4 +40,11 @@ def totp_params(t: TotpSettings) -> TotpParams:
     return TotpParams(t.digits, t.period, t.window)
 
 
-__all__ = ["open_store", "totp_params"]
+def make_accounts(settings: Settings, store: Store, keys: KeyRing | Callable[[], KeyRing],
+                  clock: Clock = time.time, events: AccountEvents | None = None) -> Accounts:
+    return Accounts(store, keys, totp_params(settings.totp), settings.totp.issuer,
+                    settings.policy.enrollment_days, username_rules(settings.directory),
+                    clock, events)
+
+
+__all__ = ["make_accounts", "open_store", "totp_params"]

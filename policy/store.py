@@ -25,6 +25,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    and_,
     bindparam,
     case,
     create_engine,
@@ -44,8 +45,36 @@ from policy.escaping import escape_controls
 LOCKED_FOREVER = 2**53  # "until an admin unlocks" (lockout_seconds = 0)
 DAY = 86400
 
-STATUSES = ("enrolled", "in_enrollment", "enrollment_expired", "enrolled_not_required",
-            "not_required")
+# The MFA status rule, the one definition of it: each status is the facts that
+# make it -- (has a key, required, enrollment deadline still ahead), None where
+# either will do. UserRecord.status reads it per request; Store.count_by_status
+# turns the same rows into one SQL CASE (users by status without loading them).
+STATUS_RULES: tuple[tuple[str, bool, bool, bool | None], ...] = (
+    ("enrolled", True, True, None),
+    ("in_enrollment", False, True, True),
+    ("enrollment_expired", False, True, False),
+    ("enrolled_not_required", True, False, None),
+    ("not_required", False, False, None),
+)
+STATUSES = tuple(status for status, *_ in STATUS_RULES)
+
+
+def _status_by_facts() -> dict[tuple[bool, bool, bool], str]:
+    """Every combination of the three facts, to its one status (checked: each
+    combination is covered exactly once, so the rows can be read in any order)."""
+    table: dict[tuple[bool, bool, bool], str] = {}
+    for status, enrolled, required, ahead in STATUS_RULES:
+        for a in (True, False) if ahead is None else (ahead,):
+            facts = (enrolled, required, a)
+            if facts in table:
+                raise AssertionError(f"STATUS_RULES: {status} overlaps {table[facts]}")
+            table[facts] = status
+    if len(table) != 8:
+        raise AssertionError("STATUS_RULES: not every combination has a status")
+    return table
+
+
+_STATUS_BY_FACTS = _status_by_facts()
 
 
 class StoreError(Exception):
@@ -119,13 +148,10 @@ class UserRecord:
         return self.locked_until is not None and self.locked_until > now
 
     def status(self, now: float) -> str:
-        if self.enrolled:
-            return "enrolled" if self.required else "enrolled_not_required"
-        if not self.required:
-            return "not_required"
-        if self.enrollment_deadline is not None and self.enrollment_deadline > now:
-            return "in_enrollment"
-        return "enrollment_expired"
+        """The user's status word, by STATUS_RULES."""
+        deadline = self.enrollment_deadline
+        ahead = deadline is not None and deadline > now
+        return _STATUS_BY_FACTS[self.secret is not None, self.required, ahead]
 
     def days_left(self, now: float) -> int | None:
         if self.status(now) != "in_enrollment" or self.enrollment_deadline is None:
@@ -163,6 +189,19 @@ def _record(row: Any) -> UserRecord:
     name, required, deadline, secret, version, last, failures, locked, bypass = row
     return UserRecord(name, bool(required), deadline, bytes(secret) if secret is not None
                       else None, version, last, failures, locked, bool(bypass))
+
+
+def _status_case(t: int) -> Any:
+    """STATUS_RULES as one SQL CASE over the users table at time ``t``: the same
+    three facts as UserRecord.status, each written once here."""
+    ahead = UserState.enrollment_deadline.is_not(None) & (UserState.enrollment_deadline > t)
+    facts = (UserState.secret.is_not(None), UserState.required, ahead)
+    whens = []
+    for status, *wanted in STATUS_RULES:
+        conditions = [fact if want else ~fact
+                      for fact, want in zip(facts, wanted, strict=True) if want is not None]
+        whens.append((and_(*conditions), status))
+    return case(*whens)
 
 
 class _Raw:
@@ -457,16 +496,7 @@ class Store:
 
     def count_by_status(self, now: float) -> dict[str, int]:
         """Users by status, counted by the database (no rows loaded)."""
-        t = int(now)
-        enrolled = UserState.secret.is_not(None)
-        status = case(
-            (enrolled & UserState.required, "enrolled"),
-            (enrolled, "enrolled_not_required"),
-            (~UserState.required, "not_required"),
-            ((UserState.enrollment_deadline.is_not(None))
-             & (UserState.enrollment_deadline > t), "in_enrollment"),
-            else_="enrollment_expired",
-        ).label("status")
+        status = _status_case(int(now)).label("status")
         counts = dict.fromkeys(STATUSES, 0)
         with self.engine.connect() as c:
             for name, n in c.execute(select(status, func.count()).group_by(status)):

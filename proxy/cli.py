@@ -7,8 +7,6 @@ or bad config. ``-c FILE`` goes anywhere on the command line.
 from __future__ import annotations
 
 import contextlib
-import csv
-import datetime as dt
 import io
 import json
 import os
@@ -17,20 +15,57 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from proxy import config as configmod
 
+if TYPE_CHECKING:  # imported when used: check-config starts without SQLAlchemy
+    from policy.admin import Accounts, StatusView
+
 F = TypeVar("F", bound=Callable[..., Any])
-DAY = 86400
 
 
 class Refused(click.ClickException):
     """An action that cannot be done: exit status 1."""
 
     exit_code = 1
+
+
+def refusal_message(e: Exception) -> str:
+    """A refusal of the admin service (policy/admin.py), in the CLI's words."""
+    from policy.admin import (
+        MAX_PERIOD_DAYS,
+        MIN_PERIOD_DAYS,
+        AlreadyEnrolled,
+        InvalidPeriod,
+        InvalidTotpKey,
+    )
+
+    if isinstance(e, InvalidPeriod):
+        return f"--days must be between {MIN_PERIOD_DAYS} and {MAX_PERIOD_DAYS}, got {e.days}"
+    if isinstance(e, InvalidTotpKey):
+        return f"--secret: {e.reason}"
+    if isinstance(e, AlreadyEnrolled):
+        return (f"{e.username} already has a key: `user reset` for a lost device, or "
+                "`user enroll --force` to replace it")
+    return str(e)
+
+
+class Commands(click.Group):
+    """The `mfa-proxy` group: a refusal of the admin service is exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            # policy/admin.py (SQLAlchemy and all) is imported only by the commands
+            # that use it: when it is not loaded, nothing raised a Refusal.
+            admin = sys.modules.get("policy.admin")
+            if admin is not None and isinstance(e, admin.Refusal):
+                raise Refused(refusal_message(e)) from None
+            raise
 
 
 @dataclass
@@ -43,6 +78,7 @@ class App:
     _store: Any = None
     _keys: Any = None
     _directory: Any = None
+    _accounts: Any = None
 
     @property
     def settings(self) -> configmod.Settings:
@@ -56,19 +92,13 @@ class App:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from policy.store import Store, StoreError
+            from policy.store import StoreError
+            from proxy.state import open_store
 
-            store = Store(self.settings.state.url, self.clock)
             try:
-                if store.dialect == "sqlite":
-                    store.upgrade()
-                else:
-                    store.check_current()
+                self._store = open_store(self.settings.state, self.clock)
             except StoreError as e:
                 raise Refused(str(e)) from None
-            except Exception as e:  # the database is down or unreachable
-                raise Refused(f"state store unavailable: {type(e).__name__}: {e}") from None
-            self._store = store
         return self._store
 
     @property
@@ -81,6 +111,18 @@ class App:
             except KeyFileError as e:
                 raise Refused(str(e)) from None
         return self._keys
+
+    @property
+    def accounts(self) -> Accounts:
+        """The admin service (policy/admin.py) on this config's state; the key file
+        is opened only by the actions that encrypt a key."""
+        if self._accounts is None:
+            from proxy.state import make_accounts
+
+            self._accounts = make_accounts(self.settings, self.store, lambda: self.keys,
+                                           self.clock)
+        accounts: Accounts = self._accounts
+        return accounts
 
     @property
     def directory(self) -> Any:
@@ -150,24 +192,19 @@ def days_option(default: int | None) -> Callable[[F], F]:
                         help="Enrollment period in days (1–365).")
 
 
-def check_days(days: int | None, fallback: int) -> int:
-    value = fallback if days is None else days
-    if not 1 <= value <= 365:
-        raise Refused(f"--days must be between 1 and 365, got {value}")
-    return value
+def check_days(app: App, days: int | None) -> None:
+    """A bad config, then a bad --days, are refused before anything else is looked at."""
+    from policy.admin import check_period
 
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    _ = app.settings
+    if days is not None:
+        check_period(days)
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @click.version_option(package_name="mfa-proxy")
 def main() -> None:
@@ -238,46 +275,15 @@ def user() -> None:
     """Require, enroll, reset, unlock users; show their MFA status."""
 
 
-def user_view(record: Any, now: float) -> dict[str, Any]:
-    locked = record.locked(now)
-    from policy.store import LOCKED_FOREVER
-
-    return {
-        "username": record.username,
-        "status": record.status(now),
-        "required": record.required,
-        "enrolled": record.enrolled,
-        "enrollment_deadline": iso(record.enrollment_deadline) if record.required else None,
-        "days_left": record.days_left(now),
-        "locked": locked,
-        "locked_until": iso(record.locked_until)
-        if locked and record.locked_until != LOCKED_FOREVER else None,
-        "failures": record.failures,
-        "bypass": record.bypass,
-    }
-
-
-def describe(view: dict[str, Any]) -> str:
-    status = view["status"].replace("_", " ")
-    if view["days_left"] is not None:
-        status += f" ({view['days_left']} days left)"
-    if view["locked"]:
-        status += f", locked until {view['locked_until'] or 'an admin unlocks'}"
-    if view["bypass"]:
+def describe(view: StatusView) -> str:
+    status = view.status.replace("_", " ")
+    if view.days_left is not None:
+        status += f" ({view.days_left} days left)"
+    if view.locked:
+        status += f", locked until {view.locked_until or 'an admin unlocks'}"
+    if view.bypass:
         status += ", bypass"
     return status
-
-
-def show_one(app: App, name: str, as_json: bool) -> None:
-    from policy.store import UserRecord
-
-    record = app.store.get(name) or UserRecord(name)
-    view = user_view(record, app.clock())
-    if as_json:
-        click.echo(json.dumps(view))
-        return
-    for key, value in view.items():
-        click.echo(f"{key:20} {'-' if value is None else value}")
 
 
 @user.command("show")
@@ -287,7 +293,13 @@ def show_one(app: App, name: str, as_json: bool) -> None:
 @pass_app
 def user_show(app: App, username: str, as_json: bool) -> None:
     """Status: enrolled, in enrollment (days left), expired, locked, bypass."""
-    show_one(app, app.known_user(username), as_json)
+    name = app.known_user(username)
+    view = app.accounts.view(name).as_json()
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    for key, value in view.items():
+        click.echo(f"{key:20} {'-' if value is None else value}")
 
 
 @user.command("list")
@@ -296,25 +308,15 @@ def user_show(app: App, username: str, as_json: bool) -> None:
 @pass_app
 def user_list(app: App, as_json: bool) -> None:
     """Every user the state store knows (and local-file users)."""
-    from policy.store import UserRecord
-
-    now = app.clock()
-    records = {r.username: r for r in app.store.list_users()}
+    accounts = app.accounts
     lister = getattr(app.directory, "list_users", None)
-    if lister is not None:
-        for name in lister():
-            records.setdefault(name, UserRecord(name))
-    views = [user_view(records[n], now) for n in sorted(records)]
+    views = accounts.list_views(lister() if lister is not None else ())
     if as_json:
-        click.echo(json.dumps(views))
+        click.echo(json.dumps([v.as_json() for v in views]))
         return
     click.echo(f"{'USER':24} {'FAILURES':>8}  STATUS")
     for v in views:
-        click.echo(f"{v['username']:24} {v['failures']:>8}  {describe(v)}")
-
-
-def deadline(app: App, days: int) -> int:
-    return int(app.clock()) + days * DAY
+        click.echo(f"{v.username:24} {v.failures:>8}  {describe(v)}")
 
 
 @user.command("require")
@@ -325,17 +327,16 @@ def deadline(app: App, days: int) -> int:
 @pass_app
 def user_require(app: App, username: str | None, group: str | None, days: int | None) -> None:
     """Require MFA, with an enrollment period of N days (default [policy] enrollment_days)."""
-    n = check_days(days, app.settings.policy.enrollment_days)
+    check_days(app, days)
     if bool(username) == bool(group):
         raise click.UsageError("give USER or --group GROUP")
     names = [app.known_user(username)] if username else group_members(app, str(group))
     for name in names:
-        record = app.store.get(name)
-        if record is not None and record.required and record.enrolled:
+        period = app.accounts.require(name, days)
+        if period is None:
             click.echo(f"{name}: already required and enrolled")
             continue
-        app.store.require(name, deadline(app, n))
-        click.echo(f"{name}: MFA required; enrollment period {n} days")
+        click.echo(f"{name}: MFA required; enrollment period {period.days} days")
 
 
 def group_members(app: App, group: str) -> list[str]:
@@ -370,29 +371,17 @@ def user_enroll(app: App, username: str, secret: str | None, png: str | None,
     The key is active at once: from now on the user must give a code wherever
     MFA applies.
     """
-    from policy.totp import InvalidSecret, TotpParams, new_secret, normalize_secret
-    from policy.totp import provisioning_uri as uri_for
+    from policy.admin import parse_totp_key
 
     name = app.known_user(username)
-    try:
-        key = normalize_secret(secret) if secret else new_secret()
-    except InvalidSecret as e:
-        raise Refused(f"--secret: {e}") from None
+    if secret:
+        parse_totp_key(secret)  # a bad key is refused before the --png check
     if png and os.path.islink(png):  # refused before the key changes, not after
         raise Refused(f"--png {png}: a symbolic link; give the path of the file itself")
-    t = app.settings.totp
-    params = TotpParams(t.digits, t.period, t.window)
-    record = app.store.get(name)
-    if record is not None and record.enrolled and not force:
-        raise Refused(f"{name} already has a key: `user reset` for a lost device, or "
-                      "`user enroll --force` to replace it")
-    if record is None or not record.required:
-        app.store.require(name, deadline(app, app.settings.policy.enrollment_days))
-    app.store.set_secret(name, app.keys.encrypt(key.encode(), name), app.keys.current)
-    uri = uri_for(key, name, t.issuer, params)
+    enrollment = app.accounts.enroll(name, secret, force=force)
     click.echo(f"{name}: enrolled; the key is active now")
-    click.echo(uri)
-    print_qr(uri, png)
+    click.echo(enrollment.uri)
+    print_qr(enrollment.uri, png)
 
 
 def print_qr(uri: str, png: str | None) -> None:
@@ -445,10 +434,10 @@ def write_private_file(path: str, data: bytes) -> None:
 @pass_app
 def user_reset(app: App, username: str, days: int | None) -> None:
     """Clear the key (a lost device) and open a new enrollment period."""
-    n = check_days(days, app.settings.policy.enrollment_days)
+    check_days(app, days)
     name = app.known_user(username)
-    app.store.reset(name, deadline(app, n))
-    click.echo(f"{name}: key cleared; enrollment period {n} days")
+    period = app.accounts.reset(name, days)
+    click.echo(f"{name}: key cleared; enrollment period {period.days} days")
 
 
 @user.command("extend")
@@ -458,10 +447,10 @@ def user_reset(app: App, username: str, days: int | None) -> None:
 @pass_app
 def user_extend(app: App, username: str, days: int) -> None:
     """Extend or reopen the enrollment period, counting from now."""
-    n = check_days(days, days)
+    check_days(app, days)
     name = app.known_user(username)
-    app.store.extend(name, deadline(app, n))
-    click.echo(f"{name}: enrollment period {n} days from now")
+    period = app.accounts.extend(name, days)
+    click.echo(f"{name}: enrollment period {period.days} days from now")
 
 
 @user.command("unlock")
@@ -471,7 +460,7 @@ def user_extend(app: App, username: str, days: int) -> None:
 def user_unlock(app: App, username: str) -> None:
     """Clear the failure counter and any lockout."""
     name = app.known_user(username)
-    app.store.unlock(name)
+    app.accounts.unlock(name)
     click.echo(f"{name}: unlocked")
 
 
@@ -483,7 +472,7 @@ def user_unlock(app: App, username: str) -> None:
 def user_bypass(app: App, username: str, on: bool) -> None:
     """Let this user sign in with the password alone (or stop that)."""
     name = app.known_user(username)
-    app.store.set_bypass(name, on)
+    app.accounts.bypass(name, on)
     click.echo(f"{name}: bypass {'on' if on else 'off'}")
 
 
@@ -494,7 +483,7 @@ def user_bypass(app: App, username: str, on: bool) -> None:
 def user_unrequire(app: App, username: str) -> None:
     """Remove the MFA requirement (the key is kept)."""
     name = app.known_user(username)
-    app.store.unrequire(name)
+    app.accounts.unrequire(name)
     click.echo(f"{name}: MFA no longer required")
 
 
@@ -508,60 +497,15 @@ def user_import(app: App, file: io.TextIOBase) -> None:
     An empty secret with required_days requires MFA without a key. Every bad
     line is reported by number and nothing is loaded.
     """
-    rows, problems = parse_import(app, file.read())
-    if problems:
-        for p in problems:
-            click.echo(p, err=True)
-        raise Refused(f"{len(problems)} bad line(s); nothing imported")
-    keys = app.keys
-    now = int(app.clock())
-    enrolled = [(u, keys.encrypt(s.encode(), u), keys.current,
-                 now + (d or app.settings.policy.enrollment_days) * DAY)
-                for u, s, d in rows if s]
-    required = [(u, now + int(d or 0) * DAY) for u, s, d in rows if not s]
-    count = app.store.import_users(enrolled, required)
-    click.echo(f"imported {count} key(s), {len(rows) - count} requirement(s)")
+    from policy.admin import ImportRefused
 
-
-def parse_import(app: App, text: str) -> tuple[list[tuple[str, str, int | None]], list[str]]:
-    from policy.totp import InvalidSecret, normalize_secret
-
-    rows: list[tuple[str, str, int | None]] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    for n, fields in enumerate(csv.reader(io.StringIO(text)), 1):
-        if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
-            continue
-        if n == 1 and fields[0].strip().lower() == "username":
-            continue
-        try:
-            row = _import_row(app, fields, normalize_secret)
-        except (ValueError, InvalidSecret, Refused) as e:
-            msg = e.message if isinstance(e, Refused) else str(e)
-            problems.append(f"line {n}: {msg}")
-            continue
-        if row[0] in seen:
-            problems.append(f"line {n}: {row[0]!r} already on line {seen[row[0]]}")
-            continue
-        seen[row[0]] = n
-        rows.append(row)
-    return rows, problems
-
-
-def _import_row(app: App, fields: list[str], normalize: Callable[[str], str]
-                ) -> tuple[str, str, int | None]:
-    if len(fields) not in (2, 3):
-        raise ValueError(f"expected username,secret[,required_days], got {len(fields)} fields")
-    name = app.canonical(fields[0])
-    days: int | None = None
-    if len(fields) == 3 and fields[2].strip():
-        if not fields[2].strip().isdigit() or not 1 <= int(fields[2]) <= 365:
-            raise ValueError(f"required_days must be 1–365, got {fields[2].strip()!r}")
-        days = int(fields[2])
-    secret = fields[1].strip()
-    if not secret and days is None:
-        raise ValueError("no secret and no required_days: nothing to do")
-    return name, normalize(secret) if secret else "", days
+    try:
+        imported = app.accounts.import_csv(file.read())
+    except ImportRefused as e:
+        for problem in e.problems:
+            click.echo(problem, err=True)
+        raise Refused(str(e)) from None
+    click.echo(f"imported {imported.keys} key(s), {imported.requirements} requirement(s)")
 
 
 # -- keys and local users --------------------------------------------------------------
@@ -577,24 +521,11 @@ def keys() -> None:
 @pass_app
 def keys_rotate(app: App) -> None:
     """Re-encrypt every stored TOTP key under a new key version (no downtime)."""
-    ring = app.keys
-    store = app.store
-    version = ring.add_version()
-    done = skipped = 0
-    failed: list[str] = []
-    for batch in store.secrets_to_rotate(version):
-        for name, blob in batch:
-            try:
-                plain = ring.decrypt(blob, name)
-            except Exception:  # a damaged row must not stop the others
-                failed.append(name)
-                continue
-            if store.replace_secret(name, blob, ring.encrypt(plain, name), version):
-                done += 1
-            else:
-                skipped += 1
-    click.echo(f"key version {version}: re-encrypted {done} key(s)"
+    rotation = app.accounts.rotate_keys()
+    skipped = rotation.changed_meanwhile
+    click.echo(f"key version {rotation.version}: re-encrypted {rotation.reencrypted} key(s)"
                + (f", {skipped} changed meanwhile" if skipped else ""))
+    failed = rotation.undecryptable
     if failed:
         raise Refused(f"{len(failed)} key(s) could not be decrypted and were left as they "
                       f"are: {', '.join(failed[:20])}")

@@ -12,12 +12,12 @@ from twisted.python.threadpool import ThreadPool
 
 from policy.engine import Authenticator, Limits, PolicyEngine
 from policy.keys import KeyFileError, KeyRing
-from policy.store import Store, StoreError
-from policy.totp import TotpParams
+from policy.store import StoreError
 from proxy.config import Settings
 from proxy.directories import ldap_options, make_directory, username_rules
 from proxy.logs import escaping_handler
 from proxy.metrics import EngineMetrics, Metrics
+from proxy.state import open_store, totp_params
 from proxy.worker import BatchWorkers
 
 log = logging.getLogger("mfa_proxy")
@@ -58,16 +58,10 @@ class Service:
 
     def build(self) -> None:
         s = self.settings
-        self.store = Store(s.state.url, background_checkpoints=True)
         try:
-            if self.store.dialect == "sqlite":
-                self.store.upgrade()  # the embedded default migrates itself
-            else:
-                self.store.check_current()
+            self.store = open_store(s.state, background_checkpoints=True)
         except StoreError as e:
             raise StartupError(str(e)) from None
-        except Exception as e:
-            raise StartupError(f"state store unavailable: {type(e).__name__}: {e}") from None
         try:
             self.keys = KeyRing(s.state.key_file)
         except KeyFileError as e:
@@ -89,7 +83,7 @@ class Service:
         self.report_workers.start()
         self.async_directory = self._async_directory()
         self.engine = PolicyEngine(
-            self.store, self.keys, TotpParams(s.totp.digits, s.totp.period, s.totp.window),
+            self.store, self.keys, totp_params(s.totp),
             Limits(s.policy.max_failures, s.policy.lockout_seconds), username_rules(s.directory),
             clock=time.time, events=EngineMetrics(self.metrics),
             repeat_key=self.keys.derive(b"repeat-window"),

@@ -10,7 +10,14 @@ from sqlalchemy import text
 
 from policy.keys import KeyRing
 from policy.migrations import current_revision, head_revision
-from policy.store import LOCKED_FOREVER, AuditRecord, Store, StoreError, UserRecord
+from policy.store import (
+    LOCKED_FOREVER,
+    STATUSES,
+    AuditRecord,
+    Store,
+    StoreError,
+    UserRecord,
+)
 from tests.pg import Postgres
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,6 +220,37 @@ def test_count_by_status(store: Store) -> None:
     assert store.count_by_status(T0) == {
         "enrolled": 1, "in_enrollment": 1, "enrollment_expired": 1,
         "enrolled_not_required": 1, "not_required": 1}
+
+
+@pytest.mark.parametrize("deadline", [None, T0 - DAY, T0, T0 + 1, T0 + DAY],
+                         ids=["none", "past", "now", "next-second", "future"])
+@pytest.mark.parametrize("enrolled", [False, True], ids=["no-key", "key"])
+@pytest.mark.parametrize("required", [False, True], ids=["optional", "required"])
+def test_status_in_python_and_in_sql_agree(store: Store, required: bool, enrolled: bool,
+                                           deadline: int | None) -> None:
+    """UserRecord.status (per request) and count_by_status (the SQL CASE behind the
+    users-by-status gauge) are both read from STATUS_RULES; they must say the same
+    for every combination, NULLs included, on both databases."""
+    with store.engine.begin() as c:
+        c.execute(text("INSERT INTO users (username, required, enrollment_deadline, secret, "
+                       "failures, bypass, created_at, updated_at) "
+                       "VALUES ('u', :r, :d, :s, 0, false, 0, 0)"),
+                  {"r": required, "d": deadline, "s": b"key" if enrolled else None})
+    rec = store.get("u")
+    assert rec is not None and (rec.required, rec.enrolled) == (required, enrolled)
+    python = rec.status(T0)
+    assert python == status_spelled_out(required, enrolled, deadline, T0)
+    sql = store.count_by_status(T0)
+    assert sql == {status: int(status == python) for status in STATUSES}
+
+
+def status_spelled_out(required: bool, enrolled: bool, deadline: int | None, now: int) -> str:
+    """The rule as PRODUCT.md words it (what the code said before STATUS_RULES)."""
+    if enrolled:
+        return "enrolled" if required else "enrolled_not_required"
+    if not required:
+        return "not_required"
+    return "in_enrollment" if deadline is not None and deadline > now else "enrollment_expired"
 
 
 # -- counters ---------------------------------------------------------------------------------

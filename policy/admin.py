@@ -1,0 +1,436 @@
+"""Account administration: the rules behind the admin commands, for every front-end.
+
+``mfa-proxy user …`` and ``keys rotate`` (proxy/cli.py) are one front-end; the
+self-service portal and the mail sender will be others, on the same methods.
+Each action is one method of :class:`Accounts`: it applies the rule, writes the
+state through the :class:`~policy.store.Store`, and then tells ``events``
+what changed. The names given are already identities (the front-end resolved
+them through the directory: that is not decided here). An action the rules do
+not allow raises a :class:`Refusal` whose message is meant for a person;
+subclasses carry what a front-end needs to word it its own way (the CLI names
+its options, a portal its form fields).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from policy.engine import Clock
+from policy.keys import KeyRing
+from policy.store import DAY, LOCKED_FOREVER, Store, UserRecord
+from policy.totp import InvalidSecret, TotpParams, new_secret, normalize_secret, provisioning_uri
+from policy.usernames import InvalidUsername, UsernameRules
+
+MIN_PERIOD_DAYS, MAX_PERIOD_DAYS = 1, 365
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+
+class Refusal(Exception):
+    """An action the rules do not allow (nothing was changed); ``str()`` says why."""
+
+
+class InvalidPeriod(Refusal):
+    def __init__(self, days: int) -> None:
+        super().__init__(f"an enrollment period is {MIN_PERIOD_DAYS}–{MAX_PERIOD_DAYS} days, "
+                         f"got {days}")
+        self.days = days
+
+
+class InvalidTotpKey(Refusal):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not a usable TOTP key: {reason}")
+        self.reason = reason
+
+
+class AlreadyEnrolled(Refusal):
+    """``enroll`` without ``force`` for a user who has a key."""
+
+    def __init__(self, username: str) -> None:
+        super().__init__(f"{username} already has a key")
+        self.username = username
+
+
+class ImportRefused(Refusal):
+    """Bad lines in an import: nothing was loaded. ``problems``: one line each,
+    ``line N: why``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__(f"{len(problems)} bad line(s); nothing imported")
+        self.problems = tuple(problems)
+
+
+def check_period(days: int) -> int:
+    """``days`` when it is a valid enrollment period, else :class:`InvalidPeriod`."""
+    if not MIN_PERIOD_DAYS <= days <= MAX_PERIOD_DAYS:
+        raise InvalidPeriod(days)
+    return days
+
+
+def parse_totp_key(raw: str) -> str:
+    """A TOTP key as people paste it (spaces, lower case, padding) to its base32
+    form, or :class:`InvalidTotpKey`."""
+    try:
+        return normalize_secret(raw)
+    except InvalidSecret as e:
+        raise InvalidTotpKey(str(e)) from None
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Period:
+    """An enrollment period that was just opened: ``days`` from now, ending at
+    ``deadline`` (Unix time)."""
+
+    days: int
+    deadline: int
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """A key that is active now: ``totp_key`` in base32 and the ``otpauth://`` URI
+    an authenticator app scans."""
+
+    username: str
+    totp_key: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """One user's MFA status: exactly the fields of ``user show --json``, in order."""
+
+    username: str
+    status: str
+    required: bool
+    enrolled: bool
+    enrollment_deadline: str | None  # ISO 8601, UTC ("…Z")
+    days_left: int | None
+    locked: bool
+    locked_until: str | None  # ISO 8601; None when not locked or until an admin unlocks
+    failures: int
+    bypass: bool
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImportRow:
+    """One good import line: a key (base32) to load, or only a requirement."""
+
+    username: str
+    totp_key: str | None
+    days: int | None
+
+
+@dataclass(frozen=True)
+class Imported:
+    keys: int
+    requirements: int
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """``rotate_keys``: keys re-encrypted under ``version``, keys re-enrolled by
+    someone meanwhile (left to them), and users whose stored key could not be
+    decrypted (left as they are)."""
+
+    version: int
+    reencrypted: int
+    changed_meanwhile: int
+    undecryptable: tuple[str, ...]
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+class AccountEvents(Protocol):
+    """What changed, told after the change is stored (never for a refusal).
+
+    This is where the mail sender will hook in (PRODUCT.md, "Mail events"):
+    ``required``, ``extended`` and ``reset`` give the new deadline (Unix time),
+    ``enrolled`` is the security notice. Deadlines are sent as they were set;
+    days left are for the sender to count at sending time. A sender that must
+    send each mail once across restarts and instances should queue durably
+    here, not send inline: these calls run in the admin's action.
+    """
+
+    def required(self, username: str, deadline: int) -> None:
+        """MFA required, with an enrollment period ending at ``deadline``."""
+
+    def enrolled(self, username: str) -> None:
+        """A new key is active (made or imported by an admin)."""
+
+    def reset(self, username: str, deadline: int) -> None:
+        """An admin cleared the key and opened a period ending at ``deadline``."""
+
+    def extended(self, username: str, deadline: int) -> None:
+        """An admin extended or reopened the period, to ``deadline``."""
+
+    def unrequired(self, username: str) -> None:
+        """MFA no longer required (the key, if any, is kept)."""
+
+    def unlocked(self, username: str) -> None:
+        """The failure counter and any lockout were cleared."""
+
+    def bypass_changed(self, username: str, on: bool) -> None:
+        """Password-only sign-in turned on or off."""
+
+    def imported(self, enrolled: Sequence[str], required: Sequence[tuple[str, int]]) -> None:
+        """A bulk import: users with a key now, and users required without one
+        (with their deadlines)."""
+
+
+class NoAccountEvents:
+    """The default: nobody listens."""
+
+    def required(self, username: str, deadline: int) -> None:
+        pass
+
+    def enrolled(self, username: str) -> None:
+        pass
+
+    def reset(self, username: str, deadline: int) -> None:
+        pass
+
+    def extended(self, username: str, deadline: int) -> None:
+        pass
+
+    def unrequired(self, username: str) -> None:
+        pass
+
+    def unlocked(self, username: str) -> None:
+        pass
+
+    def bypass_changed(self, username: str, on: bool) -> None:
+        pass
+
+    def imported(self, enrolled: Sequence[str], required: Sequence[tuple[str, int]]) -> None:
+        pass
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+class Accounts:
+    """The admin actions on users' MFA state, one method each.
+
+    ``keys`` may be a function that opens the key ring: it is called the first
+    time a key is encrypted, so actions that need no key (``view``, ``unlock``
+    …) work without the key file.
+    """
+
+    def __init__(self, store: Store, keys: KeyRing | Callable[[], KeyRing],
+                 totp: TotpParams, issuer: str, enrollment_days: int,
+                 usernames: UsernameRules, clock: Clock = time.time,
+                 events: AccountEvents | None = None) -> None:
+        self.store = store
+        self._keys = keys
+        self.totp = totp
+        self.issuer = issuer
+        self.enrollment_days = check_period(enrollment_days)
+        self.usernames = usernames
+        self.clock = clock
+        self.events: AccountEvents = events if events is not None else NoAccountEvents()
+
+    @property
+    def keys(self) -> KeyRing:
+        if not isinstance(self._keys, KeyRing):
+            self._keys = self._keys()
+        return self._keys
+
+    def period(self, days: int | None = None) -> Period:
+        """A period of ``days`` (default: the configured enrollment days) from now."""
+        n = self.enrollment_days if days is None else check_period(days)
+        return Period(n, int(self.clock()) + n * DAY)
+
+    # -- actions ----------------------------------------------------------------------
+
+    def require(self, username: str, days: int | None = None) -> Period | None:
+        """Require MFA with a new enrollment period (restarting a running one).
+        None: the user is already required and enrolled, and nothing changed."""
+        period = self.period(days)
+        record = self.store.get(username)
+        if record is not None and record.required and record.enrolled:
+            return None
+        self.store.require(username, period.deadline)
+        self.events.required(username, period.deadline)
+        return period
+
+    def enroll(self, username: str, totp_key: str | None = None,
+               force: bool = False) -> Enrollment:
+        """Make a key (or import ``totp_key``), active at once. A user who has a
+        key keeps it unless ``force`` (:class:`AlreadyEnrolled`); a user not
+        required yet is required (the period is moot: they are enrolled)."""
+        key = parse_totp_key(totp_key) if totp_key else new_secret()
+        record = self.store.get(username)
+        if record is not None and record.enrolled and not force:
+            raise AlreadyEnrolled(username)
+        if record is None or not record.required:
+            self.store.require(username, self.period().deadline)
+        keys = self.keys
+        self.store.set_secret(username, keys.encrypt(key.encode(), username), keys.current)
+        self.events.enrolled(username)
+        return Enrollment(username, key, provisioning_uri(key, username, self.issuer,
+                                                          self.totp))
+
+    def reset(self, username: str, days: int | None = None) -> Period:
+        """Clear the key (a lost device) and open a new enrollment period."""
+        period = self.period(days)
+        self.store.reset(username, period.deadline)
+        self.events.reset(username, period.deadline)
+        return period
+
+    def extend(self, username: str, days: int) -> Period:
+        """Extend or reopen the enrollment period: ``days`` counted from now."""
+        period = self.period(days)
+        self.store.extend(username, period.deadline)
+        self.events.extended(username, period.deadline)
+        return period
+
+    def unlock(self, username: str) -> None:
+        """Clear the failure counter and any lockout."""
+        if self.store.unlock(username):
+            self.events.unlocked(username)
+
+    def bypass(self, username: str, on: bool) -> None:
+        """Password only for this user (``on``), or not."""
+        self.store.set_bypass(username, on)
+        self.events.bypass_changed(username, on)
+
+    def unrequire(self, username: str) -> None:
+        """Remove the requirement; the key, if any, is kept."""
+        if self.store.unrequire(username):
+            self.events.unrequired(username)
+
+    # -- status -------------------------------------------------------------------------
+
+    def view(self, username: str) -> StatusView:
+        """The status of ``username`` (a user the store has never seen: not required)."""
+        return self._view(self.store.get(username) or UserRecord(username), self.clock())
+
+    def list_views(self, also: Iterable[str] = ()) -> list[StatusView]:
+        """Every user the store knows, and the names in ``also`` (the directory's
+        users, when it can list them), by username."""
+        now = self.clock()
+        records = {r.username: r for r in self.store.list_users()}
+        for name in also:
+            records.setdefault(name, UserRecord(name))
+        return [self._view(records[n], now) for n in sorted(records)]
+
+    @staticmethod
+    def _view(record: UserRecord, now: float) -> StatusView:
+        locked = record.locked(now)
+        return StatusView(
+            username=record.username, status=record.status(now), required=record.required,
+            enrolled=record.enrolled,
+            enrollment_deadline=_iso(record.enrollment_deadline) if record.required else None,
+            days_left=record.days_left(now), locked=locked,
+            locked_until=_iso(record.locked_until)
+            if locked and record.locked_until != LOCKED_FOREVER else None,
+            failures=record.failures, bypass=record.bypass)
+
+    # -- bulk -----------------------------------------------------------------------------
+
+    def import_csv(self, text: str) -> Imported:
+        """Load CSV lines ``username,secret[,required_days]``, all or nothing
+        (:class:`ImportRefused` names every bad line). A key with no days gets
+        the configured enrollment days as its deadline; an empty secret with
+        days requires MFA without a key."""
+        return self.import_rows(self.parse_import(text))
+
+    def parse_import(self, text: str) -> list[ImportRow]:
+        """The good rows of an import file, or :class:`ImportRefused`. Blank
+        lines, ``#`` comments and a ``username,…`` header line are skipped; a
+        user twice is a bad line."""
+        rows: list[ImportRow] = []
+        problems: list[str] = []
+        seen: dict[str, int] = {}
+        for n, fields in enumerate(csv.reader(io.StringIO(text)), 1):
+            if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
+                continue
+            if n == 1 and fields[0].strip().lower() == "username":
+                continue
+            try:
+                row = self._import_row(fields)
+            except ValueError as e:
+                problems.append(f"line {n}: {e}")
+                continue
+            if row.username in seen:
+                problems.append(f"line {n}: {row.username!r} already on line {seen[row.username]}")
+                continue
+            seen[row.username] = n
+            rows.append(row)
+        if problems:
+            raise ImportRefused(problems)
+        return rows
+
+    def _import_row(self, fields: list[str]) -> ImportRow:
+        if len(fields) not in (2, 3):
+            raise ValueError(f"expected username,secret[,required_days], got {len(fields)} fields")
+        try:
+            name = self.usernames.normalize(fields[0])
+        except InvalidUsername as e:
+            raise ValueError(f"{fields[0]!r}: {e}") from None
+        days: int | None = None
+        if len(fields) == 3 and fields[2].strip():
+            if not fields[2].strip().isdigit() or not (
+                    MIN_PERIOD_DAYS <= int(fields[2]) <= MAX_PERIOD_DAYS):
+                raise ValueError(f"required_days must be {MIN_PERIOD_DAYS}–{MAX_PERIOD_DAYS}, "
+                                 f"got {fields[2].strip()!r}")
+            days = int(fields[2])
+        secret = fields[1].strip()
+        if not secret and days is None:
+            raise ValueError("no secret and no required_days: nothing to do")
+        return ImportRow(name, normalize_secret(secret) if secret else None, days)
+
+    def import_rows(self, rows: Sequence[ImportRow]) -> Imported:
+        """Load good rows (from :meth:`parse_import`) in one transaction."""
+        now = int(self.clock())
+        keys = self.keys
+        enrolled = [(r.username, keys.encrypt(r.totp_key.encode(), r.username), keys.current,
+                     now + (r.days or self.enrollment_days) * DAY)
+                    for r in rows if r.totp_key]
+        required = [(r.username, now + (r.days or 0) * DAY) for r in rows if not r.totp_key]
+        count = self.store.import_users(enrolled, required)
+        self.events.imported([u for u, *_ in enrolled], required)
+        return Imported(count, len(rows) - count)
+
+    def rotate_keys(self) -> Rotation:
+        """Re-encrypt every stored TOTP key under a new key version. Older versions
+        stay readable meanwhile (running instances keep working); a key re-enrolled
+        during the pass is left alone; a row that cannot be decrypted does not
+        stop the others."""
+        ring = self.keys
+        version = ring.add_version()
+        done = skipped = 0
+        failed: list[str] = []
+        for batch in self.store.secrets_to_rotate(version):
+            for name, blob in batch:
+                try:
+                    plain = ring.decrypt(blob, name)
+                except Exception:  # a damaged row must not stop the others
+                    failed.append(name)
+                    continue
+                if self.store.replace_secret(name, blob, ring.encrypt(plain, name), version):
+                    done += 1
+                else:
+                    skipped += 1
+        return Rotation(version, done, skipped, tuple(failed))
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")

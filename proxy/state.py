@@ -1,0 +1,50 @@
+"""Config → state objects: the store and the admin service, built the same way
+for ``serve`` and the admin commands. Kept light (no Twisted) so the CLI
+starts fast."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from policy.admin import AccountEvents, Accounts
+from policy.engine import Clock
+from policy.keys import KeyRing
+from policy.store import Store, StoreError
+from policy.totp import TotpParams
+from proxy.config import Settings, StateSettings, TotpSettings
+from proxy.directories import username_rules
+
+
+def open_store(state: StateSettings, clock: Clock = time.time,
+               background_checkpoints: bool = False) -> Store:
+    """The state store, ready to use: SQLite (the embedded default) is migrated on
+    the spot; any other database must already be at the current schema
+    (``mfa-proxy db upgrade``). Every failure is a StoreError saying why."""
+    store = Store(state.url, clock, background_checkpoints=background_checkpoints)
+    try:
+        if store.dialect == "sqlite":
+            store.upgrade()
+        else:
+            store.check_current()
+    except StoreError:
+        store.close()
+        raise
+    except Exception as e:  # the database is down or unreachable
+        store.close()
+        raise StoreError(f"state store unavailable: {type(e).__name__}: {e}") from None
+    return store
+
+
+def totp_params(t: TotpSettings) -> TotpParams:
+    return TotpParams(t.digits, t.period, t.window)
+
+
+def make_accounts(settings: Settings, store: Store, keys: KeyRing | Callable[[], KeyRing],
+                  clock: Clock = time.time, events: AccountEvents | None = None) -> Accounts:
+    return Accounts(store, keys, totp_params(settings.totp), settings.totp.issuer,
+                    settings.policy.enrollment_days, username_rules(settings.directory),
+                    clock, events)
+
+
+__all__ = ["make_accounts", "open_store", "totp_params"]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from policy.engine import Clock
+from policy.clock import Clock
 from policy.keys import KeyRing
 from policy.store import DAY, LOCKED_FOREVER, Store, UserRecord
 from policy.totp import InvalidSecret, TotpParams, new_secret, normalize_secret, provisioning_uri

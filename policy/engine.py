@@ -38,6 +38,7 @@ from backends.base import (
     Identity,
     InvalidCredentials,
 )
+from policy.clock import Clock
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from policy.escaping import escape_controls
 from policy.keys import KeyRing
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
 log = logging.getLogger("mfa_proxy.policy")
-
-Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from policy.admin import AccountEvents, Accounts
-from policy.engine import Clock
+from policy.clock import Clock
 from policy.keys import KeyRing
 from policy.store import Store, StoreError
 from policy.totp import TotpParams

@@ -57,7 +57,7 @@ Authenticate = Callable[[AuthRequest], "Deferred[Decision]"]
 Send = Callable[[bytes], None]
 
 
-class Clock(Protocol):
+class ReactorTime(Protocol):
     """The part of ``IReactorTime`` used here (a reactor, or ``task.Clock`` in tests)."""
 
     def seconds(self) -> float: ...
@@ -119,12 +119,12 @@ class RadiusServer:
 
     def __init__(self, clients: ClientTable, authenticate: Authenticate,
                  dictionary: Dictionary, *, events: RadiusEvents | None = None,
-                 clock: Clock | None = None,
+                 clock: ReactorTime | None = None,
                  settings: ServerSettings | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor
 
-            clock = cast(Clock, reactor)
+            clock = cast(ReactorTime, reactor)
         self.clients = clients
         self.authenticate = authenticate
         self.dictionary = dictionary

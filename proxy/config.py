@@ -144,7 +144,6 @@ class LdapSettings:
     max_buffered_bytes: int = 64 * 1048576
     idle_timeout: int = 600
     unbound_timeout: float = 10.0
-    username_attribute: str = "uid"
     user_base: str = ""  # MFA binds must be under it; defaults to [directory] user_base
     bind_cache_rules: tuple[tuple[str, int], ...] = ()  # (DN or suffix, seconds)
     connect_timeout: float = 10.0
@@ -565,6 +564,10 @@ def _check_timeouts(cfg: _Loader, radius: RadiusSettings, d: DirectorySettings) 
 
 
 def _ldap(r: _Reader) -> LdapSettings:
+    if r.str("username_attribute"):
+        r.cfg.warnings.append(
+            f"{r.key('username_attribute')}: no longer used and ignored: a bind DN is "
+            "resolved to its entry by the directory ([directory] username_attribute names it)")
     listen = r.addresses("listen", ("127.0.0.1:3389",))
     ldaps = r.addresses("ldaps_listen")
     cert, key = r.path("cert_file"), r.path("key_file")
@@ -605,7 +608,6 @@ def _ldap(r: _Reader) -> LdapSettings:
         max_buffered_bytes=max_buffered,
         idle_timeout=r.int("idle_timeout", 600, 0, 86400),
         unbound_timeout=r.float("unbound_timeout", 10.0, 0, 3600),
-        username_attribute=r.str("username_attribute", "uid"),
         user_base=r.str("user_base"),
         bind_cache_rules=tuple(x for x in (_cache_rule(c) for c in r.tables("bind_cache_rules"))
                                if x),

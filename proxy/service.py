@@ -247,7 +247,6 @@ class Service:
             max_connections_per_source=lset.max_connections_per_source,
             max_buffered_bytes=lset.max_buffered_bytes,
             idle_timeout=float(lset.idle_timeout), unbound_timeout=lset.unbound_timeout,
-            username_attribute=lset.username_attribute,
             user_base=lset.user_base,
             connect_timeout=lset.connect_timeout, bind_timeout=lset.bind_timeout)
         try:

@@ -67,7 +67,6 @@ class LdapFrontendConfig:
     # Seconds a connection may stay open before its first successful bind (0 = no
     # limit): idle or trickling unauthenticated sockets cost an upstream connection each.
     unbound_timeout: float = 10.0
-    username_attribute: str = "uid"  # the RDN attribute that names the user
     # When set, an MFA bind's DN must lie under it (a user entry): a non-exempt DN
     # elsewhere (the rootdn, an entry named like a user in another subtree) is
     # refused with 49 instead of passing with a password as an unknown user.
@@ -133,8 +132,6 @@ class LdapFrontendConfig:
         for key in ("idle_timeout", "unbound_timeout", "connect_timeout", "bind_timeout"):
             if getattr(self, key) < 0:
                 found.append(f"ldap.{key}: must be 0 or more")
-        if not self.username_attribute:
-            found.append("ldap.username_attribute: must not be empty")
         return found
 
 

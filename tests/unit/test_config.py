@@ -589,3 +589,14 @@ def test_ldap_section_passes_the_front_end_checks_too(tmp_path: Path) -> None:
         "ldap.max_buffered_bytes: must be at least ldap.max_message_size",
         "ldap.unbound_timeout: must be 0 or more",
     ]
+
+
+def test_ldap_username_attribute_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """The entry a bind DN names is resolved by the directory; the old key stays
+    accepted so configs keep loading, and check-config says it does nothing."""
+    path = tmp_path / "c.toml"
+    path.write_text('[state]\nurl = "sqlite:///x.db"\n[directory]\ntype = "local"\n'
+                    'users_file = "u.toml"\n[ldap]\nupstream = "ldap://127.0.0.1:389"\n'
+                    'username_attribute = "cn"\n')
+    settings = load(str(path))
+    assert any("ldap.username_attribute" in w and "ignored" in w for w in settings.warnings)

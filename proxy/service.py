@@ -206,7 +206,7 @@ class Service:
 
         from proxy.metrics import RadiusMetrics
         from proxy.radius.clients import ClientTable, RadiusClientConfig
-        from proxy.radius.packet import SHIPPED_DICTIONARY
+        from proxy.radius.packet import SHIPPED_DICTIONARY, check_dictionary
         from proxy.radius.server import RadiusServer, ServerSettings
 
         clients = ClientTable([RadiusClientConfig(
@@ -214,8 +214,13 @@ class Service:
             separator=c.separator, require_message_authenticator=c.require_message_authenticator,
             repeat_window_seconds=c.repeat_window_seconds, enrollment_notice=c.enrollment_notice,
             nas_timeout=c.nas_timeout) for c in r.clients])
+        dictionary = Dictionary(str(SHIPPED_DICTIONARY))
+        try:
+            check_dictionary(dictionary)  # the attributes the proxy writes by number
+        except ValueError as e:
+            raise StartupError(f"radius dictionary {SHIPPED_DICTIONARY}: {e}") from None
         server = RadiusServer(
-            clients, self.authenticator.authenticate, Dictionary(str(SHIPPED_DICTIONARY)),
+            clients, self.authenticator.authenticate, dictionary,
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))

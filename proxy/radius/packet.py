@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from pyrad.dictionary import Dictionary
-from pyrad.packet import AcctPacket, AuthPacket
 from pyrad.packet import Packet as PyradPacket
 
 from proxy.radius.events import DropReason
@@ -419,9 +418,3 @@ def _encode_one(dictionary: Dictionary, name: str, value: Any) -> bytes:
         return bytes(holder.ReplyPacket()[HEADER_LENGTH:])
     except (TypeError, ValueError, KeyError, OverflowError, struct.error) as exc:
         raise ValueError(f"{name} = {value!r}: {exc}") from None
-
-
-def to_pyrad(packet: Packet, dictionary: Dictionary, secret: bytes) -> PyradPacket:
-    """A by-name view of a checked packet (for logs and tests, not the hot path)."""
-    cls = AcctPacket if packet.code == Code.ACCOUNTING_REQUEST else AuthPacket
-    return cls(packet=packet.raw, dict=dictionary, secret=secret)

@@ -6,8 +6,6 @@ and the server still answers a valid request afterwards.
 
 from __future__ import annotations
 
-import contextlib
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyrad.dictionary import Dictionary
@@ -24,7 +22,6 @@ from proxy.radius.packet import (
     Packet,
     hmac_md5,
     parse_datagram,
-    to_pyrad,
 )
 from proxy.radius.server import RadiusServer
 from proxy.radius.testing import (
@@ -142,15 +139,3 @@ def test_parsed_packets_are_consistent(data: bytes) -> None:
         assert packet.raw[offset - 2] == Attr.MESSAGE_AUTHENTICATOR
     list(packet.vendor_attributes())
     packet.uses_unsupported_auth()
-
-
-@settings(max_examples=200, deadline=None)
-@given(mutated())
-def test_pyrad_view_of_a_checked_packet_raises_only_its_own_error(data: bytes) -> None:
-    """to_pyrad is for logs: it may refuse a packet, but only with PacketError."""
-    from pyrad.packet import PacketError
-
-    packet = parse_datagram(data)
-    if isinstance(packet, Packet):
-        with contextlib.suppress(PacketError):
-            to_pyrad(packet, DICTIONARY, SECRET)

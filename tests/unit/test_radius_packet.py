@@ -35,7 +35,6 @@ from proxy.radius.packet import (
     message_authenticator_problem,
     parse_datagram,
     status_server_reply,
-    to_pyrad,
     verify_accounting_request,
     verify_message_authenticator,
 )
@@ -387,7 +386,10 @@ def test_encode_named_errors_name_the_attribute(dictionary, pairs, message: str)
         encode_named(dictionary, pairs)
 
 
-def test_to_pyrad_gives_names(radclient_request: bytes, dictionary: Dictionary) -> None:
-    view = to_pyrad(parsed(radclient_request), dictionary, RFC_SECRET)
+def test_what_we_parse_pyrad_reads_by_name(radclient_request: bytes,
+                                           dictionary: Dictionary) -> None:
+    from pyrad.packet import AuthPacket
+
+    view = AuthPacket(packet=parsed(radclient_request).raw, dict=dictionary, secret=RFC_SECRET)
     assert view["User-Name"] == ["alice"]
     assert view["NAS-Identifier"] == ["vpn-1"]

@@ -23,8 +23,10 @@ import hashlib
 import hmac
 import logging
 import random
+import re
 import threading
 import time
+import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,7 +197,7 @@ class PolicyEngine:
 
     def unknown(self, request: AuthRequest, name: str) -> Decision:
         """No such entry: no state, but the same answer a real account would get."""
-        locked, until = self.unknown_names.attempt(name.casefold(), self.clock())
+        locked, until = self.unknown_names.attempt(_unknown_key(name), self.clock())
         if locked:
             return self._finish(request, name, Outcome.REJECT, Reason.UNKNOWN_USER,
                                 message=MESSAGES[Reason.LOCKED_OUT],
@@ -702,6 +704,15 @@ class _SignIn:
             self.auth.gate.leave(self.username)
         if not self.result.called:
             self.result.callback(decision)
+
+
+_DN_SPACES = re.compile(r"\s*([=,+;])\s*")
+
+
+def _unknown_key(name: str) -> str:
+    """One counter for the plain spellings of one unknown name or DN (case, spaces
+    around separators), as a real entry has one for all of its spellings."""
+    return _DN_SPACES.sub(r"\1", unicodedata.normalize("NFKC", name).casefold().strip())
 
 
 def _directory_error(error: BaseException) -> DirectoryError:

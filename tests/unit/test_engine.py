@@ -1120,3 +1120,17 @@ def test_rejects_are_always_logged_accepts_only_when_asked(
     # the audit table has both, whatever the log says
     h.engine.audit.flush()
     assert [r.result for r in h.store.recent_audit("alice")] == ["reject", "accept"]
+
+
+def test_plain_spellings_of_an_unknown_dn_share_one_counter(h: Harness) -> None:
+    """A real entry locks across its spellings; so does a made-up one."""
+    spellings = ["uid=nobody,ou=people,dc=example,dc=org",
+                 "UID=Nobody, OU=People, DC=example, DC=org",
+                 "uid = nobody , ou=people,dc=example,dc=org"]
+    decisions = []
+    for i in range(6):
+        request = h.request(secret="guess")
+        request.bind_dn = request.username = spellings[i % 3]
+        decisions.append(h.engine.authenticate_sync(request, h.directory))
+    assert decisions[-1].public_reason is Reason.LOCKED_OUT
+    assert h.store.list_users() == []

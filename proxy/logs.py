@@ -1,4 +1,4 @@
-"""Log records that cannot break a log line.
+"""Log records that cannot break a log line, and log lines a flood cannot multiply.
 
 Every message goes through :func:`policy.escaping.escape_controls`: a newline,
 carriage return, ESC, NUL, U+0085, U+2028... in anything a client sent (a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from policy.escaping import escape_controls
@@ -55,3 +56,28 @@ def install_last_resort() -> None:
     bare messages, escaped."""
     if not isinstance(logging.lastResort, StderrHandler):
         logging.lastResort = escaping_handler("%(message)s", logging.WARNING)
+
+
+class LogLimiter:
+    """At most one log line per key per ``interval`` seconds, with bounded memory:
+    a flood of connections must not become a flood of log lines (the metrics
+    still count every event)."""
+
+    def __init__(self, clock: Callable[[], float], interval: float = 60.0,
+                 max_keys: int = 1024) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        if last is None and len(self._last) >= self._max_keys:
+            self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
+            if len(self._last) >= self._max_keys:
+                return False
+        self._last[key] = now
+        return True

@@ -45,7 +45,6 @@ Labels used:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Protocol
 
 
@@ -122,28 +121,3 @@ class CountingLdapEvents:
 
     def __getitem__(self, key: tuple[str, ...]) -> int:
         return self.counts[key]
-
-
-class LogLimiter:
-    """At most one log line per key per ``interval`` seconds, with bounded memory:
-    a flood of connections must not become a flood of log lines (the metrics
-    still count every event)."""
-
-    def __init__(self, clock: Callable[[], float], interval: float = 60.0,
-                 max_keys: int = 1024) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._max_keys = max_keys
-        self._last: dict[str, float] = {}
-
-    def allow(self, key: str) -> bool:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        if last is None and len(self._last) >= self._max_keys:
-            self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
-            if len(self._last) >= self._max_keys:
-                return False
-        self._last[key] = now
-        return True

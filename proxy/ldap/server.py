@@ -67,8 +67,9 @@ from proxy.ldap.bind import (
 )
 from proxy.ldap.config import LdapFrontendConfig, parse_listen, parse_upstream
 from proxy.ldap.dn import DnSuffixMap, normalize_dn
-from proxy.ldap.events import LdapEvents, LogLimiter, NullLdapEvents
+from proxy.ldap.events import LdapEvents, NullLdapEvents
 from proxy.ldap.transport import set_no_delay, write_now, write_sequence_now
+from proxy.logs import LogLimiter
 
 log = Logger()
 

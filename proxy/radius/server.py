@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from backends.base import Identity
 from policy.decision import AuthRequest, Decision, Outcome, Reason
+from proxy.logs import LogLimiter
 from proxy.radius.challenge import ChallengeStore
 from proxy.radius.clients import ClientTable, EnrollmentNotice, RadiusClientConfig, ReplyRuleLike
 from proxy.radius.duplicates import DuplicateCache, DuplicateKey, Seen, duplicate_key
@@ -138,8 +139,8 @@ class RadiusServer:
         # Encoded now, so a bad rule fails at start, naming the attribute.
         self._replies = {c.name: ReplyAttributes(self.settings.reply_rules + c.reply_rules,
                                                  dictionary) for c in clients}
-        self._unknown_sources = _LogLimiter(self.settings.unknown_client_log_interval,
-                                            clock.seconds)
+        self._unknown_sources = LogLimiter(clock.seconds,
+                                           self.settings.unknown_client_log_interval)
 
     # --- Twisted side ----------------------------------------------------
 
@@ -422,29 +423,6 @@ def _text(value: bytes | None) -> str | None:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-class _LogLimiter:
-    """At most one log line per key per interval; bounded memory under a flood."""
-
-    def __init__(self, interval: float, clock: Callable[[], float],
-                 max_keys: int = 1024) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._max_keys = max_keys
-        self._last: dict[str, float] = {}
-
-    def allow(self, key: str) -> bool:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        if last is None and len(self._last) >= self._max_keys:
-            self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
-            if len(self._last) >= self._max_keys:
-                return False  # a flood of sources: the metric still counts them
-        self._last[key] = now
-        return True
 
 
 class RadiusPort(DatagramProtocol):

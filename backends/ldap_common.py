@@ -9,17 +9,18 @@ escaped first RDN.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from twisted.logger import Logger
-
 from backends.base import DirectoryUnavailable, InvalidCredentials
 
-log = Logger(namespace="mfa_proxy.backends.ldap")
+# stdlib logging, not twisted.logger: the admin CLI imports this (via the config)
+# and should not load Twisted for it.
+log = logging.getLogger("mfa_proxy.backends.ldap")
 
 # LDAP result codes (RFC 4511 §4.1.9) that matter here.
 SUCCESS = 0
@@ -226,14 +227,14 @@ class Endpoints:
             was_up = not endpoint.is_down(self._clock())
             endpoint.down_until = self._clock() + self._down_seconds
         if was_up:
-            log.warn("directory {url} marked down for {seconds}s: {why}",
-                     url=endpoint.url, seconds=self._down_seconds, why=why)
+            log.warning("directory %s marked down for %ss: %s", endpoint.url,
+                        self._down_seconds, why)
 
     def mark_up(self, endpoint: Endpoint) -> None:
         if endpoint.down_until:
             with self._lock:
                 endpoint.down_until = 0.0
-            log.info("directory {url} answers again", url=endpoint.url)
+            log.info("directory %s answers again", endpoint.url)
 
     def preferred(self) -> Endpoint | None:
         """The URL a new connection would try first (None when all are down)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from backends.ldap_common import LdapOptions
+
 T = TypeVar("T")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "mfa-proxy.toml"
@@ -66,23 +68,16 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class DirectorySettings:
+    """The ``[directory]`` section: which directory, and how typed names are read.
+
+    An LDAP directory's options are parsed once, into the type its client uses
+    (``backends.ldap_common.LdapOptions``), and checked with that type's own
+    ``problems()`` -- the checks ``serve`` relies on are the checks
+    ``check-config`` runs."""
+
     type: str = "local"
     users_file: Path | None = None
-    urls: tuple[str, ...] = ()
-    bind_dn: str = ""
-    bind_password: str = ""
-    user_base: str = ""
-    user_filter: str = "(uid={username})"
-    username_attribute: str = "uid"
-    group_base: str = ""
-    group_filter: str = "(|(member={dn})(uniqueMember={dn}))"
-    use_memberof: bool = True
-    start_tls: bool = False
-    ca_file: Path | None = None
-    tls_verify: bool = True
-    connect_timeout: float = 3.0
-    timeout: float = 5.0
-    dn_cache_seconds: int = 60
+    ldap: LdapOptions | None = None  # type = "ldap"
     lowercase_usernames: bool = True
     strip_domain: bool = True  # DOMAIN\user -> user
     strip_realm: bool = True  # user@realm -> user
@@ -383,10 +378,11 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
         r.str("level", "info", ("debug", "info", "warning", "error")),
         r.str("decisions", "rejects", ("rejects", "all"))))
     if directory and ldap and not ldap.user_base and directory.type == "ldap":
-        ldap = _replace(ldap, user_base=directory.user_base)
+        assert directory.ldap is not None
+        ldap = _replace(ldap, user_base=directory.ldap.user_base)
     if directory and ldap and not ldap.upstream:
-        if directory.type == "ldap" and directory.urls:
-            ldap = _replace(ldap, upstream=directory.urls[0])
+        if directory.ldap is not None and directory.ldap.urls:
+            ldap = _replace(ldap, upstream=directory.ldap.urls[0])
         else:
             cfg.problems.append("ldap.upstream: missing (no [directory] LDAP url to default to)")
     if radius and directory:
@@ -469,17 +465,23 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
     ca_file = r.path("ca_file")
     if ca_file and not ca_file.is_file():
         r.problem("ca_file", f"cannot read {ca_file}")
-    return DirectorySettings(
-        type="ldap", urls=urls, bind_dn=bind_dn, bind_password=password, user_base=user_base,
+    options = LdapOptions(
+        urls=list(urls), bind_dn=bind_dn, bind_password=password, user_base=user_base,
         user_filter=user_filter, username_attribute=r.str("username_attribute", "uid"),
         group_base=r.str("group_base"),
         group_filter=r.str("group_filter", "(|(member={dn})(uniqueMember={dn}))"),
         use_memberof=r.bool("use_memberof", True), start_tls=r.bool("start_tls", False),
-        ca_file=ca_file, tls_verify=r.bool("tls_verify", True),
+        ca_file=str(ca_file) if ca_file else "", tls_verify=r.bool("tls_verify", True),
         connect_timeout=r.float("connect_timeout", 3.0, 0.1, 60),
         timeout=r.float("timeout", 5.0, 0.1, 120),
-        dn_cache_seconds=r.int("dn_cache_seconds", 60, 0, 86400), **common,
+        dn_cache_seconds=float(r.int("dn_cache_seconds", 60, 0, 86400)),
     )
+    # The client's own checks (filter syntax...), for keys not reported above.
+    for problem in options.problems():
+        key, _, message = problem.partition(": ")
+        if not any(p.startswith(f"{r.key(key)}:") for p in r.cfg.problems):
+            r.problem(key, message)
+    return DirectorySettings(type="ldap", ldap=options, **common)
 
 
 def _network(r: _Reader, value: str, key: str = "address"
@@ -552,15 +554,16 @@ def _reply(r: _Reader) -> ReplyRule | None:
 
 def _check_timeouts(cfg: _Loader, radius: RadiusSettings, d: DirectorySettings) -> None:
     """A NAS that gives up before we answer retransmits or fails over: warn."""
-    if d.type != "ldap":
+    if d.ldap is None:
         return
-    worst = (d.connect_timeout + d.timeout) * max(1, len(d.urls)) + 0.5
+    urls = d.ldap.urls
+    worst = (d.ldap.connect_timeout + d.ldap.timeout) * max(1, len(urls)) + 0.5
     for c in radius.clients:
         if c.nas_timeout and worst > c.nas_timeout:
             cfg.warnings.append(
                 f"radius.clients[{c.name}].nas_timeout: {c.nas_timeout:g} s is shorter than the "
                 f"worst directory time ({worst:g} s = (connect_timeout + timeout) × "
-                f"{len(d.urls)} URLs + processing); the NAS may retransmit or give up")
+                f"{len(urls)} URLs + processing); the NAS may retransmit or give up")
 
 
 def _ldap(r: _Reader) -> LdapSettings:

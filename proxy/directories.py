@@ -25,17 +25,9 @@ def make_directory(d: DirectorySettings) -> Directory:
 
 
 def ldap_options(d: DirectorySettings) -> Any:
-    from backends.ldap_common import LdapOptions
-
-    return LdapOptions(
-        urls=list(d.urls), bind_dn=d.bind_dn, bind_password=d.bind_password,
-        user_base=d.user_base, user_filter=d.user_filter,
-        username_attribute=d.username_attribute, group_base=d.group_base,
-        group_filter=d.group_filter, use_memberof=d.use_memberof, start_tls=d.start_tls,
-        ca_file=str(d.ca_file) if d.ca_file else "", tls_verify=d.tls_verify,
-        connect_timeout=d.connect_timeout, timeout=d.timeout,
-        dn_cache_seconds=float(d.dn_cache_seconds),
-    )
+    """The LDAP client's options, as the config parsed them."""
+    assert d.ldap is not None, "directory.type is not ldap"
+    return d.ldap
 
 
 __all__ = ["ldap_options", "make_directory", "username_rules"]

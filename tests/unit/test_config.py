@@ -191,7 +191,8 @@ listen = ["127.0.0.1:3389"]
 """
     s = load(write(tmp_path, text))
     assert s.ldap is not None and s.ldap.upstream == "ldap://127.0.0.1:3890"
-    assert s.directory.urls == ("ldap://127.0.0.1:3890", "ldap://127.0.0.2:3890")
+    assert s.directory.ldap is not None
+    assert s.directory.ldap.urls == ["ldap://127.0.0.1:3890", "ldap://127.0.0.2:3890"]
 
 
 def test_default_config_loads(tmp_path: Path) -> None:
@@ -600,3 +601,20 @@ def test_ldap_username_attribute_is_ignored_with_a_warning(tmp_path: Path) -> No
                     'username_attribute = "cn"\n')
     settings = load(str(path))
     assert any("ldap.username_attribute" in w and "ignored" in w for w in settings.warnings)
+
+
+def test_ldap_filters_are_checked_as_the_client_parses_them(tmp_path: Path) -> None:
+    """check-config refuses what the directory client would refuse at start-up."""
+    text = """\
+[state]
+url = "sqlite:///state.db"
+[directory]
+type = "ldap"
+urls = ["ldap://127.0.0.1:389"]
+user_base = "ou=people,dc=example,dc=org"
+user_filter = "(&(uid={username})(objectClass=person)"
+group_filter = "(member={dn}"
+"""
+    found = problems(tmp_path, text)
+    assert any(p.startswith("directory.user_filter: not an LDAP filter") for p in found), found
+    assert any(p.startswith("directory.group_filter: not an LDAP filter") for p in found), found

@@ -604,7 +604,8 @@ def test_the_request_path_does_not_load_ldap3() -> None:
 
     code = ("import sys, backends.ldap_async, proxy.service, proxy.radius.server, "
             "proxy.ldap.server, proxy.directories as d, proxy.config as c; "
-            "d.ldap_options(c.DirectorySettings(type='ldap', urls=('ldap://127.0.0.1',))); "
+            "from backends.ldap_common import LdapOptions; "
+            "d.ldap_options(c.DirectorySettings(type='ldap', ldap=LdapOptions())); "
             "print(sorted(m for m in ('ldap3', 'alembic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=str(Path(__file__).resolve().parents[2]))

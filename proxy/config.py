@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backends.ldap_common import LdapOptions
+from policy.decision import MfaMode
+from proxy.addresses import Address, parse_address
+from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
+from proxy.radius.clients import ClientTable, RadiusClientConfig
 
 T = TypeVar("T")
 
@@ -32,15 +36,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -90,20 +85,6 @@ class ReplyRule:
 
 
 @dataclass(frozen=True)
-class RadiusClient:
-    name: str
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    secret: bytes
-    mfa: str
-    mode: str
-    separator: str
-    require_message_authenticator: bool
-    repeat_window_seconds: int = 0
-    enrollment_notice: str = "reply-message"
-    nas_timeout: float | None = None
-
-
-@dataclass(frozen=True)
 class RadiusSettings:
     listen: tuple[Address, ...] = ()
     accounting_listen: tuple[Address, ...] = ()
@@ -112,37 +93,8 @@ class RadiusSettings:
     require_message_authenticator: bool = True
     challenge_timeout: int = 120
     duplicate_window: int = 30
-    clients: tuple[RadiusClient, ...] = ()
+    clients: tuple[RadiusClientConfig, ...] = ()  # the RADIUS front-end's own type
     reply: tuple[ReplyRule, ...] = ()
-
-
-@dataclass(frozen=True)
-class LdapSettings:
-    listen: tuple[Address, ...] = ()
-    ldaps_listen: tuple[Address, ...] = ()
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    upstream: str = ""
-    upstream_start_tls: bool = False
-    ca_file: Path | None = None
-    tls_verify: bool = True
-    exempt: tuple[str, ...] = ()
-    mfa: str = "enrolled"
-    separator: str = ","
-    bind_cache_seconds: int = 0
-    allow_anonymous: bool = False
-    require_bind: bool = True  # default: not allow_anonymous
-    sasl_passthrough: bool = False
-    max_message_size: int = 262144
-    max_connections: int = 1000
-    max_connections_per_source: int = 64
-    max_buffered_bytes: int = 64 * 1048576
-    idle_timeout: int = 600
-    unbound_timeout: float = 10.0
-    user_base: str = ""  # MFA binds must be under it; defaults to [directory] user_base
-    bind_cache_rules: tuple[tuple[str, int], ...] = ()  # (DN or suffix, seconds)
-    connect_timeout: float = 10.0
-    bind_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -160,7 +112,7 @@ class Settings:
     policy: PolicySettings
     directory: DirectorySettings
     radius: RadiusSettings | None
-    ldap: LdapSettings | None
+    ldap: LdapFrontendConfig | None
     http: HttpSettings
     log_level: str = "info"
     # "rejects": one line per refused attempt (accepts are in the audit table);
@@ -325,25 +277,6 @@ def write_private_file(path: Path, text: str) -> None:
         f.write(text)
 
 
-def parse_address(value: str) -> Address:
-    """'127.0.0.1:1812', '[::1]:1812' → Address. Hostnames are refused: a listener
-    binds an address, and we want no DNS surprises at start."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:  # "2001:db8::1:389": is 389 the port or part of the address?
-        raise ValueError(f"an IPv6 address needs brackets, as [::1]:PORT, got {value!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"not an IP address: {host!r} in {value!r}") from None
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"port out of range in {value!r}")
-    return Address(host, int(port))
-
-
 def load(path: Path | str | None = None) -> Settings:
     """Load and validate a config file; raise ConfigError listing every problem."""
     path = Path(path) if path else DEFAULT_CONFIG
@@ -385,6 +318,12 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
             ldap = _replace(ldap, upstream=directory.ldap.urls[0])
         else:
             cfg.problems.append("ldap.upstream: missing (no [directory] LDAP url to default to)")
+    if ldap is not None and ldap.upstream:
+        # The front-end's own checks (what its factory refuses at start-up), on
+        # the final values, for the keys not reported yet.
+        for problem in ldap.problems():
+            if not any(p.startswith(problem.partition(": ")[0] + ":") for p in cfg.problems):
+                cfg.problems.append(problem)
     if radius and directory:
         _check_timeouts(cfg, radius, directory)
     if state is None or directory is None:
@@ -513,11 +452,16 @@ def _radius(cfg: _Loader, r: _Reader, totp: TotpSettings) -> RadiusSettings:
     names = [c.name for c in clients]
     for name in sorted({n for n in names if names.count(n) > 1}):
         r.problem("clients", f"duplicate client name {name!r}")
+    if len(set(names)) == len(names):
+        try:  # the table serve builds: two clients claiming one network are refused
+            ClientTable(clients)
+        except ValueError as e:
+            r.problem("clients", str(e))
     reply = tuple(_reply(rr) for rr in r.tables("reply"))
     return _replace(settings, clients=clients, reply=tuple(x for x in reply if x))
 
 
-def _client(cfg: _Loader, r: _Reader, d: RadiusSettings) -> RadiusClient | None:
+def _client(cfg: _Loader, r: _Reader, d: RadiusSettings) -> RadiusClientConfig | None:
     name = r.str("name")
     if not name:
         r.problem("name", "missing: a short name for metrics and logs")
@@ -529,8 +473,7 @@ def _client(cfg: _Loader, r: _Reader, d: RadiusSettings) -> RadiusClient | None:
     if secret and len(secret) < 16:
         cfg.warnings.append(f"{r.key('secret')}: shorter than 16 characters; a RADIUS shared "
                             "secret should be long and random (BlastRADIUS)")
-    client = RadiusClient(
-        name=name or "?", networks=networks, secret=secret.encode(),
+    fields: dict[str, Any] = dict(
         mfa=r.str("mfa", "enrolled", MFA_MODES), mode=r.str("mode", d.mode, RADIUS_MODES),
         separator=r.str("separator", d.separator),
         require_message_authenticator=r.bool("require_message_authenticator",
@@ -540,7 +483,9 @@ def _client(cfg: _Loader, r: _Reader, d: RadiusSettings) -> RadiusClient | None:
         nas_timeout=r.float("nas_timeout", 0.0, 0.0, 600) or None,
     )
     r.done()
-    return client if name and networks and secret else None
+    if not (name and networks and secret):
+        return None  # its problems are reported
+    return RadiusClientConfig(name=name, networks=networks, secret=secret.encode(), **fields)
 
 
 def _reply(r: _Reader) -> ReplyRule | None:
@@ -566,7 +511,7 @@ def _check_timeouts(cfg: _Loader, radius: RadiusSettings, d: DirectorySettings) 
                 f"{len(urls)} URLs + processing); the NAS may retransmit or give up")
 
 
-def _ldap(r: _Reader) -> LdapSettings:
+def _ldap(r: _Reader) -> LdapFrontendConfig:
     if r.str("username_attribute"):
         r.cfg.warnings.append(
             f"{r.key('username_attribute')}: no longer used and ignored: a bind DN is "
@@ -596,11 +541,12 @@ def _ldap(r: _Reader) -> LdapSettings:
     if max_buffered < max_message_size:
         r.problem("max_buffered_bytes",
                   f"must be at least max_message_size ({max_message_size}), got {max_buffered}")
-    return LdapSettings(
-        listen=listen, ldaps_listen=ldaps, cert_file=cert, key_file=key, upstream=upstream,
-        upstream_start_tls=r.bool("start_tls", False), ca_file=ca,
+    config = LdapFrontendConfig(
+        listen=tuple(map(str, listen)), ldaps_listen=tuple(map(str, ldaps)),
+        cert_file=str(cert or ""), key_file=str(key or ""), upstream=upstream,
+        upstream_start_tls=r.bool("start_tls", False), ca_file=str(ca or ""),
         tls_verify=r.bool("tls_verify", True), exempt=r.str_list("exempt"),
-        mfa=r.str("mfa", "enrolled", MFA_MODES), separator=r.str("separator", ","),
+        mfa=MfaMode(r.str("mfa", "enrolled", MFA_MODES)), separator=r.str("separator", ","),
         bind_cache_seconds=r.int("bind_cache_seconds", 0, 0, 86400),
         allow_anonymous=allow_anonymous,
         require_bind=r.bool("require_bind", not allow_anonymous),
@@ -609,7 +555,7 @@ def _ldap(r: _Reader) -> LdapSettings:
         max_connections=r.int("max_connections", 1000, 1, 100000),
         max_connections_per_source=r.int("max_connections_per_source", 64, 1, 100000),
         max_buffered_bytes=max_buffered,
-        idle_timeout=r.int("idle_timeout", 600, 0, 86400),
+        idle_timeout=float(r.int("idle_timeout", 600, 0, 86400)),
         unbound_timeout=r.float("unbound_timeout", 10.0, 0, 3600),
         user_base=r.str("user_base"),
         bind_cache_rules=tuple(x for x in (_cache_rule(c) for c in r.tables("bind_cache_rules"))
@@ -617,15 +563,16 @@ def _ldap(r: _Reader) -> LdapSettings:
         connect_timeout=r.float("connect_timeout", 10.0, 0.1, 300),
         bind_timeout=r.float("bind_timeout", 30.0, 0.1, 300),
     )
+    return config
 
 
-def _cache_rule(r: _Reader) -> tuple[str, int] | None:
+def _cache_rule(r: _Reader) -> BindCacheRule | None:
     dn = r.str("dn")
     if not dn:
         r.problem("dn", "missing: the DN or DN suffix this window applies to")
     seconds = r.int("seconds", 0, 0, 86400)
     r.done()
-    return (dn, seconds) if dn else None
+    return BindCacheRule(dn, seconds) if dn else None
 
 
 def _http(r: _Reader) -> HttpSettings:

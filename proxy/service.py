@@ -90,7 +90,7 @@ class Service:
             repeat_windows=any(c.repeat_window_seconds for c in
                                (s.radius.clients if s.radius else ())) or bool(
                 s.ldap and (s.ldap.bind_cache_seconds
-                            or any(sec for _, sec in s.ldap.bind_cache_rules))),
+                            or any(rule.seconds for rule in s.ldap.bind_cache_rules))),
             log_accepts=s.log_decisions == "all")
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
@@ -205,15 +205,11 @@ class Service:
         from pyrad.dictionary import Dictionary
 
         from proxy.metrics import RadiusMetrics
-        from proxy.radius.clients import ClientTable, RadiusClientConfig
+        from proxy.radius.clients import ClientTable
         from proxy.radius.packet import SHIPPED_DICTIONARY, check_dictionary
         from proxy.radius.server import RadiusServer, ServerSettings
 
-        clients = ClientTable([RadiusClientConfig(
-            name=c.name, networks=c.networks, secret=c.secret, mode=c.mode, mfa=c.mfa,
-            separator=c.separator, require_message_authenticator=c.require_message_authenticator,
-            repeat_window_seconds=c.repeat_window_seconds, enrollment_notice=c.enrollment_notice,
-            nas_timeout=c.nas_timeout) for c in r.clients])
+        clients = ClientTable(r.clients)
         dictionary = Dictionary(str(SHIPPED_DICTIONARY))
         try:
             check_dictionary(dictionary)  # the attributes the proxy writes by number
@@ -235,25 +231,10 @@ class Service:
         lset = self.settings.ldap
         if lset is None or not (lset.listen or lset.ldaps_listen):
             return
-        from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
         from proxy.ldap.server import LdapProxyFactory
         from proxy.metrics import LdapMetrics
 
-        config = LdapFrontendConfig(
-            listen=tuple(map(str, lset.listen)), ldaps_listen=tuple(map(str, lset.ldaps_listen)),
-            cert_file=str(lset.cert_file or ""), key_file=str(lset.key_file or ""),
-            upstream=lset.upstream, upstream_start_tls=lset.upstream_start_tls,
-            ca_file=str(lset.ca_file or ""), tls_verify=lset.tls_verify, exempt=lset.exempt,
-            mfa=lset.mfa, separator=lset.separator, bind_cache_seconds=lset.bind_cache_seconds,
-            bind_cache_rules=tuple(BindCacheRule(dn, sec) for dn, sec in lset.bind_cache_rules),
-            allow_anonymous=lset.allow_anonymous, require_bind=lset.require_bind,
-            sasl_passthrough=lset.sasl_passthrough,
-            max_message_size=lset.max_message_size, max_connections=lset.max_connections,
-            max_connections_per_source=lset.max_connections_per_source,
-            max_buffered_bytes=lset.max_buffered_bytes,
-            idle_timeout=float(lset.idle_timeout), unbound_timeout=lset.unbound_timeout,
-            user_base=lset.user_base,
-            connect_timeout=lset.connect_timeout, bind_timeout=lset.bind_timeout)
+        config = lset  # parsed by the config loader into the front-end's own type
         try:
             factory = LdapProxyFactory(config, self.authenticator.authenticate,
                                        events=LdapMetrics(self.metrics), reactor=self.reactor)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from policy.decision import MfaMode
+from proxy.addresses import parse_address
 
 
 @dataclass(frozen=True)
@@ -143,20 +144,10 @@ class Upstream:
 
 
 def parse_listen(address: object) -> tuple[str, int]:
-    """``"127.0.0.1:3389"`` or ``"[::1]:3389"`` (or anything whose str() is) → (host, port)."""
-    address = str(address)
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{address!r} is not host:port")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"{address!r}: unbalanced brackets")
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{address!r}: write IPv6 addresses as [addr]:port")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{address!r}: bad port")
-    return host, int(port)
+    """``"127.0.0.1:3389"`` or ``"[::1]:3389"`` → (host, port), as every listener
+    address is read (proxy/addresses.py); port 0 lets the system pick (tests)."""
+    parsed = parse_address(str(address), any_port=True)
+    return parsed.host, parsed.port
 
 
 def parse_upstream(url: str) -> Upstream:

@@ -234,13 +234,11 @@ class PolicyEngine:
     # -- phase 3: after the password -------------------------------------------------
 
     def decide(self, p: Prepared, verdict: Identity | DirectoryError) -> Decision:
-        """Every outcome on the state as it is now, not as ``begin`` saw it: a lock
-        that came meanwhile (another instance, a concurrent guess) wins."""
+        """Every accept and challenge on the state as it is now, not as ``begin``
+        saw it: a lock that came meanwhile (another instance) wins. A code is
+        accepted by one ``UPDATE … WHERE not locked``; the other accepts and the
+        challenge read the lock again first (:meth:`_locked_now`)."""
         now = self.clock()
-        p.record = self.store.get(p.username) or UserRecord(p.username)
-        if p.record.locked(now):
-            return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
-                                locked_until=p.record.locked_until)
         if isinstance(verdict, DirectoryUnavailable):
             return self._finish(p.request, p.username, Outcome.REJECT,
                                 Reason.DIRECTORY_UNAVAILABLE)
@@ -248,8 +246,18 @@ class PolicyEngine:
             # The entry exists: a refused password counts on it, whatever the
             # directory called it (a stale cached entry included).
             return self._failure(p, Reason.BAD_PASSWORD)
-        p.needs_code = self._needs_code(p.record, p.request.mfa)
         return self._second_factor(p, verdict, now)
+
+    def _locked_now(self, p: Prepared) -> Decision | None:
+        """LOCKED_OUT when the identity got locked since ``begin`` (p.record is
+        then the state as it is now)."""
+        current = self.store.get(p.username)
+        if current is not None:
+            p.record = current
+            if current.locked(self.clock()):
+                return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
+                                    locked_until=current.locked_until)
+        return None
 
     def _second_factor(self, p: Prepared, identity: Identity, now: float) -> Decision:
         rec, mfa = p.record, p.request.mfa
@@ -275,8 +283,8 @@ class PolicyEngine:
         if p.code is None:
             if p.request.split is SplitMode.APPEND:
                 return self._failure(p, Reason.MISSING_CODE, identity)
-            return self._finish(p.request, p.username, Outcome.NEED_CODE, Reason.CODE_NEEDED,
-                                identity)
+            return self._locked_now(p) or self._finish(
+                p.request, p.username, Outcome.NEED_CODE, Reason.CODE_NEEDED, identity)
         assert p.record.secret is not None
         secret = self.keys.decrypt(p.record.secret, p.username).decode()
         step = match_step(secret, p.code, now, self.totp)
@@ -315,6 +323,11 @@ class PolicyEngine:
 
     def _success(self, p: Prepared, identity: Identity, reason: Reason,
                  days_left: int | None = None) -> Decision:
+        """A password-only accept: not if locked meanwhile; clears the failures,
+        atomically conditional on the identity not being locked."""
+        locked = self._locked_now(p)
+        if locked is not None:
+            return locked
         if ((p.record.failures or p.record.locked_until is not None)
                 and not self.store.record_success(p.username, self.clock())):
             current = self.store.get(p.username)

@@ -1134,3 +1134,38 @@ def test_plain_spellings_of_an_unknown_dn_share_one_counter(h: Harness) -> None:
         decisions.append(h.engine.authenticate_sync(request, h.directory))
     assert decisions[-1].public_reason is Reason.LOCKED_OUT
     assert h.store.list_users() == []
+
+
+def test_a_lock_that_came_meanwhile_refuses_the_right_password_and_code(h: Harness) -> None:
+    """The code path takes the lock into its one conditional UPDATE."""
+    held: list[defer.Deferred[Identity]] = []
+
+    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
+        d: defer.Deferred[Identity] = defer.Deferred()
+        held.append(d)
+        return d
+
+    enrolled(h)
+    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    pending = auth.authenticate(h.request(secret=h.with_code()))
+    for _ in range(5):
+        h.store.record_failure("alice", h.clock(), 5, 900)
+    held.pop().callback(Identity("alice", "uid=alice"))
+    assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
+
+
+def test_a_lock_that_came_meanwhile_refuses_a_challenge(h: Harness) -> None:
+    held: list[defer.Deferred[Identity]] = []
+
+    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
+        d: defer.Deferred[Identity] = defer.Deferred()
+        held.append(d)
+        return d
+
+    enrolled(h)
+    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    pending = auth.authenticate(h.request(secret="alice-pw", split=SplitMode.CHALLENGE))
+    for _ in range(5):
+        h.store.record_failure("alice", h.clock(), 5, 900)
+    held.pop().callback(Identity("alice", "uid=alice"))
+    assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)

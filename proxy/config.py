@@ -1,7 +1,9 @@
 """TOML → typed settings. Every problem names its key; all are reported at once.
 
 Relative paths are relative to the config file's folder, so a config works
-wherever it is started from.
+wherever it is started from. Without ``-c`` the file is found by
+:func:`find_config`: ``$MFA_PROXY_CONFIG``, ``./conf/mfa-proxy.toml``,
+``/etc/mfa-proxy/mfa-proxy.toml``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ import ipaddress
 import os
 import secrets
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "mfa-proxy.toml"
+CONFIG_ENV = "MFA_PROXY_CONFIG"
+# Where a config is looked for, after $MFA_PROXY_CONFIG: the first is relative to the
+# working directory (a checkout, where scripts/serve runs; `mfa-proxy init-config`
+# writes there), the second is the system-wide place (the container image's mount).
+CONFIG_SEARCH_PATH = (Path("conf/mfa-proxy.toml"), Path("/etc/mfa-proxy/mfa-proxy.toml"))
 MFA_MODES = ("enrolled", "strict", "off")
 RADIUS_MODES = ("append", "challenge", "auto")
 ENROLLMENT_NOTICES = ("reply-message", "challenge", "none")
@@ -350,9 +356,33 @@ def parse_address(value: str) -> Address:
     return Address(host, int(port))
 
 
+def find_config(environ: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
+    """The config file to use when none is given with ``-c``.
+
+    ``$MFA_PROXY_CONFIG`` when set (a missing file is then an error, not a reason to
+    try elsewhere: falling back would quietly run another config), else the first of
+    :data:`CONFIG_SEARCH_PATH` that exists. Raise ConfigError naming every place
+    looked at when there is none."""
+    base = cwd or Path.cwd()
+    named = environ.get(CONFIG_ENV, "")
+    if named:
+        path = base / os.path.expanduser(named)
+        if not path.exists():
+            raise ConfigError([f"{path}: no such file (named by ${CONFIG_ENV})"])
+        return path
+    for candidate in CONFIG_SEARCH_PATH:
+        if (base / candidate).exists():
+            return base / candidate
+    looked = ", ".join(f"{base / p}" for p in CONFIG_SEARCH_PATH)
+    raise ConfigError([f"no config file: ${CONFIG_ENV} is not set and none of {looked} "
+                       "exists; give one with -c FILE, or write the packaged default "
+                       "with `mfa-proxy init-config` (to ./conf/mfa-proxy.toml)"])
+
+
 def load(path: Path | str | None = None) -> Settings:
-    """Load and validate a config file; raise ConfigError listing every problem."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    """Load and validate a config file (by default :func:`find_config`'s); raise
+    ConfigError listing every problem."""
+    path = Path(path) if path else find_config()
     path = path.resolve()
     loader = _Loader(path)
     try:

@@ -202,11 +202,9 @@ class Service:
         r = self.settings.radius
         if r is None or not (r.listen or r.accounting_listen):
             return
-        from pyrad.dictionary import Dictionary
-
         from proxy.metrics import RadiusMetrics
         from proxy.radius.clients import ClientTable, RadiusClientConfig
-        from proxy.radius.packet import SHIPPED_DICTIONARY
+        from proxy.radius.packet import load_dictionary
         from proxy.radius.server import RadiusServer, ServerSettings
 
         clients = ClientTable([RadiusClientConfig(
@@ -215,7 +213,7 @@ class Service:
             repeat_window_seconds=c.repeat_window_seconds, enrollment_notice=c.enrollment_notice,
             nas_timeout=c.nas_timeout) for c in r.clients])
         server = RadiusServer(
-            clients, self.authenticator.authenticate, Dictionary(str(SHIPPED_DICTIONARY)),
+            clients, self.authenticator.authenticate, load_dictionary(),
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))

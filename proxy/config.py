@@ -9,6 +9,7 @@ wherever it is started from. Without ``-c`` the file is found by
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import os
 import secrets
@@ -25,6 +26,7 @@ CONFIG_ENV = "MFA_PROXY_CONFIG"
 # working directory (a checkout, where scripts/serve runs; `mfa-proxy init-config`
 # writes there), the second is the system-wide place (the container image's mount).
 CONFIG_SEARCH_PATH = (Path("conf/mfa-proxy.toml"), Path("/etc/mfa-proxy/mfa-proxy.toml"))
+POSTGRES_EXTRA = "pip install 'mfa-proxy[postgres]'"
 MFA_MODES = ("enrolled", "strict", "off")
 RADIUS_MODES = ("append", "challenge", "auto")
 ENROLLMENT_NOTICES = ("reply-message", "challenge", "none")
@@ -447,12 +449,38 @@ def _state(cfg: _Loader, r: _Reader) -> StateSettings:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         rest = url[len("sqlite:///"):]
         url = "sqlite:///" + str(cfg.resolve(rest))
-    elif not url.startswith(("sqlite:", "postgresql")):
+    elif url.startswith("postgresql"):
+        _check_postgres_driver(r, url)
+    elif not url.startswith("sqlite:"):
         r.problem("url", f"unsupported database URL {url.split(':')[0]!r} "
                          "(use sqlite:///PATH or postgresql+psycopg://…)")
     key_file = r.path("key_file", "../var/secret.key")
     assert key_file is not None
     return StateSettings(url, key_file, r.int("threads", 4, 1, 64))
+
+
+def _check_postgres_driver(r: _Reader, url: str) -> None:
+    """The driver is an extra (``mfa-proxy[postgres]``): say so here, where check-config
+    and serve both see it, rather than as an ImportError when the store opens."""
+    scheme = url.split(":", 1)[0]
+    module = scheme.partition("+")[2] or "psycopg2"  # SQLAlchemy's default for postgresql://
+    if scheme.partition("+")[0] != "postgresql" or not module.isidentifier():
+        r.problem("url", f"unsupported database URL {scheme!r} "
+                         "(use sqlite:///PATH or postgresql+psycopg://…)")
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != module:
+            r.problem("url", f"cannot load the PostgreSQL driver {module}: {e}")
+        elif module == "psycopg":
+            r.problem("url", "PostgreSQL needs the psycopg driver, which is not installed: "
+                             + POSTGRES_EXTRA)
+        else:
+            r.problem("url", f"{scheme}:// needs the {module} driver, which is not installed; "
+                             f"use postgresql+psycopg://… with {POSTGRES_EXTRA}")
+    except ImportError as e:  # psycopg without libpq: "no pq wrapper available"
+        r.problem("url", f"cannot load the PostgreSQL driver {module}: {e}")
 
 
 def _totp(r: _Reader) -> TotpSettings:

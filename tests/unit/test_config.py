@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,24 @@ def test_etc_is_the_last_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 # -- broken files: each message ------------------------------------------------------------
+
+
+def test_postgres_without_its_driver_names_the_extra(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg: ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    pg = BASE.replace('"sqlite:///var/state.db"', '"postgresql+psycopg://mfa@db/mfa"')
+    assert problems(tmp_path, pg) == [
+        "state.url: PostgreSQL needs the psycopg driver, which is not installed: "
+        "pip install 'mfa-proxy[postgres]'"]
+    bare = BASE.replace('"sqlite:///var/state.db"', '"postgresql://mfa@db/mfa"')
+    assert problems(tmp_path, bare) == [
+        "state.url: postgresql:// needs the psycopg2 driver, which is not installed; "
+        "use postgresql+psycopg://… with pip install 'mfa-proxy[postgres]'"]
+    odd = BASE.replace('"sqlite:///var/state.db"', '"postgresql+../x://db/mfa"')
+    assert problems(tmp_path, odd) == [
+        "state.url: unsupported database URL 'postgresql+../x' "
+        "(use sqlite:///PATH or postgresql+psycopg://…)"]
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:

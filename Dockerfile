@@ -1,14 +1,28 @@
-FROM python:3.11-slim
-RUN useradd --system --create-home --home-dir /srv/mfa-proxy mfa-proxy
-WORKDIR /srv/mfa-proxy
+# Build the wheel (the package data — RADIUS dictionary, default and example
+# configs — goes inside it), then install only the wheel: the image runs the
+# product as a pip install does, with no checkout.
+FROM python:3.11-slim AS wheel
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY backends ./backends
 COPY policy ./policy
 COPY conf ./conf
-RUN pip install --no-cache-dir ".[postgres]" && mkdir -p var && chown mfa-proxy var
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim
+COPY --from=wheel /wheels /wheels
+# [postgres]: the psycopg driver, for several instances sharing one PostgreSQL state.
+RUN pip install --no-cache-dir "$(ls /wheels/mfa_proxy-*.whl)[postgres]" && rm -rf /wheels \
+ && useradd --system --home-dir /var/lib/mfa-proxy --shell /usr/sbin/nologin mfa-proxy \
+ && install -d -o mfa-proxy -g mfa-proxy -m 0700 /var/lib/mfa-proxy \
+ && install -d -m 0755 /etc/mfa-proxy
 USER mfa-proxy
+WORKDIR /var/lib/mfa-proxy
+VOLUME /var/lib/mfa-proxy
 EXPOSE 1812/udp 1813/udp 3389 9812
-# Mount a config at /srv/mfa-proxy/conf/mfa-proxy.toml (listen on 0.0.0.0 there) and
-# a volume at /srv/mfa-proxy/var for the state, key file and generated secrets.
+# `serve` looks for $MFA_PROXY_CONFIG, ./conf/mfa-proxy.toml (none here), then
+# /etc/mfa-proxy/mfa-proxy.toml: mount the config folder there, read-only
+# (`mfa-proxy init-config --example docker -` prints a start: 0.0.0.0 listeners,
+# state under /var/lib/mfa-proxy), and a volume at /var/lib/mfa-proxy.
 CMD ["mfa-proxy", "serve"]

@@ -1,4 +1,4 @@
-"""`mfa-proxy`: serve, check-config, db, user, keys, local-user.
+"""`mfa-proxy`: serve, check-config, init-config, db, user, keys, local-user.
 
 Exit status: 0 done, 1 refused (unknown user, impossible action), 2 bad usage
 or bad config. ``-c FILE`` goes anywhere on the command line.
@@ -15,11 +15,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from proxy import config as configmod
+from proxy import data
 
 if TYPE_CHECKING:  # imported when used: check-config starts without SQLAlchemy
     from policy.admin import Accounts, StatusView
@@ -184,7 +186,9 @@ def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) 
 def config_option(f: F) -> F:
     return click.option(
         "-c", "--config", metavar="FILE", expose_value=False, is_eager=True,
-        callback=_set_config, help="Config file (default: conf/mfa-proxy.toml).")(f)
+        callback=_set_config,
+        help="Config file (default: $MFA_PROXY_CONFIG, else the first of "
+             "./conf/mfa-proxy.toml and /etc/mfa-proxy/mfa-proxy.toml that exists).")(f)
 
 
 def days_option(default: int | None) -> Callable[[F], F]:
@@ -210,8 +214,10 @@ pass_app = click.make_pass_decorator(App, ensure=True)
 def main() -> None:
     """TOTP multi-factor authentication in front of a directory, for RADIUS and LDAP.
 
-    Every command takes -c FILE (default conf/mfa-proxy.toml). Exit status:
-    0 done, 1 refused, 2 bad usage or bad config.
+    Every command takes -c FILE; without it the config is $MFA_PROXY_CONFIG, else
+    the first of ./conf/mfa-proxy.toml and /etc/mfa-proxy/mfa-proxy.toml that
+    exists (`mfa-proxy init-config` writes the packaged default to the first).
+    Exit status: 0 done, 1 refused, 2 bad usage or bad config.
     """
     from proxy.logs import install_last_resort
 
@@ -242,6 +248,37 @@ def check_config(app: App) -> None:
     for w in settings.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"{settings.path}: OK")
+
+
+@main.command("init-config")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--example", type=click.Choice(data.example_names()),
+              help="Write this packaged example instead of the default.")
+def init_config(path: str | None, example: str | None) -> None:
+    """Write the packaged default config to PATH (default ./conf/mfa-proxy.toml, where
+    serve looks; - for standard output). An existing file is left alone (exit 1)."""
+    text = data.config_text(example)
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    target = Path(path) if path else configmod.CONFIG_SEARCH_PATH[0]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        configmod.write_private_file(target, text)
+    except FileExistsError:
+        raise Refused(f"{target}: exists; left as it is") from None
+    except OSError as e:
+        raise Refused(f"{target}: cannot write it ({e.strerror})") from None
+    option = "" if path is None else f" -c {target}"
+    if example is None:
+        # the default's paths are ../var/…, relative to the file's folder
+        var = os.path.normpath(target.parent.absolute() / ".." / "var")
+        click.echo(f"wrote {target}: loopback only; state, key file, users file and "
+                   f"RADIUS secret under {var}")
+        click.echo(f"next: mfa-proxy serve{option}")
+    else:
+        click.echo(f"wrote {target} (example {example!r}): adapt it, then "
+                   f"mfa-proxy check-config{option}")
 
 
 @main.group()

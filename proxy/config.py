@@ -1,17 +1,20 @@
 """TOML → typed settings. Every problem names its key; all are reported at once.
 
 Relative paths are relative to the config file's folder, so a config works
-wherever it is started from.
+wherever it is started from. Without ``-c`` the file is found by
+:func:`find_config`: ``$MFA_PROXY_CONFIG``, ``./conf/mfa-proxy.toml``,
+``/etc/mfa-proxy/mfa-proxy.toml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import os
 import secrets
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +27,12 @@ from proxy.radius.clients import ClientTable, RadiusClientConfig
 
 T = TypeVar("T")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "mfa-proxy.toml"
+CONFIG_ENV = "MFA_PROXY_CONFIG"
+# Where a config is looked for, after $MFA_PROXY_CONFIG: the first is relative to the
+# working directory (a checkout, where scripts/serve runs; `mfa-proxy init-config`
+# writes there), the second is the system-wide place (the container image's mount).
+CONFIG_SEARCH_PATH = (Path("conf/mfa-proxy.toml"), Path("/etc/mfa-proxy/mfa-proxy.toml"))
+POSTGRES_EXTRA = "pip install 'mfa-proxy[postgres]'"
 MFA_MODES = ("enrolled", "strict", "off")
 RADIUS_MODES = ("append", "challenge", "auto")
 ENROLLMENT_NOTICES = ("reply-message", "challenge", "none")
@@ -277,9 +285,33 @@ def write_private_file(path: Path, text: str) -> None:
         f.write(text)
 
 
+def find_config(environ: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
+    """The config file to use when none is given with ``-c``.
+
+    ``$MFA_PROXY_CONFIG`` when set (a missing file is then an error, not a reason to
+    try elsewhere: falling back would quietly run another config), else the first of
+    :data:`CONFIG_SEARCH_PATH` that exists. Raise ConfigError naming every place
+    looked at when there is none."""
+    base = cwd or Path.cwd()
+    named = environ.get(CONFIG_ENV, "")
+    if named:
+        path = base / os.path.expanduser(named)
+        if not path.exists():
+            raise ConfigError([f"{path}: no such file (named by ${CONFIG_ENV})"])
+        return path
+    for candidate in CONFIG_SEARCH_PATH:
+        if (base / candidate).exists():
+            return base / candidate
+    looked = ", ".join(f"{base / p}" for p in CONFIG_SEARCH_PATH)
+    raise ConfigError([f"no config file: ${CONFIG_ENV} is not set and none of {looked} "
+                       "exists; give one with -c FILE, or write the packaged default "
+                       "with `mfa-proxy init-config` (to ./conf/mfa-proxy.toml)"])
+
+
 def load(path: Path | str | None = None) -> Settings:
-    """Load and validate a config file; raise ConfigError listing every problem."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    """Load and validate a config file (by default :func:`find_config`'s); raise
+    ConfigError listing every problem."""
+    path = Path(path) if path else find_config()
     path = path.resolve()
     loader = _Loader(path)
     try:
@@ -351,12 +383,38 @@ def _state(cfg: _Loader, r: _Reader) -> StateSettings:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         rest = url[len("sqlite:///"):]
         url = "sqlite:///" + str(cfg.resolve(rest))
-    elif not url.startswith(("sqlite:", "postgresql")):
+    elif url.startswith("postgresql"):
+        _check_postgres_driver(r, url)
+    elif not url.startswith("sqlite:"):
         r.problem("url", f"unsupported database URL {url.split(':')[0]!r} "
                          "(use sqlite:///PATH or postgresql+psycopg://…)")
     key_file = r.path("key_file", "../var/secret.key")
     assert key_file is not None
     return StateSettings(url, key_file, r.int("threads", 4, 1, 64))
+
+
+def _check_postgres_driver(r: _Reader, url: str) -> None:
+    """The driver is an extra (``mfa-proxy[postgres]``): say so here, where check-config
+    and serve both see it, rather than as an ImportError when the store opens."""
+    scheme = url.split(":", 1)[0]
+    module = scheme.partition("+")[2] or "psycopg2"  # SQLAlchemy's default for postgresql://
+    if scheme.partition("+")[0] != "postgresql" or not module.isidentifier():
+        r.problem("url", f"unsupported database URL {scheme!r} "
+                         "(use sqlite:///PATH or postgresql+psycopg://…)")
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != module:
+            r.problem("url", f"cannot load the PostgreSQL driver {module}: {e}")
+        elif module == "psycopg":
+            r.problem("url", "PostgreSQL needs the psycopg driver, which is not installed: "
+                             + POSTGRES_EXTRA)
+        else:
+            r.problem("url", f"{scheme}:// needs the {module} driver, which is not installed; "
+                             f"use postgresql+psycopg://… with {POSTGRES_EXTRA}")
+    except ImportError as e:  # psycopg without libpq: "no pq wrapper available"
+        r.problem("url", f"cannot load the PostgreSQL driver {module}: {e}")
 
 
 def _totp(r: _Reader) -> TotpSettings:

@@ -202,21 +202,14 @@ class Service:
         r = self.settings.radius
         if r is None or not (r.listen or r.accounting_listen):
             return
-        from pyrad.dictionary import Dictionary
-
         from proxy.metrics import RadiusMetrics
         from proxy.radius.clients import ClientTable
-        from proxy.radius.packet import SHIPPED_DICTIONARY, check_dictionary
+        from proxy.radius.packet import load_dictionary
         from proxy.radius.server import RadiusServer, ServerSettings
 
         clients = ClientTable(r.clients)
-        dictionary = Dictionary(str(SHIPPED_DICTIONARY))
-        try:
-            check_dictionary(dictionary)  # the attributes the proxy writes by number
-        except ValueError as e:
-            raise StartupError(f"radius dictionary {SHIPPED_DICTIONARY}: {e}") from None
         server = RadiusServer(
-            clients, self.authenticator.authenticate, dictionary,
+            clients, self.authenticator.authenticate, load_dictionary(),
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))

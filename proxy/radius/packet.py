@@ -24,16 +24,19 @@ import hmac
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import as_file
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from pyrad.dictionary import Dictionary
 from pyrad.packet import Packet as PyradPacket
 
+from proxy.data import DATA
 from proxy.radius.events import DropReason
 
-# The RADIUS dictionary shipped in conf/: what serve loads, and tests and benchmarks too.
-SHIPPED_DICTIONARY = Path(__file__).resolve().parents[2] / "conf" / "dictionary"
+# The RADIUS dictionary shipped with the product, as package data (proxy/data/dictionary,
+# a link to conf/dictionary in the repository): what serve loads, tests and benchmarks too.
+SHIPPED_DICTIONARY: Traversable = DATA.joinpath("dictionary")
 
 HEADER_LENGTH = 20
 MAX_LENGTH = 4096  # RFC 2865 §3
@@ -374,8 +377,16 @@ _DICTIONARY_NAMES = {
 }
 
 
-def load_dictionary(path: str) -> Dictionary:
-    dictionary = Dictionary(path)
+def load_dictionary(path: str | None = None) -> Dictionary:
+    """A dictionary file (by default the shipped one), checked by :func:`check_dictionary`.
+
+    The shipped one is a resource of the installed package, read by path (as_file)
+    so that an ``$INCLUDE`` in it is relative to its folder, as pyrad does for files."""
+    if path is None:
+        with as_file(SHIPPED_DICTIONARY) as shipped:
+            dictionary = Dictionary(str(shipped))
+    else:
+        dictionary = Dictionary(path)
     check_dictionary(dictionary)
     return dictionary
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
 from proxy.config import (
-    DEFAULT_CONFIG,
     Address,
     ConfigError,
+    find_config,
     load,
     parse_address,
 )
+from proxy.data import config_text, example_names
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "conf" / "mfa-proxy.toml"
 
 BASE = """\
 [state]
@@ -212,17 +215,79 @@ def test_default_config_loads(tmp_path: Path) -> None:
     assert all(h in ("127.0.0.1", "::1") for h in every)  # loopback only
 
 
-def test_ldap_example_only_lacks_its_files(tmp_path: Path) -> None:
-    """conf/examples/ldap.toml names files under /etc; nothing else may be wrong."""
-    shutil.copy(REPO / "conf" / "examples" / "ldap.toml", tmp_path / "ldap.toml")
-    try:
-        load(tmp_path / "ldap.toml")
-    except ConfigError as e:
-        for line in e.problems:
-            assert "cannot read /etc/" in line, line
+@pytest.mark.parametrize("name", ["ldap", "docker"])
+def test_an_example_only_lacks_its_files(tmp_path: Path, name: str) -> None:
+    """conf/examples/*.toml name files under /etc (secrets); nothing else may be wrong."""
+    shutil.copy(REPO / "conf" / "examples" / f"{name}.toml", tmp_path / f"{name}.toml")
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path / f"{name}.toml")
+    for line in e.value.problems:
+        assert "cannot read /etc/" in line, line
+
+
+def test_the_packaged_files_are_the_ones_in_conf() -> None:
+    """proxy/data/ (package data, what a pip install gets) links to conf/: one copy."""
+    assert config_text() == DEFAULT_CONFIG.read_text(encoding="utf-8")
+    names = sorted(p.stem for p in (REPO / "conf" / "examples").glob("*.toml"))
+    assert example_names() == names == ["docker", "ldap"]
+    for name in names:
+        assert config_text(name) == (REPO / "conf" / "examples" / f"{name}.toml").read_text()
+
+
+# -- which file, without -c ---------------------------------------------------------------
+
+
+def test_search_order_env_then_conf_then_etc(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    here = tmp_path / "conf" / "mfa-proxy.toml"
+    named = write(tmp_path, BASE, "named.toml")
+    with pytest.raises(ConfigError) as e:
+        find_config({}, tmp_path)
+    assert e.value.problems == [
+        f"no config file: $MFA_PROXY_CONFIG is not set and none of {here}, "
+        "/etc/mfa-proxy/mfa-proxy.toml exists; give one with -c FILE, or write the "
+        "packaged default with `mfa-proxy init-config` (to ./conf/mfa-proxy.toml)"]
+    here.parent.mkdir()
+    here.write_text(BASE)
+    assert find_config({}, tmp_path) == here
+    assert find_config({"MFA_PROXY_CONFIG": ""}, tmp_path) == here  # empty = not set
+    assert find_config({"MFA_PROXY_CONFIG": str(named)}, tmp_path) == named
+    # a variable naming a missing file is an error, not a reason to run another config
+    with pytest.raises(ConfigError) as e:
+        find_config({"MFA_PROXY_CONFIG": str(tmp_path / "gone.toml")}, tmp_path)
+    assert e.value.problems == [f"{tmp_path / 'gone.toml'}: no such file "
+                                "(named by $MFA_PROXY_CONFIG)"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MFA_PROXY_CONFIG", raising=False)
+    assert load().path == here  # load() without a path searches
+
+
+def test_etc_is_the_last_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    etc = write(tmp_path, BASE, "etc.toml")
+    monkeypatch.setattr("proxy.config.CONFIG_SEARCH_PATH",
+                        (Path("conf/mfa-proxy.toml"), etc))
+    assert find_config({}, tmp_path) == etc
 
 
 # -- broken files: each message ------------------------------------------------------------
+
+
+def test_postgres_without_its_driver_names_the_extra(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg: ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    pg = BASE.replace('"sqlite:///var/state.db"', '"postgresql+psycopg://mfa@db/mfa"')
+    assert problems(tmp_path, pg) == [
+        "state.url: PostgreSQL needs the psycopg driver, which is not installed: "
+        "pip install 'mfa-proxy[postgres]'"]
+    bare = BASE.replace('"sqlite:///var/state.db"', '"postgresql://mfa@db/mfa"')
+    assert problems(tmp_path, bare) == [
+        "state.url: postgresql:// needs the psycopg2 driver, which is not installed; "
+        "use postgresql+psycopg://… with pip install 'mfa-proxy[postgres]'"]
+    odd = BASE.replace('"sqlite:///var/state.db"', '"postgresql+../x://db/mfa"')
+    assert problems(tmp_path, odd) == [
+        "state.url: unsupported database URL 'postgresql+../x' "
+        "(use sqlite:///PATH or postgresql+psycopg://…)"]
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:

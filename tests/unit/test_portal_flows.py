@@ -319,3 +319,11 @@ def test_the_login_csrf_token_is_tied_to_its_cookie_by_the_key() -> None:
     assert not csrf.check(cookie, "")
     assert not LoginCsrf(b"x" * 32).check(cookie, token)  # another key: another token
     assert not csrf.check(cookie, token + "0")
+
+
+def test_the_enrollment_notice_ends_with_the_public_url() -> None:
+    from policy.engine import enrollment_message
+
+    assert enrollment_message(5) == "Set up MFA: 5 days left in your enrollment period"
+    assert enrollment_message(1, "https://mfa.example.org/") == (
+        "Set up MFA: 1 day left in your enrollment period: https://mfa.example.org/")

@@ -440,3 +440,37 @@ def test_local_users_file_over_tls(local_proxy: ProxyProcess) -> None:
                       f'User-Name = "demo"\nUser-Password = "demo-password,{code_for(key, 1)}"\n'
                       "Message-Authenticator = 0x00\n")
     assert reply.code == "Access-Accept"
+
+
+# -- two instances on one PostgreSQL ------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_set_up_started_on_one_instance_is_confirmed_on_the_other(
+        slapd: Slapd, tmp_path: Path, postgres: object) -> None:
+    """Sessions and pending keys live in the shared state: a load balancer may send
+    each request of a flow to another instance."""
+    url = postgres.new_database("portal_two_instances")  # type: ignore[attr-defined]
+    clients = [{"name": "vpn", "address": "127.0.0.1/32"}]
+    a = ProxyProcess.configure(tmp_path / "a", slapd, clients=clients, state_url=url,
+                               portal={})
+    b = ProxyProcess.configure(tmp_path / "b", slapd, clients=clients, state_url=url,
+                               key_file=a.key_file, portal={})
+    a.cli("db", "upgrade")
+    user = "user00498"
+    a.cli("user", "require", user)
+    with a.running(), b.running():
+        on_a, on_b = PortalClient(a.portal_port), PortalClient(b.portal_port)
+        form = on_a.get("/")
+        on_b.cookies = on_a.cookies  # one browser, two instances behind a balancer
+        page = on_b.post("/login", {"username": user, "password": user_password(user),
+                                    "csrf_token": form.csrf})
+        assert page.status == 303
+        assert on_a.start_setup().has("totp-secret")
+        setup = on_b.get("/setup")
+        key = on_b.secret(setup)
+        assert key == on_a.secret(on_a.get("/setup"))
+        done = on_b.follow(on_b.post("/setup", {"code": code_for(key)}))
+        assert done.by_id("mfa-status")["data-status"] == "enrolled"
+        assert on_a.get("/").by_id("mfa-status")["data-status"] == "enrolled"
+        assert a.user(user)["status"] == "enrolled"

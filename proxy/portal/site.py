@@ -161,7 +161,7 @@ class Portal:
         if handler is None:
             reply = self.message(405, "method_not_allowed", "Not allowed",
                                  "This page cannot be used that way.")
-            allow = sorted(methods) + ([b"HEAD"] if b"GET" in methods else [])
+            allow = sorted({*methods, *([b"HEAD"] if b"GET" in methods else [])})
             reply.headers[b"allow"] = b", ".join(allow)
             return reply
         if getattr(request, "body_too_large", False):

@@ -118,8 +118,16 @@ class Portal:
                  sessions: PortalSessions, login_csrf: LoginCsrf, run_blocking: RunBlocking,
                  branding: Branding, *, tls: bool = False,
                  events: PortalEvents | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 run_cpu: RunBlocking | None = None) -> None:
         self.authenticate = authenticate
+        # CPU work that would hold up the reactor (a QR code is ~13 ms of pure Python):
+        # a thread of the reactor's pool, not the state thread sign-ins wait for.
+        if run_cpu is None:
+            from twisted.internet.threads import deferToThread
+
+            run_cpu = deferToThread
+        self.run_cpu = run_cpu
         self.accounts, self.sessions, self.login_csrf = accounts, sessions, login_csrf
         self.run_blocking = run_blocking
         self.branding, self.tls = branding, tls
@@ -322,8 +330,9 @@ class Portal:
         if enrollment is None:
             return Reply(303, location="/")
         view = await self.run_blocking(self.accounts.view, session.username)
+        qr = await self.run_cpu(pages.qr_data_uri, enrollment.uri)
         reply = self.page("setup.html", username=session.username, error=error,
-                          qr_data_uri=pages.qr_data_uri(enrollment.uri),
+                          qr_data_uri=qr,
                           grouped_key=pages.grouped(enrollment.totp_key),
                           enrolled=view.enrolled, csrf_token=session.csrf_token)
         reply.status = status

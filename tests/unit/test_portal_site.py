@@ -126,7 +126,8 @@ def world(tmp_path: Path) -> Iterator[World]:
                         h.clock)
     portal = Portal(auth.authenticate, accounts,
                     PortalSessions(h.store, IDLE_MINUTES * 60, h.clock),
-                    LoginCsrf(b"k" * 32), run, Branding("Example Corp"), clock=h.clock)
+                    LoginCsrf(b"k" * 32), run, Branding("Example Corp"), clock=h.clock,
+                    run_cpu=run)
     yield World(h, accounts, portal)
     h.store.close()
 
@@ -250,3 +251,20 @@ def test_unknown_paths_and_methods(world: World) -> None:
     answer = b.request("PUT", "/setup")
     assert answer.status == 405 and answer.header("allow") == "GET, HEAD, POST"
     assert b.request("HEAD", "/").status == 200
+
+
+def test_set_up_and_confirm(world: World) -> None:
+    import pyotp
+
+    world.h.require("alice")
+    b = signed_in(world)
+    assert b.post("/setup/start", {}).status == 303
+    page = b.get("/setup")
+    assert page.status == 200 and 'id="totp-qr" src="data:image/png;base64,' in page.body
+    found = re.search(r'id="totp-secret">([A-Z2-7 ]+)<', page.body)
+    assert found is not None
+    key = found.group(1).replace(" ", "")
+    answer = b.post("/setup", {"code": pyotp.TOTP(key).at(world.h.clock())})
+    assert answer.status == 303 and answer.header("location") == "/?done=setup"
+    assert 'data-status="enrolled"' in b.get("/?done=setup").body
+    assert world.accounts.view("alice").status == "enrolled"

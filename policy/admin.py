@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import enum
 import io
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,11 +24,20 @@ from typing import Protocol
 
 from policy.clock import Clock
 from policy.keys import KeyRing
-from policy.store import DAY, LOCKED_FOREVER, Store, UserRecord
-from policy.totp import InvalidSecret, TotpParams, new_secret, normalize_secret, provisioning_uri
+from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
+from policy.totp import (
+    InvalidSecret,
+    TotpParams,
+    match_step,
+    new_secret,
+    normalize_secret,
+    provisioning_uri,
+)
 from policy.usernames import InvalidUsername, UsernameRules
 
 MIN_PERIOD_DAYS, MAX_PERIOD_DAYS = 1, 365
+# A key made in the portal and never confirmed stops being usable after this.
+PENDING_KEY_SECONDS = 3600
 
 
 # -- refusals ---------------------------------------------------------------------------
@@ -67,6 +77,22 @@ class ImportRefused(Refusal):
         self.problems = tuple(problems)
 
 
+class Locked(Refusal):
+    """The user is locked out: nothing may change until the lock ends."""
+
+    def __init__(self, username: str) -> None:
+        super().__init__(f"{username} is locked")
+        self.username = username
+
+
+class EnrollmentExpired(Refusal):
+    """The enrollment period is over: only an admin can reopen it."""
+
+    def __init__(self, username: str) -> None:
+        super().__init__(f"the enrollment period of {username} has expired")
+        self.username = username
+
+
 def check_period(days: int) -> int:
     """``days`` when it is a valid enrollment period, else :class:`InvalidPeriod`."""
     if not MIN_PERIOD_DAYS <= days <= MAX_PERIOD_DAYS:
@@ -103,6 +129,27 @@ class Enrollment:
     username: str
     totp_key: str
     uri: str
+
+
+class SetupOutcome(enum.StrEnum):
+    """How a confirmation of a pending key ended (also the audit row's reason)."""
+
+    CONFIRMED = "setup_confirmed"
+    BAD_CODE = "bad_code"
+    LOCKED = "locked_out"
+    NO_PENDING_KEY = "no_pending_key"
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """``confirm_setup``'s answer; ``lockout_started``: this wrong code locked the user."""
+
+    outcome: SetupOutcome
+    lockout_started: bool = False
+
+    @property
+    def confirmed(self) -> bool:
+        return self.outcome is SetupOutcome.CONFIRMED
 
 
 @dataclass(frozen=True)
@@ -177,6 +224,10 @@ class AccountEvents(Protocol):
     def extended(self, username: str, deadline: int) -> None:
         """An admin extended or reopened the period, to ``deadline``."""
 
+    def setup_confirmed(self, username: str, replaced: bool) -> None:
+        """The user set up a key (the portal) and it is active now; ``replaced``: it
+        took the place of an older key (a reset by the user). The security notice."""
+
     def unrequired(self, username: str) -> None:
         """MFA no longer required (the key, if any, is kept)."""
 
@@ -206,6 +257,9 @@ class NoAccountEvents:
     def extended(self, username: str, deadline: int) -> None:
         pass
 
+    def setup_confirmed(self, username: str, replaced: bool) -> None:
+        pass
+
     def unrequired(self, username: str) -> None:
         pass
 
@@ -233,8 +287,13 @@ class Accounts:
     def __init__(self, store: Store, keys: KeyRing | Callable[[], KeyRing],
                  totp: TotpParams, issuer: str, enrollment_days: int,
                  usernames: UsernameRules, clock: Clock = time.time,
-                 events: AccountEvents | None = None) -> None:
+                 events: AccountEvents | None = None, max_failures: int = 5,
+                 lockout_seconds: int = 900,
+                 pending_key_seconds: int = PENDING_KEY_SECONDS) -> None:
         self.store = store
+        # The same limits as the sign-in core: a wrong set-up code is a failure too.
+        self.max_failures, self.lockout_seconds = max_failures, lockout_seconds
+        self.pending_key_seconds = pending_key_seconds
         self._keys = keys
         self.totp = totp
         self.issuer = issuer
@@ -312,6 +371,74 @@ class Accounts:
         """Remove the requirement; the key, if any, is kept."""
         if self.store.unrequire(username):
             self.events.unrequired(username)
+
+    # -- set-up by the user (the portal) ------------------------------------------------
+
+    def start_setup(self, username: str) -> Enrollment:
+        """A new key for the user to set up, kept pending (encrypted) in place of any
+        older pending key. Nothing else changes: an active key keeps working and the
+        status stays as it is until :meth:`confirm_setup` accepts a code from it."""
+        now = self.clock()
+        record = self.store.get(username) or UserRecord(username)
+        self._check_may_set_up(record, now)
+        key = new_secret()
+        keys = self.keys
+        self.store.set_pending(username, keys.encrypt(key.encode(), username), keys.current,
+                               int(now) + self.pending_key_seconds)
+        return self._enrollment(username, key)
+
+    def pending_setup(self, username: str) -> Enrollment | None:
+        """The key being set up (to show it again), or None when there is none or
+        it expired."""
+        pending = self.store.get_pending(username, self.clock())
+        if pending is None:
+            return None
+        key = self.keys.decrypt(pending.secret, username).decode()
+        return self._enrollment(username, key)
+
+    def confirm_setup(self, username: str, code: str, source: str = "") -> Confirmation:
+        """Activate the pending key if ``code`` is a code from it, atomically; the
+        code's time step is marked used (no replay on another protocol). A wrong
+        code counts as a failure, in the counter every sign-in uses; a locked user
+        cannot confirm. One audit row (protocol ``portal``) either way."""
+        now = self.clock()
+        result = self._confirm(username, code, now)
+        self.store.audit([AuditRecord(now, username, "portal", "portal", source,
+                                      "accept" if result.confirmed else "reject",
+                                      result.outcome.value)])
+        return result
+
+    def _confirm(self, username: str, code: str, now: float) -> Confirmation:
+        record = self.store.get(username) or UserRecord(username)
+        if record.locked(now):
+            return Confirmation(SetupOutcome.LOCKED)
+        pending = self.store.get_pending(username, now)
+        if pending is None:
+            return Confirmation(SetupOutcome.NO_PENDING_KEY)
+        key = self.keys.decrypt(pending.secret, username).decode()
+        step = match_step(key, code.strip(), now, self.totp)
+        if step is None:
+            failure = self.store.record_failure(username, now, self.max_failures,
+                                                self.lockout_seconds)
+            self.store.repeat_forget(username)
+            return Confirmation(SetupOutcome.BAD_CODE, failure.lockout_started)
+        if not self.store.activate_pending(username, pending.secret, step, now):
+            current = self.store.get(username)
+            if current is not None and current.locked(now):
+                return Confirmation(SetupOutcome.LOCKED)
+            return Confirmation(SetupOutcome.NO_PENDING_KEY)  # replaced or expired meanwhile
+        self.events.setup_confirmed(username, replaced=record.enrolled)
+        return Confirmation(SetupOutcome.CONFIRMED)
+
+    @staticmethod
+    def _check_may_set_up(record: UserRecord, now: float) -> None:
+        if record.locked(now):
+            raise Locked(record.username)
+        if record.status(now) == "enrollment_expired":
+            raise EnrollmentExpired(record.username)
+
+    def _enrollment(self, username: str, key: str) -> Enrollment:
+        return Enrollment(username, key, provisioning_uri(key, username, self.issuer, self.totp))
 
     # -- status -------------------------------------------------------------------------
 

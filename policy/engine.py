@@ -100,9 +100,12 @@ MESSAGES = {
 }
 
 
-def enrollment_message(days: int) -> str:
+def enrollment_message(days: int, url: str = "") -> str:
+    """The notice a user in an enrollment period gets on an accept (RADIUS
+    Reply-Message, LDAP diagnostic); it ends with where to set MFA up."""
     unit = "day" if days == 1 else "days"
-    return f"Set up MFA: {days} {unit} left in your enrollment period"
+    text = f"Set up MFA: {days} {unit} left in your enrollment period"
+    return f"{text}: {url}" if url else text
 
 
 def split_secret(secret: str, split: SplitMode, separator: str,
@@ -167,8 +170,11 @@ class PolicyEngine:
     def __init__(self, store: Store, keys: KeyRing, totp: TotpParams, limits: Limits,
                  usernames: UsernameRules, clock: Clock = time.time,
                  events: EngineEvents | None = None, repeat_key: bytes = b"",
-                 repeat_windows: bool = True, log_accepts: bool = True) -> None:
+                 repeat_windows: bool = True, log_accepts: bool = True,
+                 enrollment_url: str = "") -> None:
         self.store, self.keys, self.totp, self.limits = store, keys, totp, limits
+        # The portal's public URL: the enrollment notices end with it.
+        self.enrollment_url = enrollment_url
         self.usernames, self.clock = usernames, clock
         self.events = events or NoEvents()
         self.repeat_key = repeat_key or hashlib.sha256(b"mfa-proxy repeat").digest()
@@ -362,7 +368,8 @@ class PolicyEngine:
                 lockout_started: bool = False, locked_until: float | None = None,
                 message: str | None = None, public_reason: Reason | None = None) -> Decision:
         if message is None:
-            message = (enrollment_message(days_left) if days_left is not None
+            message = (enrollment_message(days_left, self.enrollment_url)
+                       if days_left is not None
                        else MESSAGES.get(reason, ""))
         name = escape_controls(username[:MAX_USERNAME])  # typed names of nobody included
         decision = Decision(outcome, reason, name, identity, days_left, message,

@@ -100,6 +100,12 @@ class UserState(Base):
     bypass: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+    # A key the user is setting up in the portal: encrypted like ``secret``, not
+    # active until a code from it verifies (then moved to ``secret`` in one UPDATE).
+    pending_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    pending_key_version: Mapped[int | None] = mapped_column(Integer)
+    pending_created_at: Mapped[int | None] = mapped_column(BigInteger)
+    pending_expires_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class AuditEntry(Base):
@@ -124,6 +130,47 @@ class RepeatEntry(Base):
     key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     username: Mapped[str] = mapped_column(String(256), index=True)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class PortalSessionRow(Base):
+    """A portal session: only a hash of its id is kept (a copy of the database
+    lets nobody in); the identity the password step verified stays here, never
+    in the page."""
+
+    __tablename__ = "portal_sessions"
+
+    id_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    username: Mapped[str] = mapped_column(String(256), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    identity: Mapped[str] = mapped_column(String(4096))  # JSON: the directory entry
+    mfa_verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """A key being set up: encrypted, and when it stops being usable."""
+
+    secret: bytes
+    key_version: int
+    created_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class SessionData:
+    """One portal session as stored (``id_hash``: SHA-256 of the id the browser holds)."""
+
+    id_hash: bytes
+    username: str
+    stage: str
+    identity: str
+    mfa_verified: bool
+    csrf_token: str
+    created_at: int
+    expires_at: int
 
 
 @dataclass(slots=True)  # per request: see policy/decision.py on frozen
@@ -246,6 +293,9 @@ def _background_checkpoints(dbapi_conn: Any, _record: Any) -> None:
     cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # truncated back after one
     cur.close()
 
+
+_NO_PENDING: dict[str, Any] = dict(pending_secret=None, pending_key_version=None,
+                                   pending_created_at=None, pending_expires_at=None)
 
 # The WAL file is cut back to this after a checkpoint (it may grow past it between two).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -514,11 +564,11 @@ class Store:
     def set_secret(self, username: str, blob: bytes, key_version: int) -> None:
         now = int(self.clock())
         self._upsert(username, secret=blob, key_version=key_version, enrolled_at=now,
-                     last_step=None)
+                     last_step=None, **_NO_PENDING)
 
     def reset(self, username: str, deadline: int) -> None:
         self._upsert(username, secret=None, key_version=None, enrolled_at=None, last_step=None,
-                     required=True, enrollment_deadline=deadline)
+                     required=True, enrollment_deadline=deadline, **_NO_PENDING)
 
     def extend(self, username: str, deadline: int) -> None:
         self._upsert(username, required=True, enrollment_deadline=deadline)
@@ -578,6 +628,85 @@ class Store:
             r = s.execute(update(UserState)
                           .where(UserState.username == username, UserState.secret == old)
                           .values(secret=new, key_version=version))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    # -- keys set up by the user (the portal) ----------------------------------------
+
+    def set_pending(self, username: str, blob: bytes, key_version: int,
+                    expires_at: int) -> None:
+        """Keep ``blob`` as the user's pending key (replacing any older one); the
+        active key, the status and the counters stay as they are."""
+        now = int(self.clock())
+        self._upsert(username, pending_secret=blob, pending_key_version=key_version,
+                     pending_created_at=now, pending_expires_at=expires_at)
+
+    def get_pending(self, username: str, now: float) -> PendingKey | None:
+        """The user's pending key, unless there is none or it has expired."""
+        with self._session() as s:
+            row = s.execute(select(UserState.pending_secret, UserState.pending_key_version,
+                                   UserState.pending_created_at, UserState.pending_expires_at)
+                            .where(UserState.username == username,
+                                   UserState.pending_secret.is_not(None),
+                                   UserState.pending_expires_at > int(now))).first()
+        if row is None:
+            return None
+        blob, version, created, expires = row
+        assert blob is not None and version is not None  # the WHERE says so
+        return PendingKey(bytes(blob), int(version), int(created or 0), int(expires or 0))
+
+    def activate_pending(self, username: str, blob: bytes, step: int, now: float) -> bool:
+        """Make the pending key ``blob`` the active key, in one ``UPDATE … WHERE``:
+        only while it is still the pending key (not replaced by a newer set-up),
+        not expired, and the user not locked. ``step`` (the time step of the code
+        that proved it) is marked used, so that code cannot be replayed elsewhere.
+        A user who was not required is required from now (as ``enroll`` does: a key
+        that is active is asked for). False: nothing changed."""
+        t = int(now)
+        with self._session() as s, s.begin():
+            r = s.execute(update(UserState).where(
+                UserState.username == username, UserState.pending_secret == blob,
+                UserState.pending_expires_at > t,
+                UserState.locked_until.is_(None) | (UserState.locked_until <= t),
+            ).values(
+                secret=UserState.pending_secret, key_version=UserState.pending_key_version,
+                enrolled_at=t, last_step=step, failures=0, locked_until=None, required=True,
+                enrollment_deadline=func.coalesce(UserState.enrollment_deadline, t),
+                updated_at=t, **_NO_PENDING))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    def drop_pending(self, username: str) -> bool:
+        return self._update(username, **_NO_PENDING)
+
+    # -- portal sessions --------------------------------------------------------------
+
+    def create_session(self, data: SessionData) -> None:
+        with self._session() as s, s.begin():
+            s.execute(self._insert(PortalSessionRow).values(
+                id_hash=data.id_hash, username=data.username, stage=data.stage,
+                identity=data.identity, mfa_verified=data.mfa_verified,
+                csrf_token=data.csrf_token, created_at=data.created_at,
+                expires_at=data.expires_at))
+
+    def touch_session(self, id_hash: bytes, now: float, idle_seconds: int) -> SessionData | None:
+        """The session, if it has not been idle too long; its idle timer restarts
+        (one ``UPDATE … WHERE not expired``: an expired session stays dead)."""
+        t = int(now)
+        p = PortalSessionRow
+        with self._session() as s, s.begin():
+            row = s.execute(update(p).where(p.id_hash == id_hash, p.expires_at > t)
+                            .values(expires_at=t + idle_seconds)
+                            .returning(p.id_hash, p.username, p.stage, p.identity,
+                                       p.mfa_verified, p.csrf_token, p.created_at,
+                                       p.expires_at)).first()
+            if row is None:  # expired: gone for good, whatever the clock says later
+                s.execute(delete(p).where(p.id_hash == id_hash))
+                return None
+        return SessionData(bytes(row[0]), row[1], row[2], row[3], bool(row[4]), row[5],
+                           int(row[6]), int(row[7]))
+
+    def delete_session(self, id_hash: bytes) -> bool:
+        with self._session() as s, s.begin():
+            r = s.execute(delete(PortalSessionRow).where(PortalSessionRow.id_hash == id_hash))
             return bool(r.rowcount)  # type: ignore[attr-defined]
 
     # -- the hot path: atomic counters --------------------------------------------
@@ -641,6 +770,9 @@ class Store:
         with self._session() as s, s.begin():
             s.execute(delete(AuditEntry).where(AuditEntry.at < int(now) - audit_days * DAY))
             s.execute(delete(RepeatEntry).where(RepeatEntry.expires_at <= int(now)))
+            s.execute(delete(PortalSessionRow).where(PortalSessionRow.expires_at <= int(now)))
+            s.execute(update(UserState).where(UserState.pending_expires_at <= int(now))
+                      .values(**_NO_PENDING))
 
     def repeat_hit(self, key: bytes, now: float) -> bool:
         with self._raw() as cur:

@@ -113,6 +113,21 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class PortalSettings:
+    """``[portal]``: the self-service enrollment portal (its own listener)."""
+
+    listen: Address
+    cert_file: Path | None = None  # TLS when both are set
+    key_file: Path | None = None
+    public_url: str = ""  # in mails and in the RADIUS/LDAP enrollment notices
+    session_minutes: int = 15  # idle timeout of a portal session
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     state: StateSettings
@@ -127,6 +142,7 @@ class Settings:
     # "all": a line per decision, accepts too (costs CPU on a busy proxy).
     log_decisions: str = "rejects"
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    portal: PortalSettings | None = None  # None: no portal
 
 
 class _Reader:
@@ -339,6 +355,7 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
     radius = _section(root, "radius", False, lambda r: _radius(cfg, r, totp))
     ldap = _section(root, "ldap", False, _ldap)
     http = _section(root, "http", False, _http) or HttpSettings()
+    portal = _section(root, "portal", False, _portal)
     logging = _section(root, "logging", False, lambda r: (
         r.str("level", "info", ("debug", "info", "warning", "error")),
         r.str("decisions", "rejects", ("rejects", "all"))))
@@ -362,7 +379,7 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
         return None
     level, decisions = logging or ("info", "rejects")
     return Settings(cfg.path, state, totp, policy, directory, radius, ldap, http,
-                    level, decisions, tuple(cfg.warnings))
+                    level, decisions, tuple(cfg.warnings), portal)
 
 
 def _replace(obj: T, **changes: Any) -> T:
@@ -638,3 +655,31 @@ def _http(r: _Reader) -> HttpSettings:
     admin = (_network(r, a, "admin_networks") for a in r.str_list("admin_networks"))
     return HttpSettings(r.address("listen", raw) if raw else None,
                         tuple(n for n in admin if n is not None))
+
+
+def _portal(r: _Reader) -> PortalSettings | None:
+    raw = r.str("listen", "127.0.0.1:8443")
+    listen = r.address("listen", raw) if raw else None
+    cert, key = r.path("cert_file"), r.path("key_file")
+    if bool(cert) != bool(key):
+        r.problem("cert_file" if key else "key_file",
+                  "TLS needs both cert_file and key_file (or neither, for plain HTTP)")
+    for name, p in (("cert_file", cert), ("key_file", key)):
+        if p and not p.is_file():
+            r.problem(name, f"cannot read {p}")
+    public_url = r.str("public_url")
+    if public_url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("https", "http") or not parts.netloc:
+            r.problem("public_url", f"expected an http:// or https:// URL, got {public_url!r}")
+    minutes = r.int("session_minutes", 15, 1, 24 * 60)
+    if listen is None:
+        return None
+    if not (cert and key) and not ipaddress.ip_address(listen.host).is_loopback:
+        r.cfg.warnings.append(
+            f"{r.key('listen')}: the portal is plain HTTP on {listen}, a non-loopback address: "
+            "passwords and codes cross the network in clear; set cert_file and key_file "
+            "(or put a TLS reverse proxy on the same host in front of a loopback listener)")
+    return PortalSettings(listen, cert, key, public_url, minutes)

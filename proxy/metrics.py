@@ -55,6 +55,9 @@ class Metrics:
         self.audit_dropped = Counter(
             "mfa_proxy_audit_dropped", "Audit rows dropped (state store unavailable)",
             registry=r)
+        self.portal_setups = Counter(
+            "mfa_proxy_portal_setups", "Key set-ups confirmed or refused in the portal",
+            ["result"], registry=r)
         self.up = Gauge("mfa_proxy_ready", "1 while the state store and directory answer",
                         registry=r)
 
@@ -126,3 +129,23 @@ class LdapMetrics:
 
     def dropped(self, reason: str) -> None:
         self.m.ldap_dropped.labels(reason).inc()
+
+
+class PortalMetrics:
+    """proxy.portal.site.PortalEvents → Prometheus: sign-ins count as requests
+    with protocol="portal", like RADIUS and LDAP ones."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def request(self, result: str, reason: str) -> None:
+        self.m.requests.labels("portal", "portal", result, reason).inc()
+
+    def decision_seconds(self, seconds: float) -> None:
+        self.m.decision_seconds.labels("portal").observe(seconds)
+
+    def setup(self, result: str) -> None:
+        self.m.portal_setups.labels(result).inc()
+
+    def lockout(self) -> None:
+        self.m.lockouts.inc()

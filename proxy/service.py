@@ -91,7 +91,8 @@ class Service:
                                (s.radius.clients if s.radius else ())) or bool(
                 s.ldap and (s.ldap.bind_cache_seconds
                             or any(rule.seconds for rule in s.ldap.bind_cache_rules))),
-            log_accepts=s.log_decisions == "all")
+            log_accepts=s.log_decisions == "all",
+            enrollment_url=s.portal.public_url if s.portal else "")
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
                                            call_later=self.reactor.callLater)
@@ -129,6 +130,7 @@ class Service:
         self._listen_http()
         self._listen_radius()
         self._listen_ldap()
+        self._listen_portal()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
 
     def _every(self, seconds: float, f: Any, now: bool = False) -> None:
@@ -240,6 +242,40 @@ class Service:
                  ", ".join(map(str, lset.listen)) or "-",
                  f" (ldaps {', '.join(map(str, lset.ldaps_listen))})" if lset.ldaps_listen
                  else "", lset.upstream)
+
+    def _listen_portal(self) -> None:
+        p = self.settings.portal
+        if p is None:
+            return
+        from policy.sessions import LoginCsrf, PortalSessions
+        from proxy.metrics import PortalMetrics
+        from proxy.portal.pages import Branding
+        from proxy.portal.site import Portal
+        from proxy.state import make_accounts
+
+        s = self.settings
+        portal = Portal(
+            self.authenticator.authenticate, make_accounts(s, self.store, self.keys),
+            PortalSessions(self.store, p.session_minutes * 60),
+            LoginCsrf(self.keys.derive(b"portal-login-csrf")), self.in_state_thread,
+            Branding(s.totp.issuer, s.totp.digits, s.totp.period), tls=p.tls,
+            events=PortalMetrics(self.metrics))
+        self.portal = portal
+        site = portal.site()
+        if p.tls:
+            from proxy.ldap.tls import server_options
+
+            try:
+                options = server_options(str(p.cert_file), str(p.key_file))
+            except Exception as e:  # unreadable or not PEM
+                raise StartupError(f"portal: cert_file/key_file: {e}") from None
+            self.ports.append(self.reactor.listenSSL(p.listen.port, site, options,
+                                                     interface=p.listen.host))
+        else:
+            self.ports.append(self.reactor.listenTCP(p.listen.port, site,
+                                                     interface=p.listen.host))
+        log.info("portal listening on %s (%s)%s", p.listen, "https" if p.tls else "http",
+                 f", public URL {p.public_url}" if p.public_url else "")
 
     def stop_threads(self) -> None:
         for name in ("state_workers", "report_workers"):

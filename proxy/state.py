@@ -44,7 +44,8 @@ def make_accounts(settings: Settings, store: Store, keys: KeyRing | Callable[[],
                   clock: Clock = time.time, events: AccountEvents | None = None) -> Accounts:
     return Accounts(store, keys, totp_params(settings.totp), settings.totp.issuer,
                     settings.policy.enrollment_days, username_rules(settings.directory),
-                    clock, events)
+                    clock, events, max_failures=settings.policy.max_failures,
+                    lockout_seconds=settings.policy.lockout_seconds)
 
 
 __all__ = ["make_accounts", "open_store", "totp_params"]

@@ -31,6 +31,8 @@ The config (a TOML file written from the parameters of :meth:`configure`):
   ``[[radius.reply]]`` tables.
 - ``[ldap]`` only when ``ldap={...}`` is given: ``listen`` on a free TCP
   port unless set.
+- ``[portal]`` only when ``portal={...}`` is given: ``listen`` on a free TCP
+  port unless set (``proxy.portal_port``).
 - ``[http]`` on a free TCP port, always (readiness and metrics need it).
 - ``overrides={"policy": {"max_failures": 3}, ...}``: any other section,
   merged key by key last.
@@ -200,6 +202,7 @@ class ProxyProcess:
         radius: Mapping[str, Any] | None = {},  # noqa: B006 - read only
         reply: Sequence[Mapping[str, Any]] = (),
         ldap: Mapping[str, Any] | None = None,
+        portal: Mapping[str, Any] | None = None,
         directory: Mapping[str, Any] | None = None,
         state_url: str | None = None, key_file: pathlib.Path | str | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -234,6 +237,8 @@ class ProxyProcess:
             doc["radius"] = r
         if ldap is not None:
             doc["ldap"] = dict(ldap)
+        if portal is not None:
+            doc["portal"] = dict(portal)
         doc["http"] = {}
         for name, section in (overrides or {}).items():
             doc.setdefault(name, {}).update(section)
@@ -241,6 +246,7 @@ class ProxyProcess:
         auto = {"radius": "radius" in doc and "listen" not in doc["radius"],
                 "accounting": "radius" in doc and "accounting_listen" not in doc["radius"],
                 "ldap": "ldap" in doc and "listen" not in doc["ldap"],
+                "portal": "portal" in doc and "listen" not in doc["portal"],
                 "http": "listen" not in doc["http"]}
         proxy = cls(workdir, doc, auto)
         proxy._pick_ports()
@@ -254,6 +260,8 @@ class ProxyProcess:
             self.doc["radius"]["accounting_listen"] = [f"127.0.0.1:{free_udp_port()}"]
         if self._auto_ports.get("ldap"):
             self.doc["ldap"]["listen"] = [f"127.0.0.1:{free_tcp_port()}"]
+        if self._auto_ports.get("portal"):
+            self.doc["portal"]["listen"] = f"127.0.0.1:{free_tcp_port()}"
         if self._auto_ports.get("http"):
             self.doc["http"]["listen"] = f"127.0.0.1:{free_tcp_port()}"
 
@@ -277,6 +285,10 @@ class ProxyProcess:
     @property
     def http_port(self) -> int:
         return self._port(self.doc["http"]["listen"])
+
+    @property
+    def portal_port(self) -> int:
+        return self._port(self.doc["portal"]["listen"])
 
     @property
     def ldap_port(self) -> int:

@@ -101,6 +101,10 @@ def default_config_copy(root: Path, http: int, radius: int) -> Path:
     assert '"127.0.0.1:9812"' in text and '"127.0.0.1:1812"' in text
     text = text.replace('"127.0.0.1:9812"', f'"127.0.0.1:{http}"')
     text = text.replace('"127.0.0.1:1812"', f'"127.0.0.1:{radius}"')
+    from tests.integration.proxyproc import free_tcp_port
+
+    assert '"127.0.0.1:8443"' in text
+    text = text.replace('"127.0.0.1:8443"', f'"127.0.0.1:{free_tcp_port()}"')
     (conf / "mfa-proxy.toml").write_text(text)
     return conf / "mfa-proxy.toml"
 

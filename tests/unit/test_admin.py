@@ -71,6 +71,9 @@ class Recorder:
     def extended(self, username: str, deadline: int) -> None:
         self.seen.append(("extended", username, deadline))
 
+    def setup_confirmed(self, username: str, replaced: bool) -> None:
+        self.seen.append(("setup_confirmed", username, replaced))
+
     def unrequired(self, username: str) -> None:
         self.seen.append(("unrequired", username))
 

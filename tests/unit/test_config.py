@@ -683,3 +683,53 @@ group_filter = "(member={dn}"
     found = problems(tmp_path, text)
     assert any(p.startswith("directory.user_filter: not an LDAP filter") for p in found), found
     assert any(p.startswith("directory.group_filter: not an LDAP filter") for p in found), found
+
+
+# -- [portal] ------------------------------------------------------------------------------
+
+
+def test_no_portal_section_or_empty_listen_means_no_portal(tmp_path: Path) -> None:
+    assert load(write(tmp_path, BASE)).portal is None
+    assert load(write(tmp_path, BASE + '[portal]\nlisten = ""\n')).portal is None
+
+
+def test_portal_section_loads(tmp_path: Path) -> None:
+    (tmp_path / "portal.crt").write_text("x")
+    (tmp_path / "portal.key").write_text("x")
+    s = load(write(tmp_path, BASE + '[portal]\nlisten = "0.0.0.0:8443"\ncert_file = "portal.crt"\n'
+                   'key_file = "portal.key"\npublic_url = "https://mfa.example.org/"\n'
+                   "session_minutes = 30\n"))
+    p = s.portal
+    assert p is not None
+    assert (p.listen, p.cert_file, p.key_file, p.public_url, p.session_minutes, p.tls) == (
+        Address("0.0.0.0", 8443), tmp_path / "portal.crt", tmp_path / "portal.key",
+        "https://mfa.example.org/", 30, True)
+    assert s.warnings == ()
+
+
+def test_portal_defaults(tmp_path: Path) -> None:
+    p = load(write(tmp_path, BASE + "[portal]\n")).portal
+    assert p is not None
+    assert (p.listen, p.tls, p.public_url, p.session_minutes) == (
+        Address("127.0.0.1", 8443), False, "", 15)
+
+
+def test_plain_http_portal_on_a_non_loopback_address_is_a_warning(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE + '[portal]\nlisten = "0.0.0.0:8080"\n'))
+    (warning,) = s.warnings
+    assert warning.startswith("portal.listen: the portal is plain HTTP on 0.0.0.0:8080")
+    assert load(write(tmp_path, BASE + '[portal]\nlisten = "[::1]:8080"\n')).warnings == ()
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ('listen = "portal.example.org:443"', "portal.listen: not an IP address"),
+    ('cert_file = "missing.crt"', "portal.key_file: TLS needs both cert_file and key_file"),
+    ('key_file = "missing.key"', "portal.cert_file: TLS needs both cert_file and key_file"),
+    ('cert_file = "missing.crt"\nkey_file = "missing.key"', "portal.cert_file: cannot read"),
+    ('public_url = "mfa.example.org"', "portal.public_url: expected an http:// or https:// URL"),
+    ("session_minutes = 0", "portal.session_minutes: must be between 1 and 1440, got 0"),
+    ("colour = 1", "portal.colour: unknown key"),
+])
+def test_portal_problems_name_their_key(tmp_path: Path, snippet: str, message: str) -> None:
+    found = problems(tmp_path, BASE + "[portal]\n" + snippet + "\n")
+    assert any(p.startswith(message) for p in found), found

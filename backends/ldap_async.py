@@ -1,10 +1,10 @@
 """A Twisted-native LDAP client for the hot path: search the user, bind as the user.
 
 ldap3 spends about 1 ms of CPU on one search + bind; this client does the
-same work with a small BER codec over persistent connections, without
-threads:
+same work with the proxy's own LDAP codec (:mod:`backends.ldapwire`, which
+the LDAP front-end shares) over persistent connections, without threads:
 
-- the user filter is parsed once (RFC 4515, :mod:`backends.ldap_filter`)
+- the user filter is parsed once (RFC 4515, :mod:`backends.ldapwire.filters`)
   into pre-encoded BER where only the assertion values holding
   ``{username}`` are re-encoded per request. The username goes in as raw
   bytes of an assertion value, so it can never become filter syntax;
@@ -39,11 +39,10 @@ from typing import Any, NamedTuple, TypeVar
 from typing import Protocol as Interface  # (Protocol is Twisted's, below)
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,81 +54,57 @@ from backends.base import (
     UnknownUser,
     check_password_not_empty,
 )
-from backends.ber import (  # noqa: F401 (re-exported for callers and tests)
-    BOOLEAN,
-    ENUMERATED,
-    INTEGER,
-    OCTET_STRING,
-    SEQUENCE,
-    SET,
-    BerError,
-    boolean,
-    encode_length,
-    expect,
-    integer,
-    ldap_message,
-    read_header,
-    tlv,
-)
 from backends.ldap_common import (
-    NO_SUCH_OBJECT,
-    SIZE_LIMIT_EXCEEDED,
-    SUCCESS,
     Endpoint,
     Endpoints,
     LdapOptions,
     bind_failure,
     rdn_value,
 )
-from backends.ldap_filter import (  # noqa: F401 (re-exported for callers and tests)
-    CompiledFilter,
-    FilterTemplateError,
+from backends.ldapwire.ber import BerError
+from backends.ldapwire.connect import OneConnection, client_endpoint
+from backends.ldapwire.filters import FilterTemplateError, compile_filter
+from backends.ldapwire.framing import MAX_MESSAGE, MessageFramer
+from backends.ldapwire.messages import (
+    BIND_RESPONSE,
+    EXTENDED_RESPONSE,
+    INTERMEDIATE_RESPONSE,
+    SCOPE_BASE,
+    SCOPE_SUBTREE,
+    SEARCH_RESULT_DONE,
+    SEARCH_RESULT_ENTRY,
+    SEARCH_RESULT_REFERENCE,
+    START_TLS_OID,
+    UNBIND,
+    ResultCode,
+    SearchEntry,
     SearchTemplate,
-    compile_filter,
+    UserEntry,
+    UserEntryReader,
+    bind_request,
+    decode_entry,
+    extended_request,
+    ldap_message,
+    read_envelope,
+    read_result,
 )
+from backends.ldapwire.tls import ClientTls
 
 log = Logger(namespace="mfa_proxy.backends.ldap_async")
 
 T = TypeVar("T")
 
-# ================================================================ LDAP messages the client needs
+# ================================================================ what the client expects
 
-BIND_REQUEST, BIND_RESPONSE, UNBIND_REQUEST = 0x60, 0x61, 0x42
-SEARCH_REQUEST, SEARCH_RESULT_ENTRY, SEARCH_RESULT_DONE = 0x63, 0x64, 0x65
-SEARCH_RESULT_REFERENCE, EXTENDED_REQUEST, EXTENDED_RESPONSE = 0x73, 0x77, 0x78
-INTERMEDIATE_RESPONSE = 0x79
-AUTH_SIMPLE = 0x80
-START_TLS_OID = b"1.3.6.1.4.1.1466.20037"
-SCOPE_BASE, SCOPE_SUBTREE = 0, 2
-NEVER_DEREF_ALIASES = 0
-MAX_MESSAGE = 64 * 1024 * 1024  # a larger answer is an error, not a memory exhaustion
 _FINAL_REPLIES = (SEARCH_RESULT_DONE, BIND_RESPONSE, EXTENDED_RESPONSE)
-# A base read of a bind DN answered with these: the DN names no entry we may use
-# (noSuchObject, invalidDNSyntax, insufficientAccessRights, referral, aliasProblem).
-DN_NAMES_NOBODY = frozenset({32, 34, 50, 10, 33, 36})
 _IGNORED_REPLIES = (SEARCH_RESULT_REFERENCE, INTERMEDIATE_RESPONSE)
-
-
-def frame_size(buf: bytes | bytearray, pos: int) -> int | None:
-    """Size of the complete LDAPMessage at ``pos``, or None while more bytes are due."""
-    available = len(buf) - pos
-    if available < 2:
-        return None
-    if buf[pos] != SEQUENCE:
-        raise BerError("an LDAPMessage is a SEQUENCE")
-    first = buf[pos + 1]
-    header = 2
-    if first >= 0x80:
-        count = first & 0x7F
-        if not 0 < count <= 4:
-            raise BerError("bad message length")
-        if available < 2 + count:
-            return None
-        first = int.from_bytes(buf[pos + 2 : pos + 2 + count], "big")
-        header += count
-    if first > MAX_MESSAGE:
-        raise BerError("message too large")
-    return header + first if available >= header + first else None
+# A base read of a bind DN answered with these: the DN names no entry we may use.
+DN_NAMES_NOBODY = frozenset({
+    ResultCode.NO_SUCH_OBJECT, ResultCode.INVALID_DN_SYNTAX,
+    ResultCode.INSUFFICIENT_ACCESS_RIGHTS, ResultCode.REFERRAL, ResultCode.ALIAS_PROBLEM,
+    ResultCode.ALIAS_DEREFERENCING_PROBLEM,
+})
+_START_TLS = extended_request(START_TLS_OID)
 
 
 @dataclass(frozen=True)
@@ -139,145 +114,6 @@ class Reply:
     code: int
     diagnostic: str = ""
     entries: list[SearchEntry] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SearchEntry:
-    dn: str
-    attributes: dict[str, list[str]]
-
-    def values(self, name: str) -> list[str]:
-        return self.attributes.get(name.lower(), [])
-
-    def first(self, name: str) -> str | None:
-        values = self.values(name)
-        return values[0] if values else None
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="replace")
-
-
-def decode_envelope(message: bytes) -> tuple[int, int, int, int]:
-    """(message id, protocolOp tag, op content start, op content end)."""
-    return _envelope(message, 0, len(message))
-
-
-def _envelope(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
-    """:func:`decode_envelope` of the message at ``buf[pos:end]``, without copying it."""
-    start, end = _expect(buf, pos, end, SEQUENCE)
-    id_start, id_end = _expect(buf, start, end, INTEGER)
-    message_id = int.from_bytes(buf[id_start:id_end], "big", signed=True)
-    tag, op_start, op_end = _read_header(buf, id_end, end)
-    return message_id, tag, op_start, op_end
-
-
-# The two BER readers with the short length form (nearly every element of a reply)
-# inline: about half the calls per element. Anything else, errors included, is left
-# to backends.ber, so the results and the errors are the same.
-
-
-def _read_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    if pos + 2 <= end:
-        tag, size = buf[pos], buf[pos + 1]
-        if size < 0x80 and pos + 2 + size <= end and tag & 0x1F != 0x1F:
-            return tag, pos + 2, pos + 2 + size
-    return read_header(buf, pos, end)
-
-
-def _expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
-    if pos + 2 <= end and buf[pos] == tag:
-        size = buf[pos + 1]
-        if size < 0x80 and pos + 2 + size <= end:
-            return pos + 2, pos + 2 + size
-    return expect(buf, pos, end, tag)
-
-
-def decode_result(message: bytes, start: int, end: int) -> tuple[int, str]:
-    """resultCode and diagnosticMessage of an LDAPResult (RFC 4511 §4.1.9)."""
-    code_start, code_end = _expect(message, start, end, ENUMERATED)
-    _dn_start, dn_end = _expect(message, code_end, end, OCTET_STRING)
-    diag_start, diag_end = _expect(message, dn_end, end, OCTET_STRING)
-    code = int.from_bytes(message[code_start:code_end], "big", signed=True)
-    return code, _text(message[diag_start:diag_end]) if diag_end > diag_start else ""
-
-
-def decode_entry(message: bytes, start: int, end: int) -> SearchEntry:
-    dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
-    attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
-    attributes: dict[str, list[str]] = {}
-    pos = attrs_start
-    while pos < attrs_end:
-        one_start, one_end = _expect(message, pos, attrs_end, SEQUENCE)
-        type_start, type_end = _expect(message, one_start, one_end, OCTET_STRING)
-        vals_start, vals_end = _expect(message, type_end, one_end, SET)
-        values = _values(message, vals_start, vals_end)
-        attributes[_text(message[type_start:type_end]).lower()] = values
-        pos = one_end
-    return SearchEntry(_text(message[dn_start:dn_end]), attributes)
-
-
-def _values(message: bytes, pos: int, end: int) -> list[str]:
-    """The values of one attribute: SET OF OCTET STRING."""
-    values = []
-    while pos < end:
-        start, pos = _expect(message, pos, end, OCTET_STRING)
-        values.append(_text(message[start:pos]))
-    return values
-
-
-class UserEntry(NamedTuple):
-    """What a verify needs of the user's entry."""
-
-    dn: str
-    name: str | None  # the first value of the username attribute
-    member_of: list[str]  # empty unless memberOf is used
-
-
-class UserEntryReader:
-    """Decodes a user's search entry down to a :class:`UserEntry`.
-
-    The search asks for these attributes only; any other one is skipped whole
-    rather than decoded, which is what keeps this cheaper than decode_entry.
-    """
-
-    def __init__(self, username_attribute: str, use_memberof: bool) -> None:
-        # Attribute types are ASCII, so bytes.lower() is str.lower() here.
-        self._name = username_attribute.lower().encode()
-        self._member_of = b"memberof" if use_memberof else None
-
-    def read(self, message: bytes, start: int, end: int) -> UserEntry:
-        dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
-        attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
-        name: str | None = None
-        member_of: list[str] = []
-        pos = attrs_start
-        while pos < attrs_end:
-            one_start, pos = _expect(message, pos, attrs_end, SEQUENCE)
-            type_start, type_end = _expect(message, one_start, pos, OCTET_STRING)
-            vals_start, vals_end = _expect(message, type_end, pos, SET)
-            kind = message[type_start:type_end].lower()
-            if kind == self._name:  # a repeated attribute: the last one counts, as in a dict
-                values = _values(message, vals_start, vals_end)
-                name = values[0] if values else None
-            if kind == self._member_of:
-                member_of = _values(message, vals_start, vals_end)
-        return UserEntry(_text(message[dn_start:dn_end]), name, member_of)
-
-
-_BIND_VERSION = integer(3)
-
-
-def encode_bind(dn: str, password: str) -> bytes:
-    return tlv(BIND_REQUEST, _BIND_VERSION + tlv(OCTET_STRING, dn.encode())
-               + tlv(AUTH_SIMPLE, password.encode()))
-
-
-def encode_start_tls() -> bytes:
-    return tlv(EXTENDED_REQUEST, tlv(0x80, START_TLS_OID))
-
-
-UNBIND = tlv(UNBIND_REQUEST, b"")
 
 
 # ================================================================ the connection
@@ -344,7 +180,7 @@ class LdapClientProtocol(Protocol):
         self.is_connected = False
         self.lost: Deferred[None] = Deferred()
         self._handshake: Deferred[None] | None = None
-        self._buffer = bytearray()
+        self._framer = MessageFramer(MAX_MESSAGE)
         self._next_id = 1
         self._aborted = False
         self._timer: Any = None  # IDelayedCall, due at or before every pending deadline
@@ -410,23 +246,10 @@ class LdapClientProtocol(Protocol):
             handshake.callback(None)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        pos = 0
-        try:
-            if self._buffer:  # the rest of a message that came in pieces
-                self._buffer += data
-                if frame_size(self._buffer, 0) is None:
-                    return
-                data = bytes(self._buffer)  # one copy per completed message, not per piece
-                self._buffer.clear()
-            # Messages are decoded where they lie in ``data``: no copy of each one.
-            while (size := frame_size(data, pos)) is not None:
-                self._dispatch(data, pos, pos + size)
-                pos += size
+        try:  # each reply is decoded where it lies in ``data``: no copy of each one
+            self._framer.dispatch(data, self._dispatch)
         except BerError as bad:
             self.abort(f"undecodable reply: {bad}")
-            return
-        if pos < len(data):
-            self._buffer += memoryview(data)[pos:]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.is_connected = False
@@ -445,7 +268,7 @@ class LdapClientProtocol(Protocol):
     # -- replies
 
     def _dispatch(self, message: bytes, start: int, end: int) -> None:
-        message_id, tag, op_start, op_end = _envelope(message, start, end)
+        message_id, tag, op_start, op_end = read_envelope(message, start, end)
         if message_id == 0:  # Notice of Disconnection (RFC 4511 §4.4.1)
             self.abort("notice of disconnection")
             return
@@ -455,7 +278,7 @@ class LdapClientProtocol(Protocol):
         if tag == SEARCH_RESULT_ENTRY:
             waiting.on_entry(message, op_start, op_end)
         elif tag in _FINAL_REPLIES:
-            code, diagnostic = decode_result(message, op_start, op_end)
+            code, _matched_dn, diagnostic = read_result(message, op_start, op_end)
             del self.pending[message_id]
             waiting.on_result(code, diagnostic)
         elif tag not in _IGNORED_REPLIES:
@@ -485,18 +308,6 @@ class LdapClientProtocol(Protocol):
             self.abort("operation timed out")
         if self.pending:  # (on_lost may have sent more: arm for the earliest of all)
             self._arm(min(waiting.deadline for waiting in self.pending.values()))
-
-
-class _OneConnection(Factory):
-    """Hands one prepared protocol to an endpoint, quietly (connects are frequent in outages)."""
-
-    noisy = False
-
-    def __init__(self, client: LdapClientProtocol) -> None:
-        self.client = client
-
-    def buildProtocol(self, addr: Any) -> LdapClientProtocol:  # noqa: N802 - Twisted's name
-        return self.client
 
 
 # ================================================================ links and pools
@@ -714,8 +525,11 @@ def _binding(username: str, password: str, identity: Identity | None,
     return _Binding(username, password, identity, identity.dn, cached)
 
 
+_SEARCH_DONE = (ResultCode.SUCCESS, ResultCode.SIZE_LIMIT_EXCEEDED)
+
+
 def _search_refused(code: int, diagnostic: str, missing_ok: bool = False) -> Exception | None:
-    if code in (SUCCESS, SIZE_LIMIT_EXCEEDED) or (missing_ok and code == NO_SUCH_OBJECT):
+    if code in _SEARCH_DONE or (missing_ok and code == ResultCode.NO_SUCH_OBJECT):
         return None
     return DirectoryUnavailable(f"search: result {code} {diagnostic}".strip())
 
@@ -788,7 +602,7 @@ class _Verify:
         try:
             self._binding = _binding(identity.username, password, identity,
                                      identity.from_cache)
-            self._request = encode_bind(self._binding.dn, password)
+            self._request = bind_request(self._binding.dn, password)
         except (UnknownUser, InvalidCredentials) as refused:
             self._fail(refused)
             return
@@ -818,7 +632,7 @@ class _Verify:
         binding = self._binding
         assert binding is not None
         self._directory._binders.release(link)
-        if code == SUCCESS:
+        if code == ResultCode.SUCCESS:
             self.result.callback(binding.identity)
             return
         refused = bind_failure(code, diagnostic)
@@ -897,7 +711,7 @@ class AsyncLdapDirectory:
         binders = [_Link(lambda: self._connect(service=False), self.endpoints)
                    for _ in range(max(1, options.bind_pool_size))]
         self._binders = _BindLinks(binders, options.timeout, reactor)
-        self._trust: Any = None
+        self._tls = ClientTls(options.ca_file, options.tls_verify)
         self._closed = False
 
     # -- AsyncDirectory
@@ -1126,10 +940,10 @@ class AsyncLdapDirectory:
     async def _bind_on(self, link: _Link, dn: str, password: str, errors: list[str]) -> None:
         """A user bind on an acquired ``link``, which is released here."""
         try:
-            reply = await self._on_link(link.get, encode_bind(dn, password), errors)
+            reply = await self._on_link(link.get, bind_request(dn, password), errors)
         finally:
             self._binders.release(link)
-        if reply.code != SUCCESS:
+        if reply.code != ResultCode.SUCCESS:
             raise bind_failure(reply.code, reply.diagnostic)
 
     async def _on_link(self, get: Callable[[], Deferred[tuple[LdapClientProtocol, bool]]],
@@ -1177,14 +991,13 @@ class AsyncLdapDirectory:
         url = urlsplit(endpoint.url)
         host = unquote(url.hostname or "")
         ldaps = url.scheme.lower() == "ldaps"
-        tcp: Any = HostnameEndpoint(self.reactor, host, url.port or (636 if ldaps else 389),
-                                    timeout=self.options.connect_timeout)
-        if ldaps:
-            tcp = wrapClientTLS(self._tls_creator(host), tcp)
+        tcp = client_endpoint(self.reactor, host, url.port or (636 if ldaps else 389),
+                              self.options.connect_timeout,
+                              self._tls_creator(host) if ldaps else None)
         client = LdapClientProtocol(self.reactor, endpoint)
         handshake = client.wait_for_handshake(self.options.timeout) if ldaps else None
         try:
-            await tcp.connect(_OneConnection(client))
+            await tcp.connect(OneConnection(client))
         except BaseException:
             if handshake is not None:  # nobody will wait for it now
                 handshake.addErrback(lambda _: None)
@@ -1203,41 +1016,28 @@ class AsyncLdapDirectory:
         return client
 
     async def _start_tls(self, client: LdapClientProtocol, host: str) -> None:
-        reply = await client.request(encode_start_tls(), self.options.timeout)
-        if reply.code != SUCCESS:
+        reply = await client.request(_START_TLS, self.options.timeout)
+        if reply.code != ResultCode.SUCCESS:
             raise DirectoryUnavailable(f"StartTLS refused: result {reply.code} {reply.diagnostic}")
         await client.start_tls(self._tls_creator(host), self.options.timeout)
 
     async def _service_bind(self, client: LdapClientProtocol) -> None:
-        request = encode_bind(self.options.bind_dn, self.options.bind_password)
+        request = bind_request(self.options.bind_dn, self.options.bind_password)
         reply = await client.request(request, self.options.timeout)
-        if reply.code != SUCCESS:
+        if reply.code != ResultCode.SUCCESS:
             raise DirectoryUnavailable(f"service bind as {self.options.bind_dn!r} failed: "
                                        f"result {reply.code} {reply.diagnostic}".strip())
 
     def _tls_creator(self, host: str) -> Any:
-        if not self.options.tls_verify:
-            return ssl.CertificateOptions(verify=False)
-        if self._trust is None:
-            self._trust = _trust_root(self.options.ca_file)
-        return ssl.optionsForClientTLS(host, trustRoot=self._trust)
+        try:
+            return self._tls.creator(host)
+        except ValueError as bad:  # a CA file without a certificate (OSError: unreadable)
+            raise DirectoryUnavailable(f"ca_file: {bad}") from None
 
     def _template(self, base: str, scope: int, template: str, placeholders: Sequence[str],
                   attributes: Sequence[str], size_limit: int = 0) -> SearchTemplate:
         return SearchTemplate.build(base, scope, compile_filter(template, placeholders),
                                     attributes, size_limit, self._time_limit)
-
-
-def _trust_root(ca_file: str) -> Any:
-    """The CAs of ``ca_file`` (a PEM bundle), or the system's when it is empty."""
-    if not ca_file:
-        return ssl.platformTrust()  # type: ignore[no-untyped-call]
-    with open(ca_file, "rb") as handle:
-        pem = handle.read()
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN" in block]
-    certificates = [ssl.Certificate.loadPEM(b) for b in blocks]
-    return ssl.trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
 
 
 def _describe(failed: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The Twisted-native LDAP client's BER codec, compiled filters and protocol (no sockets)."""
+"""The directory client: its BER codec, compiled filters, connection and verify() (no sockets)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,8 @@ from twisted.python.failure import Failure
 
 from backends.base import DirectoryUnavailable, Identity, InvalidCredentials, UnknownUser
 from backends.ldap import Endpoint, LdapOptions, user_search_filter
-from backends.ldap_async import (
-    AsyncLdapDirectory,
-    ConnectionLost,
-    LdapClientProtocol,
-    OperationTimeout,
-    Reply,
-)
+from backends.ldap_async import AsyncLdapDirectory
+from backends.ldap_client import ConnectionLost, LdapClientProtocol, OperationTimeout, Reply
 from backends.ldapwire.ber import ENUMERATED, OCTET_STRING, SEQUENCE, SET, BerError, integer, tlv
 from backends.ldapwire.filters import FilterTemplateError, compile_filter
 from backends.ldapwire.framing import frame_size

@@ -615,11 +615,14 @@ def reuses_an_outstanding_id(segment: list[Op]) -> bool:
 
 
 def abandoned_in(segment: list[Op], index: int) -> bool:
-    """A forwarded request that a later abandon in its segment may have stopped."""
+    """A forwarded request that an abandon in its segment may have stopped: a later
+    one, or an earlier one, which the directory may run only after it has read this
+    request (its abandon runs apart from its reads)."""
     op = segment[index]
-    later = segment[index + 1 :]
     return op.kind in FORWARDED_KINDS and any(
-        other.kind == "abandon" and other.target == op.message_id for other in later
+        other.kind == "abandon" and other.target == op.message_id
+        for at, other in enumerate(segment)
+        if at != index
     )
 
 
@@ -649,6 +652,8 @@ def sequencing_proxy(slapd: Slapd, start_proxy: Any) -> Proxy:
 @example(segments=[[Op("bind_good", 1)], [Op("unknown_extended", 2), Op("bind_wrong_code", 2)]])
 @example(segments=[[Op("bind_good", 1), Op("bind_wrong_code", 2), Op("whoami", 3)]])
 @example(segments=[[Op("search", 1), Op("abandon", 2, 1), Op("bind_wrong_code", 1)]])
+@example(segments=[[Op("abandon", 4, 3), Op("search", 3)],
+                   [Op("unknown_extended", 1), Op("bind_wrong_code", 1), Op("search", 1)]])
 def test_random_interleavings_never_leave_the_session_bound_without_a_code(
     sequencing_proxy: Proxy, segments: list[list[Op]]
 ) -> None:

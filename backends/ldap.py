@@ -41,12 +41,6 @@ from backends.base import (
     check_password_not_empty,
 )
 from backends.ldap_common import (  # noqa: F401 (re-exported: callers and tests use them here)
-    INVALID_CREDENTIALS,
-    NO_SUCH_OBJECT,
-    SIZE_LIMIT_EXCEEDED,
-    SUCCESS,
-    TIME_LIMIT_EXCEEDED,
-    TRANSIENT_RESULT_CODES,
     Endpoint,
     Endpoints,
     LdapOptions,
@@ -57,6 +51,7 @@ from backends.ldap_common import (  # noqa: F401 (re-exported: callers and tests
     unavailable,
     user_search_filter,
 )
+from backends.ldapwire.messages import ResultCode
 
 log = Logger(namespace="mfa_proxy.backends.ldap")
 
@@ -233,7 +228,7 @@ class LdapDirectory:
         def run(conn: Any) -> list[_Entry]:
             ok = conn.search(base, search_filter, scope, attributes=attributes,
                              size_limit=size_limit, time_limit=max(1, int(self.options.timeout)))
-            if not ok and conn.result.get("result") == NO_SUCH_OBJECT and missing_ok:
+            if not ok and conn.result.get("result") == ResultCode.NO_SUCH_OBJECT and missing_ok:
                 return []
             self._check_search(ok, conn, f"search under {base!r}")
             return [_Entry.of(r) for r in conn.response or () if r.get("type") == "searchResEntry"]
@@ -244,7 +239,7 @@ class LdapDirectory:
     def _check_search(ok: bool, conn: Any, what: str) -> None:
         code = conn.result.get("result")
         # ldap3 returns False for a successful search that found nothing.
-        if ok or code in (SUCCESS, SIZE_LIMIT_EXCEEDED):
+        if ok or code in (ResultCode.SUCCESS, ResultCode.SIZE_LIMIT_EXCEEDED):
             return
         if code is None:  # ldap3 reports a lost socket as a missing result
             raise ConnectionLost(f"{what}: no answer")

@@ -1,10 +1,11 @@
-"""A Twisted-native LDAP client for the hot path: search the user, bind as the user.
+"""The LDAP directory for the request path: look the user up, bind as the user, without threads.
 
-ldap3 spends about 1 ms of CPU on one search + bind; this client does the
-same work with a small BER codec over persistent connections, without
-threads:
+ldap3 spends about 1 ms of CPU on one search + bind; :class:`AsyncLdapDirectory`
+does the same work on persistent Twisted connections
+(:mod:`backends.ldap_client`, pooled by :mod:`backends.ldap_links`) with the
+proxy's own LDAP codec (:mod:`backends.ldapwire`, shared with the front-end):
 
-- the user filter is parsed once (RFC 4515, :mod:`backends.ldap_filter`)
+- the user filter is parsed once (RFC 4515, :mod:`backends.ldapwire.filters`)
   into pre-encoded BER where only the assertion values holding
   ``{username}`` are re-encoded per request. The username goes in as raw
   bytes of an assertion value, so it can never become filter syntax;
@@ -20,33 +21,29 @@ threads:
 - an optional username → identity cache (``dn_cache_seconds``) saves the
   search, never the bind.
 
-``verify()`` has two paths. While the connections it needs are open, it runs
-as reply callbacks (:class:`_Verify`): no coroutine, one Deferred, the entry
-decoded down to the DN, the username and memberOf. Whatever is rare --
-connecting, a lost connection, a group search, a refused cached DN -- goes
-to the coroutines, which are the reference behaviour.
+``lookup()`` and ``check_password()`` (``verify()`` is the two) have two
+paths. While the connections they need are open, they run as reply
+callbacks (:class:`_Verify`): no coroutine, one Deferred, the entry decoded
+down to the DN, the username and memberOf. Whatever is rare -- connecting,
+a lost connection, a group search, a refused cached DN -- goes to the
+coroutines, which are the reference behaviour. ``lookup_dn()`` (which entry
+a bind DN names) is a coroutine.
 
 Errors and results are those of :class:`backends.ldap.LdapDirectory`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
-from operator import attrgetter
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
-from typing import Protocol as Interface  # (Protocol is Twisted's, below)
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from backends.base import (
     DirectoryUnavailable,
@@ -55,606 +52,43 @@ from backends.base import (
     UnknownUser,
     check_password_not_empty,
 )
-from backends.ber import (  # noqa: F401 (re-exported for callers and tests)
-    BOOLEAN,
-    ENUMERATED,
-    INTEGER,
-    OCTET_STRING,
-    SEQUENCE,
-    SET,
-    BerError,
-    boolean,
-    encode_length,
-    expect,
-    integer,
-    ldap_message,
-    read_header,
-    tlv,
-)
+from backends.ldap_client import ConnectionLost, LdapClientProtocol, OperationTimeout, Reply
 from backends.ldap_common import (
-    NO_SUCH_OBJECT,
-    SIZE_LIMIT_EXCEEDED,
-    SUCCESS,
     Endpoint,
     Endpoints,
     LdapOptions,
     bind_failure,
     rdn_value,
 )
-from backends.ldap_filter import (  # noqa: F401 (re-exported for callers and tests)
-    CompiledFilter,
-    FilterTemplateError,
+from backends.ldap_links import BindLinks, Link, by_load
+from backends.ldapwire.ber import BerError
+from backends.ldapwire.connect import OneConnection, client_endpoint
+from backends.ldapwire.filters import FilterTemplateError, compile_filter
+from backends.ldapwire.messages import (
+    SCOPE_BASE,
+    SCOPE_SUBTREE,
+    START_TLS_OID,
+    ResultCode,
     SearchTemplate,
-    compile_filter,
+    UserEntry,
+    UserEntryReader,
+    bind_request,
+    decode_entry,
+    extended_request,
 )
+from backends.ldapwire.tls import ClientTls
 
 log = Logger(namespace="mfa_proxy.backends.ldap_async")
 
 T = TypeVar("T")
 
-# ================================================================ LDAP messages the client needs
-
-BIND_REQUEST, BIND_RESPONSE, UNBIND_REQUEST = 0x60, 0x61, 0x42
-SEARCH_REQUEST, SEARCH_RESULT_ENTRY, SEARCH_RESULT_DONE = 0x63, 0x64, 0x65
-SEARCH_RESULT_REFERENCE, EXTENDED_REQUEST, EXTENDED_RESPONSE = 0x73, 0x77, 0x78
-INTERMEDIATE_RESPONSE = 0x79
-AUTH_SIMPLE = 0x80
-START_TLS_OID = b"1.3.6.1.4.1.1466.20037"
-SCOPE_BASE, SCOPE_SUBTREE = 0, 2
-NEVER_DEREF_ALIASES = 0
-MAX_MESSAGE = 64 * 1024 * 1024  # a larger answer is an error, not a memory exhaustion
-_FINAL_REPLIES = (SEARCH_RESULT_DONE, BIND_RESPONSE, EXTENDED_RESPONSE)
-# A base read of a bind DN answered with these: the DN names no entry we may use
-# (noSuchObject, invalidDNSyntax, insufficientAccessRights, referral, aliasProblem).
-DN_NAMES_NOBODY = frozenset({32, 34, 50, 10, 33, 36})
-_IGNORED_REPLIES = (SEARCH_RESULT_REFERENCE, INTERMEDIATE_RESPONSE)
-
-
-def frame_size(buf: bytes | bytearray, pos: int) -> int | None:
-    """Size of the complete LDAPMessage at ``pos``, or None while more bytes are due."""
-    available = len(buf) - pos
-    if available < 2:
-        return None
-    if buf[pos] != SEQUENCE:
-        raise BerError("an LDAPMessage is a SEQUENCE")
-    first = buf[pos + 1]
-    header = 2
-    if first >= 0x80:
-        count = first & 0x7F
-        if not 0 < count <= 4:
-            raise BerError("bad message length")
-        if available < 2 + count:
-            return None
-        first = int.from_bytes(buf[pos + 2 : pos + 2 + count], "big")
-        header += count
-    if first > MAX_MESSAGE:
-        raise BerError("message too large")
-    return header + first if available >= header + first else None
-
-
-@dataclass(frozen=True)
-class Reply:
-    """The final answer to one request (and the entries a search returned)."""
-
-    code: int
-    diagnostic: str = ""
-    entries: list[SearchEntry] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SearchEntry:
-    dn: str
-    attributes: dict[str, list[str]]
-
-    def values(self, name: str) -> list[str]:
-        return self.attributes.get(name.lower(), [])
-
-    def first(self, name: str) -> str | None:
-        values = self.values(name)
-        return values[0] if values else None
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="replace")
-
-
-def decode_envelope(message: bytes) -> tuple[int, int, int, int]:
-    """(message id, protocolOp tag, op content start, op content end)."""
-    return _envelope(message, 0, len(message))
-
-
-def _envelope(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
-    """:func:`decode_envelope` of the message at ``buf[pos:end]``, without copying it."""
-    start, end = _expect(buf, pos, end, SEQUENCE)
-    id_start, id_end = _expect(buf, start, end, INTEGER)
-    message_id = int.from_bytes(buf[id_start:id_end], "big", signed=True)
-    tag, op_start, op_end = _read_header(buf, id_end, end)
-    return message_id, tag, op_start, op_end
-
-
-# The two BER readers with the short length form (nearly every element of a reply)
-# inline: about half the calls per element. Anything else, errors included, is left
-# to backends.ber, so the results and the errors are the same.
-
-
-def _read_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    if pos + 2 <= end:
-        tag, size = buf[pos], buf[pos + 1]
-        if size < 0x80 and pos + 2 + size <= end and tag & 0x1F != 0x1F:
-            return tag, pos + 2, pos + 2 + size
-    return read_header(buf, pos, end)
-
-
-def _expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
-    if pos + 2 <= end and buf[pos] == tag:
-        size = buf[pos + 1]
-        if size < 0x80 and pos + 2 + size <= end:
-            return pos + 2, pos + 2 + size
-    return expect(buf, pos, end, tag)
-
-
-def decode_result(message: bytes, start: int, end: int) -> tuple[int, str]:
-    """resultCode and diagnosticMessage of an LDAPResult (RFC 4511 §4.1.9)."""
-    code_start, code_end = _expect(message, start, end, ENUMERATED)
-    _dn_start, dn_end = _expect(message, code_end, end, OCTET_STRING)
-    diag_start, diag_end = _expect(message, dn_end, end, OCTET_STRING)
-    code = int.from_bytes(message[code_start:code_end], "big", signed=True)
-    return code, _text(message[diag_start:diag_end]) if diag_end > diag_start else ""
-
-
-def decode_entry(message: bytes, start: int, end: int) -> SearchEntry:
-    dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
-    attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
-    attributes: dict[str, list[str]] = {}
-    pos = attrs_start
-    while pos < attrs_end:
-        one_start, one_end = _expect(message, pos, attrs_end, SEQUENCE)
-        type_start, type_end = _expect(message, one_start, one_end, OCTET_STRING)
-        vals_start, vals_end = _expect(message, type_end, one_end, SET)
-        values = _values(message, vals_start, vals_end)
-        attributes[_text(message[type_start:type_end]).lower()] = values
-        pos = one_end
-    return SearchEntry(_text(message[dn_start:dn_end]), attributes)
-
-
-def _values(message: bytes, pos: int, end: int) -> list[str]:
-    """The values of one attribute: SET OF OCTET STRING."""
-    values = []
-    while pos < end:
-        start, pos = _expect(message, pos, end, OCTET_STRING)
-        values.append(_text(message[start:pos]))
-    return values
-
-
-class UserEntry(NamedTuple):
-    """What a verify needs of the user's entry."""
-
-    dn: str
-    name: str | None  # the first value of the username attribute
-    member_of: list[str]  # empty unless memberOf is used
-
-
-class UserEntryReader:
-    """Decodes a user's search entry down to a :class:`UserEntry`.
-
-    The search asks for these attributes only; any other one is skipped whole
-    rather than decoded, which is what keeps this cheaper than decode_entry.
-    """
-
-    def __init__(self, username_attribute: str, use_memberof: bool) -> None:
-        # Attribute types are ASCII, so bytes.lower() is str.lower() here.
-        self._name = username_attribute.lower().encode()
-        self._member_of = b"memberof" if use_memberof else None
-
-    def read(self, message: bytes, start: int, end: int) -> UserEntry:
-        dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
-        attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
-        name: str | None = None
-        member_of: list[str] = []
-        pos = attrs_start
-        while pos < attrs_end:
-            one_start, pos = _expect(message, pos, attrs_end, SEQUENCE)
-            type_start, type_end = _expect(message, one_start, pos, OCTET_STRING)
-            vals_start, vals_end = _expect(message, type_end, pos, SET)
-            kind = message[type_start:type_end].lower()
-            if kind == self._name:  # a repeated attribute: the last one counts, as in a dict
-                values = _values(message, vals_start, vals_end)
-                name = values[0] if values else None
-            if kind == self._member_of:
-                member_of = _values(message, vals_start, vals_end)
-        return UserEntry(_text(message[dn_start:dn_end]), name, member_of)
-
-
-_BIND_VERSION = integer(3)
-
-
-def encode_bind(dn: str, password: str) -> bytes:
-    return tlv(BIND_REQUEST, _BIND_VERSION + tlv(OCTET_STRING, dn.encode())
-               + tlv(AUTH_SIMPLE, password.encode()))
-
-
-def encode_start_tls() -> bytes:
-    return tlv(EXTENDED_REQUEST, tlv(0x80, START_TLS_OID))
-
-
-UNBIND = tlv(UNBIND_REQUEST, b"")
-
-
-# ================================================================ the connection
-
-
-class ConnectionLost(Exception):
-    """The connection broke (or never answered) before the reply."""
-
-
-class OperationTimeout(ConnectionLost):
-    """No reply within the operation timeout."""
-
-
-class _Waiter(Interface):
-    """Who hears the replies to one request: its entries, then its result or its loss.
-
-    ``deadline`` and ``timeout`` are set by :meth:`LdapClientProtocol.send`.
-    """
-
-    deadline: float
-    timeout: float
-
-    def on_entry(self, message: bytes, start: int, end: int) -> None: ...
-
-    def on_result(self, code: int, diagnostic: str) -> None: ...
-
-    def on_lost(self, why: ConnectionLost) -> None: ...
-
-
-class _Collect:
-    """A request answered as one :class:`Reply` (every request but verify's fast ones)."""
-
-    __slots__ = ("deadline", "deferred", "entries", "timeout")
-
-    def __init__(self) -> None:
-        self.deferred: Deferred[Reply] = Deferred()
-        self.entries: list[SearchEntry] = []
-        self.deadline = self.timeout = 0.0
-
-    def on_entry(self, message: bytes, start: int, end: int) -> None:
-        self.entries.append(decode_entry(message, start, end))
-
-    def on_result(self, code: int, diagnostic: str) -> None:
-        self.deferred.callback(Reply(code, diagnostic, self.entries))
-
-    def on_lost(self, why: ConnectionLost) -> None:
-        self.deferred.errback(why)
-
-
-@implementer(IHandshakeListener)
-class LdapClientProtocol(Protocol):
-    """One LDAP connection: frames replies, matches them to requests by message id.
-
-    Timeouts: each request has a deadline and one timer per connection is armed
-    for the earliest one, lazily -- a reply does not cancel it; when it fires,
-    the requests past their deadline fail and it is armed for the next one.
-    Under load that is one timer every ``timeout`` seconds, not one per request.
-    """
-
-    def __init__(self, reactor: Any, endpoint: Endpoint) -> None:
-        self.reactor = reactor  # IReactorTime; Any because zope interfaces confuse mypy
-        self.endpoint = endpoint
-        self.pending: dict[int, _Waiter] = {}
-        self.is_connected = False
-        self.lost: Deferred[None] = Deferred()
-        self._handshake: Deferred[None] | None = None
-        self._buffer = bytearray()
-        self._next_id = 1
-        self._aborted = False
-        self._timer: Any = None  # IDelayedCall, due at or before every pending deadline
-        self._timer_due = 0.0
-
-    # -- requests
-
-    def request(self, operation: bytes, timeout: float) -> Deferred[Reply]:
-        collect = _Collect()
-        self.send(operation, collect, timeout)
-        return collect.deferred
-
-    def send(self, operation: bytes, waiter: _Waiter, timeout: float) -> None:
-        """Send ``operation``; ``waiter`` hears the replies (or the loss, maybe at once)."""
-        if not self.is_connected:
-            waiter.on_lost(ConnectionLost("connection closed"))
-            return
-        message_id = self._next_id
-        self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1
-        waiter.deadline = deadline = self.reactor.seconds() + timeout
-        waiter.timeout = timeout
-        self.pending[message_id] = waiter
-        if self._timer is None or deadline < self._timer_due:
-            self._arm(deadline)
-        self._transport.write(ldap_message(message_id, operation))
-
-    def start_tls(self, creator: Any, timeout: float) -> Deferred[None]:
-        """Switch to TLS now; fires once the handshake (and verification) succeeded."""
-        handshake = self.wait_for_handshake(timeout)
-        self._transport.startTLS(creator)
-        return handshake
-
-    def wait_for_handshake(self, timeout: float) -> Deferred[None]:
-        self._handshake = Deferred()
-        return self._handshake.addTimeout(timeout, self.reactor)
-
-    def close(self) -> Deferred[None]:
-        if self.is_connected and self.transport is not None:
-            self._transport.write(ldap_message(self._next_id, UNBIND))
-            self._transport.loseConnection()
-        return self.lost
-
-    def abort(self, why: str) -> None:
-        if self._aborted or self.transport is None:
-            return
-        self._aborted = True
-        log.info("dropping connection to {url}: {why}", url=self.endpoint.url, why=why)
-        self._transport.abortConnection()
-
-    @property
-    def _transport(self) -> Any:
-        """The TCP (or TLS) transport: ITransport plus startTLS and abortConnection."""
-        return self.transport
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
-        self.is_connected = True
-
-    def handshakeCompleted(self) -> None:  # noqa: N802 - Twisted's name
-        handshake, self._handshake = self._handshake, None
-        if handshake is not None and not handshake.called:  # not timed out meanwhile
-            handshake.callback(None)
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        pos = 0
-        try:
-            if self._buffer:  # the rest of a message that came in pieces
-                self._buffer += data
-                if frame_size(self._buffer, 0) is None:
-                    return
-                data = bytes(self._buffer)  # one copy per completed message, not per piece
-                self._buffer.clear()
-            # Messages are decoded where they lie in ``data``: no copy of each one.
-            while (size := frame_size(data, pos)) is not None:
-                self._dispatch(data, pos, pos + size)
-                pos += size
-        except BerError as bad:
-            self.abort(f"undecodable reply: {bad}")
-            return
-        if pos < len(data):
-            self._buffer += memoryview(data)[pos:]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        self.is_connected = False
-        why = ConnectionLost(f"{self.endpoint.url}: {reason.getErrorMessage()}")
-        handshake, self._handshake = self._handshake, None
-        if handshake is not None and not handshake.called:
-            handshake.errback(why)
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        pending, self.pending = self.pending, {}
-        for waiting in pending.values():
-            waiting.on_lost(why)
-        self.lost.callback(None)
-
-    # -- replies
-
-    def _dispatch(self, message: bytes, start: int, end: int) -> None:
-        message_id, tag, op_start, op_end = _envelope(message, start, end)
-        if message_id == 0:  # Notice of Disconnection (RFC 4511 §4.4.1)
-            self.abort("notice of disconnection")
-            return
-        waiting = self.pending.get(message_id)
-        if waiting is None:
-            return  # a late reply to a request that timed out
-        if tag == SEARCH_RESULT_ENTRY:
-            waiting.on_entry(message, op_start, op_end)
-        elif tag in _FINAL_REPLIES:
-            code, diagnostic = decode_result(message, op_start, op_end)
-            del self.pending[message_id]
-            waiting.on_result(code, diagnostic)
-        elif tag not in _IGNORED_REPLIES:
-            raise BerError(f"unexpected protocolOp {tag:#x}")
-
-    # -- timeouts
-
-    def _arm(self, due: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer_due = due
-        self._timer = self.reactor.callLater(max(0.0, due - self.reactor.seconds()),
-                                             self._expire)
-
-    def _expire(self) -> None:
-        """Fail the requests past their deadline; re-arm for the earliest one left."""
-        self._timer = None
-        now = self.reactor.seconds()
-        late = [(mid, waiting) for mid, waiting in self.pending.items() if waiting.deadline <= now]
-        for message_id, waiting in late:
-            if self.pending.pop(message_id, None) is None:
-                continue  # failed meanwhile, by a connectionLost that an on_lost caused
-            waiting.on_lost(OperationTimeout(
-                f"{self.endpoint.url}: no answer within {waiting.timeout:g}s"))
-        if late:
-            # The server is stuck or the link is: nothing else on it can be trusted.
-            self.abort("operation timed out")
-        if self.pending:  # (on_lost may have sent more: arm for the earliest of all)
-            self._arm(min(waiting.deadline for waiting in self.pending.values()))
-
-
-class _OneConnection(Factory):
-    """Hands one prepared protocol to an endpoint, quietly (connects are frequent in outages)."""
-
-    noisy = False
-
-    def __init__(self, client: LdapClientProtocol) -> None:
-        self.client = client
-
-    def buildProtocol(self, addr: Any) -> LdapClientProtocol:  # noqa: N802 - Twisted's name
-        return self.client
-
-
-# ================================================================ links and pools
-
-
-class _Link:
-    """One persistent connection slot: connects on demand, shared by concurrent callers."""
-
-    def __init__(self, opener: Callable[[], Deferred[LdapClientProtocol]],
-                 endpoints: Endpoints) -> None:
-        self._opener = opener
-        self._endpoints = endpoints
-        self.client: LdapClientProtocol | None = None
-        self._waiters: list[Deferred[LdapClientProtocol]] | None = None
-
-    @property
-    def load(self) -> int:
-        """Requests in flight; -1 when not connected, so idle slots get connected first."""
-        client = self.client
-        return len(client.pending) if client is not None and client.is_connected else -1
-
-    def ready(self) -> LdapClientProtocol | None:
-        """The connection, when :meth:`get` would hand it over as it is (no side effect)."""
-        client = self.client
-        if client is not None and client.is_connected and not self._should_move(client):
-            return client
-        return None
-
-    def get(self) -> Deferred[tuple[LdapClientProtocol, bool]]:
-        """The connection and whether it was already open (it may have gone stale)."""
-        client = self.client
-        if client is not None and client.is_connected:
-            if not self._should_move(client):
-                return defer.succeed((client, True))
-            client.close()
-        waiter: Deferred[LdapClientProtocol] = Deferred()
-        if self._waiters is None:
-            self._waiters = [waiter]
-            self._opener().addBoth(self._opened)
-        else:
-            self._waiters.append(waiter)
-        return waiter.addCallback(lambda fresh: (fresh, False))
-
-    def _should_move(self, client: LdapClientProtocol) -> bool:
-        """True when a preferred URL may be back: leave the fallback once it is idle."""
-        order = self._endpoints.all
-        if len(order) < 2:
-            return False  # nowhere else to go
-        preferred = self._endpoints.preferred()
-        if preferred is None or preferred is client.endpoint:
-            return False
-        return order.index(preferred) < order.index(client.endpoint) and not client.pending
-
-    def _opened(self, result: LdapClientProtocol | Failure) -> None:
-        waiters, self._waiters = self._waiters or [], None
-        if isinstance(result, LdapClientProtocol):
-            self.client = result
-            for waiter in waiters:
-                waiter.callback(result)
-        else:
-            for waiter in waiters:
-                waiter.errback(result)
-
-    def close(self) -> Deferred[None]:
-        client, self.client = self.client, None
-        return client.close() if client is not None else defer.succeed(None)
-
-
-_load = attrgetter("load")  # of a _Link (a key function without a Python frame)
-
-
-class _LinkWaiter(Interface):
-    """A caller queued for a bind link: given one, or told the wait is over."""
-
-    def give(self, link: _Link) -> None: ...
-
-    def expire(self, why: DirectoryUnavailable) -> None: ...
-
-
-class _QueuedDeferred:
-    """A coroutine's place in the bind queue."""
-
-    __slots__ = ("deferred",)
-
-    def __init__(self, links: _BindLinks) -> None:
-        self.deferred: Deferred[_Link] = Deferred(lambda _: links.forget(self))
-
-    def give(self, link: _Link) -> None:
-        self.deferred.callback(link)
-
-    def expire(self, why: DirectoryUnavailable) -> None:
-        self.deferred.errback(why)
-
-
-class _BindLinks:
-    """Links for user binds: each carries one bind at a time; callers queue for one.
-
-    A caller waits ``timeout`` at most. The queue is in arrival order, hence in
-    deadline order, so one timer, due for the head of the queue, serves all.
-    """
-
-    def __init__(self, links: list[_Link], timeout: float, reactor: Any) -> None:
-        self.links = links
-        self._idle = list(links)
-        self._queue: deque[tuple[float, _LinkWaiter]] = deque()
-        self._timeout = timeout
-        self._reactor = reactor
-        self._timer: Any = None
-
-    def take(self) -> _Link | None:
-        """An idle link, if any, now."""
-        return self._idle.pop() if self._idle else None
-
-    def wait(self, waiter: _LinkWaiter) -> None:
-        """Queue ``waiter`` for the next link released."""
-        self._queue.append((self._reactor.seconds() + self._timeout, waiter))
-        if self._timer is None:
-            self._arm()
-
-    def acquire(self) -> Deferred[_Link]:
-        """A link, now or once one is released; fails with DirectoryUnavailable in time."""
-        link = self.take()
-        if link is not None:
-            return defer.succeed(link)
-        queued = _QueuedDeferred(self)
-        self.wait(queued)
-        return queued.deferred
-
-    def release(self, link: _Link) -> None:
-        if self._queue:
-            self._queue.popleft()[1].give(link)
-        else:
-            self._idle.append(link)
-
-    def forget(self, waiter: _LinkWaiter) -> None:
-        """Take a cancelled waiter out of the queue."""
-        for queued in self._queue:
-            if queued[1] is waiter:
-                self._queue.remove(queued)
-                return
-
-    def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        delay = self._queue[0][0] - self._reactor.seconds()
-        self._timer = self._reactor.callLater(max(0.0, delay), self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        now = self._reactor.seconds()
-        while self._queue and self._queue[0][0] <= now:
-            self._queue.popleft()[1].expire(DirectoryUnavailable(
-                f"no free bind connection within {self._timeout:g}s"))
-        if self._queue:  # (expire may have queued more: arm for the head, whoever it is)
-            self._arm()
-
-
-# ================================================================ the directory
+# A base read of a bind DN answered with these: the DN names no entry we may use.
+DN_NAMES_NOBODY = frozenset({
+    ResultCode.NO_SUCH_OBJECT, ResultCode.INVALID_DN_SYNTAX,
+    ResultCode.INSUFFICIENT_ACCESS_RIGHTS, ResultCode.REFERRAL, ResultCode.ALIAS_PROBLEM,
+    ResultCode.ALIAS_DEREFERENCING_PROBLEM,
+})
+_START_TLS = extended_request(START_TLS_OID)
 
 
 class _DnCache:
@@ -714,8 +148,11 @@ def _binding(username: str, password: str, identity: Identity | None,
     return _Binding(username, password, identity, identity.dn, cached)
 
 
+_SEARCH_DONE = (ResultCode.SUCCESS, ResultCode.SIZE_LIMIT_EXCEEDED)
+
+
 def _search_refused(code: int, diagnostic: str, missing_ok: bool = False) -> Exception | None:
-    if code in (SUCCESS, SIZE_LIMIT_EXCEEDED) or (missing_ok and code == NO_SUCH_OBJECT):
+    if code in _SEARCH_DONE or (missing_ok and code == ResultCode.NO_SUCH_OBJECT):
         return None
     return DirectoryUnavailable(f"search: result {code} {diagnostic}".strip())
 
@@ -747,7 +184,7 @@ class _Verify:
         self._user: UserEntry | None = None
         self._matches = 0
         self._binding: _Binding | None = None
-        self._link: _Link | None = None  # set while the bind is in flight
+        self._link: Link | None = None  # set while the bind is in flight
         self.deadline = self.timeout = 0.0  # of the request in flight (set by send)
 
     # -- the search
@@ -788,7 +225,7 @@ class _Verify:
         try:
             self._binding = _binding(identity.username, password, identity,
                                      identity.from_cache)
-            self._request = encode_bind(self._binding.dn, password)
+            self._request = bind_request(self._binding.dn, password)
         except (UnknownUser, InvalidCredentials) as refused:
             self._fail(refused)
             return
@@ -802,7 +239,7 @@ class _Verify:
         else:
             self.give(link)
 
-    def give(self, link: _Link) -> None:
+    def give(self, link: Link) -> None:
         assert self._binding is not None
         client = link.ready()
         if client is None:  # it must connect (or move): the coroutine's job
@@ -814,11 +251,11 @@ class _Verify:
     def expire(self, why: DirectoryUnavailable) -> None:
         self._fail(why)
 
-    def _bound(self, link: _Link, code: int, diagnostic: str) -> None:
+    def _bound(self, link: Link, code: int, diagnostic: str) -> None:
         binding = self._binding
         assert binding is not None
         self._directory._binders.release(link)
-        if code == SUCCESS:
+        if code == ResultCode.SUCCESS:
             self.result.callback(binding.identity)
             return
         refused = bind_failure(code, diagnostic)
@@ -892,12 +329,12 @@ class AsyncLdapDirectory:
         self._group_search = self._template(options.group_base, SCOPE_SUBTREE,
                                             options.group_filter, ("dn",),
                                             [options.group_name_attribute])
-        self._service = [_Link(lambda: self._connect(service=True), self.endpoints)
+        self._service = [Link(lambda: self._connect(service=True), self.endpoints)
                          for _ in range(max(1, options.pool_size))]
-        binders = [_Link(lambda: self._connect(service=False), self.endpoints)
+        binders = [Link(lambda: self._connect(service=False), self.endpoints)
                    for _ in range(max(1, options.bind_pool_size))]
-        self._binders = _BindLinks(binders, options.timeout, reactor)
-        self._trust: Any = None
+        self._binders = BindLinks(binders, options.timeout, reactor)
+        self._tls = ClientTls(options.ca_file, options.tls_verify)
         self._closed = False
 
     # -- AsyncDirectory
@@ -967,7 +404,7 @@ class AsyncLdapDirectory:
         self.stats.binds += 1
         return await self._finish_bind(binding, await self._binders.acquire(), [])
 
-    async def _finish_bind(self, binding: _Binding, link: _Link, errors: list[str]) -> Identity:
+    async def _finish_bind(self, binding: _Binding, link: Link, errors: list[str]) -> Identity:
         """Bind on ``link`` (released here) after ``errors``; a refused cached DN is retried."""
         try:
             await self._bind_on(link, binding.dn, binding.password, errors)
@@ -1123,13 +560,13 @@ class AsyncLdapDirectory:
             raise refused
         return reply
 
-    async def _bind_on(self, link: _Link, dn: str, password: str, errors: list[str]) -> None:
+    async def _bind_on(self, link: Link, dn: str, password: str, errors: list[str]) -> None:
         """A user bind on an acquired ``link``, which is released here."""
         try:
-            reply = await self._on_link(link.get, encode_bind(dn, password), errors)
+            reply = await self._on_link(link.get, bind_request(dn, password), errors)
         finally:
             self._binders.release(link)
-        if reply.code != SUCCESS:
+        if reply.code != ResultCode.SUCCESS:
             raise bind_failure(reply.code, reply.diagnostic)
 
     async def _on_link(self, get: Callable[[], Deferred[tuple[LdapClientProtocol, bool]]],
@@ -1147,8 +584,8 @@ class AsyncLdapDirectory:
                     self.endpoints.mark_down(client.endpoint, str(lost))
         raise DirectoryUnavailable(f"directory unavailable ({'; '.join(errors)})")
 
-    def _least_loaded(self) -> _Link:
-        return min(self._service, key=_load)
+    def _least_loaded(self) -> Link:
+        return min(self._service, key=by_load)
 
     # -- connecting
 
@@ -1177,14 +614,13 @@ class AsyncLdapDirectory:
         url = urlsplit(endpoint.url)
         host = unquote(url.hostname or "")
         ldaps = url.scheme.lower() == "ldaps"
-        tcp: Any = HostnameEndpoint(self.reactor, host, url.port or (636 if ldaps else 389),
-                                    timeout=self.options.connect_timeout)
-        if ldaps:
-            tcp = wrapClientTLS(self._tls_creator(host), tcp)
+        tcp = client_endpoint(self.reactor, host, url.port or (636 if ldaps else 389),
+                              self.options.connect_timeout,
+                              self._tls_creator(host) if ldaps else None)
         client = LdapClientProtocol(self.reactor, endpoint)
         handshake = client.wait_for_handshake(self.options.timeout) if ldaps else None
         try:
-            await tcp.connect(_OneConnection(client))
+            await tcp.connect(OneConnection(client))
         except BaseException:
             if handshake is not None:  # nobody will wait for it now
                 handshake.addErrback(lambda _: None)
@@ -1203,41 +639,28 @@ class AsyncLdapDirectory:
         return client
 
     async def _start_tls(self, client: LdapClientProtocol, host: str) -> None:
-        reply = await client.request(encode_start_tls(), self.options.timeout)
-        if reply.code != SUCCESS:
+        reply = await client.request(_START_TLS, self.options.timeout)
+        if reply.code != ResultCode.SUCCESS:
             raise DirectoryUnavailable(f"StartTLS refused: result {reply.code} {reply.diagnostic}")
         await client.start_tls(self._tls_creator(host), self.options.timeout)
 
     async def _service_bind(self, client: LdapClientProtocol) -> None:
-        request = encode_bind(self.options.bind_dn, self.options.bind_password)
+        request = bind_request(self.options.bind_dn, self.options.bind_password)
         reply = await client.request(request, self.options.timeout)
-        if reply.code != SUCCESS:
+        if reply.code != ResultCode.SUCCESS:
             raise DirectoryUnavailable(f"service bind as {self.options.bind_dn!r} failed: "
                                        f"result {reply.code} {reply.diagnostic}".strip())
 
     def _tls_creator(self, host: str) -> Any:
-        if not self.options.tls_verify:
-            return ssl.CertificateOptions(verify=False)
-        if self._trust is None:
-            self._trust = _trust_root(self.options.ca_file)
-        return ssl.optionsForClientTLS(host, trustRoot=self._trust)
+        try:
+            return self._tls.creator(host)
+        except ValueError as bad:  # a CA file without a certificate (OSError: unreadable)
+            raise DirectoryUnavailable(f"ca_file: {bad}") from None
 
     def _template(self, base: str, scope: int, template: str, placeholders: Sequence[str],
                   attributes: Sequence[str], size_limit: int = 0) -> SearchTemplate:
         return SearchTemplate.build(base, scope, compile_filter(template, placeholders),
                                     attributes, size_limit, self._time_limit)
-
-
-def _trust_root(ca_file: str) -> Any:
-    """The CAs of ``ca_file`` (a PEM bundle), or the system's when it is empty."""
-    if not ca_file:
-        return ssl.platformTrust()  # type: ignore[no-untyped-call]
-    with open(ca_file, "rb") as handle:
-        pem = handle.read()
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN" in block]
-    certificates = [ssl.Certificate.loadPEM(b) for b in blocks]
-    return ssl.trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
 
 
 def _describe(failed: BaseException) -> str:

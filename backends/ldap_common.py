@@ -1,4 +1,4 @@
-"""What both LDAP clients share: options, result codes, escaping, endpoints.
+"""What both LDAP clients share: options, what a result code means, escaping, endpoints.
 
 :mod:`backends.ldap` (ldap3, for the admin commands) and
 :mod:`backends.ldap_async` (Twisted-native, the request path) both build on
@@ -17,19 +17,18 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from backends.base import DirectoryUnavailable, InvalidCredentials
+from backends.ldapwire.filters import FilterTemplateError, compile_filter
+from backends.ldapwire.messages import ResultCode
 
 # stdlib logging, not twisted.logger: the admin CLI imports this (via the config)
 # and should not load Twisted for it.
 log = logging.getLogger("mfa_proxy.backends.ldap")
 
-# LDAP result codes (RFC 4511 §4.1.9) that matter here.
-SUCCESS = 0
-TIME_LIMIT_EXCEEDED = 3
-SIZE_LIMIT_EXCEEDED = 4
-NO_SUCH_OBJECT = 32
-INVALID_CREDENTIALS = 49
 # The server cannot answer now: not the user's fault, never counted as a failure.
-TRANSIENT_RESULT_CODES = frozenset({TIME_LIMIT_EXCEEDED, 11, 51, 52, 80})
+TRANSIENT_RESULT_CODES = frozenset({
+    ResultCode.TIME_LIMIT_EXCEEDED, ResultCode.ADMIN_LIMIT_EXCEEDED, ResultCode.BUSY,
+    ResultCode.UNAVAILABLE, ResultCode.OTHER,
+})
 
 
 # ---------------------------------------------------------------- options
@@ -84,9 +83,7 @@ class LdapOptions:
 
 
 def _template_problems(key: str, template: str, placeholder: str) -> list[str]:
-    # The Twisted client's parser is the strict one (backends.ldap_filter).
-    from backends.ldap_filter import FilterTemplateError, compile_filter
-
+    # The Twisted client's parser is the strict one (backends.ldapwire.filters).
     try:
         compiled = compile_filter(template, (placeholder,))
     except FilterTemplateError as bad:

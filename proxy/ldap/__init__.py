@@ -11,10 +11,12 @@ Public API::
     ...
     factory.disconnect_all()          # on shutdown, then port.stopListening()
 
-Modules: ``ber`` (framing, peeking, the few messages decoded or encoded),
-``server`` (factory and per-connection protocol), ``upstream`` (the
-connection to the directory), ``bind`` (decision → BindResponse), ``dn``
-(DN suffix rules: exempt, user_base, bind-cache windows), ``tls``,
-``transport`` (low-latency writes), ``events``, ``config``. Which entry a
+Modules: ``server`` (factory and per-connection protocol), ``upstream``
+(the connection to the directory), ``bind`` (decision → BindResponse),
+``dn`` (DN suffix rules: exempt, user_base, bind-cache windows),
+``transport`` (low-latency writes), ``events``, ``config``. The wire format
+-- BER, messages, framing, result codes, TLS options -- is
+:mod:`backends.ldapwire`, shared with the directory client; ``ber`` and
+``tls`` here only re-export what server.py reads from it. Which entry a
 bind DN names, and whether both factors pass, is the core's business.
 """

@@ -14,8 +14,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 
 from backends.base import DirectoryUnavailable, InvalidCredentials
+from backends.ldapwire.messages import ResultCode
 from policy.decision import Decision, Reason
-from proxy.ldap.ber import ResultCode
 
 INVALID_CREDENTIALS = "invalid credentials"
 LOCKED = "locked"

@@ -12,15 +12,22 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import endpoints, interfaces
-from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from backends.base import DirectoryUnavailable
-from proxy.ldap import ber
+from backends.ldapwire.ber import BerError
+from backends.ldapwire.connect import OneConnection, client_endpoint
+from backends.ldapwire.framing import MessageFramer
+from backends.ldapwire.messages import (
+    START_TLS_OID,
+    ResultCode,
+    decode_result,
+    encode_extended_request,
+)
 from proxy.ldap.transport import write_now
 
 _START_TLS_MESSAGE_ID = 1  # nothing else is in flight before the upstream is ready
@@ -60,7 +67,7 @@ class UpstreamConnection(Protocol):
         self.ready: Deferred[None] = Deferred()
         self._owner = owner
         self._settings = settings
-        self._framer = ber.MessageFramer(settings.max_message_size)
+        self._framer = MessageFramer(settings.max_message_size)
         self._phase = "connecting"  # → start_tls → handshake → ready | failed
         self.attempt: Deferred[Any] | None = None  # the endpoint's connect
 
@@ -87,7 +94,7 @@ class UpstreamConnection(Protocol):
             return
         if self._settings.start_tls:
             self._phase = "start_tls"
-            self.write(ber.encode_extended_request(_START_TLS_MESSAGE_ID, ber.START_TLS_OID))
+            self.write(encode_extended_request(_START_TLS_MESSAGE_ID, START_TLS_OID))
         elif self._settings.tls:
             self._phase = "handshake"  # ldaps://: ready once the handshake is done
         else:
@@ -100,7 +107,7 @@ class UpstreamConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             messages = self._framer.feed(data)
-        except ber.BerError:
+        except BerError:
             self._fail(UpstreamFailed("malformed_response"))
             return
         if self._phase == "ready":
@@ -129,10 +136,10 @@ class UpstreamConnection(Protocol):
 
     def _start_tls_answered(self, message: bytes) -> None:
         try:
-            result = ber.decode_result(message)
-        except ber.BerError:
+            result = decode_result(message)
+        except BerError:
             result = None
-        if result is None or result.code != ber.ResultCode.SUCCESS:
+        if result is None or result.code != ResultCode.SUCCESS:
             self._fail(UpstreamFailed("start_tls", result.diagnostic if result else ""))
             return
         self._phase = "handshake"
@@ -157,35 +164,12 @@ class UpstreamConnection(Protocol):
             self.ready.errback(error)
 
 
-class _OneConnection(Factory):
-    noisy = False  # one per client connection: "Starting factory" lines would flood the log
-
-    def __init__(self, connection: UpstreamConnection) -> None:
-        self._connection = connection
-
-    def buildProtocol(self, addr: interfaces.IAddress | None) -> UpstreamConnection:
-        return self._connection
-
-
-def _endpoint(reactor: Any, settings: UpstreamSettings) -> Any:
-    """An IStreamClientEndpoint: no name resolution for address literals."""
-    host, port, timeout = settings.host, settings.port, settings.connect_timeout
-    endpoint: Any
-    if isIPAddress(host):
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    elif isIPv6Address(host):
-        endpoint = endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)  # type: ignore[no-untyped-call]
-    else:
-        endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if settings.tls:
-        endpoint = endpoints.wrapClientTLS(settings.tls_options, endpoint)
-    return endpoint
-
-
 def connect(reactor: Any, settings: UpstreamSettings, owner: UpstreamOwner) -> UpstreamConnection:
     """Start connecting; ``.ready`` fires once usable or fails with UpstreamFailed."""
     connection = UpstreamConnection(owner, settings)
-    attempt = _endpoint(reactor, settings).connect(_OneConnection(connection))
+    tls = settings.tls_options if settings.tls else None  # (StartTLS: once connected)
+    endpoint = client_endpoint(reactor, settings.host, settings.port, settings.connect_timeout, tls)
+    attempt = endpoint.connect(OneConnection(connection))
     connection.attempt = attempt
     attempt.addErrback(connection.connect_failed)
     if settings.connect_timeout > 0:

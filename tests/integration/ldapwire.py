@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import socket
 
-from proxy.ldap import ber
+from backends.ldapwire import ber, framing, messages
 
-UNBIND = ber.message(999, b"\x42\x00")
+UNBIND = messages.ldap_message(999, b"\x42\x00")
 
 SESSION_TIMEOUT = 15.0  # seconds a raw session may wait for one answer (a hang fails the test)
 
@@ -20,10 +20,10 @@ class RawSession:
         self.sock = socket.create_connection(
             ("127.0.0.1", port), timeout=SESSION_TIMEOUT, source_address=(source, 0)
         )
-        self._framer = ber.MessageFramer(1 << 24)
+        self._framer = framing.MessageFramer(1 << 24)
         self.received: list[bytes] = []
         self.closed = False
-        self.notice: ber.LdapResult | None = None
+        self.notice: messages.LdapResult | None = None
 
     def __enter__(self) -> RawSession:
         return self
@@ -43,8 +43,8 @@ class RawSession:
             self.closed = True
             return
         for message in self._framer.feed(chunk):
-            if ber.peek(message).message_id == 0:
-                self.notice = ber.decode_result(message)
+            if messages.peek(message).message_id == 0:
+                self.notice = messages.decode_result(message)
             self.received.append(message)
 
     def final(self, wanted: list[int]) -> dict[int, bytes]:
@@ -56,8 +56,8 @@ class RawSession:
         while missing and not self.closed:
             self._read()
             for message in self.received[start:]:
-                message_id, tag = ber.peek_id_and_tag(message)
-                if tag in ber.FINAL_RESPONSES and message_id in missing:
+                message_id, tag = messages.peek_id_and_tag(message)
+                if tag in messages.FINAL_RESPONSES and message_id in missing:
                     missing.remove(message_id)
                     seen[message_id] = message
             start = len(self.received)
@@ -74,15 +74,15 @@ class RawSession:
         """The authzId the directory reports ("" anonymous), None when refused or closed."""
         if self.closed:
             return None
-        self.send(ber.encode_extended_request(message_id, ber.WHO_AM_I_OID))
+        self.send(messages.encode_extended_request(message_id, messages.WHO_AM_I_OID))
         response = self.final([message_id]).get(message_id)
         return authz_id(response) if response is not None else None
 
 
 def authz_id(response: bytes) -> str | None:
     """The responseValue of a successful WhoAmI ExtendedResponse."""
-    header = ber.peek(response)
-    if header.op_tag != ber.EXTENDED_RESPONSE or ber.decode_result(response).code != 0:
+    header = messages.peek(response)
+    if header.op_tag != messages.EXTENDED_RESPONSE or messages.decode_result(response).code != 0:
         return None
     pos = header.op_start
     for _ in range(3):  # resultCode, matchedDN, diagnosticMessage
@@ -107,15 +107,15 @@ def raw_search(message_id: int, base: str) -> bytes:
         + ber.tlv(0x87, b"objectClass")
         + ber.tlv(0x30, ber.tlv(0x04, b"cn"))
     )
-    return ber.message(message_id, ber.tlv(ber.SEARCH_REQUEST, body))
+    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_REQUEST, body))
 
 
 def sasl_plain_bind(message_id: int, name: str, authcid: str, password: str) -> bytes:
     credentials = b"\0" + authcid.encode() + b"\0" + password.encode()
     sasl = ber.tlv(0x04, b"PLAIN") + ber.tlv(0x04, credentials)
-    body = ber.integer(3) + ber.tlv(0x04, name.encode()) + ber.tlv(ber.AUTH_SASL, sasl)
-    return ber.message(message_id, ber.tlv(ber.BIND_REQUEST, body))
+    body = ber.integer(3) + ber.tlv(0x04, name.encode()) + ber.tlv(messages.AUTH_SASL, sasl)
+    return messages.ldap_message(message_id, ber.tlv(messages.BIND_REQUEST, body))
 
 
 def result_code(response: bytes) -> int:
-    return ber.decode_result(response).code
+    return messages.decode_result(response).code

@@ -20,18 +20,10 @@ from backends.base import (
     InvalidCredentials,
     UnknownUser,
 )
-from backends.ldap_async import (
-    BIND_REQUEST,
-    BIND_RESPONSE,
-    ENUMERATED,
-    OCTET_STRING,
-    AsyncLdapDirectory,
-    decode_envelope,
-    frame_size,
-    integer,
-    ldap_message,
-    tlv,
-)
+from backends.ldap_async import AsyncLdapDirectory
+from backends.ldapwire.ber import ENUMERATED, OCTET_STRING, integer, tlv
+from backends.ldapwire.framing import frame_size
+from backends.ldapwire.messages import BIND_REQUEST, BIND_RESPONSE, decode_envelope, ldap_message
 from tests.integration.slapd import Slapd, user_dn
 from tests.integration.test_ldap_backend import options_for
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.threads import blockingCallFromThread
 
-from proxy.ldap import ber
+from backends.ldapwire import ber, framing, messages
 from proxy.ldap.config import LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory
@@ -179,22 +179,22 @@ def ldapsearch(url: str, dn: str, password: str, *args: str) -> subprocess.Compl
     )
 
 
-UNBIND = ber.message(999, b"\x42\x00")
+UNBIND = messages.ldap_message(999, b"\x42\x00")
 
 
 def raw_exchange(port: int, data: bytes, host: str = "127.0.0.1") -> list[bytes]:
     """Send bytes (then an unbind, so the server closes), read messages until it closes."""
-    framer = ber.MessageFramer(1 << 24)
-    messages: list[bytes] = []
+    framer = framing.MessageFramer(1 << 24)
+    received: list[bytes] = []
     with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(data + UNBIND)
         sock.settimeout(2)
         try:
             while chunk := sock.recv(65536):
-                messages += framer.feed(chunk)
+                received += framer.feed(chunk)
         except TimeoutError:
             pass
-    return messages
+    return received
 
 
 # ---------------------------------------------------------------- MFA binds
@@ -265,8 +265,8 @@ def test_exempt_service_account_binds_with_the_password_only(proxy: Proxy, slapd
 
 
 def test_empty_password_is_53(proxy: Proxy) -> None:
-    (response,) = raw_exchange(proxy.port, ber.encode_bind_request(1, ALICE, b""))
-    assert ber.decode_result(response).code == 53
+    (response,) = raw_exchange(proxy.port, messages.encode_bind_request(1, ALICE, b""))
+    assert messages.decode_result(response).code == 53
 
 
 def test_sasl_is_7(proxy: Proxy) -> None:
@@ -281,14 +281,15 @@ def test_sasl_is_7(proxy: Proxy) -> None:
     assert connection.result["result"] == 7
     connection.unbind()
     body = ber.integer(3) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0xA3, ber.tlv(0x04, b"GSSAPI"))
-    (response,) = raw_exchange(proxy.port, ber.message(1, ber.tlv(ber.BIND_REQUEST, body)))
-    assert ber.decode_result(response).code == 7
+    request = messages.ldap_message(1, ber.tlv(messages.BIND_REQUEST, body))
+    (response,) = raw_exchange(proxy.port, request)
+    assert messages.decode_result(response).code == 7
 
 
 def test_anonymous_bind_refused_unless_allowed(slapd: Slapd, start_proxy: Any) -> None:
     refused = start_proxy(slapd)
-    (response,) = raw_exchange(refused.port, ber.encode_bind_request(1, "", b""))
-    assert ber.decode_result(response).code == 48
+    (response,) = raw_exchange(refused.port, messages.encode_bind_request(1, "", b""))
+    assert messages.decode_result(response).code == 48
     allowed = start_proxy(slapd, allow_anonymous=True)
     result = run("ldapwhoami", "-x", "-H", allowed.url)
     assert result.returncode == 0 and result.stdout.strip() == "anonymous"
@@ -358,11 +359,12 @@ def test_ldaps_listener(slapd: Slapd, start_proxy: Any, proxy_tls: ProxyTls) -> 
 def test_start_tls_twice_is_an_operations_error(proxy: Proxy, proxy_tls: ProxyTls) -> None:
     context = ssl.create_default_context(cafile=proxy_tls.ca_file)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(ber.encode_extended_request(1, ber.START_TLS_OID))
-        assert ber.decode_result(sock.recv(4096)).code == 0
+        sock.sendall(messages.encode_extended_request(1, messages.START_TLS_OID))
+        assert messages.decode_result(sock.recv(4096)).code == 0
         with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-            tls.sendall(ber.encode_extended_request(2, ber.START_TLS_OID))
-            assert ber.decode_result(tls.recv(4096)).code == ber.ResultCode.OPERATIONS_ERROR
+            tls.sendall(messages.encode_extended_request(2, messages.START_TLS_OID))
+            refused = messages.decode_result(tls.recv(4096))
+            assert refused.code == messages.ResultCode.OPERATIONS_ERROR
 
 
 @pytest.mark.parametrize("how", ["ldaps", "start_tls"])
@@ -426,18 +428,18 @@ def test_upstream_stopping_mid_session_closes_the_client(
 @pytest.mark.parametrize(
     ("data", "code"),
     [
-        (b"\x31\x05\x02\x01\x01\x42\x00", ber.ResultCode.PROTOCOL_ERROR),
-        (b"GET / HTTP/1.0\r\n\r\n", ber.ResultCode.PROTOCOL_ERROR),
-        (b"\x30\x84\x7f\x00\x00\x00", ber.ResultCode.PROTOCOL_ERROR),  # 2 GB announced
+        (b"\x31\x05\x02\x01\x01\x42\x00", messages.ResultCode.PROTOCOL_ERROR),
+        (b"GET / HTTP/1.0\r\n\r\n", messages.ResultCode.PROTOCOL_ERROR),
+        (b"\x30\x84\x7f\x00\x00\x00", messages.ResultCode.PROTOCOL_ERROR),  # 2 GB announced
     ],
 )
 def test_malformed_bytes_get_a_notice_of_disconnection(
     proxy: Proxy, data: bytes, code: int
 ) -> None:
     (notice,) = raw_exchange(proxy.port, data)
-    assert ber.peek(notice).message_id == 0
-    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
-    assert ber.decode_result(notice).code == code
+    assert messages.peek(notice).message_id == 0
+    assert messages.extended_response_name(notice) == messages.NOTICE_OF_DISCONNECTION_OID
+    assert messages.decode_result(notice).code == code
     # and the listener still serves others
     assert whoami(proxy.url, ALICE, proxy.core.good()).returncode == 0
 
@@ -447,10 +449,10 @@ def test_idle_timeout_and_max_connections(slapd: Slapd, start_proxy: Any) -> Non
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as first:
         time.sleep(0.2)
         (busy,) = raw_exchange(proxy.port, b"")
-        assert ber.decode_result(busy).code == ber.ResultCode.BUSY
+        assert messages.decode_result(busy).code == messages.ResultCode.BUSY
         first.settimeout(5)
         notice = first.recv(4096)
-        assert ber.decode_result(notice).code == ber.ResultCode.ADMIN_LIMIT_EXCEEDED
+        assert messages.decode_result(notice).code == messages.ResultCode.ADMIN_LIMIT_EXCEEDED
         assert first.recv(4096) == b""
     assert proxy.events[("dropped", "idle_timeout")] == 1
 
@@ -544,8 +546,8 @@ def test_plain_tcp_writes_take_the_fast_path(slapd: Slapd, start_proxy: Any) -> 
     (if not, writes silently fall back to the queued path and the proxy gets slower)."""
     proxy = start_proxy(slapd, require_bind=False)  # the WhoAmI below goes upstream
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(ber.encode_extended_request(1, ber.WHO_AM_I_OID))
-        assert ber.decode_result(sock.recv(4096)).code == 0
+        sock.sendall(messages.encode_extended_request(1, messages.WHO_AM_I_OID))
+        assert messages.decode_result(sock.recv(4096)).code == 0
 
         def check() -> list[bool]:
             found = []
@@ -590,13 +592,14 @@ class Op:
         if self.kind == "search":
             return alice_search(self.message_id)
         if self.kind == "whoami":
-            return ber.encode_extended_request(self.message_id, ber.WHO_AM_I_OID)
+            return messages.encode_extended_request(self.message_id, messages.WHO_AM_I_OID)
         if self.kind == "unknown_extended":
-            return ber.encode_extended_request(self.message_id, UNKNOWN_OID)
+            return messages.encode_extended_request(self.message_id, UNKNOWN_OID)
         if self.kind == "abandon":
-            return ber.message(self.message_id, ber.integer(self.target, ber.ABANDON_REQUEST))
+            abandon = ber.integer(self.target, messages.ABANDON_REQUEST)
+            return messages.ldap_message(self.message_id, abandon)
         credential = core.good() if self.kind == "bind_good" else BIND_PASSWORDS[self.kind]
-        return ber.encode_bind_request(self.message_id, ALICE, credential.encode())
+        return messages.encode_bind_request(self.message_id, ALICE, credential.encode())
 
 
 def reuses_an_outstanding_id(segment: list[Op]) -> bool:
@@ -612,11 +615,14 @@ def reuses_an_outstanding_id(segment: list[Op]) -> bool:
 
 
 def abandoned_in(segment: list[Op], index: int) -> bool:
-    """A forwarded request that a later abandon in its segment may have stopped."""
+    """A forwarded request that an abandon in its segment may have stopped: a later
+    one, or an earlier one, which the directory may run only after it has read this
+    request (its abandon runs apart from its reads)."""
     op = segment[index]
-    later = segment[index + 1 :]
     return op.kind in FORWARDED_KINDS and any(
-        other.kind == "abandon" and other.target == op.message_id for other in later
+        other.kind == "abandon" and other.target == op.message_id
+        for at, other in enumerate(segment)
+        if at != index
     )
 
 
@@ -646,6 +652,8 @@ def sequencing_proxy(slapd: Slapd, start_proxy: Any) -> Proxy:
 @example(segments=[[Op("bind_good", 1)], [Op("unknown_extended", 2), Op("bind_wrong_code", 2)]])
 @example(segments=[[Op("bind_good", 1), Op("bind_wrong_code", 2), Op("whoami", 3)]])
 @example(segments=[[Op("search", 1), Op("abandon", 2, 1), Op("bind_wrong_code", 1)]])
+@example(segments=[[Op("abandon", 4, 3), Op("search", 3)],
+                   [Op("unknown_extended", 1), Op("bind_wrong_code", 1), Op("search", 1)]])
 def test_random_interleavings_never_leave_the_session_bound_without_a_code(
     sequencing_proxy: Proxy, segments: list[list[Op]]
 ) -> None:
@@ -666,7 +674,7 @@ def test_random_interleavings_never_leave_the_session_bound_without_a_code(
             if reuses_an_outstanding_id(segment):
                 session.wait_closed()
                 assert session.notice is not None
-                assert session.notice.code == ber.ResultCode.PROTOCOL_ERROR
+                assert session.notice.code == messages.ResultCode.PROTOCOL_ERROR
                 return
             waited = [
                 op.message_id
@@ -700,28 +708,28 @@ def test_attack_unknown_extended_op_then_bind_with_the_same_id(
 ) -> None:
     with RawSession(sequencing_proxy.port) as session:
         session.send(
-            ber.encode_extended_request(5, UNKNOWN_OID)
-            + ber.encode_bind_request(5, ALICE, b"alice-pw,000000")
+            messages.encode_extended_request(5, UNKNOWN_OID)
+            + messages.encode_bind_request(5, ALICE, b"alice-pw,000000")
         )
         session.wait_closed()
         assert session.notice is not None
-        assert session.notice.code == ber.ResultCode.PROTOCOL_ERROR
-        ids_and_tags = [ber.peek_id_and_tag(m) for m in session.received]
-        assert (5, ber.BIND_RESPONSE) not in ids_and_tags  # not even a failure relayed
+        assert session.notice.code == messages.ResultCode.PROTOCOL_ERROR
+        ids_and_tags = [messages.peek_id_and_tag(m) for m in session.received]
+        assert (5, messages.BIND_RESPONSE) not in ids_and_tags  # not even a failure relayed
     assert sequencing_proxy.events[("dropped", "message_id_reused")] == 1
 
 
 def test_attack_whoami_and_wrong_password_bind_with_the_same_id(sequencing_proxy: Proxy) -> None:
     with RawSession(sequencing_proxy.port) as session:
         session.send(
-            ber.encode_bind_request(1, ALICE, sequencing_proxy.core.good().encode())
-            + ber.encode_extended_request(7, ber.WHO_AM_I_OID)
-            + ber.encode_bind_request(7, ALICE, b"nope,123456")
+            messages.encode_bind_request(1, ALICE, sequencing_proxy.core.good().encode())
+            + messages.encode_extended_request(7, messages.WHO_AM_I_OID)
+            + messages.encode_bind_request(7, ALICE, b"nope,123456")
         )
         session.wait_closed()
         assert session.notice is not None
-        assert session.notice.code == ber.ResultCode.PROTOCOL_ERROR
-        assert all(ber.peek(m).op_tag != ber.BIND_RESPONSE for m in session.received)
+        assert session.notice.code == messages.ResultCode.PROTOCOL_ERROR
+        assert all(messages.peek(m).op_tag != messages.BIND_RESPONSE for m in session.received)
 
 
 def test_a_wrong_bind_after_a_good_one_leaves_the_directory_session_anonymous(
@@ -729,12 +737,12 @@ def test_a_wrong_bind_after_a_good_one_leaves_the_directory_session_anonymous(
 ) -> None:
     with RawSession(sequencing_proxy.port) as session:
         session.send(
-            ber.encode_bind_request(1, ALICE, sequencing_proxy.core.good().encode())
+            messages.encode_bind_request(1, ALICE, sequencing_proxy.core.good().encode())
             + alice_search(2)
-            + ber.encode_bind_request(3, ALICE, b"alice-pw,000000")
+            + messages.encode_bind_request(3, ALICE, b"alice-pw,000000")
         )
         answers = session.final([1, 2, 3])
-        assert [ber.decode_result(answers[i]).code for i in (1, 2, 3)] == [0, 0, 49]
+        assert [messages.decode_result(answers[i]).code for i in (1, 2, 3)] == [0, 0, 49]
         assert session.whoami(4) == ""  # the directory says: anonymous
 
 
@@ -745,7 +753,7 @@ def test_sasl_plain_works_against_slapd_itself(slapd: Slapd) -> None:
     """The precondition of the SASL attack: the directory authenticates PLAIN."""
     with RawSession(slapd.port) as session:
         session.send(sasl_plain_bind(1, "", SASL_USER, user_password(SASL_USER)))
-        assert ber.decode_result(session.final([1])[1]).code == 0
+        assert messages.decode_result(session.final([1])[1]).code == 0
         assert session.whoami(2) == f"dn:{user_dn(SASL_USER)}"
 
 
@@ -756,7 +764,7 @@ def test_sasl_plain_is_refused_whatever_the_bind_name(
     bind_name = {"exempt": slapd.svc_dn, "user": ALICE, "empty": ""}[name]
     with RawSession(sequencing_proxy.port) as session:
         session.send(sasl_plain_bind(1, bind_name, SASL_USER, user_password(SASL_USER)))
-        assert ber.decode_result(session.final([1])[1]).code == 7
+        assert messages.decode_result(session.final([1])[1]).code == 7
         assert session.whoami(2) == ""  # nothing was bound
     assert sequencing_proxy.events[("bind", "reject", "sasl_not_supported")] == 1
     assert sequencing_proxy.core.requests == []
@@ -766,7 +774,7 @@ def test_sasl_passthrough_relays_sasl_and_so_bypasses_mfa(slapd: Slapd, start_pr
     proxy = start_proxy(slapd, sasl_passthrough=True)
     with RawSession(proxy.port) as session:
         session.send(sasl_plain_bind(1, slapd.svc_dn, SASL_USER, user_password(SASL_USER)))
-        assert ber.decode_result(session.final([1])[1]).code == 0
+        assert messages.decode_result(session.final([1])[1]).code == 0
         assert session.whoami(2) == f"dn:{user_dn(SASL_USER)}"  # no code asked: as documented
     assert proxy.events[("bind", "accept", "sasl_passthrough")] == 1
 
@@ -776,10 +784,10 @@ def test_sasl_passthrough_relays_sasl_and_so_bypasses_mfa(slapd: Slapd, start_pr
 
 def test_operations_before_any_bind_are_refused_and_not_forwarded(proxy: Proxy) -> None:
     with RawSession(proxy.port) as session:
-        session.send(alice_search(1) + ber.encode_extended_request(2, ber.WHO_AM_I_OID))
+        session.send(alice_search(1) + messages.encode_extended_request(2, messages.WHO_AM_I_OID))
         answers = session.final([1, 2])
-        assert [ber.decode_result(answers[i]).code for i in (1, 2)] == [50, 50]
-        assert ber.peek_id_and_tag(answers[1]) == (1, ber.SEARCH_RESULT_DONE)
+        assert [messages.decode_result(answers[i]).code for i in (1, 2)] == [50, 50]
+        assert messages.peek_id_and_tag(answers[1]) == (1, messages.SEARCH_RESULT_DONE)
     assert proxy.events[("forwarded", "search")] == 0
     assert proxy.events[("forwarded", "extended")] == 0
     assert proxy.events[("refused", "search", "bind_required")] == 1
@@ -789,12 +797,12 @@ def test_operations_before_any_bind_are_refused_and_not_forwarded(proxy: Proxy) 
 def test_operations_after_a_failed_bind_are_refused(proxy: Proxy, password: str) -> None:
     with RawSession(proxy.port) as session:
         session.send(
-            ber.encode_bind_request(1, ALICE, proxy.core.good().encode())
-            + ber.encode_bind_request(2, ALICE, password.encode())
+            messages.encode_bind_request(1, ALICE, proxy.core.good().encode())
+            + messages.encode_bind_request(2, ALICE, password.encode())
             + alice_search(3)
         )
         answers = session.final([1, 2, 3])
-        assert [ber.decode_result(answers[i]).code for i in (1, 2, 3)] == [0, 49, 50]
+        assert [messages.decode_result(answers[i]).code for i in (1, 2, 3)] == [0, 49, 50]
         assert session.whoami(4) is None  # refused too (50)
     assert proxy.events[("forwarded", "search")] == 0
 
@@ -805,14 +813,15 @@ def test_operations_after_a_failed_bind_are_refused(proxy: Proxy, password: str)
 def bind_and_search(proxy: Proxy, source: str) -> None:
     """A legitimate client: bind with password and code, search, unbind."""
     with RawSession(proxy.port, source) as session:
-        session.send(ber.encode_bind_request(1, ALICE, proxy.core.good().encode()))
+        session.send(messages.encode_bind_request(1, ALICE, proxy.core.good().encode()))
         answers = session.final([1])
         assert 1 in answers, f"closed: {session.notice}"
-        assert ber.decode_result(answers[1]).code == 0
+        assert messages.decode_result(answers[1]).code == 0
         session.send(alice_search(2))
         done = session.final([2])[2]
-        assert ber.decode_result(done).code == 0
-        assert any(ber.peek(m).op_tag == ber.SEARCH_RESULT_ENTRY for m in session.received)
+        assert messages.decode_result(done).code == 0
+        entry = messages.SEARCH_RESULT_ENTRY
+        assert any(messages.peek(m).op_tag == entry for m in session.received)
         session.send(UNBIND)
 
 

@@ -1,4 +1,4 @@
-"""The Twisted-native LDAP client's BER codec, compiled filters and protocol (no sockets)."""
+"""The directory client: its BER codec, compiled filters, connection and verify() (no sockets)."""
 
 from __future__ import annotations
 
@@ -17,34 +17,24 @@ from twisted.python.failure import Failure
 
 from backends.base import DirectoryUnavailable, Identity, InvalidCredentials, UnknownUser
 from backends.ldap import Endpoint, LdapOptions, user_search_filter
-from backends.ldap_async import (
+from backends.ldap_async import AsyncLdapDirectory
+from backends.ldap_client import ConnectionLost, LdapClientProtocol, OperationTimeout, Reply
+from backends.ldapwire.ber import ENUMERATED, OCTET_STRING, SEQUENCE, SET, BerError, integer, tlv
+from backends.ldapwire.filters import FilterTemplateError, compile_filter
+from backends.ldapwire.framing import frame_size
+from backends.ldapwire.messages import (
     BIND_REQUEST,
     BIND_RESPONSE,
-    ENUMERATED,
-    OCTET_STRING,
     SCOPE_SUBTREE,
     SEARCH_REQUEST,
     SEARCH_RESULT_DONE,
     SEARCH_RESULT_ENTRY,
-    SEQUENCE,
-    SET,
-    AsyncLdapDirectory,
-    BerError,
-    ConnectionLost,
-    FilterTemplateError,
-    LdapClientProtocol,
-    OperationTimeout,
-    Reply,
     SearchTemplate,
     UserEntryReader,
-    compile_filter,
+    bind_request,
     decode_entry,
     decode_envelope,
-    encode_bind,
-    frame_size,
-    integer,
     ldap_message,
-    tlv,
 )
 
 
@@ -135,7 +125,7 @@ def test_long_lengths() -> None:
 def test_bind_request_known_answer() -> None:
     # RFC 4511 BindRequest, version 3, simple: what ldapwhoami -x -D cn=a -w b sends.
     expected = "3011" "020101" "600c" "020103" "0404636e3d61" "800162"
-    assert ldap_message(1, encode_bind("cn=a", "b")).hex() == expected
+    assert ldap_message(1, bind_request("cn=a", "b")).hex() == expected
 
 
 def test_frame_size() -> None:
@@ -195,9 +185,9 @@ def connected_client() -> tuple[LdapClientProtocol, StringTransport, Clock]:
 def test_replies_are_matched_by_message_id_and_may_arrive_in_pieces() -> None:
     client, transport, _clock = connected_client()
     replies: list[Any] = []
-    client.request(encode_bind("cn=a", "pw"), 5).addCallback(replies.append)
+    client.request(bind_request("cn=a", "pw"), 5).addCallback(replies.append)
     client.request(b"\x63\x00", 5).addCallback(replies.append)
-    assert transport.value().startswith(ldap_message(1, encode_bind("cn=a", "pw")))
+    assert transport.value().startswith(ldap_message(1, bind_request("cn=a", "pw")))
     stream = (entry_message(2, "uid=a", {"uid": ["a"]}) + result_message(1, BIND_RESPONSE, 49)
               + result_message(2, SEARCH_RESULT_DONE, 0))
     for i in range(len(stream)):

@@ -25,8 +25,10 @@ from ldap3.protocol.rfc4511 import (
 )
 from pyasn1.codec.ber import decoder, encoder
 
-from proxy.ldap import ber
-from proxy.ldap.ber import BerError, MessageFramer, ResultCode
+from backends.ldapwire import ber, messages
+from backends.ldapwire.ber import BerError
+from backends.ldapwire.framing import MessageFramer
+from backends.ldapwire.messages import ResultCode
 
 # ---------------------------------------------------------------- helpers
 
@@ -86,26 +88,26 @@ def search(message_id: int, size: int = 0) -> bytes:
         + ber.tlv(0x87, b"objectClass")
         + ber.tlv(0x30, attributes)
     )
-    return ber.message(message_id, ber.tlv(ber.SEARCH_REQUEST, body))
+    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_REQUEST, body))
 
 
 # ---------------------------------------------------------------- framing
 
 
 def test_many_messages_in_one_segment() -> None:
-    messages = [search(i) for i in range(1, 51)]
+    sent = [search(i) for i in range(1, 51)]
     framer = MessageFramer(1 << 20)
-    assert framer.feed(b"".join(messages)) == messages
+    assert framer.feed(b"".join(sent)) == sent
     assert framer.buffered == 0
 
 
 def test_messages_split_byte_by_byte() -> None:
-    messages = [search(1), search(2, 300), ber.encode_bind_request(3, "uid=a", b"pw,123456")]
+    sent = [search(1), search(2, 300), messages.encode_bind_request(3, "uid=a", b"pw,123456")]
     framer = MessageFramer(1 << 20)
     out: list[bytes] = []
-    for byte in b"".join(messages):
+    for byte in b"".join(sent):
         out += framer.feed(bytes([byte]))
-    assert out == messages
+    assert out == sent
     assert framer.buffered == 0
 
 
@@ -163,17 +165,17 @@ def test_framer_refuses_garbage(data: bytes) -> None:
 
 def test_peek_reads_id_and_operation() -> None:
     message = search(1234567)
-    header = ber.peek(message)
-    assert (header.message_id, header.op_tag) == (1234567, ber.SEARCH_REQUEST)
-    assert ber.peek_id_and_tag(message) == (1234567, ber.SEARCH_REQUEST)
+    header = messages.peek(message)
+    assert (header.message_id, header.op_tag) == (1234567, messages.SEARCH_REQUEST)
+    assert messages.peek_id_and_tag(message) == (1234567, messages.SEARCH_REQUEST)
     assert header.op_end == len(message)
 
 
 def test_peek_with_controls() -> None:
     message = pyasn1_bind(5, "uid=a", b"pw", control_oid="1.3.6.1.4.1.42.2.27.8.5.1")
-    header = ber.peek(message)
-    assert header.op_tag == ber.BIND_REQUEST
-    assert message[header.op_end] == ber.CONTROLS
+    header = messages.peek(message)
+    assert header.op_tag == messages.BIND_REQUEST
+    assert message[header.op_end] == messages.CONTROLS
 
 
 @pytest.mark.parametrize(
@@ -189,7 +191,7 @@ def test_peek_with_controls() -> None:
 )
 def test_peek_refuses_malformed(data: bytes) -> None:
     with pytest.raises(BerError):
-        ber.peek(data)
+        messages.peek(data)
 
 
 # ---------------------------------------------------------------- BindRequest
@@ -197,7 +199,7 @@ def test_peek_refuses_malformed(data: bytes) -> None:
 
 def test_decode_simple_bind_from_pyasn1() -> None:
     message = pyasn1_bind(3, "uid=alice,ou=people,dc=example,dc=org", b"alice-pw,123456")
-    request = ber.decode_bind_request(message)
+    request = messages.decode_bind_request(message)
     assert request.message_id == 3
     assert request.version == 3
     assert request.name == "uid=alice,ou=people,dc=example,dc=org"
@@ -208,26 +210,26 @@ def test_decode_simple_bind_from_pyasn1() -> None:
 
 def test_decode_bind_keeps_controls_raw() -> None:
     message = pyasn1_bind(3, "uid=a", b"pw", control_oid="1.3.6.1.4.1.42.2.27.8.5.1")
-    request = ber.decode_bind_request(message)
-    assert request.controls and request.controls[0] == ber.CONTROLS
-    again = ber.encode_bind_request(3, "uid=a", b"other", request.controls)
+    request = messages.decode_bind_request(message)
+    assert request.controls and request.controls[0] == messages.CONTROLS
+    again = messages.encode_bind_request(3, "uid=a", b"other", request.controls)
     assert str(decoded(again)["controls"][0]["controlType"]) == "1.3.6.1.4.1.42.2.27.8.5.1"
 
 
 def test_decode_anonymous_bind() -> None:
-    request = ber.decode_bind_request(pyasn1_bind(1, "", b""))
+    request = messages.decode_bind_request(pyasn1_bind(1, "", b""))
     assert request.is_anonymous and request.is_simple
 
 
 def test_decode_unauthenticated_bind() -> None:
-    request = ber.decode_bind_request(pyasn1_bind(1, "uid=a,dc=x", b""))
+    request = messages.decode_bind_request(pyasn1_bind(1, "uid=a,dc=x", b""))
     assert request.password == b"" and not request.is_anonymous
 
 
 @pytest.mark.parametrize("credentials", [None, b"\x00\x01token"])
 def test_decode_sasl_bind(credentials: bytes | None) -> None:
     message = pyasn1_bind(2, "", mechanism="GSSAPI", credentials=credentials)
-    request = ber.decode_bind_request(message)
+    request = messages.decode_bind_request(message)
     assert not request.is_simple
     assert request.sasl_mechanism == "GSSAPI"
     assert request.sasl_credentials == credentials
@@ -235,7 +237,7 @@ def test_decode_sasl_bind(credentials: bytes | None) -> None:
 
 def test_decode_bind_with_utf8_name_and_binary_password() -> None:
     message = pyasn1_bind(1, "uid=zoë,ou=people,dc=example,dc=org", b"\xff\xfe,123456")
-    request = ber.decode_bind_request(message)
+    request = messages.decode_bind_request(message)
     assert request.name == "uid=zoë,ou=people,dc=example,dc=org"
     assert request.password == b"\xff\xfe,123456"
 
@@ -243,17 +245,17 @@ def test_decode_bind_with_utf8_name_and_binary_password() -> None:
 def test_decode_bind_refuses_non_utf8_name() -> None:
     body = ber.integer(3) + ber.tlv(0x04, b"uid=\xff") + ber.tlv(0x80, b"pw")
     with pytest.raises(BerError):
-        ber.decode_bind_request(ber.message(1, ber.tlv(ber.BIND_REQUEST, body)))
+        messages.decode_bind_request(messages.ldap_message(1, ber.tlv(messages.BIND_REQUEST, body)))
 
 
 def test_decode_bind_refuses_unknown_authentication() -> None:
     body = ber.integer(3) + ber.tlv(0x04, b"uid=a") + ber.tlv(0x81, b"x")
     with pytest.raises(BerError):
-        ber.decode_bind_request(ber.message(1, ber.tlv(ber.BIND_REQUEST, body)))
+        messages.decode_bind_request(messages.ldap_message(1, ber.tlv(messages.BIND_REQUEST, body)))
 
 
 def test_encoded_bind_request_matches_pyasn1() -> None:
-    ours = ber.encode_bind_request(300, "uid=alice,dc=example,dc=org", b"pw" * 100)
+    ours = messages.encode_bind_request(300, "uid=alice,dc=example,dc=org", b"pw" * 100)
     assert ours == pyasn1_bind(300, "uid=alice,dc=example,dc=org", b"pw" * 100)
 
 
@@ -262,56 +264,56 @@ def test_encoded_bind_request_matches_pyasn1() -> None:
 
 @pytest.mark.parametrize("code", [0, 7, 49, 52, 53])
 def test_bind_response_decodes_with_pyasn1(code: int) -> None:
-    message = decoded(ber.encode_bind_response(77, code, "invalid credentials"))
+    message = decoded(messages.encode_bind_response(77, code, "invalid credentials"))
     assert int(message["messageID"]) == 77
     response = message["protocolOp"]["bindResponse"]
     assert int(response["resultCode"]) == code
     assert str(response["diagnosticMessage"]) == "invalid credentials"
-    assert ber.decode_result(ber.encode_bind_response(77, code, "x")).code == code
+    assert messages.decode_result(messages.encode_bind_response(77, code, "x")).code == code
 
 
 def test_notice_of_disconnection() -> None:
-    data = ber.encode_notice_of_disconnection(ResultCode.PROTOCOL_ERROR, "malformed")
+    data = messages.encode_notice_of_disconnection(ResultCode.PROTOCOL_ERROR, "malformed")
     message = decoded(data)
     assert int(message["messageID"]) == 0
     response = message["protocolOp"]["extendedResp"]
     assert int(response["resultCode"]) == 2
     assert str(response["responseName"]) == "1.3.6.1.4.1.1466.20036"
-    assert ber.extended_response_name(data) == ber.NOTICE_OF_DISCONNECTION_OID
+    assert messages.extended_response_name(data) == messages.NOTICE_OF_DISCONNECTION_OID
 
 
 @pytest.mark.parametrize(
     ("request_tag", "choice"),
     [
-        (ber.SEARCH_REQUEST, "searchResDone"),
-        (ber.MODIFY_REQUEST, "modifyResponse"),
-        (ber.ADD_REQUEST, "addResponse"),
-        (ber.DEL_REQUEST, "delResponse"),
-        (ber.MODDN_REQUEST, "modDNResponse"),
-        (ber.COMPARE_REQUEST, "compareResponse"),
-        (ber.EXTENDED_REQUEST, "extendedResp"),
+        (messages.SEARCH_REQUEST, "searchResDone"),
+        (messages.MODIFY_REQUEST, "modifyResponse"),
+        (messages.ADD_REQUEST, "addResponse"),
+        (messages.DEL_REQUEST, "delResponse"),
+        (messages.MODDN_REQUEST, "modDNResponse"),
+        (messages.COMPARE_REQUEST, "compareResponse"),
+        (messages.EXTENDED_REQUEST, "extendedResp"),
     ],
 )
 def test_generic_result_for_each_operation(request_tag: int, choice: str) -> None:
-    response_tag = ber.response_for(request_tag)
+    response_tag = messages.response_for(request_tag)
     assert response_tag is not None
-    message = decoded(ber.encode_result(5, response_tag, 50, "bind required"))
+    message = decoded(messages.encode_result(5, response_tag, 50, "bind required"))
     assert int(message["protocolOp"][choice]["resultCode"]) == 50
 
 
 def test_extended_request_name_and_start_tls_response() -> None:
-    request = ber.encode_extended_request(4, ber.START_TLS_OID)
-    assert ber.extended_request_name(request) == ber.START_TLS_OID
+    request = messages.encode_extended_request(4, messages.START_TLS_OID)
+    assert messages.extended_request_name(request) == messages.START_TLS_OID
     assert str(decoded(request)["protocolOp"]["extendedReq"]["requestName"]) == (
         "1.3.6.1.4.1.1466.20037"
     )
-    response = ber.encode_extended_response(4, 0, "", ber.START_TLS_OID)
-    assert ber.extended_response_name(response) == ber.START_TLS_OID
+    response = messages.encode_extended_response(4, 0, "", messages.START_TLS_OID)
+    assert messages.extended_response_name(response) == messages.START_TLS_OID
 
 
 def test_abandon_target() -> None:
-    message = ber.message(9, ber.integer(5, ber.ABANDON_REQUEST))
-    assert ber.abandoned_message_id(message) == 5
+    message = messages.ldap_message(9, ber.integer(5, messages.ABANDON_REQUEST))
+    assert messages.abandoned_message_id(message) == 5
 
 
 # ---------------------------------------------------------------- garbage
@@ -319,14 +321,14 @@ def test_abandon_target() -> None:
 
 def _decode_everything(message: bytes) -> None:
     """Every reader the server may run on a message: only BerError may come out."""
-    header = ber.peek(message)
-    ber.peek_id_and_tag(message)
+    header = messages.peek(message)
+    messages.peek_id_and_tag(message)
     for reader in (
-        ber.decode_bind_request,
-        ber.decode_result,
-        ber.extended_request_name,
-        ber.extended_response_name,
-        ber.abandoned_message_id,
+        messages.decode_bind_request,
+        messages.decode_result,
+        messages.extended_request_name,
+        messages.extended_response_name,
+        messages.abandoned_message_id,
     ):
         with contextlib.suppress(BerError):
             reader(message, header)  # type: ignore[operator]
@@ -355,8 +357,8 @@ def near_valid(draw: st.DrawFn) -> bytes:
                 pyasn1_bind(2, "", mechanism="PLAIN", credentials=b"x"),
                 pyasn1_bind(3, "uid=a", b"pw", control_oid="1.2.3"),
                 search(4, 200),
-                ber.encode_extended_request(5, ber.START_TLS_OID),
-                ber.encode_notice_of_disconnection(2, "x"),
+                messages.encode_extended_request(5, messages.START_TLS_OID),
+                messages.encode_notice_of_disconnection(2, "x"),
             ]
         )
     )

@@ -18,9 +18,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from backends.base import Identity
+from backends.ldapwire import ber, framing, messages
+from backends.ldapwire.messages import ResultCode
 from policy.decision import Decision, MfaMode, Outcome, Reason
-from proxy.ldap import ber
-from proxy.ldap.ber import ResultCode
 from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory, LdapProxyProtocol
@@ -46,7 +46,7 @@ class _Wire(StringTransport):
         super().__init__()
         self._directory = directory
         self._connection = connection
-        self._framer = ber.MessageFramer(1 << 24)
+        self._framer = framing.MessageFramer(1 << 24)
 
     def write(self, data: bytes) -> None:
         super().write(data)
@@ -78,9 +78,9 @@ class FakeDirectory:
 
     def received(self, connection: UpstreamConnection, message: bytes) -> None:
         self.requests.append(message)
-        header = ber.peek(message)
-        if header.op_tag == ber.BIND_REQUEST:
-            request = ber.decode_bind_request(message)
+        header = messages.peek(message)
+        if header.op_tag == messages.BIND_REQUEST:
+            request = messages.decode_bind_request(message)
             self.binds.append((request.name, request.password or b""))
         if self.auto:
             self.answer(connection, message)
@@ -98,18 +98,18 @@ class FakeDirectory:
             connection.dataReceived(response)
 
     def response(self, message: bytes) -> bytes:
-        header = ber.peek(message)
+        header = messages.peek(message)
         message_id, tag = header.message_id, header.op_tag
-        if tag == ber.BIND_REQUEST:
-            return ber.encode_bind_response(message_id, self._bind_code(message))
-        if tag == ber.SEARCH_REQUEST:
+        if tag == messages.BIND_REQUEST:
+            return messages.encode_bind_response(message_id, self._bind_code(message))
+        if tag == messages.SEARCH_REQUEST:
             entries = b"".join(entry(message_id, i) for i in range(self.entries))
-            return entries + ber.encode_result(message_id, ber.SEARCH_RESULT_DONE, 0)
-        response = ber.response_for(tag)
-        return ber.encode_result(message_id, response, 0) if response else b""
+            return entries + messages.encode_result(message_id, messages.SEARCH_RESULT_DONE, 0)
+        response = messages.response_for(tag)
+        return messages.encode_result(message_id, response, 0) if response else b""
 
     def _bind_code(self, message: bytes) -> int:
-        request = ber.decode_bind_request(message)
+        request = messages.decode_bind_request(message)
         if request.sasl_mechanism == "PLAIN":  # authzid NUL authcid NUL password
             _, authcid, secret = (request.sasl_credentials or b"\0\0").split(b"\0", 2)
             dn = f"uid={authcid.decode()},ou=people,{BASE}"
@@ -131,7 +131,7 @@ def entry(message_id: int, number: int) -> bytes:
         ber.tlv(0x30, ber.tlv(0x04, b"cn") + ber.tlv(0x31, ber.tlv(0x04, b"user%d" % number))),
     )
     body = ber.tlv(0x04, b"uid=user%d,%s" % (number, BASE.encode())) + attributes
-    return ber.message(message_id, ber.tlv(ber.SEARCH_RESULT_ENTRY, body))
+    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_RESULT_ENTRY, body))
 
 
 def search(message_id: int, size: int = 0) -> bytes:
@@ -147,7 +147,7 @@ def search(message_id: int, size: int = 0) -> bytes:
         + ber.tlv(0x87, b"objectClass")
         + ber.tlv(0x30, attributes)
     )
-    return ber.message(message_id, ber.tlv(ber.SEARCH_REQUEST, body))
+    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_REQUEST, body))
 
 
 # ---------------------------------------------------------------- harness
@@ -158,7 +158,7 @@ class Client:
         self.transport = StringTransport(peerAddress=peer)
         self.protocol = factory.buildProtocol(peer)
         self.protocol.makeConnection(self.transport)
-        self._framer = ber.MessageFramer(1 << 24)
+        self._framer = framing.MessageFramer(1 << 24)
         self._next_id = 1
 
     def send(self, data: bytes) -> None:
@@ -171,7 +171,7 @@ class Client:
     def bind(self, name: str, password: bytes | str) -> int:
         raw = password.encode() if isinstance(password, str) else password
         message_id = self.next_id()
-        self.send(ber.encode_bind_request(message_id, name, raw))
+        self.send(messages.encode_bind_request(message_id, name, raw))
         return message_id
 
     def search(self) -> int:
@@ -184,9 +184,9 @@ class Client:
         self.transport.clear()
         return self._framer.feed(data)
 
-    def result(self) -> ber.LdapResult:
+    def result(self) -> messages.LdapResult:
         (response,) = self.responses()
-        return ber.decode_result(response)
+        return messages.decode_result(response)
 
     @property
     def closed(self) -> bool:
@@ -320,8 +320,8 @@ def test_failed_reset_closes_both_connections_without_answering_the_bind() -> No
     client.responses()
     client.bind(ALICE, "alice-pw,000000")
     (notice,) = client.responses()  # no BindResponse: the session may still be alice's
-    assert ber.peek(notice).message_id == 0
-    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
+    assert messages.peek(notice).message_id == 0
+    assert messages.extended_response_name(notice) == messages.NOTICE_OF_DISCONNECTION_OID
     assert client.closed
     assert h.directory.connections[0].transport.disconnecting
     assert h.events[("upstream_error", "reset_failed")] == 1
@@ -425,11 +425,13 @@ def test_session_bind_refused_after_the_core_accepted_is_not_success() -> None:
 def test_bind_controls_are_kept_on_the_upstream_bind() -> None:
     h = make()
     client = h.client()
-    control = ber.tlv(ber.CONTROLS, ber.tlv(0x30, ber.tlv(0x04, b"1.3.6.1.4.1.42.2.27.8.5.1")))
+    control = ber.tlv(messages.CONTROLS, ber.tlv(0x30, ber.tlv(0x04, b"1.3.6.1.4.1.42.2.27.8.5.1")))
     body = ber.integer(3) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0x80, h.core.good().encode())
-    client.send(ber.message(5, ber.tlv(ber.BIND_REQUEST, body), control))
+    client.send(messages.ldap_message(5, ber.tlv(messages.BIND_REQUEST, body), control))
     assert client.result().code == 0
-    upstream_bind = [m for m in h.directory.requests if ber.peek(m).op_tag == ber.BIND_REQUEST]
+    upstream_bind = [
+        m for m in h.directory.requests if messages.peek(m).op_tag == messages.BIND_REQUEST
+    ]
     assert upstream_bind[0].endswith(control)
 
 
@@ -439,7 +441,7 @@ def test_bind_timeout_answers_52_and_closes_when_a_bind_is_in_flight() -> None:
     client.bind(ALICE, h.core.good())
     h.clock.advance(5)
     responses = client.responses()
-    assert ber.decode_result(responses[0]).code == 52
+    assert messages.decode_result(responses[0]).code == 52
     assert client.closed
 
 
@@ -459,7 +461,7 @@ def sasl_bind(message_id: int, name: str, mechanism: bytes, credentials: bytes |
     if credentials is not None:
         sasl += ber.tlv(0x04, credentials)
     body = ber.integer(3) + ber.tlv(0x04, name.encode()) + ber.tlv(0xA3, sasl)
-    return ber.message(message_id, ber.tlv(ber.BIND_REQUEST, body))
+    return messages.ldap_message(message_id, ber.tlv(messages.BIND_REQUEST, body))
 
 
 @pytest.mark.parametrize("name", [ALICE, SVC, ""])
@@ -510,7 +512,9 @@ def test_anonymous_bind_refused_unless_allowed() -> None:
 def test_exempt_bind_is_forwarded_byte_for_byte() -> None:
     h = make()
     client = h.client()
-    message = ber.encode_bind_request(9, "CN=svc, OU=services, DC=example, DC=org", b"svc-secret")
+    message = messages.encode_bind_request(
+        9, "CN=svc, OU=services, DC=example, DC=org", b"svc-secret"
+    )
     client.send(message)
     assert h.directory.requests[0] == message  # as sent, spelling and all
     client.responses()
@@ -534,7 +538,7 @@ def test_ldapv2_bind_is_a_protocol_error() -> None:
     h = make()
     client = h.client()
     body = ber.integer(2) + ber.tlv(0x04, ALICE.encode()) + ber.tlv(0x80, b"x")
-    client.send(ber.message(2, ber.tlv(ber.BIND_REQUEST, body)))
+    client.send(messages.ldap_message(2, ber.tlv(messages.BIND_REQUEST, body)))
     assert client.result().code == ResultCode.PROTOCOL_ERROR
 
 
@@ -548,17 +552,17 @@ def test_requests_and_responses_are_forwarded_unchanged() -> None:
     client.send(message)
     assert h.directory.requests == [message]
     responses = client.responses()
-    assert responses == ber.MessageFramer(1 << 20).feed(h.directory.response(message))
-    assert [ber.peek(r).message_id for r in responses] == [77] * 4
+    assert responses == framing.MessageFramer(1 << 20).feed(h.directory.response(message))
+    assert [messages.peek(r).message_id for r in responses] == [77] * 4
     assert h.events[("forwarded", "search")] == 1
 
 
 def test_pipelined_requests_in_one_segment_and_split_responses() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
-    messages = [search(i) for i in range(2, 12)]
-    client.send(b"".join(messages))
-    assert h.directory.requests == messages
+    sent = [search(i) for i in range(2, 12)]
+    client.send(b"".join(sent))
+    assert h.directory.requests == sent
     stream = b"".join(h.directory.response(m) for _, m in h.directory.held)
     connection = h.directory.connections[0]
     for start in range(0, len(stream), 7):
@@ -574,7 +578,7 @@ def test_messages_sent_during_a_bind_wait_for_it() -> None:
     assert len(h.directory.requests) == 1  # only the bind went upstream
     assert client.transport.producerState == "paused"
     h.directory.release()
-    assert ber.decode_result(client.responses()[0]).code == 0
+    assert messages.decode_result(client.responses()[0]).code == 0
     assert len(h.directory.requests) == 2  # now the search
     assert client.transport.producerState == "producing"
 
@@ -602,8 +606,8 @@ def test_messages_wait_for_the_upstream_connection() -> None:
 def test_unbind_is_forwarded_and_closes() -> None:
     h = make()
     client = h.client()
-    client.send(ber.message(3, b"\x42\x00"))
-    assert h.directory.requests == [ber.message(3, b"\x42\x00")]
+    client.send(messages.ldap_message(3, b"\x42\x00"))
+    assert h.directory.requests == [messages.ldap_message(3, b"\x42\x00")]
     assert client.closed
 
 
@@ -611,7 +615,7 @@ def test_abandon_is_forwarded_and_clears_the_outstanding_operation() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     client.send(search(5))
-    client.send(ber.message(6, ber.integer(5, ber.ABANDON_REQUEST)))
+    client.send(messages.ldap_message(6, ber.integer(5, messages.ABANDON_REQUEST)))
     assert len(h.directory.requests) == 2
     protocol = client.protocol
     assert isinstance(protocol, LdapProxyProtocol)
@@ -621,7 +625,7 @@ def test_abandon_is_forwarded_and_clears_the_outstanding_operation() -> None:
 def test_upstream_notice_of_disconnection_is_relayed_once() -> None:
     h = make()
     client = h.client()
-    notice = ber.encode_notice_of_disconnection(52, "shutting down")
+    notice = messages.encode_notice_of_disconnection(52, "shutting down")
     connection = h.directory.connections[0]
     connection.dataReceived(notice)
     connection.connectionLost(Failure(ConnectionError()))
@@ -637,8 +641,8 @@ def test_operations_before_any_bind_are_refused_by_default() -> None:
     client = h.client()
     message_id = client.search()
     (response,) = client.responses()
-    assert ber.peek_id_and_tag(response) == (message_id, ber.SEARCH_RESULT_DONE)
-    assert ber.decode_result(response) == (50, "", "bind required")
+    assert messages.peek_id_and_tag(response) == (message_id, messages.SEARCH_RESULT_DONE)
+    assert messages.decode_result(response) == (50, "", "bind required")
     assert h.directory.requests == []  # nothing reached the directory anonymously
     assert h.events[("refused", "search", "bind_required")] == 1
     assert h.factory.config.requires_bind is True
@@ -660,11 +664,11 @@ def test_require_bind_refuses_operations_before_a_bind() -> None:
     client = h.client()
     message_id = client.search()
     (response,) = client.responses()
-    header = ber.peek(response)
-    assert (header.message_id, header.op_tag) == (message_id, ber.SEARCH_RESULT_DONE)
-    assert ber.decode_result(response).code == 50
-    client.send(ber.encode_extended_request(9, ber.WHO_AM_I_OID))
-    assert ber.peek_id_and_tag(client.responses()[0]) == (9, ber.EXTENDED_RESPONSE)
+    header = messages.peek(response)
+    assert (header.message_id, header.op_tag) == (message_id, messages.SEARCH_RESULT_DONE)
+    assert messages.decode_result(response).code == 50
+    client.send(messages.encode_extended_request(9, messages.WHO_AM_I_OID))
+    assert messages.peek_id_and_tag(client.responses()[0]) == (9, messages.EXTENDED_RESPONSE)
     assert h.directory.requests == []
     client.bind(ALICE, h.core.good())
     client.responses()
@@ -680,7 +684,7 @@ def test_require_bind_after_a_failed_bind() -> None:
     client.bind(ALICE, "alice-pw,000000")
     client.responses()
     client.search()
-    assert ber.decode_result(client.responses()[0]).code == 50
+    assert messages.decode_result(client.responses()[0]).code == 50
 
 
 @pytest.mark.parametrize("password", ["alice-pw,000000", "wrong,123456", ""])
@@ -691,8 +695,8 @@ def test_operations_after_a_failed_first_bind_are_refused_by_default(password: s
     assert client.result().code != 0
     forwarded = len(h.directory.requests)
     client.search()
-    client.send(ber.encode_extended_request(40, ber.WHO_AM_I_OID))
-    assert [ber.decode_result(r).code for r in client.responses()] == [50, 50]
+    client.send(messages.encode_extended_request(40, messages.WHO_AM_I_OID))
+    assert [messages.decode_result(r).code for r in client.responses()] == [50, 50]
     assert len(h.directory.requests) == forwarded
 
 
@@ -703,14 +707,14 @@ UNKNOWN_OID = b"1.3.6.1.4.1.99999.1"
 
 
 def whoami_request(message_id: int) -> bytes:
-    return ber.encode_extended_request(message_id, ber.WHO_AM_I_OID)
+    return messages.encode_extended_request(message_id, messages.WHO_AM_I_OID)
 
 
 def assert_closed_for_reuse(h: Harness, client: Client) -> None:
     notice = client.responses()[-1]
-    assert ber.peek(notice).message_id == 0
-    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
-    assert ber.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
+    assert messages.peek(notice).message_id == 0
+    assert messages.extended_response_name(notice) == messages.NOTICE_OF_DISCONNECTION_OID
+    assert messages.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
     assert client.closed
     assert all(c.transport.disconnecting for c in h.directory.connections)
     assert h.events[("dropped", "message_id_reused")] == 1
@@ -723,8 +727,8 @@ def test_attack_unknown_extended_op_and_bind_with_one_id_in_one_segment() -> Non
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     client.send(
-        ber.encode_extended_request(5, UNKNOWN_OID)
-        + ber.encode_bind_request(5, ALICE, b"alice-pw,000000")
+        messages.encode_extended_request(5, UNKNOWN_OID)
+        + messages.encode_bind_request(5, ALICE, b"alice-pw,000000")
     )
     assert_closed_for_reuse(h, client)
     assert h.directory.binds == []  # the bind never went upstream
@@ -735,7 +739,7 @@ def test_attack_whoami_and_wrong_password_bind_with_one_id() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     wrong = b"wrong,123456"
-    client.send(whoami_request(7) + ber.encode_bind_request(7, ALICE, wrong))
+    client.send(whoami_request(7) + messages.encode_bind_request(7, ALICE, wrong))
     assert_closed_for_reuse(h, client)
     assert h.directory.binds == []
 
@@ -743,7 +747,7 @@ def test_attack_whoami_and_wrong_password_bind_with_one_id() -> None:
 def test_reusing_the_id_of_a_bind_in_progress_closes_the_session() -> None:
     h = make(directory=FakeDirectory(auto=False))
     client = h.client()
-    client.send(ber.encode_bind_request(3, ALICE, h.core.good().encode()) + whoami_request(3))
+    client.send(messages.encode_bind_request(3, ALICE, h.core.good().encode()) + whoami_request(3))
     assert_closed_for_reuse(h, client)
 
 
@@ -759,13 +763,13 @@ def test_reusing_the_id_of_a_forwarded_search_in_a_later_segment_closes_the_sess
 def test_an_id_may_be_used_again_once_answered() -> None:
     h = make()
     client = h.client()
-    client.send(ber.encode_bind_request(4, ALICE, h.core.good().encode()))
+    client.send(messages.encode_bind_request(4, ALICE, h.core.good().encode()))
     assert client.result().code == 0
     client.send(search(4))
     assert len(client.responses()) == 4
     client.send(search(4))
     assert len(client.responses()) == 4
-    client.send(ber.encode_bind_request(4, ALICE, h.core.good().encode()))
+    client.send(messages.encode_bind_request(4, ALICE, h.core.good().encode()))
     assert client.result().code == 0
     assert not client.closed
 
@@ -775,19 +779,19 @@ def test_an_id_refused_locally_is_free_again() -> None:
     client = h.client()
     client.send(search(6))  # refused: bind required
     assert client.result().code == 50
-    client.send(ber.encode_bind_request(6, ALICE, h.core.good().encode()))
+    client.send(messages.encode_bind_request(6, ALICE, h.core.good().encode()))
     assert client.result().code == 0
 
 
 @pytest.mark.parametrize(
-    ("message_id", "reason"), [(0, "protocol_error"), (ber.MAX_MESSAGE_ID + 1, "malformed")]
+    ("message_id", "reason"), [(0, "protocol_error"), (messages.MAX_MESSAGE_ID + 1, "malformed")]
 )
 def test_message_id_out_of_range_is_a_protocol_error(message_id: int, reason: str) -> None:
     h = make(require_bind=False)
     client = h.client()
     client.send(search(message_id))
     (notice,) = client.responses()
-    assert ber.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
+    assert messages.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
     assert client.closed
     assert h.directory.requests == []
     assert h.events[("dropped", reason)] == 1
@@ -797,7 +801,7 @@ def test_abandon_frees_the_id_of_the_operation_it_abandons() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     client.send(search(5))
-    client.send(ber.message(6, ber.integer(5, ber.ABANDON_REQUEST)))
+    client.send(messages.ldap_message(6, ber.integer(5, messages.ABANDON_REQUEST)))
     client.send(search(5))
     assert not client.closed
     assert len(h.directory.requests) == 3
@@ -807,7 +811,7 @@ def test_an_abandon_reusing_an_outstanding_id_closes_the_session() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     client.send(search(5))
-    client.send(ber.message(5, ber.integer(9, ber.ABANDON_REQUEST)))
+    client.send(messages.ldap_message(5, ber.integer(9, messages.ABANDON_REQUEST)))
     assert_closed_for_reuse(h, client)
 
 
@@ -815,7 +819,7 @@ def test_a_bind_waits_for_outstanding_operations() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     credential = h.core.good().encode()
-    client.send(search(2) + whoami_request(3) + ber.encode_bind_request(4, ALICE, credential))
+    client.send(search(2) + whoami_request(3) + messages.encode_bind_request(4, ALICE, credential))
     assert h.directory.binds == []  # two operations still running
     connection, first = h.directory.held.pop(0)
     h.directory.answer(connection, first)
@@ -824,19 +828,19 @@ def test_a_bind_waits_for_outstanding_operations() -> None:
     assert h.directory.binds == [(ALICE, b"alice-pw")]
     h.directory.release()
     responses = client.responses()
-    assert [ber.peek(r).message_id for r in responses] == [2, 2, 2, 2, 3, 4]
-    assert ber.decode_result(responses[-1]).code == 0
+    assert [messages.peek(r).message_id for r in responses] == [2, 2, 2, 2, 3, 4]
+    assert messages.decode_result(responses[-1]).code == 0
 
 
 def test_a_bind_waiting_longer_than_bind_timeout_gets_52_and_closes() -> None:
     h = make(require_bind=False, bind_timeout=5, directory=FakeDirectory(auto=False))
     client = h.client()
-    client.send(search(2) + ber.encode_bind_request(3, ALICE, h.core.good().encode()))
+    client.send(search(2) + messages.encode_bind_request(3, ALICE, h.core.good().encode()))
     h.clock.advance(5)
     bind_response, notice = client.responses()
-    assert ber.peek_id_and_tag(bind_response) == (3, ber.BIND_RESPONSE)
-    assert ber.decode_result(bind_response).code == 52
-    assert ber.peek(notice).message_id == 0
+    assert messages.peek_id_and_tag(bind_response) == (3, messages.BIND_RESPONSE)
+    assert messages.decode_result(bind_response).code == 52
+    assert messages.peek(notice).message_id == 0
     assert client.closed
     assert h.directory.binds == []
     assert h.events[("dropped", "bind_wait_timeout")] == 1
@@ -847,17 +851,17 @@ def test_nothing_is_forwarded_between_the_upstream_bind_and_the_bind_answer() ->
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     credential = h.core.good().encode()
-    client.send(ber.encode_bind_request(2, ALICE, credential) + search(3) + whoami_request(4))
+    client.send(messages.encode_bind_request(2, ALICE, credential) + search(3) + whoami_request(4))
     assert h.directory.bind_passwords() == [b"alice-pw"]  # both factors passed: the session
     assert len(h.directory.requests) == 1  # and nothing else yet
     assert client.responses() == []
     h.directory.release()  # the session bind is answered: the client hears 0, then the rest
     responses = client.responses()
-    assert ber.peek_id_and_tag(responses[0]) == (2, ber.BIND_RESPONSE)
-    assert ber.decode_result(responses[0]).code == 0
+    assert messages.peek_id_and_tag(responses[0]) == (2, messages.BIND_RESPONSE)
+    assert messages.decode_result(responses[0]).code == 0
     assert len(h.directory.requests) == 3
     h.directory.release()
-    assert [ber.peek(r).message_id for r in client.responses()] == [3, 3, 3, 3, 4]
+    assert [messages.peek(r).message_id for r in client.responses()] == [3, 3, 3, 3, 4]
 
 
 def test_a_failed_bind_after_a_success_holds_everything_until_the_reset() -> None:
@@ -867,15 +871,15 @@ def test_a_failed_bind_after_a_success_holds_everything_until_the_reset() -> Non
     h.directory.release()
     client.responses()
     client.send(
-        ber.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami_request(7)
+        messages.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami_request(7)
     )
     assert h.directory.bind_passwords() == [b"alice-pw", b""]  # the reset, nothing else
     requests = len(h.directory.requests)
     assert client.responses() == []
     h.directory.release()  # the reset holds: the client hears 49, then the rest goes
     responses = client.responses()
-    assert ber.peek_id_and_tag(responses[0]) == (5, ber.BIND_RESPONSE)
-    assert ber.decode_result(responses[0]).code == 49
+    assert messages.peek_id_and_tag(responses[0]) == (5, messages.BIND_RESPONSE)
+    assert messages.decode_result(responses[0]).code == 49
     assert len(h.directory.requests) == requests + 2
 
 
@@ -883,15 +887,15 @@ def test_an_injected_bind_answered_with_another_response_type_closes_both() -> N
     """Invariant 3: only a BindResponse answers the proxy's bind."""
     h = make(directory=FakeDirectory(auto=False))
     client = h.client()
-    client.send(ber.encode_bind_request(5, ALICE, h.core.good().encode()))
+    client.send(messages.encode_bind_request(5, ALICE, h.core.good().encode()))
     connection, _ = h.directory.held.pop()
-    connection.dataReceived(ber.encode_extended_response(5, ResultCode.PROTOCOL_ERROR))
+    connection.dataReceived(messages.encode_extended_response(5, ResultCode.PROTOCOL_ERROR))
     (notice,) = client.responses()
-    assert ber.peek(notice).message_id == 0
+    assert messages.peek(notice).message_id == 0
     assert client.closed and connection.transport.disconnecting
     assert h.events[("upstream_error", "protocol_violation")] == 1
     assert h.events[("dropped", "upstream_protocol_violation")] == 1
-    connection.dataReceived(ber.encode_bind_response(5, 0))  # the real answer, too late
+    connection.dataReceived(messages.encode_bind_response(5, 0))  # the real answer, too late
     assert client.responses() == []
 
 
@@ -900,9 +904,9 @@ def test_a_bind_response_nobody_asked_for_closes_both() -> None:
     client = h.client()
     client.bind(ALICE, h.core.good())
     client.responses()
-    h.directory.connections[0].dataReceived(ber.encode_bind_response(9, 0))
+    h.directory.connections[0].dataReceived(messages.encode_bind_response(9, 0))
     (notice,) = client.responses()
-    assert ber.peek(notice).message_id == 0
+    assert messages.peek(notice).message_id == 0
     assert client.closed
     assert h.events[("dropped", "upstream_protocol_violation")] == 1
 
@@ -921,7 +925,7 @@ def test_a_late_accept_after_the_answer_binds_nothing() -> None:
     client = h.client()
     client.bind(ALICE, "alice-pw,123456")
     h.clock.advance(5)
-    assert ber.decode_result(client.responses()[0]).code == 52
+    assert messages.decode_result(client.responses()[0]).code == 52
     assert client.closed  # a timed-out bind ends the session
     late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE),
                     password="alice-pw")
@@ -950,24 +954,24 @@ class TrackingDirectory(FakeDirectory):
     told: Any = None  # () -> str
 
     def received(self, connection: UpstreamConnection, message: bytes) -> None:
-        header = ber.peek(message)
+        header = messages.peek(message)
         tag, message_id = header.op_tag, header.message_id
-        if tag == ber.UNBIND_REQUEST:
+        if tag == messages.UNBIND_REQUEST:
             return
-        if tag == ber.ABANDON_REQUEST:
-            target = ber.abandoned_message_id(message, header)
+        if tag == messages.ABANDON_REQUEST:
+            target = messages.abandoned_message_id(message, header)
             for held in list(self.held):
-                held_header = ber.peek(held[1])
-                if held_header.message_id == target and held_header.op_tag != ber.BIND_REQUEST:
+                held_header = messages.peek(held[1])
+                if held_header.message_id == target and held_header.op_tag != messages.BIND_REQUEST:
                     self.held.remove(held)
                     self.at_directory.discard(target)
             return
         if message_id in self.at_directory:
             self.violations.append(f"ID {message_id} sent while outstanding at the directory")
         self.at_directory.add(message_id)
-        if tag != ber.BIND_REQUEST and self.told is not None and self.told() != self.identity:
+        if tag != messages.BIND_REQUEST and self.told is not None and self.told() != self.identity:
             self.violations.append(
-                f"{ber.OPERATION_NAMES[tag]} {message_id} ran as {self.identity!r}, "
+                f"{messages.OPERATION_NAMES[tag]} {message_id} ran as {self.identity!r}, "
                 f"the client was told {self.told()!r}"
             )
         super().received(connection, message)
@@ -981,19 +985,21 @@ class TrackingDirectory(FakeDirectory):
             self.answer(connection, message)
 
     def answer(self, connection: UpstreamConnection, message: bytes) -> None:
-        header = ber.peek(message)
+        header = messages.peek(message)
         self.at_directory.discard(header.message_id)
-        if header.op_tag == ber.BIND_REQUEST and self._bind_code(message) == 0:
-            self.identity = ber.decode_bind_request(message).name
+        if header.op_tag == messages.BIND_REQUEST and self._bind_code(message) == 0:
+            self.identity = messages.decode_bind_request(message).name
         super().answer(connection, message)
 
     def response(self, message: bytes) -> bytes:
-        header = ber.peek(message)
-        if header.op_tag == ber.EXTENDED_REQUEST:
-            if ber.extended_request_name(message, header) == ber.WHO_AM_I_OID:
+        header = messages.peek(message)
+        if header.op_tag == messages.EXTENDED_REQUEST:
+            if messages.extended_request_name(message, header) == messages.WHO_AM_I_OID:
                 value = ber.tlv(0x8B, f"dn:{self.identity}".encode() if self.identity else b"")
-                return ber.encode_result(header.message_id, ber.EXTENDED_RESPONSE, 0, extra=value)
-            return ber.encode_extended_response(header.message_id, ResultCode.PROTOCOL_ERROR)
+                return messages.encode_result(
+                    header.message_id, messages.EXTENDED_RESPONSE, 0, extra=value
+                )
+            return messages.encode_extended_response(header.message_id, ResultCode.PROTOCOL_ERROR)
         return super().response(message)
 
 
@@ -1028,17 +1034,17 @@ def seq_message(kind: str, message_id: int, target: int) -> bytes:
     if kind == "whoami":
         return whoami_request(message_id)
     if kind == "unknown_extended":
-        return ber.encode_extended_request(message_id, UNKNOWN_OID)
+        return messages.encode_extended_request(message_id, UNKNOWN_OID)
     if kind == "abandon":
-        return ber.message(message_id, ber.integer(target, ber.ABANDON_REQUEST))
+        return messages.ldap_message(message_id, ber.integer(target, messages.ABANDON_REQUEST))
     credential = seq_core().good() if kind == "bind_good" else SEQ_BINDS[kind]
-    return ber.encode_bind_request(message_id, ALICE, credential.encode())
+    return messages.encode_bind_request(message_id, ALICE, credential.encode())
 
 
 def authz_value(response: bytes) -> str | None:
     """A successful WhoAmI's authzId; None for any other response."""
-    header = ber.peek(response)
-    if ber.decode_result(response).code != 0:
+    header = messages.peek(response)
+    if messages.decode_result(response).code != 0:
         return None
     pos = header.op_start
     for _ in range(3):
@@ -1069,7 +1075,7 @@ def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, 
     directory = TrackingDirectory()
     h = make(seq_core(), require_bind=False, directory=directory)
     client = h.client()
-    framer = ber.MessageFramer(1 << 24)
+    framer = framing.MessageFramer(1 << 24)
     seen: list[bytes] = []  # everything the client got, never cleared
     sent_kind: dict[int, str] = {}
     whoami_expects: dict[int, str] = {}
@@ -1080,21 +1086,21 @@ def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, 
     def read() -> None:  # runs inside the proxy too (told): records, never raises
         for message in framer.feed(client.transport.value()[sum(map(len, seen)) :]):
             seen.append(message)
-            message_id, tag = ber.peek_id_and_tag(message)
-            passed = tag == ber.BIND_RESPONSE and ber.decode_result(message).code == 0
+            message_id, tag = messages.peek_id_and_tag(message)
+            passed = tag == messages.BIND_RESPONSE and messages.decode_result(message).code == 0
             if passed and sent_kind[message_id] != "bind_good":
                 directory.violations.append(f"{sent_kind[message_id]} {message_id} passed")
-            if tag == ber.EXTENDED_RESPONSE and message_id in whoami_expects:
+            if tag == messages.EXTENDED_RESPONSE and message_id in whoami_expects:
                 value = authz_value(message)
                 if value is not None and value != whoami_expects[message_id]:
                     directory.violations.append(f"WhoAmI {message_id} said {value!r}")
-            if tag in ber.FINAL_RESPONSES:
+            if tag in messages.FINAL_RESPONSES:
                 in_use.discard(message_id)
 
     def told() -> str:
         read()
-        binds = [m for m in seen if ber.peek(m).op_tag == ber.BIND_RESPONSE]
-        return ALICE if binds and ber.decode_result(binds[-1]).code == 0 else ""
+        binds = [m for m in seen if messages.peek(m).op_tag == messages.BIND_RESPONSE]
+        return ALICE if binds and messages.decode_result(binds[-1]).code == 0 else ""
 
     directory.told = told
     for action, argument in steps:
@@ -1151,8 +1157,8 @@ def test_malformed_or_oversized_message_gets_a_notice_and_a_close(data: bytes, r
     client = h.client()
     client.send(data)
     (notice,) = client.responses()
-    assert ber.extended_response_name(notice) == ber.NOTICE_OF_DISCONNECTION_OID
-    assert ber.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
+    assert messages.extended_response_name(notice) == messages.NOTICE_OF_DISCONNECTION_OID
+    assert messages.decode_result(notice).code == ResultCode.PROTOCOL_ERROR
     assert client.closed
     assert h.events[("dropped", reason)] == 1
     client.send(search(3))  # nothing more is read
@@ -1172,7 +1178,7 @@ def test_max_connections() -> None:
     h.client(), h.client()
     third = h.client()
     (notice,) = third.responses()
-    assert ber.decode_result(notice).code == ResultCode.BUSY
+    assert messages.decode_result(notice).code == ResultCode.BUSY
     assert third.closed
     assert h.events[("dropped", "max_connections")] == 1
 
@@ -1183,7 +1189,7 @@ def test_max_connections_per_source() -> None:
     first, _ = h.client(flooder), h.client(flooder)
     third = h.client(flooder)
     (notice,) = third.responses()
-    assert ber.decode_result(notice).code == ResultCode.BUSY
+    assert messages.decode_result(notice).code == ResultCode.BUSY
     assert third.closed
     assert h.events[("dropped", "max_connections_per_source")] == 1
     other = h.client()  # another address is not affected
@@ -1207,8 +1213,8 @@ def test_unbound_timeout_closes_a_connection_that_never_binds() -> None:
     h.clock.advance(2)
     for client in (idle, searching):
         (notice,) = client.responses()
-        assert ber.peek(notice).message_id == 0
-        assert ber.decode_result(notice).code == ResultCode.ADMIN_LIMIT_EXCEEDED
+        assert messages.peek(notice).message_id == 0
+        assert messages.decode_result(notice).code == ResultCode.ADMIN_LIMIT_EXCEEDED
         assert client.closed
     assert not binding.closed
     assert h.events[("dropped", "unbound_timeout")] == 2
@@ -1228,8 +1234,8 @@ def test_unbound_timeout_waits_for_a_bind_in_progress() -> None:
     hold.callback(None)
     assert ok.result().code == 0 and not ok.closed
     bind_response, notice = refused.responses()
-    assert ber.decode_result(bind_response).code == 49
-    assert ber.peek(notice).message_id == 0 and refused.closed
+    assert messages.decode_result(bind_response).code == 49
+    assert messages.peek(notice).message_id == 0 and refused.closed
 
 
 def test_partial_messages_beyond_max_buffered_bytes_are_dropped() -> None:
@@ -1240,7 +1246,7 @@ def test_partial_messages_beyond_max_buffered_bytes_are_dropped() -> None:
     assert h.factory.buffered_bytes == len(big) - 1
     second.send(big[:5_000])  # would push the total past 10,000
     (notice,) = second.responses()
-    assert ber.decode_result(notice).code == ResultCode.BUSY
+    assert messages.decode_result(notice).code == ResultCode.BUSY
     assert second.closed
     assert h.events[("dropped", "buffer_limit")] == 1
     assert isinstance(second.protocol, LdapProxyProtocol)
@@ -1276,9 +1282,10 @@ def test_whole_messages_pass_even_when_the_buffer_budget_is_spent() -> None:
     h.client().send(search(9, 9_000)[:-1])
     assert h.factory.buffered_bytes > 9_000
     client = h.client()
-    client.send(ber.encode_bind_request(2, ALICE, h.core.good().encode()) + search(3) + search(4))
+    bind = messages.encode_bind_request(2, ALICE, h.core.good().encode())
+    client.send(bind + search(3) + search(4))
     assert not client.closed
-    assert [ber.peek(r).message_id for r in client.responses()] == [2, 3, 3, 3, 3, 4, 4, 4, 4]
+    assert [messages.peek(r).message_id for r in client.responses()] == [2, 3, 3, 3, 3, 4, 4, 4, 4]
 
 
 def test_default_limits_fit_binds_and_searches() -> None:
@@ -1307,7 +1314,7 @@ def test_idle_timeout_but_not_while_an_operation_is_outstanding() -> None:
     assert not client.closed
     h.clock.advance(61)
     (notice,) = client.responses()
-    assert ber.decode_result(notice).code == ResultCode.ADMIN_LIMIT_EXCEEDED
+    assert messages.decode_result(notice).code == ResultCode.ADMIN_LIMIT_EXCEEDED
     assert client.closed
     assert h.events[("dropped", "idle_timeout")] == 1
 
@@ -1319,8 +1326,8 @@ def test_upstream_down_binds_get_52_and_searches_too() -> None:
     assert client.result().code == 52
     message_id = client.search()
     (response,) = client.responses()
-    assert ber.peek_id_and_tag(response) == (message_id, ber.SEARCH_RESULT_DONE)
-    assert ber.decode_result(response).code == 52
+    assert messages.peek_id_and_tag(response) == (message_id, messages.SEARCH_RESULT_DONE)
+    assert messages.decode_result(response).code == 52
     assert not client.closed
     assert h.events[("upstream_error", "connect_failed")] >= 1
     assert h.core.requests == []
@@ -1344,7 +1351,7 @@ def test_upstream_lost_after_ready_closes_the_client_with_a_notice() -> None:
     client.responses()
     h.directory.connections[0].connectionLost(Failure(ConnectionError()))
     (notice,) = client.responses()
-    assert ber.decode_result(notice).code == ResultCode.UNAVAILABLE
+    assert messages.decode_result(notice).code == ResultCode.UNAVAILABLE
     assert client.closed
     assert h.events[("dropped", "upstream_lost")] == 1
 
@@ -1352,10 +1359,10 @@ def test_upstream_lost_after_ready_closes_the_client_with_a_notice() -> None:
 def test_start_tls_without_a_certificate_is_unavailable() -> None:
     h = make()
     client = h.client()
-    client.send(ber.encode_extended_request(4, ber.START_TLS_OID))
+    client.send(messages.encode_extended_request(4, messages.START_TLS_OID))
     (response,) = client.responses()
-    assert ber.decode_result(response).code == ResultCode.UNAVAILABLE
-    assert ber.extended_response_name(response) == ber.START_TLS_OID
+    assert messages.decode_result(response).code == ResultCode.UNAVAILABLE
+    assert messages.extended_response_name(response) == messages.START_TLS_OID
     assert h.directory.requests == []
 
 
@@ -1470,9 +1477,9 @@ def _assert_survives(chunks: list[bytes]) -> None:
     for chunk in chunks:
         client.send(chunk)
     for response in client.responses():
-        header = ber.peek(response)  # everything the client gets is well-formed
+        header = messages.peek(response)  # everything the client gets is well-formed
         if header.message_id == 0:
-            assert ber.decode_result(response).code != ResultCode.OTHER  # no internal error
+            assert messages.decode_result(response).code != ResultCode.OTHER  # no internal error
     assert h.events.counts[("bind", "reject", "internal_error")] == 0
 
 

@@ -1,8 +1,10 @@
 """The BER primitives LDAP needs (X.690 subset, RFC 4511 §5.1), written once.
 
-Both LDAP codecs build on these: the directory client (backends/ldap_async.py)
-and the LDAP front-end (proxy/ldap/ber.py). Definite lengths only (RFC 4511
-forbids the indefinite form) and single-byte tags (LDAP uses no others).
+Definite lengths only (RFC 4511 forbids the indefinite form) and single-byte
+tags (LDAP uses no others). Readers work in place: they take a buffer and
+the bounds of the element to read and return offsets, never slices, so a
+message is decoded where it lies. Every reader raises :class:`BerError`, and
+nothing else, on input it cannot read.
 """
 
 from __future__ import annotations
@@ -20,10 +22,35 @@ class BerError(ValueError):
 
 
 # ---------------------------------------------------------------- reading
+#
+# read_header and expect handle the short length form (nearly every element
+# LDAP sends) inline and leave anything else, errors included, to the full
+# readers below: about half the work per element, with the same results and
+# the same errors.
 
 
 def read_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
     """The TLV at ``pos``: (tag, content start, content end), all within ``end``."""
+    if pos + 2 <= end:
+        tag, size = buf[pos], buf[pos + 1]
+        if size < 0x80 and pos + 2 + size <= end and tag & 0x1F != 0x1F:
+            return tag, pos + 2, pos + 2 + size
+    return _read_any_header(buf, pos, end)
+
+
+def expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
+    """Content (start, end) of the element at ``pos``, which must have ``tag``."""
+    if pos + 2 <= end and buf[pos] == tag:
+        size = buf[pos + 1]
+        if size < 0x80 and pos + 2 + size <= end:
+            return pos + 2, pos + 2 + size
+    found, start, stop = _read_any_header(buf, pos, end)
+    if found != tag:
+        raise BerError(f"expected tag {tag:#04x}, found {found:#04x}")
+    return start, stop
+
+
+def _read_any_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
     if pos + 2 > end:
         raise BerError("truncated element")
     tag = buf[pos]
@@ -44,14 +71,6 @@ def read_header(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
     if pos + length > end:
         raise BerError("element overruns its container")
     return tag, pos, pos + length
-
-
-def expect(buf: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
-    """Content (start, end) of the element at ``pos``, which must have ``tag``."""
-    found, start, stop = read_header(buf, pos, end)
-    if found != tag:
-        raise BerError(f"expected tag {tag:#04x}, found {found:#04x}")
-    return start, stop
 
 
 def read_integer(buf: bytes, start: int, stop: int) -> int:
@@ -84,8 +103,3 @@ def integer(value: int, tag: int = INTEGER) -> bytes:
 
 def boolean(value: bool) -> bytes:
     return tlv(BOOLEAN, b"\xff" if value else b"\x00")
-
-
-def ldap_message(message_id: int, operation: bytes) -> bytes:
-    """LDAPMessage ::= SEQUENCE { messageID, protocolOp } (no controls)."""
-    return tlv(SEQUENCE, integer(message_id) + operation)

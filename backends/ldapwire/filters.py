@@ -1,34 +1,21 @@
-"""RFC 4515 filter templates compiled to BER, and search requests built on them.
+"""RFC 4515 filter templates, compiled once to BER.
 
 A filter such as ``(&(objectClass=person)(uid={username}))`` is parsed once;
 only the assertion values that hold a placeholder are encoded per request,
 and the username goes in as the raw bytes of an assertion value, so it can
 never become filter syntax (the BER form of RFC 4515 escaping). A filter with
-one placeholder is pre-encoded around it (:class:`_Slot`): per request only
-the lengths are computed. Used by the directory client
-(:mod:`backends.ldap_async`) and by :mod:`backends.ldap` to check templates.
+one placeholder is pre-encoded around it (:class:`Slot`): per request only
+the lengths are computed. :class:`backends.ldapwire.messages.SearchTemplate`
+puts a compiled filter in a whole search request the same way; the config
+checks (:mod:`backends.ldap_common`) use the parser to validate templates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from backends.ber import (
-    ENUMERATED,
-    OCTET_STRING,
-    SEQUENCE,
-    boolean,
-    encode_length,
-    integer,
-    tlv,
-)
-
-SEARCH_REQUEST = 0x63
-NEVER_DEREF_ALIASES = 0
-
-
-# ================================================================ filters (RFC 4515, compiled)
+from backends.ldapwire.ber import OCTET_STRING, SEQUENCE, encode_length, tlv
 
 
 class FilterTemplateError(ValueError):
@@ -81,7 +68,7 @@ def _constructed(tag: int, children: list[_Node]) -> _Node:
     return _Constructed(tag, children)
 
 
-class _Slot:
+class Slot:
     """Where the only placeholder of a template sits, with everything around it encoded.
 
     ``levels`` run from the outermost element in: (tag, bytes before, bytes after)
@@ -97,9 +84,9 @@ class _Slot:
                              for tag, before, after in reversed(levels)]
         self._suffix = b"".join(after for _tag, _before, after in reversed(levels))
 
-    def inside(self, tag: int, before: bytes, after: bytes) -> _Slot:
-        """The same slot, one element further in (``tag`` wraps everything)."""
-        return _Slot(self.name, [(tag, before, after), *self.levels])
+    def inside(self, tag: int, before: bytes, after: bytes) -> Slot:
+        """The same slot, inside one more element (``tag`` wraps everything)."""
+        return Slot(self.name, [(tag, before, after), *self.levels])
 
     def encode(self, value: bytes) -> bytes:
         heads: list[bytes] = []
@@ -115,7 +102,7 @@ class _Slot:
         return b"".join(heads)
 
 
-def _slot_of(node: _Node) -> _Slot | None:
+def _slot_of(node: _Node) -> Slot | None:
     """The slot of a filter with exactly one placeholder occurrence, else None."""
     if isinstance(node, _Value):
         names = [i for i, piece in enumerate(node.pieces) if isinstance(piece, str)]
@@ -124,7 +111,7 @@ def _slot_of(node: _Node) -> _Slot | None:
         at = names[0]
         name = node.pieces[at]
         assert isinstance(name, str)
-        return _Slot(name, [(node.tag, _literal(node.pieces[:at]), _literal(node.pieces[at + 1:]))])
+        return Slot(name, [(node.tag, _literal(node.pieces[:at]), _literal(node.pieces[at + 1:]))])
     if isinstance(node, _Constructed):
         dynamic = [i for i, child in enumerate(node.children) if child.static is None]
         inner = _slot_of(node.children[dynamic[0]]) if len(dynamic) == 1 else None
@@ -147,7 +134,7 @@ class CompiledFilter:
     template: str
     root: _Node
     placeholders: frozenset[str]
-    slot: _Slot | None = None  # the fast encoding, when one placeholder occurs once
+    slot: Slot | None = None  # the fast encoding, when one placeholder occurs once
 
     def encode(self, **values: str) -> bytes:
         if self.slot is not None:
@@ -295,32 +282,3 @@ def _unescape(value: str) -> bytes:
             out += value[i].encode()
             i += 1
     return bytes(out)
-
-
-@dataclass(frozen=True)
-class SearchTemplate:
-    """A search request with everything but the filter's placeholders encoded once."""
-
-    head: bytes  # baseObject .. typesOnly
-    filter: CompiledFilter
-    tail: bytes  # attributes
-    slot: _Slot | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.filter.slot is not None:  # the whole request, not only the filter, in one go
-            object.__setattr__(self, "slot",
-                               self.filter.slot.inside(SEARCH_REQUEST, self.head, self.tail))
-
-    @classmethod
-    def build(cls, base: str, scope: int, compiled: CompiledFilter,
-              attributes: Sequence[str], size_limit: int, time_limit: int) -> SearchTemplate:
-        head = (tlv(OCTET_STRING, base.encode()) + integer(scope, ENUMERATED)
-                + integer(NEVER_DEREF_ALIASES, ENUMERATED) + integer(size_limit)
-                + integer(time_limit) + boolean(False))
-        tail = tlv(SEQUENCE, b"".join(tlv(OCTET_STRING, a.encode()) for a in attributes))
-        return cls(head, compiled, tail)
-
-    def encode(self, **values: str) -> bytes:
-        if self.slot is not None:
-            return self.slot.encode(values[self.slot.name].encode("utf-8"))
-        return tlv(SEARCH_REQUEST, self.head + self.filter.encode(**values) + self.tail)

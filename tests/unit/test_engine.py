@@ -846,6 +846,27 @@ class Scripted(AsyncFake):
             setattr(self, name, method)
 
 
+class HeldPasswords(Scripted):
+    """AsyncFake whose password checks wait until the test answers them:
+    ``held`` is [(Deferred, password)], oldest first."""
+
+    def __init__(self, directory: Any) -> None:
+        super().__init__(directory)
+        self.held: list[tuple[defer.Deferred[Identity], str]] = []
+
+    def check_password(self, identity: Identity, password: str) -> defer.Deferred[Identity]:
+        d: defer.Deferred[Identity] = defer.Deferred()
+        self.held.append((d, password))
+        return d
+
+    def answer(self, ok: bool) -> None:
+        d, _ = self.held.pop(0)
+        if ok:
+            d.callback(Identity("alice", "uid=alice"))
+        else:
+            d.errback(InvalidCredentials("alice"))
+
+
 def test_authenticator_accepts_with_code(h: Harness) -> None:
     enrolled(h)
     d = fired(authenticator(h).authenticate(h.request(secret=h.with_code())))
@@ -994,19 +1015,12 @@ def test_unknown_names_are_answered_after_a_wrong_password_s_usual_time(h: Harne
     from twisted.internet.task import Clock
 
     reactor = Clock()
-    held: list[defer.Deferred[Any]] = []
-
-    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
-        d: defer.Deferred[Identity] = defer.Deferred()
-        held.append(d)
-        return d
-
-    auth = authenticator(h, Scripted(h.directory, check_password=slow),
-                         call_later=reactor.callLater)
+    directory = HeldPasswords(h.directory)
+    auth = authenticator(h, directory, call_later=reactor.callLater)
     for _ in range(30):  # teach it: a wrong password takes 0.5 s here
         pending = auth.authenticate(h.request(secret="wrong"))
         h.clock.advance(0.5)
-        held.pop().errback(InvalidCredentials("alice"))
+        directory.answer(ok=False)
         assert outcome(fired(pending)) == (REJECT, Reason.BAD_PASSWORD)
         h.engine.store.unlock("alice")
     unknown = auth.authenticate(h.request("mallory", secret="wrong"))
@@ -1022,26 +1036,16 @@ def test_unknown_names_are_answered_after_a_wrong_password_s_usual_time(h: Harne
 
 def test_concurrent_guesses_reach_the_directory_one_at_a_time_and_stop_at_the_lock(
         h: Harness) -> None:
-    held: list[tuple[defer.Deferred[Identity], str]] = []
-
-    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
-        d: defer.Deferred[Identity] = defer.Deferred()
-        held.append((d, password))
-        return d
-
-    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    directory = HeldPasswords(h.directory)
+    auth = authenticator(h, directory)
     attempts = [auth.authenticate(h.request(secret="wrong")) for _ in range(20)]
     right = auth.authenticate(h.request(secret="alice-pw"))
     beyond = [auth.authenticate(h.request(secret="alice-pw")) for _ in range(20)]
     checked = 0
-    while held:
-        assert len(held) == 1  # never two passwords of one identity in flight
-        d, password = held.pop()
+    while directory.held:
+        assert len(directory.held) == 1  # never two passwords of one identity in flight
         checked += 1
-        if password == "alice-pw":
-            d.callback(Identity("alice", "uid=alice"))
-        else:
-            d.errback(InvalidCredentials("alice"))
+        directory.answer(ok=directory.held[0][1] == "alice-pw")
     assert checked == 5  # then locked: the rest never reach the directory
     reasons = [fired(a).reason for a in attempts]
     assert reasons[:5] == [Reason.BAD_PASSWORD] * 5
@@ -1055,19 +1059,13 @@ def test_concurrent_guesses_reach_the_directory_one_at_a_time_and_stop_at_the_lo
 
 def test_a_lock_that_came_meanwhile_refuses_the_right_password(h: Harness) -> None:
     """Another instance locks the account while this one checks the password."""
-    held: list[defer.Deferred[Identity]] = []
-
-    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
-        d: defer.Deferred[Identity] = defer.Deferred()
-        held.append(d)
-        return d
-
     h.require()
-    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    directory = HeldPasswords(h.directory)
+    auth = authenticator(h, directory)
     pending = auth.authenticate(h.request(secret="alice-pw"))
     for _ in range(5):
         h.store.record_failure("alice", h.clock(), 5, 900)
-    held.pop().callback(Identity("alice", "uid=alice"))
+    directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
 
 
@@ -1138,34 +1136,22 @@ def test_plain_spellings_of_an_unknown_dn_share_one_counter(h: Harness) -> None:
 
 def test_a_lock_that_came_meanwhile_refuses_the_right_password_and_code(h: Harness) -> None:
     """The code path takes the lock into its one conditional UPDATE."""
-    held: list[defer.Deferred[Identity]] = []
-
-    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
-        d: defer.Deferred[Identity] = defer.Deferred()
-        held.append(d)
-        return d
-
     enrolled(h)
-    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    directory = HeldPasswords(h.directory)
+    auth = authenticator(h, directory)
     pending = auth.authenticate(h.request(secret=h.with_code()))
     for _ in range(5):
         h.store.record_failure("alice", h.clock(), 5, 900)
-    held.pop().callback(Identity("alice", "uid=alice"))
+    directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
 
 
 def test_a_lock_that_came_meanwhile_refuses_a_challenge(h: Harness) -> None:
-    held: list[defer.Deferred[Identity]] = []
-
-    def slow(identity: Identity, password: str) -> defer.Deferred[Identity]:
-        d: defer.Deferred[Identity] = defer.Deferred()
-        held.append(d)
-        return d
-
     enrolled(h)
-    auth = authenticator(h, Scripted(h.directory, check_password=slow))
+    directory = HeldPasswords(h.directory)
+    auth = authenticator(h, directory)
     pending = auth.authenticate(h.request(secret="alice-pw", split=SplitMode.CHALLENGE))
     for _ in range(5):
         h.store.record_failure("alice", h.clock(), 5, 900)
-    held.pop().callback(Identity("alice", "uid=alice"))
+    directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)

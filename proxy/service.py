@@ -263,7 +263,7 @@ class Service:
         self.portal = portal
         site = portal.site()
         if p.tls:
-            from proxy.ldap.tls import server_options
+            from backends.ldapwire.tls import server_options
 
             try:
                 options = server_options(str(p.cert_file), str(p.key_file))

@@ -21,6 +21,8 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -110,15 +112,21 @@ class UserState(Base):
 
 class AuditEntry(Base):
     __tablename__ = "audit"
+    # One user's rows, newest first (`mfa-proxy audit --user`): an index range
+    # read backwards, however large the table (migration 0003).
+    __table_args__ = (Index("ix_audit_user_time", "username", "at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[int] = mapped_column(BigInteger, index=True)
-    username: Mapped[str] = mapped_column(String(256), index=True)
+    username: Mapped[str] = mapped_column(String(256))
     protocol: Mapped[str] = mapped_column(String(16))
     client: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(64))
     result: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(32))
+    # From the request reaching the core to its decision (NULL: rows written
+    # before 0003, and rows no request made, such as an admin's).
+    latency_ms: Mapped[float | None] = mapped_column(Float)
 
 
 class RepeatEntry(Base):
@@ -222,6 +230,30 @@ class AuditRecord:
     source: str
     result: str
     reason: str
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit rows to read (None: any). ``since``/``until`` are Unix times,
+    both inclusive; ``after_id`` reads only rows written after that one."""
+
+    username: str | None = None
+    since: float | None = None
+    until: float | None = None
+    result: str | None = None
+    reason: str | None = None
+    protocol: str | None = None
+    client: str | None = None
+    after_id: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit row as read back, with its id (the order rows were written in)."""
+
+    id: int
+    record: AuditRecord
 
 
 users: Table = UserState.__table__  # type: ignore[assignment]
@@ -372,7 +404,8 @@ class Store:
         a: Table = AuditEntry.__table__  # type: ignore[assignment]
         self._q_audit = _Raw(a.insert().values(
             {c: bindparam(c) for c in ("at", "username", "protocol", "client", "source",
-                                       "result", "reason")}), self.engine.dialect)
+                                       "result", "reason", "latency_ms")}),
+            self.engine.dialect)
         self._ensure_stmt = q_ensure  # the admin writes' insert-if-absent too
         d = self.engine.dialect
         self._q_get, self._q_ensure = _Raw(q_get, d), _Raw(q_ensure, d)
@@ -749,7 +782,9 @@ class Store:
         esc = escape_controls
         rows = [dict(at=int(r.at), username=esc(r.username)[:256], protocol=esc(r.protocol),
                      client=esc(r.client)[:64], source=esc(r.source)[:64],
-                     result=esc(r.result), reason=esc(r.reason)) for r in records]
+                     result=esc(r.result), reason=esc(r.reason),
+                     latency_ms=None if r.latency_ms is None else round(r.latency_ms, 3))
+                for r in records]
         if rows:
             q = self._q_audit
             params: list[Any] = rows if q.order is None else [
@@ -758,13 +793,48 @@ class Store:
                 cur.executemany(q.sql, params)
 
     def recent_audit(self, username: str | None = None, limit: int = 50) -> list[AuditRecord]:
-        q = select(AuditEntry.at, AuditEntry.username, AuditEntry.protocol, AuditEntry.client,
-                   AuditEntry.source, AuditEntry.result, AuditEntry.reason)
-        if username is not None:
-            q = q.where(AuditEntry.username == username)
+        return [row.record for row in self.query_audit(AuditFilter(username=username), limit)]
+
+    def query_audit(self, where: AuditFilter, limit: int | None = 50,
+                    oldest_first: bool = False) -> list[AuditRow]:
+        """Audit rows matching ``where``, newest first (by decision time, then by
+        the order they were written), at most ``limit`` (None: all).
+
+        One user's rows come from the (username, at, id) index, read backwards:
+        a few milliseconds whatever the size of the table."""
+        a = AuditEntry
+        q = select(a.id, a.at, a.username, a.protocol, a.client, a.source, a.result,
+                   a.reason, a.latency_ms)
+        for column, value in ((a.username, where.username), (a.result, where.result),
+                              (a.reason, where.reason), (a.protocol, where.protocol),
+                              (a.client, where.client)):
+            if value is not None:
+                q = q.where(column == value)
+        if where.since is not None:
+            q = q.where(a.at >= math.floor(where.since))
+        if where.until is not None:
+            q = q.where(a.at <= math.floor(where.until))
+        if where.after_id is not None:
+            q = q.where(a.id > where.after_id)
+        if oldest_first:
+            q = q.order_by(a.at, a.id) if where.after_id is None else q.order_by(a.id)
+        else:
+            q = q.order_by(a.at.desc(), a.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        try:
+            with self._session() as s:
+                rows = s.execute(q).all()
+        except SQLAlchemyError as e:
+            raise StoreError(f"cannot read the audit table: {type(e).__name__}: {e}") from e
+        return [AuditRow(r[0], AuditRecord(float(r[1]), *r[2:8],
+                                           None if r[8] is None else float(r[8])))
+                for r in rows]
+
+    def last_audit_id(self) -> int:
+        """The id of the newest audit row (0 when there is none)."""
         with self._session() as s:
-            rows = s.execute(q.order_by(AuditEntry.id.desc()).limit(limit)).all()
-        return [AuditRecord(*r) for r in rows]
+            return int(s.execute(select(func.max(AuditEntry.id))).scalar() or 0)
 
     def prune(self, now: float, audit_days: int) -> None:
         with self._session() as s, s.begin():

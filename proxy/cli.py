@@ -1,4 +1,4 @@
-"""`mfa-proxy`: serve, check-config, init-config, db, user, keys, local-user.
+"""`mfa-proxy`: serve, check-config, init-config, db, user, keys, local-user, audit.
 
 Exit status: 0 done, 1 refused (unknown user, impossible action), 2 bad usage
 or bad config. ``-c FILE`` goes anywhere on the command line.
@@ -147,6 +147,17 @@ class App:
             return str(self.usernames.normalize(raw))
         except InvalidUsername as e:
             raise Refused(f"{raw!r}: {e}") from None
+
+    def audit_name(self, raw: str) -> str:
+        """The name audit rows carry for ``raw``: its canonical form when it has one
+        (no directory look-up: the audit trail is read when the directory is down)."""
+        from policy.escaping import escape_controls
+        from policy.usernames import InvalidUsername
+
+        try:
+            return str(self.usernames.normalize(raw))
+        except InvalidUsername:
+            return escape_controls(raw)
 
     def known_user(self, raw: str) -> str:
         """The identity an admin means: the directory entry's own name (as serve
@@ -591,6 +602,79 @@ def local_user_set(app: App, username: str, groups: tuple[str, ...]) -> None:
         raise Refused("empty password")
     app.directory.set_password(name, password, list(groups) if groups else None)
     click.echo(f"{name}: password set")
+
+
+# -- the audit trail -------------------------------------------------------------------
+
+
+def _audit_time(option: str) -> Callable[[click.Context, click.Parameter, str | None],
+                                         float | None]:
+    def convert(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+        if value is None:
+            return None
+        from proxy.audit import parse_time
+
+        try:
+            return parse_time(value, time.time())
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+
+    return convert
+
+
+@main.command("audit")
+@click.option("--user", "username", metavar="USER", help="One user's rows.")
+@click.option("--since", metavar="T", callback=_audit_time("--since"),
+              help="From T on: ISO 8601 (local time unless an offset is given) or a time "
+                   "ago (15m, 1h, 7d).")
+@click.option("--until", metavar="T", callback=_audit_time("--until"), help="Up to T.")
+@click.option("--result", type=click.Choice(["accept", "reject", "challenge"]))
+@click.option("--reason", metavar="R", help="bad_password, bad_code, locked_out, ...")
+@click.option("--protocol", type=click.Choice(["radius", "ldap", "portal"]))
+@click.option("--client", metavar="NAME", help="The RADIUS client's name (ldap, portal).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="At most N rows (default 50; with --follow, 10 before the new ones; "
+                   "0: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new rows as they are written (oldest first), until "
+                   "interrupted.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, hidden=True)
+@config_option
+@pass_app
+def audit(app: App, username: str | None, since: float | None, until: float | None,
+          result: str | None, reason: str | None, protocol: str | None, client: str | None,
+          limit: int | None, as_json: bool, follow: bool, interval: float) -> None:
+    """Read the audit trail (one row per decision), newest first.
+
+    Each row: time, user, protocol, client name and source address, result,
+    reason, latency. --json gives one object per line with the keys time,
+    user, protocol, client, source, result, reason, latency_ms.
+    """
+    from policy.store import AuditFilter, StoreError
+    from proxy import audit as trail
+
+    where = AuditFilter(username=app.audit_name(username) if username else None,
+                        since=since, until=until, result=result, reason=reason,
+                        protocol=protocol, client=client)
+    store = app.store
+    try:
+        if not follow:
+            found = trail.rows(store, where, 50 if limit is None else (limit or None))
+            if not as_json:
+                click.echo(trail.TEXT_HEADER)
+            trail.emit(found, as_json, click.echo)
+            return
+        if not as_json:
+            click.echo(trail.TEXT_HEADER)
+        try:
+            for batch in trail.follow(store, where, 10 if limit is None else limit, interval):
+                trail.emit(batch, as_json, click.echo)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return
+    except StoreError as e:
+        raise Refused(str(e)) from None
 
 
 if __name__ == "__main__":

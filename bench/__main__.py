@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
         from bench.ldap import main as ldap
 
         return ldap(argv[1:])
-    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap, audit)", file=sys.stderr)
+    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap, audit)",
+          file=sys.stderr)
     return 2
 
 

@@ -244,9 +244,7 @@ def serve(app: App) -> None:
     """Run every configured listener (RADIUS, LDAP, HTTP) until SIGTERM/SIGINT."""
     from proxy.service import run
 
-    settings = app.settings
-    for w in settings.warnings:
-        click.echo(f"config warning: {w}", err=True)
+    settings = app.settings  # its warnings are logged, in the configured format
     sys.exit(run(settings))
 
 

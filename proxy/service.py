@@ -15,7 +15,7 @@ from policy.keys import KeyFileError, KeyRing
 from policy.store import StoreError
 from proxy.config import Settings
 from proxy.directories import ldap_options, make_directory, username_rules
-from proxy.logs import escaping_handler
+from proxy.logs import serve_handler
 from proxy.metrics import EngineMetrics, Metrics
 from proxy.state import open_store, totp_params
 from proxy.worker import BatchWorkers
@@ -27,10 +27,12 @@ class StartupError(Exception):
     pass
 
 
-def setup_logging(level: str) -> None:
-    """One line per record on standard error; control characters in a message
-    (a client's User-Name with a newline in it) are escaped (proxy/logs.py)."""
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[escaping_handler()])
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """One line per record on standard error, text or JSON; control characters in
+    a message (a client's User-Name with a newline in it) are escaped
+    (proxy/logs.py)."""
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[serve_handler(fmt)],
+                        force=True)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Twisted's own log events (and those of modules using twisted.logger) go to
     # the same handlers.
@@ -303,7 +305,9 @@ class Service:
 
 
 def run(settings: Settings) -> int:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    for warning in settings.warnings:
+        log.warning("config warning: %s", warning)
     from twisted.internet import reactor
 
     service = Service(settings, reactor)

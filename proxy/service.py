@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.threadpool import ThreadPool
 
@@ -49,6 +50,15 @@ class Service:
         self.ports: list[Any] = []
         self.loops: list[LoopingCall] = []
         self.pools: list[ThreadPool] = []
+        # Listeners that stop taking new work as soon as the process drains
+        # (RADIUS auth ports stay open until the decisions in flight are answered).
+        self.intake_ports: list[Any] = []
+        self.radius: Any = None
+        self.ldap: Any = None
+        self.draining = False
+        self.in_flight = 0  # decisions asked of the core and not answered yet
+        self._idle: Deferred[None] | None = None  # fires when in_flight drops to 0
+        self._drained: Deferred[None] | None = None
 
     # -- building ---------------------------------------------------------------------
 
@@ -116,6 +126,23 @@ class Service:
     def in_state_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.state_workers.submit(f, *args)
 
+    def authenticate(self, request: Any) -> Deferred[Any]:
+        """The core, as every front-end calls it, counting the decisions in flight
+        (a drain waits for them)."""
+        self.in_flight += 1
+        d: Deferred[Any] = self.authenticator.authenticate(request)
+        d.addBoth(self._answered)
+        return d
+
+    def _answered(self, result: Any) -> Any:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            idle, self._idle = self._idle, None
+            # Next turn of the reactor: the front-end's own callbacks (after this
+            # one) have written the answer by then.
+            self.reactor.callLater(0, idle.callback, None)
+        return result
+
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -133,7 +160,7 @@ class Service:
         self._listen_radius()
         self._listen_ldap()
         self._listen_portal()
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
 
     def _every(self, seconds: float, f: Any, now: bool = False) -> None:
         loop = LoopingCall(f)
@@ -174,6 +201,8 @@ class Service:
 
     def ready(self) -> Deferred[list[str]]:
         """Problems that make this instance not ready (empty list: ready)."""
+        if self.draining:  # a load balancer stops sending at once
+            return succeed(["shutting down: draining"])
 
         def store_ok() -> None:
             self.store.ping()
@@ -213,13 +242,16 @@ class Service:
 
         clients = ClientTable(r.clients)
         server = RadiusServer(
-            clients, self.authenticator.authenticate, load_dictionary(),
+            clients, self.authenticate, load_dictionary(),
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))
         self.radius = server
-        self.ports += server.listen(self.reactor, [(a.host, a.port) for a in r.listen],
-                                    [(a.host, a.port) for a in r.accounting_listen])
+        self.ports += server.listen(self.reactor, [(a.host, a.port) for a in r.listen])
+        accounting = server.listen(self.reactor, (),
+                                   [(a.host, a.port) for a in r.accounting_listen])
+        self.ports += accounting
+        self.intake_ports += accounting
         log.info("radius listening on %s (accounting %s), %d client(s)",
                  ", ".join(map(str, r.listen)) or "-",
                  ", ".join(map(str, r.accounting_listen)) or "-", len(r.clients))
@@ -233,13 +265,14 @@ class Service:
 
         config = lset  # parsed by the config loader into the front-end's own type
         try:
-            factory = LdapProxyFactory(config, self.authenticator.authenticate,
+            factory = LdapProxyFactory(config, self.authenticate,
                                        events=LdapMetrics(self.metrics), reactor=self.reactor)
         except ValueError as e:
             raise StartupError(f"ldap: {e}") from None
         self.ldap = factory
-        self.ports += factory.listen()
-        self.reactor.addSystemEventTrigger("before", "shutdown", factory.disconnect_all)
+        ports = factory.listen()
+        self.ports += ports
+        self.intake_ports += ports
         log.info("ldap listening on %s%s, upstream %s",
                  ", ".join(map(str, lset.listen)) or "-",
                  f" (ldaps {', '.join(map(str, lset.ldaps_listen))})" if lset.ldaps_listen
@@ -257,7 +290,7 @@ class Service:
 
         s = self.settings
         portal = Portal(
-            self.authenticator.authenticate, make_accounts(s, self.store, self.keys),
+            self.authenticate, make_accounts(s, self.store, self.keys),
             PortalSessions(self.store, p.session_minutes * 60),
             LoginCsrf(self.keys.derive(b"portal-login-csrf")), self.in_state_thread,
             Branding(s.totp.issuer, s.totp.digits, s.totp.period), tls=p.tls,
@@ -271,13 +304,109 @@ class Service:
                 options = server_options(str(p.cert_file), str(p.key_file))
             except Exception as e:  # unreadable or not PEM
                 raise StartupError(f"portal: cert_file/key_file: {e}") from None
-            self.ports.append(self.reactor.listenSSL(p.listen.port, site, options,
-                                                     interface=p.listen.host))
+            port = self.reactor.listenSSL(p.listen.port, site, options, interface=p.listen.host)
         else:
-            self.ports.append(self.reactor.listenTCP(p.listen.port, site,
-                                                     interface=p.listen.host))
+            port = self.reactor.listenTCP(p.listen.port, site, interface=p.listen.host)
+        self.ports.append(port)
+        self.intake_ports.append(port)
         log.info("portal listening on %s (%s)%s", p.listen, "https" if p.tls else "http",
                  f", public URL {p.public_url}" if p.public_url else "")
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT drain, then stop (a second one says so); SIGHUP reloads
+        the config. Called once the reactor runs (it installs its own first)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum: int, _frame: Any) -> None:
+        self.reactor.callFromThread(self._on_signal, signal.Signals(signum).name)
+
+    def _on_signal(self, name: str) -> None:
+        if name == "SIGHUP":
+            self.reload()
+        elif self._drained is not None:
+            log.warning("%s: already draining (at most %g s); SIGKILL stops at once", name,
+                        self.settings.service.shutdown_grace_seconds)
+        else:
+            log.info("%s: shutting down", name, extra={"event": "shutdown"})
+            self.reactor.stop()  # the "before shutdown" trigger drains first
+
+    def _shutdown(self) -> Deferred[None]:
+        """The reactor is stopping: drain, then stop the rest."""
+        d = self.drain()
+        d.addBoth(lambda _: self.stop())
+        return d
+
+    def drain(self) -> Deferred[None]:
+        """Stop taking work and let the decisions in flight finish.
+
+        At once: /readyz answers 503, new RADIUS requests and Status-Server
+        get no answer (the NAS fails over), the LDAP, portal and accounting
+        listeners close. Then, within ``[service] shutdown_grace_seconds``,
+        every decision in flight is answered (and so audited); last, each open
+        LDAP session is closed with a Notice of Disconnection."""
+        if self._drained is not None:
+            return self._drained
+        self.draining = True
+        self.metrics.up.set(0)
+        grace = self.settings.service.shutdown_grace_seconds
+        if self.radius is not None:
+            self.radius.stop_accepting()
+        for port in self.intake_ports:
+            port.stopListening()
+        log.info("draining: /readyz is 503, no new requests; waiting up to %g s for %d "
+                 "decision(s) in flight", grace, self.in_flight, extra={"event": "drain"})
+        started = time.monotonic()
+        done: Deferred[None] = Deferred()
+        self._drained = done
+        if self.in_flight == 0:
+            idle: Deferred[None] = succeed(None)
+        else:
+            idle = self._idle = Deferred()
+        timer = self.reactor.callLater(grace, self._grace_over, done)
+
+        def drained(_: Any) -> None:
+            if done.called:  # the grace period ran out first
+                return
+            timer.cancel()
+            log.info("drained in %.2f s: every decision answered",
+                     time.monotonic() - started, extra={"event": "drain"})
+            self._close_sessions().chainDeferred(done)
+
+        idle.addCallback(drained)
+        return done
+
+    def _grace_over(self, done: Deferred[None]) -> None:
+        log.warning("shutdown_grace_seconds (%g s) passed with %d decision(s) still in flight: "
+                    "stopping anyway", self.settings.service.shutdown_grace_seconds,
+                    self.in_flight, extra={"event": "drain"})
+        self._idle = None
+        self._close_sessions().chainDeferred(done)
+
+    def _close_sessions(self, timeout: float = 2.0) -> Deferred[None]:
+        """Close every LDAP session (a Notice of Disconnection, then the close of
+        both sides); fires once they are closed, or ``timeout`` seconds later:
+        the reactor's own shutdown would cut them before the notice is sent."""
+        factory = self.ldap
+        if factory is None or not factory.connections:
+            return succeed(None)
+        count = len(factory.connections)
+        factory.disconnect_all()
+        closed: Deferred[None] = Deferred()
+        deadline = time.monotonic() + timeout
+
+        def check() -> None:
+            if not factory.connections or time.monotonic() > deadline:
+                log.info("closed %d LDAP session(s)", count - len(factory.connections),
+                         extra={"event": "drain"})
+                closed.callback(None)
+            else:
+                self.reactor.callLater(0.02, check)
+
+        check()
+        return closed
 
     def stop_threads(self) -> None:
         for name in ("state_workers", "report_workers"):
@@ -320,6 +449,7 @@ def run(settings: Settings) -> int:
         log.error("cannot start: %s: %s", type(e).__name__, e)
         service.stop_threads()
         return 1
+    reactor.callWhenRunning(service.install_signal_handlers)  # type: ignore[attr-defined]
     log.info("mfa-proxy serving (config %s)", settings.path)
     reactor.run()  # type: ignore[attr-defined]
     return 0

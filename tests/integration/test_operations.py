@@ -3,10 +3,17 @@ reloads.  The real `serve` (the test slapd as the directory), real clients."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
+import socket
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ldap3
 import pyotp
@@ -71,3 +78,197 @@ def test_json_logs_parse_and_carry_no_password_or_code(tmp_path: Path, slapd: Sl
     for secret in used:
         assert not re.search(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", text), \
             f"{secret!r} is in the log"
+
+
+# ---------------------------------------------------------------- SIGTERM: drain
+
+
+class SlowRelay:
+    """A TCP relay to slapd whose answers wait ``delay`` seconds each (0: none):
+    a directory that is slow on demand, so a decision is in flight long enough
+    to send a signal meanwhile. Threads; bounded; closed by :meth:`close`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True),
+                             daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if slow and self.delay:
+                    time.sleep(self.delay)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.fixture
+def relay(slapd: Slapd) -> Iterator[SlowRelay]:
+    r = SlowRelay(slapd.port)
+    yield r
+    r.close()
+
+
+def sigterm(proxy: ProxyProcess) -> subprocess.Popen[bytes]:
+    """SIGTERM by PID; the process, now the test's to wait for."""
+    proc = proxy.proc
+    assert proc is not None and proc.poll() is None
+    proxy.proc = None
+    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+def in_background(f: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = f(*args)
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_sigterm_drains_answers_in_flight_refuses_new_and_closes_ldap(
+        tmp_path: Path, slapd: Slapd, relay: SlowRelay) -> None:
+    from tests.integration.ldapwire import RawSession
+
+    proxy = ProxyProcess.configure(
+        tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"}],
+        ldap={"upstream": slapd.url, "unbound_timeout": 0},
+        directory={"urls": [relay.url], "timeout": 10.0},
+        overrides={"service": {"shutdown_grace_seconds": 20}, "totp": {"window": 2}})
+    proxy.cli("user", "enroll", "carol", "--secret", SECRET)
+    proxy.start()
+    try:
+        session = RawSession(proxy.ldap_port)
+        relay.delay = 1.5  # each directory answer: a sign-in takes a few seconds now
+        nas = pyrad_client(proxy)
+        thread, answer = in_background(pyrad_auth, nas, "carol",
+                                       f"{user_password('carol')},{code()}")
+        wait_for(lambda: proxy.metrics().value("mfa_proxy_directory_seconds_count") >= 1
+                 or "value" in answer)
+        assert "value" not in answer, "the sign-in was not slow enough to be in flight"
+        started = time.monotonic()
+        proc = sigterm(proxy)
+        wait_for(lambda: proxy.get("/readyz", timeout=2)[0] == 503, timeout=5)
+        status, body = proxy.get("/readyz")
+        assert status == 503 and "shutting down" in body
+        late = pyrad_client(proxy, timeout=2.0)
+        from pyrad.client import Timeout
+
+        with pytest.raises(Timeout):
+            pyrad_auth(late, "erin", user_password("erin"))  # new: no answer, fail over
+        thread.join(30)
+        assert answer.get("value") is not None and answer["value"].code == ACCESS_ACCEPT
+        session.wait_closed()  # the open LDAP session is closed by the proxy...
+        assert session.notice is not None and session.notice.code == 52, (
+            session.received, proxy.log_tail())
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        relay.delay = 0
+        if proxy.proc is not None:
+            proxy.stop()
+    rows = json.loads(proxy.cli("audit", "--json", "--user", "carol").stdout)
+    assert (rows["result"], rows["reason"]) == ("accept", "ok")
+    assert "drained in" in proxy.log_tail()
+
+
+def test_the_grace_period_bounds_the_drain(tmp_path: Path, slapd: Slapd,
+                                           relay: SlowRelay) -> None:
+    proxy = ProxyProcess.configure(
+        tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"}],
+        directory={"urls": [relay.url], "timeout": 30.0},
+        overrides={"service": {"shutdown_grace_seconds": 1}})
+    proxy.start()
+    relay.delay = 8.0
+    nas = pyrad_client(proxy, timeout=20)
+    _, answer = in_background(pyrad_auth, nas, "erin", user_password("erin"))
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc = sigterm(proxy)
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 6  # grace 1 s + stopping, not the 8 s answer
+    assert "still in flight" in proxy.log_tail()
+    relay.delay = 0
+
+
+def test_sigterm_under_load_every_answer_has_its_audit_row(tmp_path: Path,
+                                                           slapd: Slapd) -> None:
+    proxy = ProxyProcess.configure(tmp_path, slapd,
+                                   clients=[{"name": "vpn", "address": "127.0.0.1/32"}])
+    users = ("erin", "frank", "grace", "heidi")
+    answered: dict[str, int] = dict.fromkeys(users, 0)
+    stop = threading.Event()
+
+    def sign_in(user: str) -> None:
+        nas = pyrad_client(proxy, timeout=3.0)
+        for _ in range(2000):  # bounded
+            if stop.is_set():
+                return
+            try:
+                reply = pyrad_auth(nas, user, user_password(user))
+            except Exception:  # no answer: the proxy is draining or gone
+                return
+            assert reply.code == ACCESS_ACCEPT
+            answered[user] += 1
+
+    proxy.start()
+    threads = [threading.Thread(target=sign_in, args=(u,), daemon=True) for u in users]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(answered.values()) >= 40, timeout=30)
+    proc = sigterm(proxy)
+    assert proc.wait(timeout=30) == 0
+    stop.set()
+    for t in threads:
+        t.join(10)
+    rows = [json.loads(line) for line in
+            proxy.cli("audit", "--json", "--limit", "0").stdout.splitlines()]
+    for user in users:
+        assert sum(1 for r in rows if r["user"] == user) == answered[user], user

@@ -60,6 +60,14 @@ class Metrics:
             ["result"], registry=r)
         self.up = Gauge("mfa_proxy_ready", "1 while the state store and directory answer",
                         registry=r)
+        self.config_reloads = Counter(
+            "mfa_proxy_config_reloads", "Config reloads (SIGHUP) by result: success, failure "
+            "(the running config kept)", ["result"], registry=r)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.config_last_reload = Gauge(
+            "mfa_proxy_config_last_reload_timestamp_seconds",
+            "When the running config was loaded (start or last successful reload)", registry=r)
 
 
 class EngineMetrics:

@@ -28,6 +28,51 @@ class StartupError(Exception):
     pass
 
 
+# What a reload (SIGHUP) swaps in for the next request, by section; every other
+# setting that changed is logged as needing a restart (listeners, the state
+# store, the directory connections...).
+RELOADABLE: dict[str, frozenset[str]] = {
+    "radius": frozenset({"clients", "reply", "mode", "separator",
+                         "require_message_authenticator"}),
+    "ldap": frozenset({"exempt", "bind_cache_seconds", "bind_cache_rules", "mfa", "separator",
+                       "max_connections", "max_connections_per_source", "idle_timeout",
+                       "unbound_timeout", "bind_timeout"}),
+    "portal": frozenset({"public_url"}),
+    "totp": frozenset({"digits", "period", "window"}),
+}
+RESTART_SECTIONS = ("state", "directory", "http", "radius", "ldap", "portal", "totp")
+
+
+def needs_restart(running: Settings, new: Settings) -> list[str]:
+    """The keys that changed but take effect only after a restart."""
+    changed: list[str] = []
+    for section in RESTART_SECTIONS:
+        old_part, new_part = getattr(running, section), getattr(new, section)
+        if (old_part is None) != (new_part is None):
+            changed.append(f"[{section}] {'added' if old_part is None else 'removed'}")
+        elif old_part is not None:
+            changed += _changed_fields(section, old_part, new_part,
+                                       RELOADABLE.get(section, frozenset()))
+    return changed
+
+
+def _changed_fields(prefix: str, old: Any, new: Any, hot: frozenset[str]) -> list[str]:
+    import dataclasses
+
+    changed = []
+    for f in dataclasses.fields(old):
+        if f.name in hot:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            changed += _changed_fields(f"{prefix}", a, b, frozenset())
+        else:
+            changed.append(f"{prefix}.{f.name}")
+    return changed
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     """One line per record on standard error, text or JSON; control characters in
     a message (a client's User-Name with a newline in it) are escaped
@@ -99,10 +144,7 @@ class Service:
             Limits(s.policy.max_failures, s.policy.lockout_seconds), username_rules(s.directory),
             clock=time.time, events=EngineMetrics(self.metrics),
             repeat_key=self.keys.derive(b"repeat-window"),
-            repeat_windows=any(c.repeat_window_seconds for c in
-                               (s.radius.clients if s.radius else ())) or bool(
-                s.ldap and (s.ldap.bind_cache_seconds
-                            or any(rule.seconds for rule in s.ldap.bind_cache_rules))),
+            repeat_windows=_repeat_windows(s),
             log_accepts=s.log_decisions == "all",
             enrollment_url=s.portal.public_url if s.portal else "")
         self.authenticator = Authenticator(self.engine, self.async_directory,
@@ -147,6 +189,8 @@ class Service:
 
     def start(self) -> None:
         self.build()
+        self.started_settings = self.settings  # what the listeners were built from
+        self.metrics.config_last_reload.set(time.time())
         # Often, so each flush is short: the writer thread holds up sign-ins meanwhile
         # (~12 µs a row).
         self._every(0.25, self._flush_audit)
@@ -312,6 +356,89 @@ class Service:
         log.info("portal listening on %s (%s)%s", p.listen, "https" if p.tls else "http",
                  f", public URL {p.public_url}" if p.public_url else "")
 
+    # -- reloading (SIGHUP) -------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Read the config file again and apply it, all or nothing.
+
+        A file that does not validate (every check ``check-config`` runs) is
+        refused whole: the running config stays, and the log says why. Else
+        RADIUS clients and secrets, reply rules, policy limits, TOTP checks,
+        the LDAP exempt list and bind-cache windows, logging and the portal's
+        public URL apply from the next request on; requests in flight finish
+        as they started, open LDAP and portal sessions stay. Anything else
+        that changed (listen addresses, the state store, the directory...) is
+        logged as needing a restart."""
+        from proxy import config as configmod
+
+        path = self.settings.path
+        try:
+            new = configmod.load(path)
+            self._apply(new)
+        except configmod.ConfigError as e:
+            return self._reload_refused(path, e.problems)
+        except (ValueError, StartupError) as e:
+            return self._reload_refused(path, [str(e)])
+        except Exception as e:  # a bug: still never half-applied, see _apply
+            log.exception("reload of %s failed", path)
+            return self._reload_refused(path, [f"{type(e).__name__}: {e}"])
+        for warning in new.warnings:
+            log.warning("config warning: %s", warning)
+        later = needs_restart(self.started_settings, new)
+        for key in later:
+            log.warning("reload: %s changed: takes effect only after a restart", key,
+                        extra={"event": "reload"})
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload.set(time.time())
+        log.info("config reloaded from %s%s", path,
+                 f" ({len(later)} change(s) wait for a restart)" if later else "",
+                 extra={"event": "reload", "result": "success"})
+        return True
+
+    def _reload_refused(self, path: Any, problems: list[str]) -> bool:
+        self.metrics.config_reloads.labels("failure").inc()
+        for problem in problems:
+            log.error("reload refused, the running config is kept: %s", problem,
+                      extra={"event": "reload", "result": "failure"})
+        log.error("reload of %s refused (%d problem(s)); still running the config loaded "
+                  "before", path, len(problems), extra={"event": "reload", "result": "failure"})
+        return False
+
+    def _apply(self, new: Settings) -> None:
+        """Swap in what can be swapped. The only steps that can fail (building the
+        RADIUS client table and encoding its reply attributes) come first and
+        swap nothing until they have all succeeded; the rest are assignments."""
+        if self.radius is not None and new.radius is not None:
+            from proxy.radius.clients import ClientTable
+
+            self.radius.reconfigure(ClientTable(new.radius.clients), new.radius.reply)
+        if self.ldap is not None and new.ldap is not None:
+            self._reload_ldap(new.ldap)
+        engine = self.engine
+        limits = Limits(new.policy.max_failures, new.policy.lockout_seconds)
+        engine.limits = engine.unknown_names.limits = limits
+        engine.totp = totp_params(new.totp)
+        engine.log_accepts = new.log_decisions == "all"
+        engine.repeat_windows = _repeat_windows(new)
+        if new.portal is not None and self.settings.portal is not None:
+            engine.enrollment_url = new.portal.public_url
+        reconfigure_logging(new.log_level, new.log_format)
+        self.settings = new
+
+    def _reload_ldap(self, new: Any) -> None:
+        import dataclasses
+
+        from proxy.ldap.dn import DnSuffixMap
+
+        factory = self.ldap
+        hot = {name: getattr(new, name) for name in RELOADABLE["ldap"]}
+        exempt = DnSuffixMap((dn, True) for dn in new.exempt)
+        windows = DnSuffixMap((r.dn, r.seconds) for r in new.bind_cache_rules)
+        # Open sessions keep the mfa mode and separator they started with; the
+        # exempt list and bind-cache windows are the factory's: every next bind.
+        factory.config = dataclasses.replace(factory.config, **hot)
+        factory.exempt, factory.cache_windows = exempt, windows
+
     # -- stopping -----------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
@@ -431,6 +558,24 @@ class Service:
         self.store.close()
         log.info("stopped")
         return None
+
+
+def _repeat_windows(s: Settings) -> bool:
+    """Whether any resource has a repeat window (else failures skip clearing it)."""
+    return any(c.repeat_window_seconds for c in (s.radius.clients if s.radius else ())) or bool(
+        s.ldap and (s.ldap.bind_cache_seconds
+                    or any(rule.seconds for rule in s.ldap.bind_cache_rules)))
+
+
+def reconfigure_logging(level: str, fmt: str) -> None:
+    """A reload's logging: the level, and text or JSON, of the running handler."""
+    from proxy.logs import StderrHandler
+
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper()))
+    for handler in root.handlers:
+        if isinstance(handler, StderrHandler):
+            handler.setFormatter(serve_handler(fmt).formatter)
 
 
 def run(settings: Settings) -> int:

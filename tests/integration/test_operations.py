@@ -272,3 +272,135 @@ def test_sigterm_under_load_every_answer_has_its_audit_row(tmp_path: Path,
             proxy.cli("audit", "--json", "--limit", "0").stdout.splitlines()]
     for user in users:
         assert sum(1 for r in rows if r["user"] == user) == answered[user], user
+
+
+# ---------------------------------------------------------------- SIGHUP: reload
+
+
+def sighup_and_wait(proxy: ProxyProcess, result: str) -> None:
+    """SIGHUP by PID; returns once the reload is counted with ``result``."""
+    before = proxy.metrics().value("mfa_proxy_config_reloads_total", result=result)
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.metrics().value("mfa_proxy_config_reloads_total",
+                                           result=result) > before)
+
+
+@pytest.fixture
+def two_clients(tmp_path: Path, slapd: Slapd) -> Iterator[ProxyProcess]:
+    """"vpn" (127.0.0.1) carries the load; "wifi" (127.0.0.2) gets a new secret."""
+    proxy = ProxyProcess.configure(
+        tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"},
+                                  {"name": "wifi", "address": "127.0.0.2/32"}],
+        ldap={"upstream": slapd.url}, overrides={"policy": {"max_failures": 5}})
+    with proxy.running():
+        yield proxy
+
+
+def test_sighup_under_load_swaps_secret_and_policy_without_dropping(
+        two_clients: ProxyProcess) -> None:
+    from pyrad.client import Timeout
+
+    proxy = two_clients
+    old_wifi = pyrad_client(proxy, "wifi", source="127.0.0.2", timeout=2.0)
+    assert pyrad_auth(old_wifi, "erin", user_password("erin")).code == ACCESS_ACCEPT
+    ldap = ldap_connection(proxy, "erin", user_password("erin"))
+    assert ldap.bind()
+
+    answered: dict[str, int] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(user: str) -> None:
+        nas = pyrad_client(proxy, "vpn", timeout=10.0)
+        answered[user] = 0
+        for _ in range(5000):  # bounded
+            if stop.is_set():
+                return
+            try:
+                assert pyrad_auth(nas, user, user_password(user)).code == ACCESS_ACCEPT
+            except BaseException as e:  # noqa: BLE001 - a dropped request fails the test
+                errors.append(e)
+                return
+            answered[user] += 1
+
+    threads = [threading.Thread(target=load, args=(u,), daemon=True)
+               for u in ("frank", "grace", "heidi")]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(answered.values()) >= 20, timeout=30)
+    proxy.doc["radius"]["clients"][1]["secret"] = "wifi-new-shared-secret-0123456789"
+    proxy.doc["policy"]["max_failures"] = 2
+    proxy.doc["ldap"]["exempt"] = [f"cn=svc,ou=services,{user_dn('x').split(',', 2)[2]}"]
+    proxy.write_config()
+    sighup_and_wait(proxy, "success")
+    time.sleep(1.0)  # the load goes on after the reload
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert all(n > 0 for n in answered.values())
+
+    with pytest.raises(Timeout):  # the old secret: dropped (bad Message-Authenticator)
+        pyrad_auth(old_wifi, "erin", user_password("erin"))
+    new_wifi = pyrad_client(proxy, "wifi", source="127.0.0.2", timeout=5.0)
+    assert pyrad_auth(new_wifi, "erin", user_password("erin")).code == ACCESS_ACCEPT
+
+    # the new policy: 2 failures lock
+    for _ in range(2):
+        assert pyrad_auth(new_wifi, "ivan", "wrong").code == ACCESS_REJECT
+    assert proxy.user("ivan")["locked"] is True
+
+    # the LDAP session bound before the reload is still bound as erin
+    assert ldap.extend.standard.who_am_i() == f"dn:{user_dn('erin')}"
+    ldap.unbind()
+
+    # no request decided twice: one audit row per answer
+    rows = [json.loads(line) for line in
+            proxy.cli("audit", "--json", "--client", "vpn", "--limit", "0").stdout.splitlines()]
+    for user, count in answered.items():
+        assert sum(1 for r in rows if r["user"] == user) == count, user
+    assert "config reloaded" in proxy.log_tail()
+
+
+def test_a_broken_config_on_sighup_keeps_the_old_one(two_clients: ProxyProcess) -> None:
+    proxy = two_clients
+    good = proxy.config_path.read_text()
+    proxy.config_path.write_text(good.replace("max_failures = 5", 'max_failures = "lots"')
+                                 .replace('name = "wifi"', 'name = "vpn"'))
+    sighup_and_wait(proxy, "failure")
+    log = proxy.log_tail()
+    assert "reload refused, the running config is kept: policy.max_failures" in log
+    assert "duplicate client name 'vpn'" in log
+    assert proxy.get("/readyz")[0] == 200
+    wifi = pyrad_client(proxy, "wifi", source="127.0.0.2", timeout=5.0)
+    assert pyrad_auth(wifi, "erin", user_password("erin")).code == ACCESS_ACCEPT
+    for _ in range(3):  # still max_failures = 5
+        assert pyrad_auth(wifi, "judy", "wrong").code == ACCESS_REJECT
+    proxy.config_path.write_text(good)  # for the CLI; not reloaded
+    assert proxy.user("judy")["locked"] is False
+    proxy.config_path.write_text("not [valid toml")
+    sighup_and_wait(proxy, "failure")
+    assert "not valid TOML" in proxy.log_tail()
+    proxy.config_path.write_text(good)
+    m = proxy.metrics()
+    assert m.value("mfa_proxy_config_reloads_total", result="success") == 0
+    assert m.value("mfa_proxy_config_last_reload_timestamp_seconds") > 0
+
+
+def test_sighup_says_which_changes_need_a_restart(two_clients: ProxyProcess) -> None:
+    proxy = two_clients
+    proxy.doc["logging"] = {"level": "debug", "format": "json"}
+    old_ldap = proxy.doc["ldap"]["listen"]
+    proxy.doc["ldap"]["listen"] = ["127.0.0.1:1"]
+    proxy.doc["radius"]["challenge_timeout"] = 60
+    proxy.write_config()
+    proxy.doc["ldap"]["listen"] = old_ldap  # what really listens
+    sighup_and_wait(proxy, "success")
+    wait_for(lambda: "2 change(s) wait for a restart" in proxy.log_tail())
+    tail = proxy.log_tail()
+    assert "ldap.listen changed: takes effect only after a restart" in tail
+    assert "radius.challenge_timeout changed" in tail
+    last = [line for line in tail.splitlines() if "config reloaded" in line][-1]
+    assert json.loads(last)["event"] == "reload"  # the new log format, at once
+    assert proxy.get("/readyz")[0] == 200

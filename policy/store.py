@@ -249,6 +249,15 @@ class AuditFilter:
 
 
 @dataclass(frozen=True)
+class BackupSummary:
+    path: str
+    users: int
+    audit_rows: int
+    revision: str | None
+    size: int
+
+
+@dataclass(frozen=True)
 class AuditRow:
     """One audit row as read back, with its id (the order rows were written in)."""
 
@@ -527,16 +536,62 @@ class Store:
                       .values(updated_at=now, **values))
 
     def upgrade(self) -> None:
-        from policy.migrations import upgrade_to_head
+        from policy.migrations import SchemaTooNew, upgrade_to_head
 
-        upgrade_to_head(self.engine)
+        try:
+            upgrade_to_head(self.engine)
+        except SchemaTooNew as e:
+            raise StoreError(str(e)) from None
 
     def check_current(self) -> None:
-        from policy.migrations import is_current
+        from policy.migrations import SchemaTooNew, check_not_newer, is_current
 
         if not is_current(self.engine):
+            try:
+                check_not_newer(self.engine)
+            except SchemaTooNew as e:
+                raise StoreError(str(e)) from None
             raise StoreError("the state database is not at the current schema: "
                              "run `mfa-proxy db upgrade`")
+
+    def backup(self, target: str | os.PathLike[str]) -> BackupSummary:
+        """SQLite: a consistent copy of the whole database at ``target`` (a new
+        file, owner-only), taken with SQLite's online backup API while others
+        keep reading and writing; checked with ``PRAGMA quick_check``. Other
+        databases: NotImplementedError (their own tools do it: pg_dump)."""
+        if self.dialect != "sqlite":
+            raise NotImplementedError(self.dialect)
+        import sqlite3
+
+        final = os.path.abspath(target)
+        folder, base = os.path.split(final)
+        tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            source = self.engine.raw_connection()
+            try:
+                copy = sqlite3.connect(tmp)
+                try:
+                    # Steps of 1024 pages: writers get the lock between them.
+                    source.driver_connection.backup(copy, pages=1024)  # type: ignore[union-attr]
+                    check = copy.execute("PRAGMA quick_check").fetchone()[0]
+                    if check != "ok":
+                        raise StoreError(f"the copy failed its check: {check}")
+                    users_n = copy.execute("SELECT count(*) FROM users").fetchone()[0]
+                    audit_n = copy.execute("SELECT count(*) FROM audit").fetchone()[0]
+                    row = copy.execute("SELECT version_num FROM alembic_version").fetchone()
+                    copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                finally:
+                    copy.close()
+            finally:
+                source.close()
+            os.replace(tmp, final)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return BackupSummary(final, int(users_n), int(audit_n), str(row[0]) if row else None,
+                             os.path.getsize(final))
 
     def checkpoint(self) -> tuple[int, int, int] | None:
         """SQLite: copy the WAL's committed pages into the database without making

@@ -301,16 +301,60 @@ def db() -> None:
 def db_upgrade(app: App) -> None:
     """Create or migrate the state database to the current schema."""
     from policy.migrations import current_revision
-    from policy.store import Store
+    from policy.store import Store, StoreError
 
     store = Store(app.settings.state.url)
     try:
         store.upgrade()
         click.echo(f"state database at revision {current_revision(store.engine)}")
+    except StoreError as e:  # e.g. migrated by a newer version: no downgrade
+        raise Refused(f"cannot upgrade the state database: {e}") from None
     except Exception as e:
         raise Refused(f"cannot upgrade the state database: {type(e).__name__}: {e}") from None
     finally:
         store.close()
+
+
+@db.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@config_option
+@pass_app
+def db_backup(app: App, file: str, force: bool) -> None:
+    """Copy the state database to FILE while serve keeps running (SQLite's online
+    backup). Keep it with a copy of the key file: the TOTP keys in it are
+    encrypted under that file. PostgreSQL: use pg_dump (this says how)."""
+    from policy.store import StoreError
+
+    settings = app.settings
+    if not settings.state.url.startswith("sqlite"):
+        click.echo(postgres_backup_advice(settings.state.url, file))
+        raise Refused("the state is in PostgreSQL: back it up with pg_dump (above)")
+    if settings.state.url.endswith(":memory:"):
+        raise Refused("state.url is an in-memory database: nothing to back up")
+    if os.path.lexists(file) and not force:
+        raise Refused(f"{file}: exists; give --force to replace it")
+    try:
+        done = app.store.backup(file)
+    except (StoreError, OSError) as e:
+        raise Refused(f"backup failed: {e}") from None
+    click.echo(f"backed up the state database to {done.path} ({done.size} bytes, "
+               f"schema {done.revision}, {done.users} user(s), {done.audit_rows} audit row(s))")
+    click.echo(f"keep it with a copy of the key file {settings.state.key_file}: without "
+               "it the TOTP keys in the backup cannot be read")
+
+
+def postgres_backup_advice(url: str, file: str) -> str:
+    from sqlalchemy.engine import URL, make_url
+
+    # Never the password on a terminal or in a script's output: pg_dump finds it.
+    u = make_url(url)
+    shown = URL.create("postgresql", u.username, None, u.host, u.port, u.database,
+                       u.query).render_as_string(hide_password=False)
+    return (f"the state database is PostgreSQL; back it up with its own tool, e.g.\n"
+            f"  pg_dump --format=custom --file={file} '{shown}'\n"
+            f"(the password from ~/.pgpass or PGPASSWORD), restore with pg_restore --clean "
+            f"--dbname=..., and keep a copy of the key file with it")
 
 
 # -- users ---------------------------------------------------------------------------

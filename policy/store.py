@@ -641,6 +641,19 @@ class Store:
                 counts[name] = n
         return counts
 
+    def count_enrollment_ending(self, now: float, horizons: Sequence[int]) -> dict[int, int]:
+        """Users in an enrollment period (required, no key) whose deadline comes
+        within each of ``horizons`` seconds from ``now``: one scan, no rows loaded."""
+        t = int(now)
+        u = UserState
+        sums = [func.coalesce(func.sum(case((u.enrollment_deadline <= t + h, 1), else_=0)), 0)
+                for h in horizons]
+        with self.engine.connect() as c:
+            row = c.execute(select(*sums).where(
+                u.required.is_(True), u.secret.is_(None),
+                u.enrollment_deadline.is_not(None), u.enrollment_deadline > t)).one()
+        return {h: int(n) for h, n in zip(horizons, row, strict=True)}
+
     # -- admin writes -----------------------------------------------------------
 
     def require(self, username: str, deadline: int) -> None:

@@ -223,11 +223,20 @@ class Service:
         return d
 
     def _refresh_user_gauge(self) -> Deferred[Any]:
-        d = self.report_workers.submit(self.store.count_by_status, time.time())
+        from proxy.metrics import ENROLLMENT_WINDOWS
 
-        def publish(counts: dict[str, int]) -> None:
-            for status, n in counts.items():
+        def count(now: float) -> tuple[dict[str, int], dict[int, int]]:
+            return (self.store.count_by_status(now),
+                    self.store.count_enrollment_ending(now, list(ENROLLMENT_WINDOWS.values())))
+
+        d = self.report_workers.submit(count, time.time())
+
+        def publish(counts: tuple[dict[str, int], dict[int, int]]) -> None:
+            by_status, ending = counts
+            for status, n in by_status.items():
                 self.metrics.users.labels(status).set(n)
+            for label, seconds in ENROLLMENT_WINDOWS.items():
+                self.metrics.enrollment_ending.labels(label).set(ending[seconds])
 
         d.addCallback(publish)
         d.addErrback(lambda f: log.warning("user count failed: %s", f.getErrorMessage()))

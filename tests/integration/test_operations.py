@@ -404,3 +404,24 @@ def test_sighup_says_which_changes_need_a_restart(two_clients: ProxyProcess) -> 
     last = [line for line in tail.splitlines() if "config reloaded" in line][-1]
     assert json.loads(last)["event"] == "reload"  # the new log format, at once
     assert proxy.get("/readyz")[0] == 200
+
+
+# ---------------------------------------------------------------- shipped monitoring
+
+
+def test_the_dashboard_and_alerts_query_what_a_running_serve_exports(
+        two_clients: ProxyProcess) -> None:
+    from tests.unit.test_shipped_conf import METRIC, RULES, dashboard_queries, exported_names
+
+    proxy = two_clients
+    nas = pyrad_client(proxy, "vpn")
+    assert pyrad_auth(nas, "erin", user_password("erin")).code == ACCESS_ACCEPT
+    status, body = proxy.get("/metrics")
+    assert status == 200
+    exported = exported_names(body)
+    used = {m for q in dashboard_queries() for m in METRIC.findall(q)}
+    used |= set(METRIC.findall(RULES.read_text()))
+    assert len(used) >= 15
+    assert used - exported == set()
+    assert 'mfa_proxy_config_reloads_total{result="failure"} 0.0' in body
+    assert 'mfa_proxy_users_enrollment_ending{within="3d"}' in body

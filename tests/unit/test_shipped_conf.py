@@ -151,3 +151,19 @@ def test_the_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
     assert "HEALTHCHECK" in final and "/healthz" in final
     assert "VOLUME /var/lib/mfa-proxy" in final
     assert "gcc" not in final and "build-essential" not in final
+
+
+def test_the_integration_guides_toml_snippets_parse_and_use_known_sections() -> None:
+    import tomllib
+
+    pages = sorted((REPO / "docs" / "integrations").glob("*.md"))
+    assert len(pages) >= 11
+    index = (REPO / "docs" / "integrations" / "README.md").read_text()
+    for page in pages:
+        if page.name != "README.md":
+            assert f"]({page.name})" in index, page.name
+        for block in re.findall(r"```toml\n(.*?)```", page.read_text(), re.S):
+            doc = tomllib.loads(block)
+            if "servers" in doc:  # Grafana's own ldap.toml
+                continue
+            assert set(doc) <= {"radius", "ldap", "portal", "directory", "policy"}, page.name

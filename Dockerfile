@@ -25,4 +25,10 @@ EXPOSE 1812/udp 1813/udp 3389 9812
 # /etc/mfa-proxy/mfa-proxy.toml: mount the config folder there, read-only
 # (`mfa-proxy init-config --example docker -` prints a start: 0.0.0.0 listeners,
 # state under /var/lib/mfa-proxy), and a volume at /var/lib/mfa-proxy.
+# /healthz answers while the process runs ([http] listen, 9812 in the docker example).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9812/healthz', timeout=4)"]
+# SIGTERM drains ([service] shutdown_grace_seconds, default 10): give `docker stop`
+# a longer timeout than that (docker stop -t 20, or stop_grace_period in compose).
+STOPSIGNAL SIGTERM
 CMD ["mfa-proxy", "serve"]

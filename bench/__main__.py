@@ -7,18 +7,23 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: scripts/bench radius|ldap [options]   (scripts/bench radius --help, "
+        print("usage: scripts/bench radius|ldap|audit [options]   (scripts/bench radius --help, "
               "scripts/bench ldap --help)")
         return 0 if argv else 2
     if argv[0] == "radius":
         from bench.radius import main as radius
 
         return radius(argv[1:])
+    if argv[0] == "audit":
+        from bench.audit import main as audit
+
+        return audit(argv[1:])
     if argv[0] == "ldap":
         from bench.ldap import main as ldap
 
         return ldap(argv[1:])
-    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap)", file=sys.stderr)
+    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap, audit)",
+          file=sys.stderr)
     return 2
 
 

@@ -89,6 +89,9 @@ class AuthRequest:
     # LDAP: the bind DN; the identity is the entry at this DN (any spelling the
     # directory accepts), not a name read out of it.
     bind_dn: str | None = None
+    # time.monotonic() when the core was first asked (0: not yet): the audit
+    # row's latency is measured from here (policy.engine.Authenticator sets it).
+    received_at: float = 0.0
 
 
 @dataclass(slots=True)  # see AuthRequest on frozen

@@ -374,12 +374,15 @@ class PolicyEngine:
         name = escape_controls(username[:MAX_USERNAME])  # typed names of nobody included
         decision = Decision(outcome, reason, name, identity, days_left, message,
                             lockout_started, locked_until, public_reason)
+        latency_ms = ((time.monotonic() - request.received_at) * 1000.0
+                      if request.received_at else None)
         self.audit.add(AuditRecord(self.clock(), name, request.protocol, request.client,
-                                   request.source, outcome.value, reason.value))
+                                   request.source, outcome.value, reason.value, latency_ms))
         if outcome is not Outcome.ACCEPT or self.log_accepts:
-            log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s",
-                     name, request.protocol, request.client, request.source,
-                     outcome.value, reason.value)
+            log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
+                     "latency_ms=%s", name, request.protocol, request.client, request.source,
+                     outcome.value, reason.value,
+                     "-" if latency_ms is None else f"{latency_ms:.1f}")
         return decision
 
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:
@@ -391,6 +394,8 @@ class PolicyEngine:
     def authenticate_sync(self, request: AuthRequest, directory: Directory) -> Decision:
         """resolve → begin → password → decide, blocking, without the per-identity
         gate (callers that race on purpose use it to test the store's atomicity)."""
+        if not request.received_at:
+            request.received_at = time.monotonic()
         if not request.secret and request.verified_identity is None:
             return self.refuse(request, request.username, Reason.EMPTY_PASSWORD)
         identity = request.verified_identity
@@ -538,6 +543,8 @@ class Authenticator:
         from twisted.internet.defer import Deferred
 
         result: Deferred[Decision] = Deferred()
+        if not request.received_at:
+            request.received_at = time.monotonic()
         _SignIn(self, request, result).resolve()
         return result
 

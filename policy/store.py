@@ -21,6 +21,8 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -110,15 +112,21 @@ class UserState(Base):
 
 class AuditEntry(Base):
     __tablename__ = "audit"
+    # One user's rows, newest first (`mfa-proxy audit --user`): an index range
+    # read backwards, however large the table (migration 0003).
+    __table_args__ = (Index("ix_audit_user_time", "username", "at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[int] = mapped_column(BigInteger, index=True)
-    username: Mapped[str] = mapped_column(String(256), index=True)
+    username: Mapped[str] = mapped_column(String(256))
     protocol: Mapped[str] = mapped_column(String(16))
     client: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(64))
     result: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(32))
+    # From the request reaching the core to its decision (NULL: rows written
+    # before 0003, and rows no request made, such as an admin's).
+    latency_ms: Mapped[float | None] = mapped_column(Float)
 
 
 class RepeatEntry(Base):
@@ -222,6 +230,39 @@ class AuditRecord:
     source: str
     result: str
     reason: str
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit rows to read (None: any). ``since``/``until`` are Unix times,
+    both inclusive; ``after_id`` reads only rows written after that one."""
+
+    username: str | None = None
+    since: float | None = None
+    until: float | None = None
+    result: str | None = None
+    reason: str | None = None
+    protocol: str | None = None
+    client: str | None = None
+    after_id: int | None = None
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    path: str
+    users: int
+    audit_rows: int
+    revision: str | None
+    size: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit row as read back, with its id (the order rows were written in)."""
+
+    id: int
+    record: AuditRecord
 
 
 users: Table = UserState.__table__  # type: ignore[assignment]
@@ -372,7 +413,8 @@ class Store:
         a: Table = AuditEntry.__table__  # type: ignore[assignment]
         self._q_audit = _Raw(a.insert().values(
             {c: bindparam(c) for c in ("at", "username", "protocol", "client", "source",
-                                       "result", "reason")}), self.engine.dialect)
+                                       "result", "reason", "latency_ms")}),
+            self.engine.dialect)
         self._ensure_stmt = q_ensure  # the admin writes' insert-if-absent too
         d = self.engine.dialect
         self._q_get, self._q_ensure = _Raw(q_get, d), _Raw(q_ensure, d)
@@ -494,16 +536,62 @@ class Store:
                       .values(updated_at=now, **values))
 
     def upgrade(self) -> None:
-        from policy.migrations import upgrade_to_head
+        from policy.migrations import SchemaTooNew, upgrade_to_head
 
-        upgrade_to_head(self.engine)
+        try:
+            upgrade_to_head(self.engine)
+        except SchemaTooNew as e:
+            raise StoreError(str(e)) from None
 
     def check_current(self) -> None:
-        from policy.migrations import is_current
+        from policy.migrations import SchemaTooNew, check_not_newer, is_current
 
         if not is_current(self.engine):
+            try:
+                check_not_newer(self.engine)
+            except SchemaTooNew as e:
+                raise StoreError(str(e)) from None
             raise StoreError("the state database is not at the current schema: "
                              "run `mfa-proxy db upgrade`")
+
+    def backup(self, target: str | os.PathLike[str]) -> BackupSummary:
+        """SQLite: a consistent copy of the whole database at ``target`` (a new
+        file, owner-only), taken with SQLite's online backup API while others
+        keep reading and writing; checked with ``PRAGMA quick_check``. Other
+        databases: NotImplementedError (their own tools do it: pg_dump)."""
+        if self.dialect != "sqlite":
+            raise NotImplementedError(self.dialect)
+        import sqlite3
+
+        final = os.path.abspath(target)
+        folder, base = os.path.split(final)
+        tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            source = self.engine.raw_connection()
+            try:
+                copy = sqlite3.connect(tmp)
+                try:
+                    # Steps of 1024 pages: writers get the lock between them.
+                    source.driver_connection.backup(copy, pages=1024)  # type: ignore[union-attr]
+                    check = copy.execute("PRAGMA quick_check").fetchone()[0]
+                    if check != "ok":
+                        raise StoreError(f"the copy failed its check: {check}")
+                    users_n = copy.execute("SELECT count(*) FROM users").fetchone()[0]
+                    audit_n = copy.execute("SELECT count(*) FROM audit").fetchone()[0]
+                    row = copy.execute("SELECT version_num FROM alembic_version").fetchone()
+                    copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                finally:
+                    copy.close()
+            finally:
+                source.close()
+            os.replace(tmp, final)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return BackupSummary(final, int(users_n), int(audit_n), str(row[0]) if row else None,
+                             os.path.getsize(final))
 
     def checkpoint(self) -> tuple[int, int, int] | None:
         """SQLite: copy the WAL's committed pages into the database without making
@@ -552,6 +640,19 @@ class Store:
             for name, n in c.execute(select(status, func.count()).group_by(status)):
                 counts[name] = n
         return counts
+
+    def count_enrollment_ending(self, now: float, horizons: Sequence[int]) -> dict[int, int]:
+        """Users in an enrollment period (required, no key) whose deadline comes
+        within each of ``horizons`` seconds from ``now``: one scan, no rows loaded."""
+        t = int(now)
+        u = UserState
+        sums = [func.coalesce(func.sum(case((u.enrollment_deadline <= t + h, 1), else_=0)), 0)
+                for h in horizons]
+        with self.engine.connect() as c:
+            row = c.execute(select(*sums).where(
+                u.required.is_(True), u.secret.is_(None),
+                u.enrollment_deadline.is_not(None), u.enrollment_deadline > t)).one()
+        return {h: int(n) for h, n in zip(horizons, row, strict=True)}
 
     # -- admin writes -----------------------------------------------------------
 
@@ -749,7 +850,9 @@ class Store:
         esc = escape_controls
         rows = [dict(at=int(r.at), username=esc(r.username)[:256], protocol=esc(r.protocol),
                      client=esc(r.client)[:64], source=esc(r.source)[:64],
-                     result=esc(r.result), reason=esc(r.reason)) for r in records]
+                     result=esc(r.result), reason=esc(r.reason),
+                     latency_ms=None if r.latency_ms is None else round(r.latency_ms, 3))
+                for r in records]
         if rows:
             q = self._q_audit
             params: list[Any] = rows if q.order is None else [
@@ -758,13 +861,48 @@ class Store:
                 cur.executemany(q.sql, params)
 
     def recent_audit(self, username: str | None = None, limit: int = 50) -> list[AuditRecord]:
-        q = select(AuditEntry.at, AuditEntry.username, AuditEntry.protocol, AuditEntry.client,
-                   AuditEntry.source, AuditEntry.result, AuditEntry.reason)
-        if username is not None:
-            q = q.where(AuditEntry.username == username)
+        return [row.record for row in self.query_audit(AuditFilter(username=username), limit)]
+
+    def query_audit(self, where: AuditFilter, limit: int | None = 50,
+                    oldest_first: bool = False) -> list[AuditRow]:
+        """Audit rows matching ``where``, newest first (by decision time, then by
+        the order they were written), at most ``limit`` (None: all).
+
+        One user's rows come from the (username, at, id) index, read backwards:
+        a few milliseconds whatever the size of the table."""
+        a = AuditEntry
+        q = select(a.id, a.at, a.username, a.protocol, a.client, a.source, a.result,
+                   a.reason, a.latency_ms)
+        for column, value in ((a.username, where.username), (a.result, where.result),
+                              (a.reason, where.reason), (a.protocol, where.protocol),
+                              (a.client, where.client)):
+            if value is not None:
+                q = q.where(column == value)
+        if where.since is not None:
+            q = q.where(a.at >= math.floor(where.since))
+        if where.until is not None:
+            q = q.where(a.at <= math.floor(where.until))
+        if where.after_id is not None:
+            q = q.where(a.id > where.after_id)
+        if oldest_first:
+            q = q.order_by(a.at, a.id) if where.after_id is None else q.order_by(a.id)
+        else:
+            q = q.order_by(a.at.desc(), a.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        try:
+            with self._session() as s:
+                rows = s.execute(q).all()
+        except SQLAlchemyError as e:
+            raise StoreError(f"cannot read the audit table: {type(e).__name__}: {e}") from e
+        return [AuditRow(r[0], AuditRecord(float(r[1]), *r[2:8],
+                                           None if r[8] is None else float(r[8])))
+                for r in rows]
+
+    def last_audit_id(self) -> int:
+        """The id of the newest audit row (0 when there is none)."""
         with self._session() as s:
-            rows = s.execute(q.order_by(AuditEntry.id.desc()).limit(limit)).all()
-        return [AuditRecord(*r) for r in rows]
+            return int(s.execute(select(func.max(AuditEntry.id))).scalar() or 0)
 
     def prune(self, now: float, audit_days: int) -> None:
         with self._session() as s, s.begin():

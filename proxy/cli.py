@@ -1,4 +1,4 @@
-"""`mfa-proxy`: serve, check-config, init-config, db, user, keys, local-user.
+"""`mfa-proxy`: serve, check-config, init-config, db, user, keys, local-user, audit.
 
 Exit status: 0 done, 1 refused (unknown user, impossible action), 2 bad usage
 or bad config. ``-c FILE`` goes anywhere on the command line.
@@ -148,6 +148,17 @@ class App:
         except InvalidUsername as e:
             raise Refused(f"{raw!r}: {e}") from None
 
+    def audit_name(self, raw: str) -> str:
+        """The name audit rows carry for ``raw``: its canonical form when it has one
+        (no directory look-up: the audit trail is read when the directory is down)."""
+        from policy.escaping import escape_controls
+        from policy.usernames import InvalidUsername
+
+        try:
+            return str(self.usernames.normalize(raw))
+        except InvalidUsername:
+            return escape_controls(raw)
+
     def known_user(self, raw: str) -> str:
         """The identity an admin means: the directory entry's own name (as serve
         keys the state), or a name the state store has that the directory no
@@ -233,9 +244,7 @@ def serve(app: App) -> None:
     """Run every configured listener (RADIUS, LDAP, HTTP) until SIGTERM/SIGINT."""
     from proxy.service import run
 
-    settings = app.settings
-    for w in settings.warnings:
-        click.echo(f"config warning: {w}", err=True)
+    settings = app.settings  # its warnings are logged, in the configured format
     sys.exit(run(settings))
 
 
@@ -292,16 +301,60 @@ def db() -> None:
 def db_upgrade(app: App) -> None:
     """Create or migrate the state database to the current schema."""
     from policy.migrations import current_revision
-    from policy.store import Store
+    from policy.store import Store, StoreError
 
     store = Store(app.settings.state.url)
     try:
         store.upgrade()
         click.echo(f"state database at revision {current_revision(store.engine)}")
+    except StoreError as e:  # e.g. migrated by a newer version: no downgrade
+        raise Refused(f"cannot upgrade the state database: {e}") from None
     except Exception as e:
         raise Refused(f"cannot upgrade the state database: {type(e).__name__}: {e}") from None
     finally:
         store.close()
+
+
+@db.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@config_option
+@pass_app
+def db_backup(app: App, file: str, force: bool) -> None:
+    """Copy the state database to FILE while serve keeps running (SQLite's online
+    backup). Keep it with a copy of the key file: the TOTP keys in it are
+    encrypted under that file. PostgreSQL: use pg_dump (this says how)."""
+    from policy.store import StoreError
+
+    settings = app.settings
+    if not settings.state.url.startswith("sqlite"):
+        click.echo(postgres_backup_advice(settings.state.url, file))
+        raise Refused("the state is in PostgreSQL: back it up with pg_dump (above)")
+    if settings.state.url.endswith(":memory:"):
+        raise Refused("state.url is an in-memory database: nothing to back up")
+    if os.path.lexists(file) and not force:
+        raise Refused(f"{file}: exists; give --force to replace it")
+    try:
+        done = app.store.backup(file)
+    except (StoreError, OSError) as e:
+        raise Refused(f"backup failed: {e}") from None
+    click.echo(f"backed up the state database to {done.path} ({done.size} bytes, "
+               f"schema {done.revision}, {done.users} user(s), {done.audit_rows} audit row(s))")
+    click.echo(f"keep it with a copy of the key file {settings.state.key_file}: without "
+               "it the TOTP keys in the backup cannot be read")
+
+
+def postgres_backup_advice(url: str, file: str) -> str:
+    from sqlalchemy.engine import URL, make_url
+
+    # Never the password on a terminal or in a script's output: pg_dump finds it.
+    u = make_url(url)
+    shown = URL.create("postgresql", u.username, None, u.host, u.port, u.database,
+                       u.query).render_as_string(hide_password=False)
+    return (f"the state database is PostgreSQL; back it up with its own tool, e.g.\n"
+            f"  pg_dump --format=custom --file={file} '{shown}'\n"
+            f"(the password from ~/.pgpass or PGPASSWORD), restore with pg_restore --clean "
+            f"--dbname=..., and keep a copy of the key file with it")
 
 
 # -- users ---------------------------------------------------------------------------
@@ -591,6 +644,79 @@ def local_user_set(app: App, username: str, groups: tuple[str, ...]) -> None:
         raise Refused("empty password")
     app.directory.set_password(name, password, list(groups) if groups else None)
     click.echo(f"{name}: password set")
+
+
+# -- the audit trail -------------------------------------------------------------------
+
+
+def _audit_time(option: str) -> Callable[[click.Context, click.Parameter, str | None],
+                                         float | None]:
+    def convert(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+        if value is None:
+            return None
+        from proxy.audit import parse_time
+
+        try:
+            return parse_time(value, time.time())
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+
+    return convert
+
+
+@main.command("audit")
+@click.option("--user", "username", metavar="USER", help="One user's rows.")
+@click.option("--since", metavar="T", callback=_audit_time("--since"),
+              help="From T on: ISO 8601 (local time unless an offset is given) or a time "
+                   "ago (15m, 1h, 7d).")
+@click.option("--until", metavar="T", callback=_audit_time("--until"), help="Up to T.")
+@click.option("--result", type=click.Choice(["accept", "reject", "challenge"]))
+@click.option("--reason", metavar="R", help="bad_password, bad_code, locked_out, ...")
+@click.option("--protocol", type=click.Choice(["radius", "ldap", "portal"]))
+@click.option("--client", metavar="NAME", help="The RADIUS client's name (ldap, portal).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="At most N rows (default 50; with --follow, 10 before the new ones; "
+                   "0: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new rows as they are written (oldest first), until "
+                   "interrupted.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, hidden=True)
+@config_option
+@pass_app
+def audit(app: App, username: str | None, since: float | None, until: float | None,
+          result: str | None, reason: str | None, protocol: str | None, client: str | None,
+          limit: int | None, as_json: bool, follow: bool, interval: float) -> None:
+    """Read the audit trail (one row per decision), newest first.
+
+    Each row: time, user, protocol, client name and source address, result,
+    reason, latency. --json gives one object per line with the keys time,
+    user, protocol, client, source, result, reason, latency_ms.
+    """
+    from policy.store import AuditFilter, StoreError
+    from proxy import audit as trail
+
+    where = AuditFilter(username=app.audit_name(username) if username else None,
+                        since=since, until=until, result=result, reason=reason,
+                        protocol=protocol, client=client)
+    store = app.store
+    try:
+        if not follow:
+            found = trail.rows(store, where, 50 if limit is None else (limit or None))
+            if not as_json:
+                click.echo(trail.TEXT_HEADER)
+            trail.emit(found, as_json, click.echo)
+            return
+        if not as_json:
+            click.echo(trail.TEXT_HEADER)
+        try:
+            for batch in trail.follow(store, where, 10 if limit is None else limit, interval):
+                trail.emit(batch, as_json, click.echo)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return
+    except StoreError as e:
+        raise Refused(str(e)) from None
 
 
 if __name__ == "__main__":

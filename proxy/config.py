@@ -36,6 +36,7 @@ POSTGRES_EXTRA = "pip install 'mfa-proxy[postgres]'"
 MFA_MODES = ("enrolled", "strict", "off")
 RADIUS_MODES = ("append", "challenge", "auto")
 ENROLLMENT_NOTICES = ("reply-message", "challenge", "none")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -128,6 +129,15 @@ class PortalSettings:
 
 
 @dataclass(frozen=True)
+class ServiceSettings:
+    """``[service]``: the process itself."""
+
+    # SIGTERM/SIGINT: how long in-flight decisions may take to finish before the
+    # process exits anyway (/readyz is 503 from the signal on).
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     state: StateSettings
@@ -143,6 +153,8 @@ class Settings:
     log_decisions: str = "rejects"
     warnings: tuple[str, ...] = field(default_factory=tuple)
     portal: PortalSettings | None = None  # None: no portal
+    log_format: str = "text"  # [logging] format: "text" lines or "json" objects
+    service: ServiceSettings = field(default_factory=lambda: ServiceSettings())
 
 
 class _Reader:
@@ -356,9 +368,11 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
     ldap = _section(root, "ldap", False, _ldap)
     http = _section(root, "http", False, _http) or HttpSettings()
     portal = _section(root, "portal", False, _portal)
+    service = _section(root, "service", False, _service) or ServiceSettings()
     logging = _section(root, "logging", False, lambda r: (
         r.str("level", "info", ("debug", "info", "warning", "error")),
-        r.str("decisions", "rejects", ("rejects", "all"))))
+        r.str("decisions", "rejects", ("rejects", "all")),
+        r.str("format", "text", LOG_FORMATS)))
     if directory and ldap and not ldap.user_base and directory.type == "ldap":
         assert directory.ldap is not None
         ldap = _replace(ldap, user_base=directory.ldap.user_base)
@@ -377,9 +391,9 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
         _check_timeouts(cfg, radius, directory)
     if state is None or directory is None:
         return None
-    level, decisions = logging or ("info", "rejects")
+    level, decisions, log_format = logging or ("info", "rejects", "text")
     return Settings(cfg.path, state, totp, policy, directory, radius, ldap, http,
-                    level, decisions, tuple(cfg.warnings), portal)
+                    level, decisions, tuple(cfg.warnings), portal, log_format, service)
 
 
 def _replace(obj: T, **changes: Any) -> T:
@@ -648,6 +662,11 @@ def _cache_rule(r: _Reader) -> BindCacheRule | None:
     seconds = r.int("seconds", 0, 0, 86400)
     r.done()
     return BindCacheRule(dn, seconds) if dn else None
+
+
+def _service(r: _Reader) -> ServiceSettings:
+    return ServiceSettings(shutdown_grace_seconds=r.float("shutdown_grace_seconds", 10.0, 0.0,
+                                                          3600.0))
 
 
 def _http(r: _Reader) -> HttpSettings:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# mfa_proxy_users_enrollment_ending{within}: label -> seconds
+ENROLLMENT_WINDOWS = {"1d": 86400, "3d": 3 * 86400, "7d": 7 * 86400}
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
 
@@ -52,6 +55,10 @@ class Metrics:
             ["reason"], registry=r)
         self.users = Gauge(
             "mfa_proxy_users", "Users by MFA status", ["status"], registry=r)
+        self.enrollment_ending = Gauge(
+            "mfa_proxy_users_enrollment_ending",
+            "Users in an enrollment period whose deadline comes within the window "
+            "(not enrolled yet: locked out once it passes)", ["within"], registry=r)
         self.audit_dropped = Counter(
             "mfa_proxy_audit_dropped", "Audit rows dropped (state store unavailable)",
             registry=r)
@@ -60,6 +67,14 @@ class Metrics:
             ["result"], registry=r)
         self.up = Gauge("mfa_proxy_ready", "1 while the state store and directory answer",
                         registry=r)
+        self.config_reloads = Counter(
+            "mfa_proxy_config_reloads", "Config reloads (SIGHUP) by result: success, failure "
+            "(the running config kept)", ["result"], registry=r)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.config_last_reload = Gauge(
+            "mfa_proxy_config_last_reload_timestamp_seconds",
+            "When the running config was loaded (start or last successful reload)", registry=r)
 
 
 class EngineMetrics:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.threadpool import ThreadPool
 
@@ -15,7 +16,7 @@ from policy.keys import KeyFileError, KeyRing
 from policy.store import StoreError
 from proxy.config import Settings
 from proxy.directories import ldap_options, make_directory, username_rules
-from proxy.logs import escaping_handler
+from proxy.logs import serve_handler
 from proxy.metrics import EngineMetrics, Metrics
 from proxy.state import open_store, totp_params
 from proxy.worker import BatchWorkers
@@ -27,10 +28,57 @@ class StartupError(Exception):
     pass
 
 
-def setup_logging(level: str) -> None:
-    """One line per record on standard error; control characters in a message
-    (a client's User-Name with a newline in it) are escaped (proxy/logs.py)."""
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[escaping_handler()])
+# What a reload (SIGHUP) swaps in for the next request, by section; every other
+# setting that changed is logged as needing a restart (listeners, the state
+# store, the directory connections...).
+RELOADABLE: dict[str, frozenset[str]] = {
+    "radius": frozenset({"clients", "reply", "mode", "separator",
+                         "require_message_authenticator"}),
+    "ldap": frozenset({"exempt", "bind_cache_seconds", "bind_cache_rules", "mfa", "separator",
+                       "max_connections", "max_connections_per_source", "idle_timeout",
+                       "unbound_timeout", "bind_timeout"}),
+    "portal": frozenset({"public_url"}),
+    "totp": frozenset({"digits", "period", "window"}),
+}
+RESTART_SECTIONS = ("state", "directory", "http", "radius", "ldap", "portal", "totp")
+
+
+def needs_restart(running: Settings, new: Settings) -> list[str]:
+    """The keys that changed but take effect only after a restart."""
+    changed: list[str] = []
+    for section in RESTART_SECTIONS:
+        old_part, new_part = getattr(running, section), getattr(new, section)
+        if (old_part is None) != (new_part is None):
+            changed.append(f"[{section}] {'added' if old_part is None else 'removed'}")
+        elif old_part is not None:
+            changed += _changed_fields(section, old_part, new_part,
+                                       RELOADABLE.get(section, frozenset()))
+    return changed
+
+
+def _changed_fields(prefix: str, old: Any, new: Any, hot: frozenset[str]) -> list[str]:
+    import dataclasses
+
+    changed = []
+    for f in dataclasses.fields(old):
+        if f.name in hot:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            changed += _changed_fields(f"{prefix}", a, b, frozenset())
+        else:
+            changed.append(f"{prefix}.{f.name}")
+    return changed
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """One line per record on standard error, text or JSON; control characters in
+    a message (a client's User-Name with a newline in it) are escaped
+    (proxy/logs.py)."""
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[serve_handler(fmt)],
+                        force=True)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Twisted's own log events (and those of modules using twisted.logger) go to
     # the same handlers.
@@ -47,6 +95,15 @@ class Service:
         self.ports: list[Any] = []
         self.loops: list[LoopingCall] = []
         self.pools: list[ThreadPool] = []
+        # Listeners that stop taking new work as soon as the process drains
+        # (RADIUS auth ports stay open until the decisions in flight are answered).
+        self.intake_ports: list[Any] = []
+        self.radius: Any = None
+        self.ldap: Any = None
+        self.draining = False
+        self.in_flight = 0  # decisions asked of the core and not answered yet
+        self._idle: Deferred[None] | None = None  # fires when in_flight drops to 0
+        self._drained: Deferred[None] | None = None
 
     # -- building ---------------------------------------------------------------------
 
@@ -87,10 +144,7 @@ class Service:
             Limits(s.policy.max_failures, s.policy.lockout_seconds), username_rules(s.directory),
             clock=time.time, events=EngineMetrics(self.metrics),
             repeat_key=self.keys.derive(b"repeat-window"),
-            repeat_windows=any(c.repeat_window_seconds for c in
-                               (s.radius.clients if s.radius else ())) or bool(
-                s.ldap and (s.ldap.bind_cache_seconds
-                            or any(rule.seconds for rule in s.ldap.bind_cache_rules))),
+            repeat_windows=_repeat_windows(s),
             log_accepts=s.log_decisions == "all",
             enrollment_url=s.portal.public_url if s.portal else "")
         self.authenticator = Authenticator(self.engine, self.async_directory,
@@ -114,10 +168,29 @@ class Service:
     def in_state_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.state_workers.submit(f, *args)
 
+    def authenticate(self, request: Any) -> Deferred[Any]:
+        """The core, as every front-end calls it, counting the decisions in flight
+        (a drain waits for them)."""
+        self.in_flight += 1
+        d: Deferred[Any] = self.authenticator.authenticate(request)
+        d.addBoth(self._answered)
+        return d
+
+    def _answered(self, result: Any) -> Any:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            idle, self._idle = self._idle, None
+            # Next turn of the reactor: the front-end's own callbacks (after this
+            # one) have written the answer by then.
+            self.reactor.callLater(0, idle.callback, None)
+        return result
+
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
         self.build()
+        self.started_settings = self.settings  # what the listeners were built from
+        self.metrics.config_last_reload.set(time.time())
         # Often, so each flush is short: the writer thread holds up sign-ins meanwhile
         # (~12 µs a row).
         self._every(0.25, self._flush_audit)
@@ -131,7 +204,7 @@ class Service:
         self._listen_radius()
         self._listen_ldap()
         self._listen_portal()
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
 
     def _every(self, seconds: float, f: Any, now: bool = False) -> None:
         loop = LoopingCall(f)
@@ -150,11 +223,20 @@ class Service:
         return d
 
     def _refresh_user_gauge(self) -> Deferred[Any]:
-        d = self.report_workers.submit(self.store.count_by_status, time.time())
+        from proxy.metrics import ENROLLMENT_WINDOWS
 
-        def publish(counts: dict[str, int]) -> None:
-            for status, n in counts.items():
+        def count(now: float) -> tuple[dict[str, int], dict[int, int]]:
+            return (self.store.count_by_status(now),
+                    self.store.count_enrollment_ending(now, list(ENROLLMENT_WINDOWS.values())))
+
+        d = self.report_workers.submit(count, time.time())
+
+        def publish(counts: tuple[dict[str, int], dict[int, int]]) -> None:
+            by_status, ending = counts
+            for status, n in by_status.items():
                 self.metrics.users.labels(status).set(n)
+            for label, seconds in ENROLLMENT_WINDOWS.items():
+                self.metrics.enrollment_ending.labels(label).set(ending[seconds])
 
         d.addCallback(publish)
         d.addErrback(lambda f: log.warning("user count failed: %s", f.getErrorMessage()))
@@ -172,6 +254,8 @@ class Service:
 
     def ready(self) -> Deferred[list[str]]:
         """Problems that make this instance not ready (empty list: ready)."""
+        if self.draining:  # a load balancer stops sending at once
+            return succeed(["shutting down: draining"])
 
         def store_ok() -> None:
             self.store.ping()
@@ -211,13 +295,16 @@ class Service:
 
         clients = ClientTable(r.clients)
         server = RadiusServer(
-            clients, self.authenticator.authenticate, load_dictionary(),
+            clients, self.authenticate, load_dictionary(),
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))
         self.radius = server
-        self.ports += server.listen(self.reactor, [(a.host, a.port) for a in r.listen],
-                                    [(a.host, a.port) for a in r.accounting_listen])
+        self.ports += server.listen(self.reactor, [(a.host, a.port) for a in r.listen])
+        accounting = server.listen(self.reactor, (),
+                                   [(a.host, a.port) for a in r.accounting_listen])
+        self.ports += accounting
+        self.intake_ports += accounting
         log.info("radius listening on %s (accounting %s), %d client(s)",
                  ", ".join(map(str, r.listen)) or "-",
                  ", ".join(map(str, r.accounting_listen)) or "-", len(r.clients))
@@ -231,13 +318,14 @@ class Service:
 
         config = lset  # parsed by the config loader into the front-end's own type
         try:
-            factory = LdapProxyFactory(config, self.authenticator.authenticate,
+            factory = LdapProxyFactory(config, self.authenticate,
                                        events=LdapMetrics(self.metrics), reactor=self.reactor)
         except ValueError as e:
             raise StartupError(f"ldap: {e}") from None
         self.ldap = factory
-        self.ports += factory.listen()
-        self.reactor.addSystemEventTrigger("before", "shutdown", factory.disconnect_all)
+        ports = factory.listen()
+        self.ports += ports
+        self.intake_ports += ports
         log.info("ldap listening on %s%s, upstream %s",
                  ", ".join(map(str, lset.listen)) or "-",
                  f" (ldaps {', '.join(map(str, lset.ldaps_listen))})" if lset.ldaps_listen
@@ -255,7 +343,7 @@ class Service:
 
         s = self.settings
         portal = Portal(
-            self.authenticator.authenticate, make_accounts(s, self.store, self.keys),
+            self.authenticate, make_accounts(s, self.store, self.keys),
             PortalSessions(self.store, p.session_minutes * 60),
             LoginCsrf(self.keys.derive(b"portal-login-csrf")), self.in_state_thread,
             Branding(s.totp.issuer, s.totp.digits, s.totp.period), tls=p.tls,
@@ -269,13 +357,192 @@ class Service:
                 options = server_options(str(p.cert_file), str(p.key_file))
             except Exception as e:  # unreadable or not PEM
                 raise StartupError(f"portal: cert_file/key_file: {e}") from None
-            self.ports.append(self.reactor.listenSSL(p.listen.port, site, options,
-                                                     interface=p.listen.host))
+            port = self.reactor.listenSSL(p.listen.port, site, options, interface=p.listen.host)
         else:
-            self.ports.append(self.reactor.listenTCP(p.listen.port, site,
-                                                     interface=p.listen.host))
+            port = self.reactor.listenTCP(p.listen.port, site, interface=p.listen.host)
+        self.ports.append(port)
+        self.intake_ports.append(port)
         log.info("portal listening on %s (%s)%s", p.listen, "https" if p.tls else "http",
                  f", public URL {p.public_url}" if p.public_url else "")
+
+    # -- reloading (SIGHUP) -------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Read the config file again and apply it, all or nothing.
+
+        A file that does not validate (every check ``check-config`` runs) is
+        refused whole: the running config stays, and the log says why. Else
+        RADIUS clients and secrets, reply rules, policy limits, TOTP checks,
+        the LDAP exempt list and bind-cache windows, logging and the portal's
+        public URL apply from the next request on; requests in flight finish
+        as they started, open LDAP and portal sessions stay. Anything else
+        that changed (listen addresses, the state store, the directory...) is
+        logged as needing a restart."""
+        from proxy import config as configmod
+
+        path = self.settings.path
+        try:
+            new = configmod.load(path)
+            self._apply(new)
+        except configmod.ConfigError as e:
+            return self._reload_refused(path, e.problems)
+        except (ValueError, StartupError) as e:
+            return self._reload_refused(path, [str(e)])
+        except Exception as e:  # a bug: still never half-applied, see _apply
+            log.exception("reload of %s failed", path)
+            return self._reload_refused(path, [f"{type(e).__name__}: {e}"])
+        for warning in new.warnings:
+            log.warning("config warning: %s", warning)
+        later = needs_restart(self.started_settings, new)
+        for key in later:
+            log.warning("reload: %s changed: takes effect only after a restart", key,
+                        extra={"event": "reload"})
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload.set(time.time())
+        log.info("config reloaded from %s%s", path,
+                 f" ({len(later)} change(s) wait for a restart)" if later else "",
+                 extra={"event": "reload", "result": "success"})
+        return True
+
+    def _reload_refused(self, path: Any, problems: list[str]) -> bool:
+        self.metrics.config_reloads.labels("failure").inc()
+        for problem in problems:
+            log.error("reload refused, the running config is kept: %s", problem,
+                      extra={"event": "reload", "result": "failure"})
+        log.error("reload of %s refused (%d problem(s)); still running the config loaded "
+                  "before", path, len(problems), extra={"event": "reload", "result": "failure"})
+        return False
+
+    def _apply(self, new: Settings) -> None:
+        """Swap in what can be swapped. The only steps that can fail (building the
+        RADIUS client table and encoding its reply attributes) come first and
+        swap nothing until they have all succeeded; the rest are assignments."""
+        if self.radius is not None and new.radius is not None:
+            from proxy.radius.clients import ClientTable
+
+            self.radius.reconfigure(ClientTable(new.radius.clients), new.radius.reply)
+        if self.ldap is not None and new.ldap is not None:
+            self._reload_ldap(new.ldap)
+        engine = self.engine
+        limits = Limits(new.policy.max_failures, new.policy.lockout_seconds)
+        engine.limits = engine.unknown_names.limits = limits
+        engine.totp = totp_params(new.totp)
+        engine.log_accepts = new.log_decisions == "all"
+        engine.repeat_windows = _repeat_windows(new)
+        if new.portal is not None and self.settings.portal is not None:
+            engine.enrollment_url = new.portal.public_url
+        reconfigure_logging(new.log_level, new.log_format)
+        self.settings = new
+
+    def _reload_ldap(self, new: Any) -> None:
+        import dataclasses
+
+        from proxy.ldap.dn import DnSuffixMap
+
+        factory = self.ldap
+        hot = {name: getattr(new, name) for name in RELOADABLE["ldap"]}
+        exempt = DnSuffixMap((dn, True) for dn in new.exempt)
+        windows = DnSuffixMap((r.dn, r.seconds) for r in new.bind_cache_rules)
+        # Open sessions keep the mfa mode and separator they started with; the
+        # exempt list and bind-cache windows are the factory's: every next bind.
+        factory.config = dataclasses.replace(factory.config, **hot)
+        factory.exempt, factory.cache_windows = exempt, windows
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT drain, then stop (a second one says so); SIGHUP reloads
+        the config. Called once the reactor runs (it installs its own first)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum: int, _frame: Any) -> None:
+        self.reactor.callFromThread(self._on_signal, signal.Signals(signum).name)
+
+    def _on_signal(self, name: str) -> None:
+        if name == "SIGHUP":
+            self.reload()
+        elif self._drained is not None:
+            log.warning("%s: already draining (at most %g s); SIGKILL stops at once", name,
+                        self.settings.service.shutdown_grace_seconds)
+        else:
+            log.info("%s: shutting down", name, extra={"event": "shutdown"})
+            self.reactor.stop()  # the "before shutdown" trigger drains first
+
+    def _shutdown(self) -> Deferred[None]:
+        """The reactor is stopping: drain, then stop the rest."""
+        d = self.drain()
+        d.addBoth(lambda _: self.stop())
+        return d
+
+    def drain(self) -> Deferred[None]:
+        """Stop taking work and let the decisions in flight finish.
+
+        At once: /readyz answers 503, new RADIUS requests and Status-Server
+        get no answer (the NAS fails over), the LDAP, portal and accounting
+        listeners close. Then, within ``[service] shutdown_grace_seconds``,
+        every decision in flight is answered (and so audited); last, each open
+        LDAP session is closed with a Notice of Disconnection."""
+        if self._drained is not None:
+            return self._drained
+        self.draining = True
+        self.metrics.up.set(0)
+        grace = self.settings.service.shutdown_grace_seconds
+        if self.radius is not None:
+            self.radius.stop_accepting()
+        for port in self.intake_ports:
+            port.stopListening()
+        log.info("draining: /readyz is 503, no new requests; waiting up to %g s for %d "
+                 "decision(s) in flight", grace, self.in_flight, extra={"event": "drain"})
+        started = time.monotonic()
+        done: Deferred[None] = Deferred()
+        self._drained = done
+        if self.in_flight == 0:
+            idle: Deferred[None] = succeed(None)
+        else:
+            idle = self._idle = Deferred()
+        timer = self.reactor.callLater(grace, self._grace_over, done)
+
+        def drained(_: Any) -> None:
+            if done.called:  # the grace period ran out first
+                return
+            timer.cancel()
+            log.info("drained in %.2f s: every decision answered",
+                     time.monotonic() - started, extra={"event": "drain"})
+            self._close_sessions().chainDeferred(done)
+
+        idle.addCallback(drained)
+        return done
+
+    def _grace_over(self, done: Deferred[None]) -> None:
+        log.warning("shutdown_grace_seconds (%g s) passed with %d decision(s) still in flight: "
+                    "stopping anyway", self.settings.service.shutdown_grace_seconds,
+                    self.in_flight, extra={"event": "drain"})
+        self._idle = None
+        self._close_sessions().chainDeferred(done)
+
+    def _close_sessions(self, timeout: float = 2.0) -> Deferred[None]:
+        """Close every LDAP session (a Notice of Disconnection, then the close of
+        both sides); fires once they are closed, or ``timeout`` seconds later:
+        the reactor's own shutdown would cut them before the notice is sent."""
+        factory = self.ldap
+        if factory is None or not factory.connections:
+            return succeed(None)
+        count = len(factory.connections)
+        factory.disconnect_all()
+        closed: Deferred[None] = Deferred()
+        deadline = time.monotonic() + timeout
+
+        def check() -> None:
+            if not factory.connections or time.monotonic() > deadline:
+                log.info("closed %d LDAP session(s)", count - len(factory.connections),
+                         extra={"event": "drain"})
+                closed.callback(None)
+            else:
+                self.reactor.callLater(0.02, check)
+
+        check()
+        return closed
 
     def stop_threads(self) -> None:
         for name in ("state_workers", "report_workers"):
@@ -302,8 +569,28 @@ class Service:
         return None
 
 
+def _repeat_windows(s: Settings) -> bool:
+    """Whether any resource has a repeat window (else failures skip clearing it)."""
+    return any(c.repeat_window_seconds for c in (s.radius.clients if s.radius else ())) or bool(
+        s.ldap and (s.ldap.bind_cache_seconds
+                    or any(rule.seconds for rule in s.ldap.bind_cache_rules)))
+
+
+def reconfigure_logging(level: str, fmt: str) -> None:
+    """A reload's logging: the level, and text or JSON, of the running handler."""
+    from proxy.logs import StderrHandler
+
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper()))
+    for handler in root.handlers:
+        if isinstance(handler, StderrHandler):
+            handler.setFormatter(serve_handler(fmt).formatter)
+
+
 def run(settings: Settings) -> int:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    for warning in settings.warnings:
+        log.warning("config warning: %s", warning)
     from twisted.internet import reactor
 
     service = Service(settings, reactor)
@@ -316,6 +603,7 @@ def run(settings: Settings) -> int:
         log.error("cannot start: %s: %s", type(e).__name__, e)
         service.stop_threads()
         return 1
+    reactor.callWhenRunning(service.install_signal_handlers)  # type: ignore[attr-defined]
     log.info("mfa-proxy serving (config %s)", settings.path)
     reactor.run()  # type: ignore[attr-defined]
     return 0

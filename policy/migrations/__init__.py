@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 HERE = Path(__file__).resolve().parent
 # The newest revision in versions/; tests check it matches Alembic's own view.
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _config(engine: Engine | None) -> Any:
@@ -26,9 +26,29 @@ def _config(engine: Engine | None) -> Any:
     return cfg
 
 
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer mfa-proxy: going back is not supported."""
+
+
+def known_revisions() -> set[str]:
+    """Every revision in versions/ (from the file names: no Alembic loaded)."""
+    return {p.name.split("_", 1)[0] for p in (HERE / "versions").glob("[0-9]*_*.py")}
+
+
+def check_not_newer(engine: Engine) -> None:
+    current = current_revision(engine)
+    if current is not None and current not in known_revisions():
+        raise SchemaTooNew(
+            f"the state database is at schema revision {current}, newer than this "
+            f"mfa-proxy knows (its newest is {HEAD}): a newer version migrated it, and "
+            "downgrades are not supported; run that version, or restore the backup taken "
+            "before the upgrade (with its key file)")
+
+
 def upgrade_to_head(engine: Engine) -> None:
     if is_current(engine):
         return
+    check_not_newer(engine)
     from alembic import command
 
     command.upgrade(_config(engine), "head")

@@ -1,5 +1,8 @@
 """What the product ships besides code, read with ``importlib.resources``:
-the RADIUS dictionary, the default config and the example configs.
+the RADIUS dictionary, the default config and the example configs, and for
+operations the Grafana dashboard (``grafana/mfa-proxy.json``), the Prometheus
+alert rules (``prometheus/mfa-proxy-rules.yml``) and the systemd unit
+(``systemd/mfa-proxy.service``).
 
 In the repository these are symbolic links into ``conf/``, where the files
 live (one copy): ``conf/mfa-proxy.toml`` is the checkout's own default config
@@ -25,4 +28,15 @@ def example_names() -> list[str]:
 def config_text(example: str | None = None) -> str:
     """The packaged default config, or the example of that name."""
     name = "mfa-proxy.toml" if example is None else f"examples/{example}.toml"
+    return DATA.joinpath(*name.split("/")).read_text(encoding="utf-8")
+
+
+SHIPPED = ("grafana/mfa-proxy.json", "prometheus/mfa-proxy-rules.yml",
+           "systemd/mfa-proxy.service")
+
+
+def shipped_text(name: str) -> str:
+    """One of :data:`SHIPPED` (the operations files), as text."""
+    if name not in SHIPPED:
+        raise KeyError(name)
     return DATA.joinpath(*name.split("/")).read_text(encoding="utf-8")

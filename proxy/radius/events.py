@@ -26,6 +26,8 @@ class DropReason(enum.StrEnum):
     BAD_REQUEST_AUTHENTICATOR = "bad_request_authenticator"  # accounting, wrong secret
     DUPLICATE_IN_PROGRESS = "duplicate_in_progress"  # retransmission while deciding
     INTERNAL_ERROR = "internal_error"  # a bug; logged with its traceback
+    # SIGTERM: the process is draining; a NAS that hears nothing fails over.
+    SHUTTING_DOWN = "shutting_down"
 
 
 class LocalReason(enum.StrEnum):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -141,6 +141,24 @@ class RadiusServer:
                                                  dictionary) for c in clients}
         self._unknown_sources = LogLimiter(clock.seconds,
                                            self.settings.unknown_client_log_interval)
+        # False once the process drains (SIGTERM): new requests get no answer, so
+        # the NAS fails over; those being decided are still answered.
+        self.accepting = True
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    def reconfigure(self, clients: ClientTable,
+                    reply_rules: tuple[ReplyRuleLike, ...] | None = None) -> None:
+        """New clients (secrets, modes...) and reply rules from the next datagram
+        on (SIGHUP). Everything is built before anything is swapped: a bad rule
+        raises ValueError and leaves the running ones. A request being decided
+        keeps the client it came in with."""
+        rules = self.settings.reply_rules if reply_rules is None else tuple(reply_rules)
+        replies = {c.name: ReplyAttributes(rules + c.reply_rules, self.dictionary)
+                   for c in clients}
+        self.settings = replace(self.settings, reply_rules=rules)
+        self.clients, self._replies = clients, replies
 
     # --- Twisted side ----------------------------------------------------
 
@@ -195,7 +213,10 @@ class RadiusServer:
             return
         packet, client = checked
         if packet.code == Code.STATUS_SERVER:
-            self._status_server(packet, client, send, accounting=False)
+            if self.accepting:  # draining: "not alive", so the NAS fails over
+                self._status_server(packet, client, send, accounting=False)
+            else:
+                self.events.dropped(DropReason.SHUTTING_DOWN)
         elif packet.code != Code.ACCESS_REQUEST:
             self.events.dropped(DropReason.UNSUPPORTED_CODE)
         else:
@@ -224,6 +245,11 @@ class RadiusServer:
         elif isinstance(seen, bytes):
             self.events.retransmission(client.name)
             send(seen)
+        elif not self.accepting:
+            # Draining: copies of requests decided already were answered above;
+            # a new one gets nothing, so the NAS retries another server.
+            self.duplicates.forget(key)
+            self.events.dropped(DropReason.SHUTTING_DOWN)
         else:
             self._answer(_Exchange(packet, client, addr[0], key, send, self._clock.seconds()))
 

@@ -115,6 +115,11 @@ def test_the_wheel_carries_the_package_data(installed: Install) -> None:
             "proxy/data/mfa-proxy.toml": REPO / "conf" / "mfa-proxy.toml",
             "proxy/data/examples/ldap.toml": REPO / "conf" / "examples" / "ldap.toml",
             "proxy/data/examples/docker.toml": REPO / "conf" / "examples" / "docker.toml",
+            "proxy/data/grafana/mfa-proxy.json": REPO / "conf" / "grafana" / "mfa-proxy.json",
+            "proxy/data/prometheus/mfa-proxy-rules.yml":
+                REPO / "conf" / "prometheus" / "mfa-proxy-rules.yml",
+            "proxy/data/systemd/mfa-proxy.service":
+                REPO / "conf" / "systemd" / "mfa-proxy.service",
         }
         for name, source in shipped.items():
             assert name in names, name

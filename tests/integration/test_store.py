@@ -505,3 +505,13 @@ def test_background_checkpoints_leave_the_wal_to_checkpoint(tmp_path: Path) -> N
 def test_checkpoint_is_a_sqlite_matter(store: Store) -> None:
     done = store.checkpoint()
     assert (done is None) == (store.dialect == "postgresql")
+
+
+def test_users_whose_enrollment_ends_soon(store: Store) -> None:
+    store.require("soon", T0 + 3600)  # 1 hour left
+    store.require("later", T0 + 2 * DAY)
+    store.require("past", T0 - 1)  # expired: no longer "ending"
+    store.require("keyed", T0 + 3600)
+    store.set_secret("keyed", b"x", 1)  # enrolled: not in a period
+    assert store.count_enrollment_ending(T0, [DAY, 3 * DAY]) == {DAY: 1, 3 * DAY: 2}
+    assert store.count_enrollment_ending(T0, [60]) == {60: 0}

@@ -121,3 +121,72 @@ def test_admin_commands_get_an_escaping_last_resort(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sys, "stderr", out)
     handler.handle(record("%s is readable by other users", "/tmp/x\nFORGED"))
     assert out.getvalue() == "/tmp/x\\nFORGED is readable by other users\n"
+
+
+# -- [logging] format = "json" ----------------------------------------------------------
+
+
+def json_line(msg: str, *args: object, **extra: object) -> dict[str, object]:
+    import json
+
+    from proxy.logs import JsonFormatter
+
+    rec = record(msg, *args)
+    for k, v in extra.items():
+        setattr(rec, k, v)
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line and "\u2028" not in line
+    return dict(json.loads(line))
+
+
+def test_json_decision_line_has_the_stable_keys() -> None:
+    obj = json_line("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
+                    "latency_ms=%s", "alice", "radius", "vpn", "10.0.0.1", "reject",
+                    "bad_code", "2.5")
+    assert obj["event"] == "decision" and obj["level"] == "info"
+    assert obj["logger"] == "mfa_proxy.policy"
+    assert {k: obj[k] for k in ("user", "protocol", "client", "source", "result", "reason",
+                                "latency_ms")} == {
+        "user": "alice", "protocol": "radius", "client": "vpn", "source": "10.0.0.1",
+        "result": "reject", "reason": "bad_code", "latency_ms": 2.5}
+    assert str(obj["time"]).endswith("Z") and "T" in str(obj["time"])
+    assert obj["message"].startswith("decision user=alice protocol=radius")  # type: ignore[union-attr]
+
+
+def test_json_keeps_escaping_what_a_client_sent() -> None:
+    obj = json_line("decision user=%s result=%s", FORGED + "\x1b[2J\u2028", "accept")
+    assert obj["user"] == "alice\\nFORGED decision user=admin result=accept\\x1b[2J\\u2028"
+    assert "\x1b" not in str(obj["message"]) and "\n" not in str(obj["message"])
+
+
+def test_json_plain_messages_extra_fields_and_tracebacks() -> None:
+    import json
+
+    from proxy.logs import JsonFormatter
+
+    assert json_line("http listening on %s", "127.0.0.1:9812")["event"] == "log"
+    assert json_line("%d%% done", 100)["message"] == "100% done"
+    assert json_line("reloaded", event="reload", result="success")["event"] == "reload"
+    assert json_line("x latency_ms=%s", "-")["latency_ms"] is None
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = record("failed for %s", "bob", exc_info=sys.exc_info())
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line and "ValueError: boom" in json.loads(line)["traceback"]
+
+
+def test_json_handler_writes_one_object_per_line_to_stderr(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    import json
+
+    from proxy.logs import serve_handler
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    logger = logging.getLogger("test_json_handler")
+    logger.propagate = False
+    logger.addHandler(serve_handler("json"))
+    logger.warning("lockout user=%s failures=%d until=%s", "alice", 5, 1700000900)
+    (obj,) = [json.loads(line) for line in err.getvalue().splitlines()]
+    assert obj["event"] == "lockout" and obj["failures"] == 5 and obj["level"] == "warning"

@@ -232,6 +232,7 @@ class UserEntry(NamedTuple):
     dn: str
     name: str | None  # the first value of the username attribute
     member_of: list[str]  # empty unless memberOf is used
+    mail: str | None = None  # the first value of the mail attribute
 
 
 class UserEntryReader:
@@ -241,15 +242,18 @@ class UserEntryReader:
     rather than decoded, which is what keeps this cheaper than decode_entry.
     """
 
-    def __init__(self, username_attribute: str, use_memberof: bool) -> None:
+    def __init__(self, username_attribute: str, use_memberof: bool,
+                 mail_attribute: str = "") -> None:
         # Attribute types are ASCII, so bytes.lower() is str.lower() here.
         self._name = username_attribute.lower().encode()
         self._member_of = b"memberof" if use_memberof else None
+        self._mail = mail_attribute.lower().encode() or None
 
     def read(self, message: bytes, start: int, end: int) -> UserEntry:
         dn_start, dn_end = _expect(message, start, end, OCTET_STRING)
         attrs_start, attrs_end = _expect(message, dn_end, end, SEQUENCE)
         name: str | None = None
+        mail: str | None = None
         member_of: list[str] = []
         pos = attrs_start
         while pos < attrs_end:
@@ -262,7 +266,10 @@ class UserEntryReader:
                 name = values[0] if values else None
             if kind == self._member_of:
                 member_of = _values(message, vals_start, vals_end)
-        return UserEntry(_text(message[dn_start:dn_end]), name, member_of)
+            if kind == self._mail:
+                mails = _values(message, vals_start, vals_end)
+                mail = mails[0] if mails else None
+        return UserEntry(_text(message[dn_start:dn_end]), name, member_of, mail)
 
 
 _BIND_VERSION = integer(3)
@@ -888,7 +895,8 @@ class AsyncLdapDirectory:
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
                                            self._user_attributes(), size_limit=2)
-        self._user_reader = UserEntryReader(options.username_attribute, options.use_memberof)
+        self._user_reader = UserEntryReader(options.username_attribute, options.use_memberof,
+                                            options.mail_attribute)
         self._group_search = self._template(options.group_base, SCOPE_SUBTREE,
                                             options.group_filter, ("dn",),
                                             [options.group_name_attribute])
@@ -1043,11 +1051,15 @@ class AsyncLdapDirectory:
 
     def _users_in(self, reply: Reply) -> list[UserEntry]:
         member_of = self.options.use_memberof
+        mail = self.options.mail_attribute
         return [UserEntry(e.dn, e.first(self.options.username_attribute),
-                          e.values("memberOf") if member_of else []) for e in reply.entries]
+                          e.values("memberOf") if member_of else [],
+                          e.first(mail) if mail else None) for e in reply.entries]
 
     def _user_attributes(self) -> list[str]:
         names = [self.options.username_attribute]
+        if self.options.mail_attribute:
+            names.append(self.options.mail_attribute)
         return names + ["memberOf"] if self.options.use_memberof else names
 
     # -- users: what both paths share
@@ -1070,7 +1082,7 @@ class AsyncLdapDirectory:
         which would bind anonymously) is nobody."""
         if not user.name or not user.dn:
             return None
-        identity = Identity(user.name, user.dn, groups)
+        identity = Identity(user.name, user.dn, groups, mail=user.mail)
         self.cache.put(username, replace(identity, from_cache=True))
         return identity
 

@@ -33,11 +33,15 @@ import string
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policy.clock import Clock
 from policy.escaping import escape_controls
-from policy.store import DAY, OutboxMail, QueuedMail, Store
+
+if TYPE_CHECKING:  # the config loader reads templates without loading SQLAlchemy
+    from policy.store import QueuedMail, Store
+
+DAY = 86400
 
 
 class MailEvent(enum.StrEnum):
@@ -74,6 +78,8 @@ class OutboxEvents:
 
     def _queue(self, event: MailEvent, username: str, deadline: int | None = None,
                **detail: Any) -> None:
+        from policy.store import OutboxMail
+
         self.store.enqueue_mail([OutboxMail(event.value, username, deadline,
                                             json.dumps(detail, sort_keys=True))])
         if deadline is not None and deadline - self.clock() <= self.reminder_seconds:
@@ -109,6 +115,15 @@ class OutboxEvents:
     def imported(self, enrolled: Sequence[str], required: Sequence[tuple[str, int]]) -> None:
         """A bulk import sends nothing: it is how keys are migrated from another
         system, and its users were told by that system."""
+
+
+def valid_address(address: str) -> bool:
+    """A plain ``local@domain`` mail address, as a directory holds one: nothing that
+    could end a header or name a second recipient (spaces, controls, ``<>,;"``)."""
+    local, at, domain = address.rpartition("@")
+    bad = set(' <>,;"()[]\\')
+    return bool(at and local and domain and "@" not in local and len(address) <= 320
+                and not any(c in bad or ord(c) < 0x20 or ord(c) == 0x7F for c in address))
 
 
 # -- what a mail says -------------------------------------------------------------------

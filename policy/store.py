@@ -90,7 +90,7 @@ class UserState(Base):
 
     username: Mapped[str] = mapped_column(String(256), primary_key=True)
     required: Mapped[bool] = mapped_column(Boolean, default=False)
-    enrollment_deadline: Mapped[int | None] = mapped_column(BigInteger)
+    enrollment_deadline: Mapped[int | None] = mapped_column(BigInteger, index=True)
     secret: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_version: Mapped[int | None] = mapped_column(Integer)
     enrolled_at: Mapped[int | None] = mapped_column(BigInteger)

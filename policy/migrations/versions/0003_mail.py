@@ -15,6 +15,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("users") as batch:
         batch.add_column(sa.Column("reminded_deadline", sa.BigInteger))
+    # The reminder scan looks for deadlines within reminder_hours, every poll.
+    op.create_index("ix_users_enrollment_deadline", "users", ["enrollment_deadline"])
     op.create_table(
         "mail_outbox",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -36,5 +38,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("mail_outbox")
+    op.drop_index("ix_users_enrollment_deadline", "users")
     with op.batch_alter_table("users") as batch:
         batch.drop_column("reminded_deadline")

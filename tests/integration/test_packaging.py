@@ -115,7 +115,9 @@ def test_the_wheel_carries_the_package_data(installed: Install) -> None:
             "proxy/data/mfa-proxy.toml": REPO / "conf" / "mfa-proxy.toml",
             "proxy/data/examples/ldap.toml": REPO / "conf" / "examples" / "ldap.toml",
             "proxy/data/examples/docker.toml": REPO / "conf" / "examples" / "docker.toml",
+            **{f"proxy/data/mail/{p.name}": p for p in (REPO / "conf" / "mail").glob("*.txt")},
         }
+        assert len(shipped) == 4 + 7
         for name, source in shipped.items():
             assert name in names, name
             assert wheel.read(name) == source.read_bytes(), name  # the file, not a link
@@ -160,6 +162,12 @@ secret = "{NAS_SECRET}"
 
 [http]
 listen = "127.0.0.1:{http}"
+
+# the mail templates are package data: check-config and serve load them
+[mail]
+smtp = "127.0.0.1:{free_tcp_port()}"
+security = "none"
+from = "MFA <mfa@example.org>"
 """)
     return config
 

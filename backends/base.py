@@ -23,12 +23,16 @@ class Identity:
     stored, not as a client typed it); the core keys every piece of state by
     its normalised form. ``from_cache``: found in a short-lived look-up cache
     (a refused password may then mean a stale entry, worth one fresh look).
+    ``mail``: the entry's mail address, if it has one (``[directory]
+    mail_attribute``; ``email`` in the local users file) -- an attribute of
+    the entry, not part of who it is.
     """
 
     username: str
     dn: str | None = None
     groups: tuple[str, ...] = field(default_factory=tuple)
     from_cache: bool = field(default=False, compare=False, repr=False)
+    mail: str | None = field(default=None, compare=False, repr=False)
 
 
 class DirectoryError(Exception):

@@ -325,7 +325,8 @@ class AsyncLdapDirectory:
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
                                            self._user_attributes(), size_limit=2)
-        self._user_reader = UserEntryReader(options.username_attribute, options.use_memberof)
+        self._user_reader = UserEntryReader(options.username_attribute, options.use_memberof,
+                                            options.mail_attribute)
         self._group_search = self._template(options.group_base, SCOPE_SUBTREE,
                                             options.group_filter, ("dn",),
                                             [options.group_name_attribute])
@@ -480,11 +481,15 @@ class AsyncLdapDirectory:
 
     def _users_in(self, reply: Reply) -> list[UserEntry]:
         member_of = self.options.use_memberof
+        mail = self.options.mail_attribute
         return [UserEntry(e.dn, e.first(self.options.username_attribute),
-                          e.values("memberOf") if member_of else []) for e in reply.entries]
+                          e.values("memberOf") if member_of else [],
+                          e.first(mail) if mail else None) for e in reply.entries]
 
     def _user_attributes(self) -> list[str]:
         names = [self.options.username_attribute]
+        if self.options.mail_attribute:
+            names.append(self.options.mail_attribute)
         return names + ["memberOf"] if self.options.use_memberof else names
 
     # -- users: what both paths share
@@ -507,7 +512,7 @@ class AsyncLdapDirectory:
         which would bind anonymously) is nobody."""
         if not user.name or not user.dn:
             return None
-        identity = Identity(user.name, user.dn, groups)
+        identity = Identity(user.name, user.dn, groups, mail=user.mail)
         self.cache.put(username, replace(identity, from_cache=True))
         return identity
 

@@ -44,6 +44,7 @@ class LdapOptions:
     user_base: str = ""
     user_filter: str = "(uid={username})"
     username_attribute: str = "uid"
+    mail_attribute: str = "mail"  # read with the user's entry ("": none)
     group_base: str = ""
     group_filter: str = "(|(member={dn})(uniqueMember={dn}))"
     group_name_attribute: str = "cn"

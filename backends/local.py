@@ -3,6 +3,7 @@
     [users.alice]
     password = "$argon2id$v=19$m=65536,t=3,p=4$…"
     groups = ["vpn-users"]
+    email = "alice@example.org"
 
 The file is re-read when it changes, so `mfa-proxy local-user set` takes
 effect without a restart.
@@ -92,7 +93,9 @@ class LocalDirectory:
     @staticmethod
     def _identity(username: str, entry: dict[str, Any]) -> Identity:
         groups = entry.get("groups", [])
-        return Identity(username, None, tuple(str(g) for g in groups))
+        email = entry.get("email")
+        return Identity(username, None, tuple(str(g) for g in groups),
+                        mail=str(email) if email else None)
 
     def lookup(self, username: str) -> Identity | None:
         found = self._entry(username)
@@ -129,14 +132,37 @@ class LocalDirectory:
     def close(self) -> None:
         pass
 
-    def set_password(self, username: str, password: str, groups: list[str] | None = None) -> None:
-        """Write the user's argon2id hash; the file is replaced atomically, mode 0600."""
+    def set_password(self, username: str, password: str, groups: list[str] | None = None,
+                     email: str | None = None) -> None:
+        """Write the user's argon2id hash (and groups, and mail address: "" removes
+        it, None keeps it); the file is replaced atomically, mode 0600."""
         check_password_not_empty(password)
         users = {u: dict(e) for u, e in self._load().items()}
         entry = users.setdefault(username, {})
         entry["password"] = self.hasher.hash(password)
+        self._write(users, username, groups, email)
+
+    def update(self, username: str, groups: list[str] | None = None,
+               email: str | None = None) -> None:
+        """Change an existing user's groups or mail address, keeping the password."""
+        users = {u: dict(e) for u, e in self._load().items()}
+        if username not in users:
+            raise UnknownUser(username)
+        self._write(users, username, groups, email)
+
+    def _write(self, users: dict[str, dict[str, Any]], username: str,
+               groups: list[str] | None, email: str | None) -> None:
+        entry = users[username]
         if groups is not None:
             entry["groups"] = groups
+        if email is not None:
+            if any(ord(c) < 0x20 or c in '"\\' for c in email):
+                raise ValueError("a mail address has no control characters, quotes or "
+                                 "backslashes")
+            if email:
+                entry["email"] = email
+            else:
+                entry.pop("email", None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -162,4 +188,6 @@ def _dump(users: dict[str, dict[str, Any]]) -> str:
         groups = entry.get("groups")
         if groups:
             out.append("groups = [" + ", ".join(_quote(str(g)) for g in groups) + "]")
+        if entry.get("email"):
+            out.append(f"email = {_quote(str(entry['email']))}")
     return "\n".join(out) + "\n"

@@ -202,18 +202,20 @@ class Rotation:
 
 
 class AccountEvents(Protocol):
-    """What changed, told after the change is stored (never for a refusal).
+    """What changed, told inside the change's own store transaction
+    (:meth:`Store.transaction`), never for a refusal.
 
-    This is where the mail sender will hook in (PRODUCT.md, "Mail events"):
-    ``required``, ``extended`` and ``reset`` give the new deadline (Unix time),
-    ``enrolled`` is the security notice. Deadlines are sent as they were set;
-    days left are for the sender to count at sending time. A sender that must
-    send each mail once across restarts and instances should queue durably
-    here, not send inline: these calls run in the admin's action.
+    Whatever a listener writes to the store commits with the change or not at
+    all; a listener that raises undoes the change. This is where mail hooks in
+    (policy/mail.py, ``OutboxEvents``): ``required``, ``extended`` and
+    ``reset`` give the new deadline (Unix time), ``enrolled`` and
+    ``setup_confirmed`` are the security notices; the mail is queued in the
+    outbox here and sent later by ``serve``, never inline.
     """
 
-    def required(self, username: str, deadline: int) -> None:
-        """MFA required, with an enrollment period ending at ``deadline``."""
+    def required(self, username: str, deadline: int, notify: bool = True) -> None:
+        """MFA required, with an enrollment period ending at ``deadline``;
+        ``notify`` False: the admin asked that the user not be told (--no-mail)."""
 
     def enrolled(self, username: str) -> None:
         """A new key is active (made or imported by an admin)."""
@@ -224,9 +226,10 @@ class AccountEvents(Protocol):
     def extended(self, username: str, deadline: int) -> None:
         """An admin extended or reopened the period, to ``deadline``."""
 
-    def setup_confirmed(self, username: str, replaced: bool) -> None:
+    def setup_confirmed(self, username: str, replaced: bool, source: str = "") -> None:
         """The user set up a key (the portal) and it is active now; ``replaced``: it
-        took the place of an older key (a reset by the user). The security notice."""
+        took the place of an older key (a reset by the user); ``source``: the
+        client's address. The security notice."""
 
     def unrequired(self, username: str) -> None:
         """MFA no longer required (the key, if any, is kept)."""
@@ -245,7 +248,7 @@ class AccountEvents(Protocol):
 class NoAccountEvents:
     """The default: nobody listens."""
 
-    def required(self, username: str, deadline: int) -> None:
+    def required(self, username: str, deadline: int, notify: bool = True) -> None:
         pass
 
     def enrolled(self, username: str) -> None:
@@ -257,7 +260,7 @@ class NoAccountEvents:
     def extended(self, username: str, deadline: int) -> None:
         pass
 
-    def setup_confirmed(self, username: str, replaced: bool) -> None:
+    def setup_confirmed(self, username: str, replaced: bool, source: str = "") -> None:
         pass
 
     def unrequired(self, username: str) -> None:
@@ -315,15 +318,18 @@ class Accounts:
 
     # -- actions ----------------------------------------------------------------------
 
-    def require(self, username: str, days: int | None = None) -> Period | None:
+    def require(self, username: str, days: int | None = None,
+                notify: bool = True) -> Period | None:
         """Require MFA with a new enrollment period (restarting a running one).
-        None: the user is already required and enrolled, and nothing changed."""
+        None: the user is already required and enrolled, and nothing changed.
+        ``notify`` False: no invitation (``--no-mail``)."""
         period = self.period(days)
         record = self.store.get(username)
         if record is not None and record.required and record.enrolled:
             return None
-        self.store.require(username, period.deadline)
-        self.events.required(username, period.deadline)
+        with self.store.transaction():
+            self.store.require(username, period.deadline)
+            self.events.required(username, period.deadline, notify=notify)
         return period
 
     def enroll(self, username: str, totp_key: str | None = None,
@@ -335,42 +341,49 @@ class Accounts:
         record = self.store.get(username)
         if record is not None and record.enrolled and not force:
             raise AlreadyEnrolled(username)
-        if record is None or not record.required:
-            self.store.require(username, self.period().deadline)
         keys = self.keys
-        self.store.set_secret(username, keys.encrypt(key.encode(), username), keys.current)
-        self.events.enrolled(username)
+        blob = keys.encrypt(key.encode(), username)
+        with self.store.transaction():
+            if record is None or not record.required:
+                self.store.require(username, self.period().deadline)
+            self.store.set_secret(username, blob, keys.current)
+            self.events.enrolled(username)
         return Enrollment(username, key, provisioning_uri(key, username, self.issuer,
                                                           self.totp))
 
     def reset(self, username: str, days: int | None = None) -> Period:
         """Clear the key (a lost device) and open a new enrollment period."""
         period = self.period(days)
-        self.store.reset(username, period.deadline)
-        self.events.reset(username, period.deadline)
+        with self.store.transaction():
+            self.store.reset(username, period.deadline)
+            self.events.reset(username, period.deadline)
         return period
 
     def extend(self, username: str, days: int) -> Period:
         """Extend or reopen the enrollment period: ``days`` counted from now."""
         period = self.period(days)
-        self.store.extend(username, period.deadline)
-        self.events.extended(username, period.deadline)
+        with self.store.transaction():
+            self.store.extend(username, period.deadline)
+            self.events.extended(username, period.deadline)
         return period
 
     def unlock(self, username: str) -> None:
         """Clear the failure counter and any lockout."""
-        if self.store.unlock(username):
-            self.events.unlocked(username)
+        with self.store.transaction():
+            if self.store.unlock(username):
+                self.events.unlocked(username)
 
     def bypass(self, username: str, on: bool) -> None:
         """Password only for this user (``on``), or not."""
-        self.store.set_bypass(username, on)
-        self.events.bypass_changed(username, on)
+        with self.store.transaction():
+            self.store.set_bypass(username, on)
+            self.events.bypass_changed(username, on)
 
     def unrequire(self, username: str) -> None:
         """Remove the requirement; the key, if any, is kept."""
-        if self.store.unrequire(username):
-            self.events.unrequired(username)
+        with self.store.transaction():
+            if self.store.unrequire(username):
+                self.events.unrequired(username)
 
     # -- set-up by the user (the portal) ------------------------------------------------
 
@@ -402,13 +415,13 @@ class Accounts:
         code counts as a failure, in the counter every sign-in uses; a locked user
         cannot confirm. One audit row (protocol ``portal``) either way."""
         now = self.clock()
-        result = self._confirm(username, code, now)
+        result = self._confirm(username, code, now, source)
         self.store.audit([AuditRecord(now, username, "portal", "portal", source,
                                       "accept" if result.confirmed else "reject",
                                       result.outcome.value)])
         return result
 
-    def _confirm(self, username: str, code: str, now: float) -> Confirmation:
+    def _confirm(self, username: str, code: str, now: float, source: str) -> Confirmation:
         record = self.store.get(username) or UserRecord(username)
         if record.locked(now):
             return Confirmation(SetupOutcome.LOCKED)
@@ -422,12 +435,15 @@ class Accounts:
                                                 self.lockout_seconds)
             self.store.repeat_forget(username)
             return Confirmation(SetupOutcome.BAD_CODE, failure.lockout_started)
-        if not self.store.activate_pending(username, pending.secret, step, now):
+        with self.store.transaction():
+            activated = self.store.activate_pending(username, pending.secret, step, now)
+            if activated:
+                self.events.setup_confirmed(username, replaced=record.enrolled, source=source)
+        if not activated:
             current = self.store.get(username)
             if current is not None and current.locked(now):
                 return Confirmation(SetupOutcome.LOCKED)
             return Confirmation(SetupOutcome.NO_PENDING_KEY)  # replaced or expired meanwhile
-        self.events.setup_confirmed(username, replaced=record.enrolled)
         return Confirmation(SetupOutcome.CONFIRMED)
 
     @staticmethod
@@ -529,8 +545,9 @@ class Accounts:
                      now + (r.days or self.enrollment_days) * DAY)
                     for r in rows if r.totp_key]
         required = [(r.username, now + (r.days or 0) * DAY) for r in rows if not r.totp_key]
-        count = self.store.import_users(enrolled, required)
-        self.events.imported([u for u, *_ in enrolled], required)
+        with self.store.transaction():
+            count = self.store.import_users(enrolled, required)
+            self.events.imported([u for u, *_ in enrolled], required)
         return Imported(count, len(rows) - count)
 
     def rotate_keys(self) -> Rotation:

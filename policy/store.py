@@ -92,7 +92,7 @@ class UserState(Base):
 
     username: Mapped[str] = mapped_column(String(256), primary_key=True)
     required: Mapped[bool] = mapped_column(Boolean, default=False)
-    enrollment_deadline: Mapped[int | None] = mapped_column(BigInteger)
+    enrollment_deadline: Mapped[int | None] = mapped_column(BigInteger, index=True)
     secret: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_version: Mapped[int | None] = mapped_column(Integer)
     enrolled_at: Mapped[int | None] = mapped_column(BigInteger)
@@ -108,6 +108,9 @@ class UserState(Base):
     pending_key_version: Mapped[int | None] = mapped_column(Integer)
     pending_created_at: Mapped[int | None] = mapped_column(BigInteger)
     pending_expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    # The deadline of the enrollment period whose reminder mail was queued: a
+    # period is reminded at most once (a new deadline is a new period).
+    reminded_deadline: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class AuditEntry(Base):
@@ -155,6 +158,65 @@ class PortalSessionRow(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class OutboxRow(Base):
+    """A mail to send (policy/mail.py says which), written in the transaction of
+    the change that caused it; ``serve`` claims it (``claimed_until``, a lease
+    with ``claim_token``), sends it and marks it sent, or schedules a retry."""
+
+    __tablename__ = "mail_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event: Mapped[str] = mapped_column(String(16))
+    username: Mapped[str] = mapped_column(String(256), index=True)
+    deadline: Mapped[int | None] = mapped_column(BigInteger)
+    detail: Mapped[str] = mapped_column(String(1024))  # JSON: where from, what replaced
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # MAIL_STATUSES
+    next_attempt_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    claimed_until: Mapped[int | None] = mapped_column(BigInteger)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    address: Mapped[str | None] = mapped_column(String(320))  # where it went (or was tried)
+    done_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+# pending: to send (or being sent, while claimed); sent; failed: given up (the
+# error says why); cancelled: no longer true when its turn came (a reminder
+# for a user who enrolled meanwhile).
+MAIL_STATUSES = ("pending", "sent", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class OutboxMail:
+    """A mail to queue: ``event`` for ``username``; ``deadline`` (Unix time) of the
+    period it is about, if any; ``detail``: JSON text (source, replaced ...)."""
+
+    event: str
+    username: str
+    deadline: int | None = None
+    detail: str = "{}"
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    """One outbox row as stored."""
+
+    id: int
+    event: str
+    username: str
+    deadline: int | None
+    detail: str
+    created_at: int
+    status: str
+    next_attempt_at: int
+    attempts: int
+    last_error: str | None
+    address: str | None
+    claim_token: str | None
+    done_at: int | None
 
 
 @dataclass(frozen=True)
@@ -266,6 +328,15 @@ class AuditRow:
 
 
 users: Table = UserState.__table__  # type: ignore[assignment]
+outbox: Table = OutboxRow.__table__  # type: ignore[assignment]
+_OUTBOX_COLUMNS = (outbox.c.id, outbox.c.event, outbox.c.username, outbox.c.deadline,
+                   outbox.c.detail, outbox.c.created_at, outbox.c.status,
+                   outbox.c.next_attempt_at, outbox.c.attempts, outbox.c.last_error,
+                   outbox.c.address, outbox.c.claim_token, outbox.c.done_at)
+
+
+def _queued(row: Any) -> QueuedMail:
+    return QueuedMail(*row)
 
 _USER_COLUMNS = (UserState.username, UserState.required, UserState.enrollment_deadline,
                  UserState.secret, UserState.key_version, UserState.last_step,
@@ -510,6 +581,38 @@ class Store:
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The admin writes made inside (on this thread) commit together, or none
+        does: a change and the mail it causes (:meth:`enqueue_mail`) are stored
+        in one transaction, so a crash never keeps one without the other. An
+        error leaves the block rolled back. Nested blocks join the outer one.
+        The hot-path methods (``get``, ``record_failure`` ...) are not part of it:
+        inside, only admin writes and reads that need not see them."""
+        if getattr(self._local, "tx", None) is not None:
+            yield
+            return
+        try:
+            with self._session() as s, s.begin():
+                self._local.tx = s
+                try:
+                    yield
+                finally:
+                    self._local.tx = None
+        except SQLAlchemyError as e:
+            raise StoreError(f"state store failed: {type(e).__name__}: {e}") from e
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        """The session of the enclosing :meth:`transaction`, or a new one that
+        commits at the end of the block."""
+        outer: Session | None = getattr(self._local, "tx", None)
+        if outer is not None:
+            yield outer
+            return
+        with self._session() as s, s.begin():
+            yield s
+
     def _insert(self, model: type[Base]) -> Any:
         from sqlalchemy.dialects import postgresql, sqlite
 
@@ -522,7 +625,7 @@ class Store:
 
     def _update(self, username: str, **values: Any) -> bool:
         """Set fields on an existing user; False when there is no such row."""
-        with self._session() as s, s.begin():
+        with self._tx() as s:
             values["updated_at"] = int(self.clock())
             result = s.execute(update(UserState).where(UserState.username == username)
                                .values(**values))
@@ -530,7 +633,7 @@ class Store:
 
     def _upsert(self, username: str, **values: Any) -> None:
         now = int(self.clock())
-        with self._session() as s, s.begin():
+        with self._tx() as s:
             self._ensure(s, username, now)
             s.execute(update(UserState).where(UserState.username == username)
                       .values(updated_at=now, **values))
@@ -699,7 +802,7 @@ class Store:
         req_stmt = req_stmt.on_conflict_do_update(index_elements=["username"], set_={
             k: getattr(req_stmt.excluded, k) for k in
             ("required", "enrollment_deadline", "updated_at")})
-        with self._session() as s, s.begin():
+        with self._tx() as s:
             for i in range(0, len(values), 5000):
                 s.execute(stmt, values[i:i + 5000])
             for i in range(0, len(required), 5000):
@@ -763,7 +866,7 @@ class Store:
         A user who was not required is required from now (as ``enroll`` does: a key
         that is active is asked for). False: nothing changed."""
         t = int(now)
-        with self._session() as s, s.begin():
+        with self._tx() as s:
             r = s.execute(update(UserState).where(
                 UserState.username == username, UserState.pending_secret == blob,
                 UserState.pending_expires_at > t,
@@ -809,6 +912,109 @@ class Store:
         with self._session() as s, s.begin():
             r = s.execute(delete(PortalSessionRow).where(PortalSessionRow.id_hash == id_hash))
             return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    # -- the mail outbox ----------------------------------------------------------------
+
+    def enqueue_mail(self, mails: Sequence[OutboxMail]) -> None:
+        """Queue mails, inside the caller's :meth:`transaction` when there is one."""
+        if not mails:
+            return
+        now = int(self.clock())
+        with self._tx() as s:
+            s.execute(outbox.insert(), [dict(
+                event=m.event, username=m.username, deadline=m.deadline, detail=m.detail,
+                created_at=now, status="pending", next_attempt_at=now, attempts=0)
+                for m in mails])
+
+    def mark_reminded(self, username: str, deadline: int) -> None:
+        """The period ending at ``deadline`` needs no reminder (its own mail says it)."""
+        with self._tx() as s:
+            s.execute(update(UserState).where(UserState.username == username,
+                                              UserState.enrollment_deadline == deadline)
+                      .values(reminded_deadline=deadline))
+
+    def queue_reminders(self, now: float, before_seconds: int, event: str = "reminder",
+                        limit: int = 500) -> list[tuple[str, int]]:
+        """Mark every period ending within ``before_seconds`` of ``now`` whose user is
+        required, has no key and was not reminded of it, and queue one ``event``
+        mail for each -- in one transaction. The UPDATE re-checks "not reminded"
+        row by row (and PostgreSQL skips rows another instance is marking), so two
+        instances scanning at once queue each reminder once. (username, deadline)
+        of the reminders queued; at most ``limit`` a call."""
+        t = int(now)
+        u = UserState
+        due = (u.required.is_(True), u.secret.is_(None), u.enrollment_deadline.is_not(None),
+               u.enrollment_deadline > t, u.enrollment_deadline <= t + before_seconds,
+               u.reminded_deadline.is_(None) | (u.reminded_deadline != u.enrollment_deadline))
+        pick = (select(u.username).where(*due).order_by(u.enrollment_deadline).limit(limit)
+                .with_for_update(skip_locked=True))
+        with self._tx() as s:
+            rows = s.execute(update(u).where(u.username.in_(pick.scalar_subquery()), *due)
+                             .values(reminded_deadline=u.enrollment_deadline)
+                             .returning(u.username, u.enrollment_deadline)).all()
+            marked = [(str(name), int(deadline or 0)) for name, deadline in rows]
+            if marked:
+                s.execute(outbox.insert(), [dict(
+                    event=event, username=name, deadline=deadline, detail="{}",
+                    created_at=t, status="pending", next_attempt_at=t, attempts=0)
+                    for name, deadline in marked])
+        return marked
+
+    def claim_mail(self, now: float, lease_seconds: int, token: str,
+                   limit: int = 20) -> list[QueuedMail]:
+        """Take up to ``limit`` due mails for ``lease_seconds``, under ``token``:
+        one UPDATE that re-checks "due and not claimed" row by row (PostgreSQL:
+        rows being claimed by another instance are skipped), so each mail is
+        claimed by one sender. A claim that runs out (its sender died) makes the
+        mail due again."""
+        t = int(now)
+        o = outbox.c
+        due = (o.status == "pending", o.next_attempt_at <= t,
+               o.claimed_until.is_(None) | (o.claimed_until <= t))
+        pick = (select(o.id).where(*due).order_by(o.next_attempt_at, o.id).limit(limit)
+                .with_for_update(skip_locked=True))
+        with self._tx() as s:
+            rows = s.execute(outbox.update().where(o.id.in_(pick.scalar_subquery()), *due)
+                             .values(claimed_until=t + lease_seconds, claim_token=token,
+                                     attempts=o.attempts + 1)
+                             .returning(*_OUTBOX_COLUMNS)).all()
+        return sorted((_queued(r) for r in rows), key=lambda m: m.id)
+
+    def finish_mail(self, mail_id: int, token: str, status: str, now: float,
+                    error: str | None = None, address: str | None = None) -> bool:
+        """Mark a claimed mail ``sent``, ``failed`` or ``cancelled``. A mail that was
+        sent is marked sent even if its claim ran out meanwhile (it went out)."""
+        o = outbox.c
+        owned = (o.claim_token == token) if status != "sent" else (o.status == "pending")
+        with self._tx() as s:
+            r = s.execute(outbox.update().where(o.id == mail_id, owned).values(
+                status=status, done_at=int(now), claimed_until=None, last_error=error,
+                address=address))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    def retry_mail(self, mail_id: int, token: str, at: float, error: str,
+                   address: str | None = None) -> bool:
+        """Give a claimed mail back, due again at ``at``, with why it failed."""
+        o = outbox.c
+        with self._tx() as s:
+            r = s.execute(outbox.update().where(o.id == mail_id, o.claim_token == token,
+                                                o.status == "pending")
+                          .values(next_attempt_at=int(at), claimed_until=None,
+                                  claim_token=None, last_error=error[:512], address=address))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    def mail_queue(self, statuses: Sequence[str] = ("pending", "failed"),
+                   limit: int = 1000) -> list[QueuedMail]:
+        """Mails with these statuses, oldest first."""
+        with self._session() as s:
+            rows = s.execute(select(*_OUTBOX_COLUMNS).where(outbox.c.status.in_(statuses))
+                             .order_by(outbox.c.id).limit(limit)).all()
+        return [_queued(r) for r in rows]
+
+    def pending_mail_count(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(select(func.count()).select_from(outbox)
+                                 .where(outbox.c.status == "pending")).scalar_one())
 
     # -- the hot path: atomic counters --------------------------------------------
 
@@ -909,6 +1115,9 @@ class Store:
             s.execute(delete(AuditEntry).where(AuditEntry.at < int(now) - audit_days * DAY))
             s.execute(delete(RepeatEntry).where(RepeatEntry.expires_at <= int(now)))
             s.execute(delete(PortalSessionRow).where(PortalSessionRow.expires_at <= int(now)))
+            # Mails sent or given up are kept as long as the audit trail.
+            s.execute(delete(OutboxRow).where(OutboxRow.status != "pending",
+                                              OutboxRow.done_at < int(now) - audit_days * DAY))
             s.execute(update(UserState).where(UserState.pending_expires_at <= int(now))
                       .values(**_NO_PENDING))
 

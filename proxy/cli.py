@@ -11,6 +11,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -119,10 +120,12 @@ class App:
         """The admin service (policy/admin.py) on this config's state; the key file
         is opened only by the actions that encrypt a key."""
         if self._accounts is None:
-            from proxy.state import make_accounts
+            from proxy.state import mail_events, make_accounts
 
-            self._accounts = make_accounts(self.settings, self.store, lambda: self.keys,
-                                           self.clock)
+            origin = f"the command line on {socket.gethostname()}"
+            self._accounts = make_accounts(
+                self.settings, self.store, lambda: self.keys, self.clock,
+                events=mail_events(self.settings, self.store, origin, self.clock))
         accounts: Accounts = self._accounts
         return accounts
 
@@ -360,9 +363,20 @@ def postgres_backup_advice(url: str, file: str) -> str:
 # -- users ---------------------------------------------------------------------------
 
 
-@main.group()
+MAIL_NOTE = ("With [mail] set, the user's mail is put in the outbox of the state store, "
+             "in the same transaction as the change; a running `mfa-proxy serve` sends it "
+             "(if none runs, the next one to start does). This command never waits for "
+             "the mail server.")
+
+
+@main.group(epilog=MAIL_NOTE)
 def user() -> None:
     """Require, enroll, reset, unlock users; show their MFA status."""
+
+
+def mail_note(app: App, what: str) -> str:
+    """What the command line says about the mail it queued ("" when mail is off)."""
+    return f"; {what} queued for serve to send" if app.settings.mail is not None else ""
 
 
 def describe(view: StatusView) -> str:
@@ -409,24 +423,31 @@ def user_list(app: App, as_json: bool) -> None:
         click.echo(f"{v.username:24} {v.failures:>8}  {describe(v)}")
 
 
-@user.command("require")
+@user.command("require", epilog=MAIL_NOTE)
 @click.argument("username", required=False)
 @click.option("--group", help="Every member of this directory group.")
 @days_option(None)
+@click.option("--no-mail", "no_mail", is_flag=True,
+              help="Send no invitation mail (the reminder before the deadline still goes out).")
 @config_option
 @pass_app
-def user_require(app: App, username: str | None, group: str | None, days: int | None) -> None:
-    """Require MFA, with an enrollment period of N days (default [policy] enrollment_days)."""
+def user_require(app: App, username: str | None, group: str | None, days: int | None,
+                 no_mail: bool) -> None:
+    """Require MFA, with an enrollment period of N days (default [policy] enrollment_days).
+
+    Each user gets an invitation mail with the deadline and the portal's link.
+    """
     check_days(app, days)
     if bool(username) == bool(group):
         raise click.UsageError("give USER or --group GROUP")
     names = [app.known_user(username)] if username else group_members(app, str(group))
+    note = "" if no_mail else mail_note(app, "invitation")
     for name in names:
-        period = app.accounts.require(name, days)
+        period = app.accounts.require(name, days, notify=not no_mail)
         if period is None:
             click.echo(f"{name}: already required and enrolled")
             continue
-        click.echo(f"{name}: MFA required; enrollment period {period.days} days")
+        click.echo(f"{name}: MFA required; enrollment period {period.days} days{note}")
 
 
 def group_members(app: App, group: str) -> list[str]:
@@ -447,7 +468,7 @@ def group_members(app: App, group: str) -> list[str]:
     return sorted(names)
 
 
-@user.command("enroll")
+@user.command("enroll", epilog=MAIL_NOTE)
 @click.argument("username")
 @click.option("--secret", metavar="BASE32", help="Import this key instead of making one.")
 @click.option("--png", type=click.Path(dir_okay=False, writable=True), help="Write the QR code.")
@@ -469,7 +490,7 @@ def user_enroll(app: App, username: str, secret: str | None, png: str | None,
     if png and os.path.islink(png):  # refused before the key changes, not after
         raise Refused(f"--png {png}: a symbolic link; give the path of the file itself")
     enrollment = app.accounts.enroll(name, secret, force=force)
-    click.echo(f"{name}: enrolled; the key is active now")
+    click.echo(f"{name}: enrolled; the key is active now{mail_note(app, 'security notice')}")
     click.echo(enrollment.uri)
     print_qr(enrollment.uri, png)
 
@@ -517,7 +538,7 @@ def write_private_file(path: str, data: bytes) -> None:
         raise
 
 
-@user.command("reset")
+@user.command("reset", epilog=MAIL_NOTE)
 @click.argument("username")
 @days_option(None)
 @config_option
@@ -527,10 +548,11 @@ def user_reset(app: App, username: str, days: int | None) -> None:
     check_days(app, days)
     name = app.known_user(username)
     period = app.accounts.reset(name, days)
-    click.echo(f"{name}: key cleared; enrollment period {period.days} days")
+    click.echo(f"{name}: key cleared; enrollment period {period.days} days"
+               f"{mail_note(app, 'notice')}")
 
 
-@user.command("extend")
+@user.command("extend", epilog=MAIL_NOTE)
 @click.argument("username")
 @click.option("--days", type=int, required=True, help="Days from now (1–365).")
 @config_option
@@ -540,7 +562,8 @@ def user_extend(app: App, username: str, days: int) -> None:
     check_days(app, days)
     name = app.known_user(username)
     period = app.accounts.extend(name, days)
-    click.echo(f"{name}: enrollment period {period.days} days from now")
+    click.echo(f"{name}: enrollment period {period.days} days from now"
+               f"{mail_note(app, 'notice')}")
 
 
 @user.command("unlock")
@@ -629,20 +652,39 @@ def local_user() -> None:
 @local_user.command("set")
 @click.argument("username")
 @click.option("--group", "groups", multiple=True, help="Group membership (repeatable).")
+@click.option("--email", metavar="ADDR",
+              help="The user's mail address, for MFA mails (\"\" removes it).")
+@click.option("--keep-password", is_flag=True,
+              help="Change only --group/--email of an existing user; read no password.")
 @config_option
 @pass_app
-def local_user_set(app: App, username: str, groups: tuple[str, ...]) -> None:
+def local_user_set(app: App, username: str, groups: tuple[str, ...], email: str | None,
+                   keep_password: bool) -> None:
     """Set a local user's password (argon2id): one line from stdin, or prompted."""
     if app.settings.directory.type != "local":
         raise Refused("directory.type is not \"local\": passwords live in the directory")
     name = app.canonical(username)
+    if email:
+        from policy.mail import valid_address
+
+        if not valid_address(email):
+            raise Refused(f"--email: not a mail address: {email!r}")
+    if keep_password:
+        from backends.base import UnknownUser
+
+        try:
+            app.directory.update(name, list(groups) if groups else None, email)
+        except UnknownUser:
+            raise Refused(f"{name}: no such local user (set a password first)") from None
+        click.echo(f"{name}: updated")
+        return
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise Refused("empty password")
-    app.directory.set_password(name, password, list(groups) if groups else None)
+    app.directory.set_password(name, password, list(groups) if groups else None, email)
     click.echo(f"{name}: password set")
 
 
@@ -717,6 +759,93 @@ def audit(app: App, username: str | None, since: float | None, until: float | No
             return
     except StoreError as e:
         raise Refused(str(e)) from None
+
+
+# -- mail ------------------------------------------------------------------------------
+
+
+@main.group()
+def mail() -> None:
+    """Mail to users ([mail]): a test mail, and what waits in the outbox."""
+
+
+def mail_config(app: App) -> Any:
+    m = app.settings.mail
+    if m is None:
+        raise Refused("mail is off: no [mail] section, or [mail] smtp = \"\"")
+    return m
+
+
+@mail.command("test")
+@click.argument("address")
+@config_option
+@pass_app
+def mail_test(app: App, address: str) -> None:
+    """Send one test mail to ADDRESS now, through [mail]'s server; print the outcome.
+
+    Exit status 0: the server accepted it; 1: refused or unreachable (with the
+    server's reply or the error).
+    """
+    from policy.mail import MailEvent, render, valid_address, values_for
+    from proxy.mail.smtp import build_message, send
+    from proxy.state import mail_context
+
+    m = mail_config(app)
+    if not valid_address(address):
+        raise click.UsageError(f"not a mail address: {address!r}")
+    context = mail_context(app.settings)
+    rendered = render(context.templates[MailEvent.TEST.value],
+                      values_for(None, "", app.clock(), context))
+    click.echo(f"sending a test mail to {address} via {m.server} (security {m.security}"
+               f"{', AUTH as ' + m.username if m.username else ''})")
+    result = send(m, address, build_message(m, address, rendered))
+    if result.ok:
+        click.echo(f"sent: {result.reply}")
+        return
+    what = "refused" if result.reason in ("refused", "temporary", "auth") else "failed"
+    raise Refused(f"{what} ({result.reason}): {result.reply}")
+
+
+@mail.command("queue")
+@click.option("--all", "show_all", is_flag=True, help="Sent and cancelled mails too.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@config_option
+@pass_app
+def mail_queue(app: App, show_all: bool, as_json: bool) -> None:
+    """Mails pending (waiting for serve, or for a retry) and failed (given up)."""
+    from policy.store import MAIL_STATUSES
+
+    statuses = MAIL_STATUSES if show_all else ("pending", "failed")
+    mails = app.store.mail_queue(statuses)
+    rows = [{"id": q.id, "event": q.event, "user": q.username, "status": q.status,
+             "queued": _iso(q.created_at), "attempts": q.attempts,
+             "next_attempt": _iso(q.next_attempt_at) if q.status == "pending" else None,
+             "done": _iso(q.done_at) if q.done_at else None, "address": q.address,
+             "last_error": q.last_error} for q in mails]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo("no mail waiting" + ("" if show_all else " or failed"))
+        return
+    click.echo(f"{'ID':>6} {'STATUS':9} {'EVENT':10} {'USER':20} {'QUEUED':20} {'TRIES':>5}  "
+               "NEXT TRY / LAST ERROR")
+    for r in rows:
+        tail = r["last_error"] or ""
+        if r["status"] == "pending":
+            tail = f"{r['next_attempt']}" + (f"  ({tail})" if tail else "")
+        click.echo(f"{r['id']:>6} {r['status']:9} {r['event']:10} {r['user']:20} "
+                   f"{r['queued']:20} {r['attempts']:>5}  {tail}")
+
+
+def _iso(ts: int | None) -> str:
+    import datetime as dt
+
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
 
 
 if __name__ == "__main__":

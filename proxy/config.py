@@ -23,6 +23,7 @@ from backends.ldap_common import LdapOptions
 from policy.decision import MfaMode
 from proxy.addresses import Address, parse_address
 from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
+from proxy.mail.config import SECURITY, MailConfig, parse_server
 from proxy.radius.clients import ClientTable, RadiusClientConfig
 
 T = TypeVar("T")
@@ -155,6 +156,7 @@ class Settings:
     portal: PortalSettings | None = None  # None: no portal
     log_format: str = "text"  # [logging] format: "text" lines or "json" objects
     service: ServiceSettings = field(default_factory=lambda: ServiceSettings())
+    mail: MailConfig | None = None  # None: no mail
 
 
 class _Reader:
@@ -369,6 +371,7 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
     http = _section(root, "http", False, _http) or HttpSettings()
     portal = _section(root, "portal", False, _portal)
     service = _section(root, "service", False, _service) or ServiceSettings()
+    mail = _section(root, "mail", False, _mail)
     logging = _section(root, "logging", False, lambda r: (
         r.str("level", "info", ("debug", "info", "warning", "error")),
         r.str("decisions", "rejects", ("rejects", "all")),
@@ -393,7 +396,7 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
         return None
     level, decisions, log_format = logging or ("info", "rejects", "text")
     return Settings(cfg.path, state, totp, policy, directory, radius, ldap, http,
-                    level, decisions, tuple(cfg.warnings), portal, log_format, service)
+                    level, decisions, tuple(cfg.warnings), portal, log_format, service, mail)
 
 
 def _replace(obj: T, **changes: Any) -> T:
@@ -496,6 +499,7 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
     options = LdapOptions(
         urls=list(urls), bind_dn=bind_dn, bind_password=password, user_base=user_base,
         user_filter=user_filter, username_attribute=r.str("username_attribute", "uid"),
+        mail_attribute=r.str("mail_attribute", "mail"),
         group_base=r.str("group_base"),
         group_filter=r.str("group_filter", "(|(member={dn})(uniqueMember={dn}))"),
         use_memberof=r.bool("use_memberof", True), start_tls=r.bool("start_tls", False),
@@ -702,3 +706,52 @@ def _portal(r: _Reader) -> PortalSettings | None:
             "passwords and codes cross the network in clear; set cert_file and key_file "
             "(or put a TLS reverse proxy on the same host in front of a loopback listener)")
     return PortalSettings(listen, cert, key, public_url, minutes)
+
+
+def _mail(r: _Reader) -> MailConfig | None:
+    """``[mail]``; None when ``smtp`` is "" (no mail)."""
+    from policy.mail import RetryPolicy, TemplateError
+    from proxy.mail.templates import load_templates
+
+    security = r.str("security", "starttls", SECURITY)
+    raw = r.str("smtp", "127.0.0.1:25")
+    username = r.str("username")
+    password = r.secret("password", required=False)
+    from_header = r.str("from")
+    reminder_hours = r.int("reminder_hours", 24, 0, 24 * 365)
+    ca_file = r.path("ca_file")
+    if ca_file and not ca_file.is_file():
+        r.problem("ca_file", f"cannot read {ca_file}")
+    tls_verify = r.bool("tls_verify", True)
+    timeout = r.float("timeout_seconds", 30.0, 0.5, 600)
+    retry = RetryPolicy(first_seconds=r.int("retry_seconds", 60, 1, 86400),
+                        max_seconds=r.int("retry_max_seconds", 3600, 1, 7 * 86400),
+                        give_up_seconds=r.int("give_up_hours", 48, 1, 24 * 60) * 3600)
+    claim = r.int("claim_seconds", 300, 1, 86400)
+    poll = r.float("poll_seconds", 15.0, 0.2, 60)
+    folder = r.path("templates")
+    if folder and not folder.is_dir():
+        r.problem("templates", f"not a folder: {folder}")
+        folder = None
+    try:
+        templates = load_templates(folder)
+    except TemplateError as e:
+        r.problem("templates", str(e))
+        templates = {}
+    if not raw:
+        return None
+    try:
+        host, port = parse_server(raw, security)
+    except ValueError as e:
+        r.problem("smtp", str(e))
+        return None
+    config = MailConfig(host, port, security, username, password, from_header, reminder_hours,
+                        str(ca_file or ""), tls_verify, timeout, retry, claim, poll,
+                        templates=templates, templates_dir=folder)
+    for problem in config.problems():
+        key, _, message = problem.partition(": ")
+        if not any(p.startswith(f"{r.key(key)}:") for p in r.cfg.problems):
+            r.problem(key, message)
+    r.cfg.warnings.extend(f"{r.key(w.partition(': ')[0])}: {w.partition(': ')[2]}"
+                          for w in config.warnings())
+    return config

@@ -65,6 +65,14 @@ class Metrics:
         self.portal_setups = Counter(
             "mfa_proxy_portal_setups", "Key set-ups confirmed or refused in the portal",
             ["result"], registry=r)
+        self.mail_sent = Counter(
+            "mfa_proxy_mail_sent", "Mails accepted by the SMTP server, by event", ["event"],
+            registry=r)
+        self.mail_failed = Counter(
+            "mfa_proxy_mail_failed", "Mail attempts that failed (and mails given up: "
+            "gave_up), by reason", ["reason"], registry=r)
+        self.mail_queue = Gauge(
+            "mfa_proxy_mail_queue", "Mails waiting in the outbox (pending)", registry=r)
         self.up = Gauge("mfa_proxy_ready", "1 while the state store and directory answer",
                         registry=r)
         self.config_reloads = Counter(
@@ -164,3 +172,19 @@ class PortalMetrics:
 
     def lockout(self) -> None:
         self.m.lockouts.inc()
+
+
+class MailMetrics:
+    """proxy.mail.sender.MailEvents → Prometheus."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def sent(self, event: str) -> None:
+        self.m.mail_sent.labels(event).inc()
+
+    def failed(self, reason: str) -> None:
+        self.m.mail_failed.labels(reason).inc()
+
+    def queue(self, pending: int) -> None:
+        self.m.mail_queue.set(pending)

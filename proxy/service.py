@@ -204,6 +204,7 @@ class Service:
         self._listen_radius()
         self._listen_ldap()
         self._listen_portal()
+        self._start_mail()
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
 
     def _every(self, seconds: float, f: Any, now: bool = False) -> None:
@@ -342,8 +343,11 @@ class Service:
         from proxy.state import make_accounts
 
         s = self.settings
+        from proxy.state import mail_events
+
+        events = mail_events(s, self.store, origin="the self-service portal")
         portal = Portal(
-            self.authenticate, make_accounts(s, self.store, self.keys),
+            self.authenticate, make_accounts(s, self.store, self.keys, events=events),
             PortalSessions(self.store, p.session_minutes * 60),
             LoginCsrf(self.keys.derive(b"portal-login-csrf")), self.in_state_thread,
             Branding(s.totp.issuer, s.totp.digits, s.totp.period), tls=p.tls,
@@ -544,7 +548,35 @@ class Service:
         check()
         return closed
 
+    def _start_mail(self) -> None:
+        """The sender loop over the outbox (proxy/mail/sender.py). SMTP runs in a
+        thread of its own (daemon: a dead mail server never holds up a stop; the
+        mail it was sending is sent again once its claim runs out)."""
+        m = self.settings.mail
+        if m is None:
+            return
+        from proxy.mail import smtp
+        from proxy.mail.sender import MailSender
+        from proxy.metrics import MailMetrics
+        from proxy.state import mail_context
+
+        self.mail_workers = BatchWorkers(self.reactor, 1, "mail")
+        self.mail_workers.start()
+
+        def send(to: str, message: Any) -> Deferred[Any]:
+            return self.mail_workers.submit(smtp.send, m, to, message)
+
+        self.mail = MailSender(m, self.store, mail_context(self.settings),
+                               self.in_state_thread, self.async_directory.lookup, send,
+                               time.time, MailMetrics(self.metrics))
+        self._every(m.poll_seconds, self.mail.tick, now=True)
+        log.info("mail via %s (%s), reminders %s", m.server, m.security,
+                 f"{m.reminder_hours} h before the deadline" if m.reminder_hours else "off")
+
     def stop_threads(self) -> None:
+        mail = getattr(self, "mail_workers", None)
+        if mail is not None:
+            mail.stop(timeout=1.0)  # a send under way is left to its claim
         for name in ("state_workers", "report_workers"):
             workers = getattr(self, name, None)
             if workers is not None:

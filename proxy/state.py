@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from policy.admin import AccountEvents, Accounts
 from policy.clock import Clock
@@ -14,6 +15,9 @@ from policy.store import Store, StoreError
 from policy.totp import TotpParams
 from proxy.config import Settings, StateSettings, TotpSettings
 from proxy.directories import username_rules
+
+if TYPE_CHECKING:
+    from policy.mail import MailContext
 
 
 def open_store(state: StateSettings, clock: Clock = time.time,
@@ -40,6 +44,25 @@ def totp_params(t: TotpSettings) -> TotpParams:
     return TotpParams(t.digits, t.period, t.window)
 
 
+def mail_events(settings: Settings, store: Store, origin: str,
+                clock: Clock = time.time) -> AccountEvents | None:
+    """The listener that queues mails in the outbox (None when ``[mail]`` is off).
+    ``origin``: where admin actions come from, for the security notice."""
+    if settings.mail is None:
+        return None
+    from policy.mail import OutboxEvents
+
+    return OutboxEvents(store, clock, settings.mail.reminder_hours * 3600, origin)
+
+
+def mail_context(settings: Settings) -> MailContext:
+    """What every mail may say besides its own facts."""
+    from policy.mail import MailContext
+
+    return MailContext(settings.totp.issuer, settings.portal.public_url if settings.portal
+                       else "", settings.mail.templates if settings.mail else {})
+
+
 def make_accounts(settings: Settings, store: Store, keys: KeyRing | Callable[[], KeyRing],
                   clock: Clock = time.time, events: AccountEvents | None = None) -> Accounts:
     return Accounts(store, keys, totp_params(settings.totp), settings.totp.issuer,
@@ -48,4 +71,4 @@ def make_accounts(settings: Settings, store: Store, keys: KeyRing | Callable[[],
                     lockout_seconds=settings.policy.lockout_seconds)
 
 
-__all__ = ["make_accounts", "open_store", "totp_params"]
+__all__ = ["mail_context", "mail_events", "make_accounts", "open_store", "totp_params"]

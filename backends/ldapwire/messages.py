@@ -509,6 +509,7 @@ class UserEntry(NamedTuple):
     dn: str
     name: str | None  # the first value of the username attribute
     member_of: list[str]  # empty unless memberOf is used
+    mail: str | None = None  # the first value of the mail attribute
 
 
 class UserEntryReader:
@@ -518,15 +519,18 @@ class UserEntryReader:
     rather than decoded, which is what keeps this cheaper than decode_entry.
     """
 
-    def __init__(self, username_attribute: str, use_memberof: bool) -> None:
+    def __init__(self, username_attribute: str, use_memberof: bool,
+                 mail_attribute: str = "") -> None:
         # Attribute types are ASCII, so bytes.lower() is str.lower() here.
         self._name = username_attribute.lower().encode()
         self._member_of = b"memberof" if use_memberof else None
+        self._mail = mail_attribute.lower().encode() or None
 
     def read(self, message: bytes, start: int, end: int) -> UserEntry:
         dn_start, dn_end = expect(message, start, end, OCTET_STRING)
         attrs_start, attrs_end = expect(message, dn_end, end, SEQUENCE)
         name: str | None = None
+        mail: str | None = None
         member_of: list[str] = []
         pos = attrs_start
         while pos < attrs_end:
@@ -539,4 +543,7 @@ class UserEntryReader:
                 name = values[0] if values else None
             if kind == self._member_of:
                 member_of = _values(message, vals_start, vals_end)
-        return UserEntry(_text(message[dn_start:dn_end]), name, member_of)
+            if kind == self._mail:
+                mails = _values(message, vals_start, vals_end)
+                mail = mails[0] if mails else None
+        return UserEntry(_text(message[dn_start:dn_end]), name, member_of, mail)

@@ -120,7 +120,9 @@ def test_the_wheel_carries_the_package_data(installed: Install) -> None:
                 REPO / "conf" / "prometheus" / "mfa-proxy-rules.yml",
             "proxy/data/systemd/mfa-proxy.service":
                 REPO / "conf" / "systemd" / "mfa-proxy.service",
+            **{f"proxy/data/mail/{p.name}": p for p in (REPO / "conf" / "mail").glob("*.txt")},
         }
+        assert len(shipped) == 4 + 7
         for name, source in shipped.items():
             assert name in names, name
             assert wheel.read(name) == source.read_bytes(), name  # the file, not a link
@@ -165,6 +167,12 @@ secret = "{NAS_SECRET}"
 
 [http]
 listen = "127.0.0.1:{http}"
+
+# the mail templates are package data: check-config and serve load them
+[mail]
+smtp = "127.0.0.1:{free_tcp_port()}"
+security = "none"
+from = "MFA <mfa@example.org>"
 """)
     return config
 

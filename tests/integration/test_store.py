@@ -73,7 +73,7 @@ def store(backend: str, clock: Clock, request: pytest.FixtureRequest,
         # CREATE DATABASE costs half a second: reuse one database, emptied
         s = Store(request.getfixturevalue("pg_store_url"), clock)
         with s.engine.begin() as c:
-            c.execute(text("TRUNCATE users, audit, repeat_cache"))
+            c.execute(text("TRUNCATE users, audit, repeat_cache, mail_outbox"))
     yield s
     s.close()
 
@@ -515,3 +515,102 @@ def test_users_whose_enrollment_ends_soon(store: Store) -> None:
     store.set_secret("keyed", b"x", 1)  # enrolled: not in a period
     assert store.count_enrollment_ending(T0, [DAY, 3 * DAY]) == {DAY: 1, 3 * DAY: 2}
     assert store.count_enrollment_ending(T0, [60]) == {60: 0}
+
+
+# -- the mail outbox ----------------------------------------------------------------------
+
+
+def test_a_transaction_commits_the_change_and_its_mail_together(store: Store) -> None:
+    from policy.store import OutboxMail
+
+    with pytest.raises(RuntimeError), store.transaction():
+        store.require("alice", T0 + DAY)
+        store.enqueue_mail([OutboxMail("required", "alice", T0 + DAY)])
+        raise RuntimeError("crash before the commit")
+    assert store.get("alice") is None
+    assert store.mail_queue() == []
+    with store.transaction():
+        store.require("alice", T0 + DAY)
+        store.enqueue_mail([OutboxMail("required", "alice", T0 + DAY)])
+    assert store.get("alice") is not None
+    assert [(m.event, m.username, m.deadline) for m in store.mail_queue()] == [
+        ("required", "alice", T0 + DAY)]
+
+
+def test_claim_takes_each_mail_once_until_the_lease_runs_out(store: Store,
+                                                            clock: Clock) -> None:
+    from policy.store import OutboxMail
+
+    store.enqueue_mail([OutboxMail("required", f"u{i}", T0 + DAY) for i in range(3)])
+    first = store.claim_mail(T0, 60, "a")
+    assert [m.username for m in first] == ["u0", "u1", "u2"]
+    assert all(m.attempts == 1 and m.claim_token == "a" for m in first)
+    assert store.claim_mail(T0 + 59, 60, "b") == []
+    assert store.finish_mail(first[0].id, "a", "sent", T0 + 1, address="u0@example.org")
+    assert store.retry_mail(first[1].id, "a", T0 + 30, "421 try later")
+    again = store.claim_mail(T0 + 30, 60, "b")
+    assert [m.username for m in again] == ["u1"]
+    assert again[0].attempts == 2 and again[0].last_error == "421 try later"
+    # a's claim on u2 ran out (a died): b may take it, and a can no longer fail it
+    late = store.claim_mail(T0 + 61, 60, "b")
+    assert [m.username for m in late] == ["u2"]
+    assert not store.retry_mail(first[2].id, "a", T0 + 62, "stale")
+    assert store.pending_mail_count() == 2
+    assert [m.status for m in store.mail_queue(("sent",))] == ["sent"]
+
+
+def test_reminders_are_queued_once_per_period(store: Store, clock: Clock) -> None:
+    store.require("alice", T0 + 10 * 3600)   # within 24 h
+    store.require("bob", T0 + 3 * DAY)       # not yet
+    store.require("carol", T0 + 3600)
+    store.set_secret("carol", b"key", 1)     # enrolled: none
+    store.require("dave", T0 - 1)            # expired: none
+    assert store.queue_reminders(T0, DAY) == [("alice", T0 + 10 * 3600)]
+    assert store.queue_reminders(T0 + 60, DAY) == []
+    store.extend("alice", T0 + 20 * 3600)    # a new period: a new reminder
+    assert store.queue_reminders(T0 + 120, DAY) == [("alice", T0 + 20 * 3600)]
+    assert store.queue_reminders(T0 + 2 * DAY + 1, DAY) == [("bob", T0 + 3 * DAY)]
+    assert [(m.event, m.username) for m in store.mail_queue()] == [
+        ("reminder", "alice"), ("reminder", "alice"), ("reminder", "bob")]
+
+
+@pytest.mark.postgres
+def test_two_instances_claim_and_remind_each_exactly_once(pg_store_url: str) -> None:
+    """Several stores (as several serve instances) at once, on PostgreSQL: every
+    mail is claimed by one of them, every reminder queued by one of them."""
+    import threading
+
+    from policy.store import OutboxMail
+
+    stores = [Store(pg_store_url, Clock()) for _ in range(4)]
+    try:
+        with stores[0].engine.begin() as c:
+            c.execute(text("TRUNCATE users, audit, repeat_cache, mail_outbox"))
+        for i in range(200):
+            stores[0].require(f"user{i:03d}", T0 + 3600)
+        stores[0].enqueue_mail([OutboxMail("required", f"user{i:03d}", T0) for i in range(300)])
+        barrier = threading.Barrier(len(stores))
+        claimed: list[list[int]] = [[] for _ in stores]
+        reminded: list[list[str]] = [[] for _ in stores]
+
+        def work(n: int) -> None:
+            barrier.wait()
+            for _ in range(30):
+                reminded[n] += [u for u, _ in stores[n].queue_reminders(T0, DAY, limit=20)]
+                claimed[n] += [m.id for m in stores[n].claim_mail(T0, 600, f"t{n}", limit=7)]
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        all_claims = [i for c in claimed for i in c]
+        assert len(all_claims) == len(set(all_claims))
+        all_reminders = [u for r in reminded for u in r]
+        assert sorted(all_reminders) == [f"user{i:03d}" for i in range(200)]
+        # the reminders are in the outbox too: claimed like the others, once each
+        rest = [m.id for m in stores[0].claim_mail(T0, 600, "last", limit=1000)]
+        assert len(all_claims) + len(rest) == 500 == len(set(all_claims) | set(rest))
+    finally:
+        for s in stores:
+            s.close()

@@ -59,8 +59,9 @@ class Recorder:
 
     seen: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def required(self, username: str, deadline: int) -> None:
-        self.seen.append(("required", username, deadline))
+    def required(self, username: str, deadline: int, notify: bool = True) -> None:
+        self.seen.append(("required", username, deadline) if notify else
+                         ("required", username, deadline, "no mail"))
 
     def enrolled(self, username: str) -> None:
         self.seen.append(("enrolled", username))
@@ -71,7 +72,7 @@ class Recorder:
     def extended(self, username: str, deadline: int) -> None:
         self.seen.append(("extended", username, deadline))
 
-    def setup_confirmed(self, username: str, replaced: bool) -> None:
+    def setup_confirmed(self, username: str, replaced: bool, source: str = "") -> None:
         self.seen.append(("setup_confirmed", username, replaced))
 
     def unrequired(self, username: str) -> None:

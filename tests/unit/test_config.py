@@ -733,3 +733,87 @@ def test_plain_http_portal_on_a_non_loopback_address_is_a_warning(tmp_path: Path
 def test_portal_problems_name_their_key(tmp_path: Path, snippet: str, message: str) -> None:
     found = problems(tmp_path, BASE + "[portal]\n" + snippet + "\n")
     assert any(p.startswith(message) for p in found), found
+
+
+# -- [mail] -------------------------------------------------------------------------------
+
+
+def test_mail_section_with_its_defaults(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE + '[mail]\nsmtp = "smtp.example.org:587"\n'
+                   'from = "MFA <mfa@example.org>"\n'))
+    m = s.mail
+    assert m is not None
+    assert (m.host, m.port, m.security, m.tls_verify, m.reminder_hours) == (
+        "smtp.example.org", 587, "starttls", True, 24)
+    assert m.envelope_from == "mfa@example.org"
+    assert set(m.templates) == {"required", "reminder", "extended", "reset", "enrolled",
+                                "user_reset", "test"}
+    assert (m.retry.first_seconds, m.retry.give_up_seconds, m.claim_seconds) == (
+        60, 48 * 3600, 300)
+
+
+def test_no_mail_section_or_an_empty_smtp_is_no_mail(tmp_path: Path) -> None:
+    assert load(write(tmp_path, BASE)).mail is None
+    assert load(write(tmp_path, BASE + '[mail]\nsmtp = ""\n')).mail is None
+
+
+@pytest.mark.parametrize(("value", "security", "expected"), [
+    ("mail.example.org", "tls", ("mail.example.org", 465)),
+    ("127.0.0.1:2525", "none", ("127.0.0.1", 2525)),
+    ("[::1]:25", "starttls", ("::1", 25)),
+])
+def test_smtp_host_and_port(tmp_path: Path, value: str, security: str,
+                            expected: tuple[str, int]) -> None:
+    s = load(write(tmp_path, BASE + f'[mail]\nsmtp = "{value}"\nsecurity = "{security}"\n'
+                   'from = "mfa@example.org"\n'))
+    assert s.mail is not None and (s.mail.host, s.mail.port) == expected
+
+
+def test_mail_problems_name_their_keys(tmp_path: Path) -> None:
+    found = problems(tmp_path, BASE + '[mail]\nsmtp = "a:b:c"\nsecurity = "ssl"\n'
+                     'reminder_hours = -1\nusername = "u"\nclaim_seconds = 10\n'
+                     'templates = "missing"\nbogus = 1\n')
+    keys = sorted(p.partition(":")[0] for p in found)
+    assert keys == ["mail.bogus", "mail.reminder_hours", "mail.security", "mail.smtp",
+                    "mail.templates"], found
+    found = problems(tmp_path, BASE + '[mail]\nsmtp = "127.0.0.1:25"\nusername = "u"\n'
+                     'claim_seconds = 10\n')
+    assert sorted(p.partition(":")[0] for p in found) == [
+        "mail.claim_seconds", "mail.from", "mail.password_file"], found
+
+
+def test_a_template_folder_overrides_and_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "reminder.txt").write_text("Subject: $username!\n\n$deadline\n")
+    (tmp_path / "mail" / "reminder.html").write_text("<p>$username</p>\n")
+    s = load(write(tmp_path, BASE + '[mail]\nsmtp = "127.0.0.1:25"\nfrom = "m@example.org"\n'
+                   'templates = "mail"\n'))
+    assert s.mail is not None
+    reminder = s.mail.templates["reminder"]
+    assert (reminder.subject, reminder.html) == ("$username!", "<p>$username</p>\n")
+    assert "Security notice" in s.mail.templates["enrolled"].subject  # the packaged one
+    (tmp_path / "mail" / "reminder.txt").write_text("Subject: $user\n\nx\n")
+    [problem] = problems(tmp_path, BASE + '[mail]\nsmtp = "127.0.0.1:25"\n'
+                         'from = "m@example.org"\ntemplates = "mail"\n')
+    assert problem.startswith("mail.templates: ") and "unknown placeholder $user" in problem
+
+
+def test_auth_in_clear_and_no_verification_are_warnings(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("secret\n")
+    s = load(write(tmp_path, BASE + '[mail]\nsmtp = "mail.example.org:25"\nsecurity = "none"\n'
+                   'from = "m@example.org"\nusername = "u"\npassword_file = "pw"\n'))
+    assert s.mail is not None and s.mail.password == "secret"
+    assert any(w.startswith("mail.security:") for w in s.warnings)
+    s = load(write(tmp_path, BASE + '[mail]\nsmtp = "mail.example.org"\n'
+                   'from = "m@example.org"\ntls_verify = false\n'))
+    assert any(w.startswith("mail.tls_verify:") for w in s.warnings)
+
+
+def test_directory_mail_attribute(tmp_path: Path) -> None:
+    ldap = BASE.replace('type = "local"\nusers_file = "users.toml"\n',
+                        'type = "ldap"\nurls = ["ldap://127.0.0.1:389"]\n'
+                        'user_base = "ou=people,dc=example,dc=org"\n')
+    s = load(write(tmp_path, ldap))
+    assert s.directory.ldap is not None and s.directory.ldap.mail_attribute == "mail"
+    s = load(write(tmp_path, ldap + 'mail_attribute = "proxyMail"\n'))
+    assert s.directory.ldap is not None and s.directory.ldap.mail_attribute == "proxyMail"

@@ -307,6 +307,9 @@ def test_user_entry_reader_agrees_with_decode_entry(
         user = UserEntryReader("uid", use_memberof).read(message, start, end)
         assert user.dn == full.dn and user.name == full.first("uid")
         assert user.member_of == (full.values("memberOf") if use_memberof else [])
+        assert user.mail is None
+    with_mail = UserEntryReader("uid", True, "Mail").read(message, start, end)
+    assert with_mail.mail == full.first("mail")
 
 
 def test_large_replies_in_pieces_and_several_in_one_piece() -> None:

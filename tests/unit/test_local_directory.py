@@ -162,3 +162,20 @@ def test_bad_hash_in_file_refuses(tmp_path: Path) -> None:
     path.write_text('[users.alice]\npassword = "plaintext-not-a-hash"\n')
     with pytest.raises(InvalidCredentials):
         LocalDirectory(path, FAST).verify("alice", "plaintext-not-a-hash")
+
+
+def test_the_mail_address_is_kept_with_the_entry(users: LocalDirectory) -> None:
+    users.set_password("alice", "correct horse", ["vpn"], "alice@example.org")
+    found = users.lookup("ALICE")
+    assert found is not None and found.mail == "alice@example.org"
+    users.set_password("alice", "new horse")  # None: the address stays
+    assert users.verify("alice", "new horse").mail == "alice@example.org"
+    users.update("alice", email="a@example.org")  # the password stays
+    assert users.verify("alice", "new horse").mail == "a@example.org"
+    assert users.lookup("alice").groups == ("vpn",)  # type: ignore[union-attr]
+    users.update("alice", email="")
+    assert users.lookup("alice").mail is None  # type: ignore[union-attr]
+    with pytest.raises(UnknownUser):
+        users.update("bob", email="bob@example.org")
+    with pytest.raises(ValueError):
+        users.update("alice", email='x"\nevil = "1')

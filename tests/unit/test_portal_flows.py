@@ -120,7 +120,7 @@ def test_a_good_code_activates_the_pending_key(world: World) -> None:
     assert record is not None and record.secret is not None
     assert world.keys.decrypt(record.secret, "alice").decode() == setup.totp_key
     assert world.accounts.pending_setup("alice") is None
-    assert ("setup_confirmed", "alice", False) in world.events.seen
+    assert ("setup_confirmed", "alice", False, "10.0.0.9") in world.events.seen
     audit = world.store.recent_audit("alice")
     assert [(a.protocol, a.result, a.reason, a.source) for a in audit] == [
         ("portal", "accept", "setup_confirmed", "10.0.0.9")]
@@ -175,7 +175,7 @@ def test_the_old_key_keeps_working_until_the_new_one_is_confirmed(world: World) 
     record = world.store.get("alice")
     assert record is not None and record.secret is not None
     assert world.keys.decrypt(record.secret, "alice").decode() == new.totp_key
-    assert ("setup_confirmed", "alice", True) in world.events.seen  # a reset by the user
+    assert ("setup_confirmed", "alice", True, "") in world.events.seen  # a reset by the user
 
 
 def test_a_code_of_the_old_key_does_not_confirm_the_new_one(world: World) -> None:

@@ -122,7 +122,7 @@ def test_the_wheel_carries_the_package_data(installed: Install) -> None:
                 REPO / "conf" / "systemd" / "mfa-proxy.service",
             **{f"proxy/data/mail/{p.name}": p for p in (REPO / "conf" / "mail").glob("*.txt")},
         }
-        assert len(shipped) == 4 + 7
+        assert len(shipped) == 4 + 3 + 7  # configs, monitoring and unit, mail templates
         for name, source in shipped.items():
             assert name in names, name
             assert wheel.read(name) == source.read_bytes(), name  # the file, not a link

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from policy.admin import NoAccountEvents
 from policy.clock import Clock
 from policy.escaping import escape_controls
 
@@ -61,7 +62,7 @@ DEADLINE_EVENTS = frozenset({MailEvent.REQUIRED, MailEvent.REMINDER, MailEvent.E
 PLACEHOLDERS = ("username", "deadline", "days", "public_url", "issuer", "when", "source")
 
 
-class OutboxEvents:
+class OutboxEvents(NoAccountEvents):
     """:class:`policy.admin.AccountEvents` → mails in the outbox, in the change's
     transaction.
 
@@ -102,15 +103,6 @@ class OutboxEvents:
     def setup_confirmed(self, username: str, replaced: bool, source: str = "") -> None:
         self._queue(MailEvent.USER_RESET if replaced else MailEvent.ENROLLED, username,
                     at=int(self.clock()), by="user", source=source)
-
-    def unrequired(self, username: str) -> None:
-        pass
-
-    def unlocked(self, username: str) -> None:
-        pass
-
-    def bypass_changed(self, username: str, on: bool) -> None:
-        pass
 
     def imported(self, enrolled: Sequence[str], required: Sequence[tuple[str, int]]) -> None:
         """A bulk import sends nothing: it is how keys are migrated from another

@@ -122,14 +122,14 @@ async def _probe(directory: slapd.Directory, port: int, creds: WithCodes) -> dic
     drawn = creds(time.time())
     if drawn is None:
         raise RuntimeError("user pool empty before the first bind")
-    i, secret = drawn
+    i, bind_password = drawn
     conn = await ldapload.connect("127.0.0.1", port)
     try:
-        out["proxy_bind_with_code"] = (await conn.bind(user_dn(i), secret)).code
+        out["proxy_bind_with_code"] = (await conn.bind(user_dn(i), bind_password)).code
         out["proxy_search"] = ldapload.check_entry(
             await conn.search(user_dn(i), ldapload.SCOPE_BASE, "uid", uid(i),
                               ldapload.ENTRY_ATTRIBUTES), user_dn(i)) or "ok"
-        out["proxy_replayed_code"] = (await conn.bind(user_dn(i), secret)).code
+        out["proxy_replayed_code"] = (await conn.bind(user_dn(i), bind_password)).code
         out["proxy_password_only"] = (await conn.bind(user_dn(i), password(i))).code
         out["proxy_search_after_refusal"] = (await conn.search(
             user_dn(i), ldapload.SCOPE_BASE, "uid", uid(i),

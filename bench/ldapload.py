@@ -67,9 +67,9 @@ def message(msgid: int, op: bytes) -> bytes:
     return tlv(0x30, integer(msgid) + op)
 
 
-def bind_request(msgid: int, dn: str, secret: str) -> bytes:
+def bind_request(msgid: int, dn: str, bind_password: str) -> bytes:
     return message(msgid, tlv(0x60, integer(3) + tlv(0x04, dn.encode())
-                              + tlv(0x80, secret.encode())))
+                              + tlv(0x80, bind_password.encode())))
 
 
 def unbind_request(msgid: int) -> bytes:
@@ -179,8 +179,8 @@ class Connection(asyncio.Protocol):
         self.msgid = self.msgid % 0x7FFFFFFF + 1
         return self.msgid
 
-    def bind(self, dn: str, secret: str) -> asyncio.Future[Reply]:
-        return self._send(bind_request(self.next_id(), dn, secret))
+    def bind(self, dn: str, bind_password: str) -> asyncio.Future[Reply]:
+        return self._send(bind_request(self.next_id(), dn, bind_password))
 
     def search_uid(self, value: str) -> asyncio.Future[Reply]:
         return self._send(search_request(self.next_id(), PEOPLE_DN, "uid", value))
@@ -201,10 +201,10 @@ async def connect(host: str, port: int) -> Connection:
     return conn
 
 
-def try_simple_bind(host: str, port: int, dn: str, secret: str, timeout: float = 2.0) -> int:
+def try_simple_bind(host: str, port: int, dn: str, bind_password: str, timeout: float = 2.0) -> int:
     """A blocking simple bind: the result code (0 = success); raises when unreachable."""
     with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(bind_request(1, dn, secret))
+        s.sendall(bind_request(1, dn, bind_password))
         buf = b""
         while True:
             chunk = s.recv(4096)
@@ -421,9 +421,9 @@ async def _frontend_worker(workload: str, host: str, port: int, conn: Connection
                         if window["stopped"] is None:
                             window["stopped"] = t0
                         return
-                    i, secret = drawn
+                    i, bind_password = drawn
                     dn = user_dn(i)
-                    bound = await conn.bind(dn, secret)
+                    bound = await conn.bind(dn, bind_password)
                     t1 = mono()
                     bind_s = t1 - t0
                     if bound.code != 0:

@@ -52,7 +52,7 @@ class ProxyConfig:
     path: Path
     radius_port: int  # 0: no [radius] section
     http_port: int
-    secret: str  # the RADIUS client's ("" without [radius])
+    nas_secret: str  # the RADIUS client's ("" without [radius])
     ldap_port: int = 0  # 0: no [ldap] section
 
 
@@ -62,7 +62,7 @@ def write_config(workdir: Path, ldap_url: str, log_level: str = "info", radius: 
     radius_port = free_udp_pair() if radius else 0
     ldap_port = free_port() if ldap else 0
     http_port = free_port()
-    secret = secrets.token_urlsafe(24) if radius else ""
+    nas_secret = secrets.token_urlsafe(24) if radius else ""
     radius_section = f"""
 [radius]
 listen = ["127.0.0.1:{radius_port}"]
@@ -74,7 +74,7 @@ require_message_authenticator = true
 [[radius.clients]]
 name = "bench"
 address = "127.0.0.1/32"
-secret = "{secret}"
+secret = "{nas_secret}"
 mfa = "enrolled"
 """ if radius else ""
     ldap_section = f"""
@@ -121,7 +121,7 @@ listen = "127.0.0.1:{http_port}"
 [logging]
 level = "{log_level}"
 """)
-    return ProxyConfig(path, radius_port, http_port, secret, ldap_port)
+    return ProxyConfig(path, radius_port, http_port, nas_secret, ldap_port)
 
 
 def run_cli(args: list[str], log: Path, timeout: float) -> str:

@@ -202,7 +202,7 @@ def run_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
     server.remember_children()
     say(f"proxy: serving, pid {server.pid}, RADIUS 127.0.0.1:{config.radius_port}")
     target = radiusload.Target("mfa-proxy", "127.0.0.1", config.radius_port,
-                               config.secret.encode(), ",",
+                               config.nas_secret.encode(), ",",
                                {"mfa-proxy": server.pid, "slapd": directory.pid},
                                ("mfa-proxy",))
     pool = radiusload.UserPool(directory.users, reuse=not a.no_reuse, seed=11)
@@ -218,7 +218,7 @@ def run_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
         "levels": levels, "import_seconds": import_s, "memory_kb_at_start": memory_start,
         "memory_kb_at_end": proxy_memory(server.pid),
         "users_drawn": pool.drawn, "users_reused": pool.reused,
-        "config": config.path.read_text().replace(config.secret, "<secret>"),
+        "config": config.path.read_text().replace(config.nas_secret, "<secret>"),
     }
     if a.profile:
         out["profile"] = profile_proxy(target, pool, codes, server.pid, workdir, a)

@@ -47,7 +47,7 @@ LOOPBACK = bytes((127, 0, 0, 1))
 # ---------------------------------------------------------------- RFC 2865 / 3579
 
 
-def hide_password(plain: bytes, secret: bytes, authenticator: bytes) -> bytes:
+def hide_password(plain: bytes, nas_secret: bytes, authenticator: bytes) -> bytes:
     """RFC 2865 §5.2: c(i) = p(i) xor MD5(S + c(i-1)), c(0) = Request Authenticator."""
     if not 0 < len(plain) <= 128:
         raise ValueError("User-Password must be 1..128 octets")
@@ -55,7 +55,7 @@ def hide_password(plain: bytes, secret: bytes, authenticator: bytes) -> bytes:
     out = bytearray()
     chain = authenticator
     for k in range(0, len(padded), 16):
-        key = hashlib.md5(secret + chain).digest()  # noqa: S324 - RFC 2865 says MD5
+        key = hashlib.md5(nas_secret + chain).digest()  # noqa: S324 - RFC 2865 says MD5
         chain = bytes(a ^ b for a, b in zip(padded[k:k + 16], key, strict=True))
         out += chain
     return bytes(out)
@@ -65,20 +65,20 @@ def attribute(kind: int, value: bytes) -> bytes:
     return bytes((kind, len(value) + 2)) + value
 
 
-def access_request(ident: int, authenticator: bytes, secret: bytes, username: bytes,
+def access_request(ident: int, authenticator: bytes, nas_secret: bytes, username: bytes,
                    user_password: bytes, nas_port: int) -> bytes:
     body = (attribute(USER_NAME, username)
-            + attribute(USER_PASSWORD, hide_password(user_password, secret, authenticator))
+            + attribute(USER_PASSWORD, hide_password(user_password, nas_secret, authenticator))
             + attribute(NAS_IP_ADDRESS, LOOPBACK)
             + attribute(NAS_PORT, struct.pack(">I", nas_port & 0xFFFFFFFF)))
     length = 20 + 18 + len(body)
     head = struct.pack(">BBH", ACCESS_REQUEST, ident, length) + authenticator
     zeroed = head + attribute(MESSAGE_AUTHENTICATOR, bytes(16)) + body
-    mac = hmac.new(secret, zeroed, hashlib.md5).digest()
+    mac = hmac.new(nas_secret, zeroed, hashlib.md5).digest()
     return head + attribute(MESSAGE_AUTHENTICATOR, mac) + body
 
 
-def check_reply(data: bytes, authenticator: bytes, secret: bytes) -> str | None:
+def check_reply(data: bytes, authenticator: bytes, nas_secret: bytes) -> str | None:
     """None when the reply is authentic, else what is wrong with it. A reply without
     Message-Authenticator is authentic here; :func:`has_message_authenticator` tells."""
     if len(data) < 20:
@@ -87,7 +87,7 @@ def check_reply(data: bytes, authenticator: bytes, secret: bytes) -> str | None:
     if not 20 <= length <= len(data):
         return "bad length"
     data = data[:length]
-    want = hashlib.md5(data[:4] + authenticator + data[20:] + secret).digest()  # noqa: S324
+    want = hashlib.md5(data[:4] + authenticator + data[20:] + nas_secret).digest()  # noqa: S324
     if not hmac.compare_digest(want, data[4:20]):
         return "bad Response Authenticator"
     pos = 20
@@ -100,7 +100,7 @@ def check_reply(data: bytes, authenticator: bytes, secret: bytes) -> str | None:
                 return "bad Message-Authenticator length"
             zeroed = (data[:4] + authenticator + data[20:pos + 2] + bytes(16)
                       + data[pos + 18:])
-            if not hmac.compare_digest(hmac.new(secret, zeroed, hashlib.md5).digest(),
+            if not hmac.compare_digest(hmac.new(nas_secret, zeroed, hashlib.md5).digest(),
                                        data[pos + 2:pos + 18]):
                 return "bad Message-Authenticator"
         pos += size
@@ -208,8 +208,8 @@ class Counts:
 
 
 class RadiusSocket(asyncio.DatagramProtocol):
-    def __init__(self, secret: bytes, counts: Counts) -> None:
-        self.secret, self.counts = secret, counts
+    def __init__(self, nas_secret: bytes, counts: Counts) -> None:
+        self.nas_secret, self.counts = nas_secret, counts
         self.pending: dict[int, tuple[bytes, asyncio.Future[bytes | None]]] = {}
         ids = list(range(256))
         random.shuffle(ids)
@@ -228,7 +228,7 @@ class RadiusSocket(asyncio.DatagramProtocol):
             self.counts.stray += 1
             return
         authenticator, fut = entry
-        if check_reply(data, authenticator, self.secret) is not None:
+        if check_reply(data, authenticator, self.nas_secret) is not None:
             self.counts.bad_reply += 1
             return
         del self.pending[data[1]]
@@ -290,7 +290,7 @@ class Target:
     label: str
     host: str
     port: int
-    secret: bytes
+    nas_secret: bytes
     separator: str = ","
     watch: dict[str, int] = field(default_factory=dict)  # name -> pid (CPU, memory)
     memory_of: tuple[str, ...] = ()  # names in watch whose RSS is reported
@@ -300,7 +300,7 @@ async def _worker(target: Target, sock: RadiusSocket, pool: UserPool, codes: Cod
                   result: LevelResult, window: dict[str, float], timeout: float,
                   max_requests: int) -> None:
     loop = asyncio.get_running_loop()
-    secret = target.secret
+    nas_secret = target.nas_secret
     mono, wall = time.monotonic, time.time
     counted, warm = result.counts, result.outside_counts
     sep = target.separator
@@ -320,7 +320,7 @@ async def _worker(target: Target, sock: RadiusSocket, pool: UserPool, codes: Cod
             await asyncio.sleep(0.001)
         ident = sock.free.popleft()
         authenticator = os.urandom(16)
-        packet = access_request(ident, authenticator, secret, uid(i).encode(), user_password, i)
+        packet = access_request(ident, authenticator, nas_secret, uid(i).encode(), user_password, i)
         fut: asyncio.Future[bytes | None] = loop.create_future()
         sock.pending[ident] = (authenticator, fut)
         timer = loop.call_later(timeout, _expire, sock, ident, fut)
@@ -371,7 +371,7 @@ async def _level(target: Target, pool: UserPool, codes: Codes, concurrency: int,
     try:
         for _ in range(nsock):
             _, proto = await loop.create_datagram_endpoint(
-                lambda: RadiusSocket(target.secret, result.counts),
+                lambda: RadiusSocket(target.nas_secret, result.counts),
                 remote_addr=(target.host, target.port), family=socket.AF_INET)
             socks.append(proto)
         now = time.monotonic()
@@ -418,7 +418,7 @@ def probe(target: Target, pool: UserPool, codes: Codes, timeout: float = 5.0) ->
         raise RuntimeError("user pool empty before the first request")
     i, step = drawn
     authenticator = os.urandom(16)
-    packet = access_request(7, authenticator, target.secret, uid(i).encode(),
+    packet = access_request(7, authenticator, target.nas_secret, uid(i).encode(),
                             f"{password(i)}{target.separator}{codes.code(i, step)}".encode(), i)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
@@ -427,7 +427,7 @@ def probe(target: Target, pool: UserPool, codes: Codes, timeout: float = 5.0) ->
             data = s.recv(4096)
         except TimeoutError:
             return None
-    problem = check_reply(data, authenticator, target.secret)
+    problem = check_reply(data, authenticator, target.nas_secret)
     if problem is not None:
         raise RuntimeError(f"{target.label}: reply to the probe: {problem}")
     return data[0]

@@ -26,11 +26,11 @@ from policy.clock import Clock
 from policy.keys import KeyRing
 from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
 from policy.totp import (
-    InvalidSecret,
+    NotATotpKey,
     TotpParams,
     match_step,
-    new_secret,
-    normalize_secret,
+    new_totp_key,
+    normalize_totp_key,
     provisioning_uri,
 )
 from policy.usernames import InvalidUsername, UsernameRules
@@ -104,8 +104,8 @@ def parse_totp_key(raw: str) -> str:
     """A TOTP key as people paste it (spaces, lower case, padding) to its base32
     form, or :class:`InvalidTotpKey`."""
     try:
-        return normalize_secret(raw)
-    except InvalidSecret as e:
+        return normalize_totp_key(raw)
+    except NotATotpKey as e:
         raise InvalidTotpKey(str(e)) from None
 
 
@@ -337,7 +337,7 @@ class Accounts:
         """Make a key (or import ``totp_key``), active at once. A user who has a
         key keeps it unless ``force`` (:class:`AlreadyEnrolled`); a user not
         required yet is required (the period is moot: they are enrolled)."""
-        key = parse_totp_key(totp_key) if totp_key else new_secret()
+        key = parse_totp_key(totp_key) if totp_key else new_totp_key()
         record = self.store.get(username)
         if record is not None and record.enrolled and not force:
             raise AlreadyEnrolled(username)
@@ -346,7 +346,7 @@ class Accounts:
         with self.store.transaction():
             if record is None or not record.required:
                 self.store.require(username, self.period().deadline)
-            self.store.set_secret(username, blob, keys.current)
+            self.store.set_totp_key(username, blob, keys.current)
             self.events.enrolled(username)
         return Enrollment(username, key, provisioning_uri(key, username, self.issuer,
                                                           self.totp))
@@ -394,7 +394,7 @@ class Accounts:
         now = self.clock()
         record = self.store.get(username) or UserRecord(username)
         self._check_may_set_up(record, now)
-        key = new_secret()
+        key = new_totp_key()
         keys = self.keys
         self.store.set_pending(username, keys.encrypt(key.encode(), username), keys.current,
                                int(now) + self.pending_key_seconds)
@@ -406,7 +406,7 @@ class Accounts:
         pending = self.store.get_pending(username, self.clock())
         if pending is None:
             return None
-        key = self.keys.decrypt(pending.secret, username).decode()
+        key = self.keys.decrypt(pending.totp_key, username).decode()
         return self._enrollment(username, key)
 
     def confirm_setup(self, username: str, code: str, source: str = "") -> Confirmation:
@@ -428,7 +428,7 @@ class Accounts:
         pending = self.store.get_pending(username, now)
         if pending is None:
             return Confirmation(SetupOutcome.NO_PENDING_KEY)
-        key = self.keys.decrypt(pending.secret, username).decode()
+        key = self.keys.decrypt(pending.totp_key, username).decode()
         step = match_step(key, code.strip(), now, self.totp)
         if step is None:
             failure = self.store.record_failure(username, now, self.max_failures,
@@ -436,7 +436,7 @@ class Accounts:
             self.store.repeat_forget(username)
             return Confirmation(SetupOutcome.BAD_CODE, failure.lockout_started)
         with self.store.transaction():
-            activated = self.store.activate_pending(username, pending.secret, step, now)
+            activated = self.store.activate_pending(username, pending.totp_key, step, now)
             if activated:
                 self.events.setup_confirmed(username, replaced=record.enrolled, source=source)
         if not activated:
@@ -532,10 +532,10 @@ class Accounts:
                 raise ValueError(f"required_days must be {MIN_PERIOD_DAYS}–{MAX_PERIOD_DAYS}, "
                                  f"got {fields[2].strip()!r}")
             days = int(fields[2])
-        secret = fields[1].strip()
-        if not secret and days is None:
+        key = fields[1].strip()
+        if not key and days is None:
             raise ValueError("no secret and no required_days: nothing to do")
-        return ImportRow(name, normalize_secret(secret) if secret else None, days)
+        return ImportRow(name, normalize_totp_key(key) if key else None, days)
 
     def import_rows(self, rows: Sequence[ImportRow]) -> Imported:
         """Load good rows (from :meth:`parse_import`) in one transaction."""
@@ -559,14 +559,14 @@ class Accounts:
         version = ring.add_version()
         done = skipped = 0
         failed: list[str] = []
-        for batch in self.store.secrets_to_rotate(version):
+        for batch in self.store.keys_to_rotate(version):
             for name, blob in batch:
                 try:
                     plain = ring.decrypt(blob, name)
                 except Exception:  # a damaged row must not stop the others
                     failed.append(name)
                     continue
-                if self.store.replace_secret(name, blob, ring.encrypt(plain, name), version):
+                if self.store.replace_totp_key(name, blob, ring.encrypt(plain, name), version):
                     done += 1
                 else:
                     skipped += 1

@@ -7,9 +7,14 @@ Adapters translate their protocol into an :class:`AuthRequest` and a
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backends.base import Identity
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class MfaMode(enum.StrEnum):
@@ -66,13 +71,13 @@ class Reason(enum.StrEnum):
 class AuthRequest:
     """One sign-in attempt, protocol-neutral.
 
-    ``secret`` is what the user typed in the password field. When ``code`` is
-    given (a challenge answer, OpenVPN's static challenge) the secret is the
-    password alone; otherwise ``split`` says how a code may be appended to it.
+    ``password`` is what the user typed in the password field. When ``code`` is
+    given (a challenge answer, OpenVPN's static challenge) it is the password
+    alone; otherwise ``split`` says how a code may be appended to it.
     """
 
     username: str  # as the client gave it (logs); the core resolves it to the entry
-    secret: str
+    password: str
     protocol: str  # "radius" | "ldap" | ...
     client: str  # a bounded name: the configured client, never an address
     mfa: MfaMode = MfaMode.ENROLLED
@@ -82,7 +87,7 @@ class AuthRequest:
     # When set, the password was already verified by an earlier step
     # (the first round of a challenge): the directory is not asked again.
     verified_identity: Identity | None = None
-    # Idempotent success: same user, secret and code from the same client
+    # Idempotent success: same user, password and code from the same client
     # within this many seconds gets the same accept (0 = off).
     repeat_window_seconds: int = 0
     source: str = ""  # for logs and audit only (an address), never a metric label
@@ -107,10 +112,15 @@ class Decision:
     # What the client is told when it differs from ``reason``: an unknown name
     # is answered exactly like a locked account once it has been guessed at as often.
     public_reason: Reason | None = None
-    # The password part of the secret, on an accept where the directory checked it
+    # The password part of the password field, on an accept where the directory checked it
     # (the LDAP front-end binds its upstream session with it, after the decision).
     password: str = field(default="", repr=False)
 
     @property
     def accepted(self) -> bool:
         return self.outcome is Outcome.ACCEPT
+
+
+# The core's entry point as every front-end calls it
+# (:meth:`policy.engine.Authenticator.authenticate`): one request, one decision.
+Authenticate = Callable[[AuthRequest], "Deferred[Decision]"]

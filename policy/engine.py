@@ -7,7 +7,7 @@
    sees the counters the previous one left (a burst of guesses cannot all
    reach the directory before the lock).
 3. **begin**: the identity's lock and MFA state, before its password is
-   tried; the one reading of the secret (password, code).
+   tried; the one reading of the password field (password, code).
 4. **password**: the directory binds as the entry.
 5. **decide**: code, counters, audit -- on the state as it is then, the
    accept conditional on the identity not being locked.
@@ -81,7 +81,7 @@ class NoEvents:
 
 @dataclass(slots=True)  # per request: see policy/decision.py on frozen
 class Prepared:
-    """What ``begin`` learned: which entry, its state, and how to read the secret."""
+    """What ``begin`` learned: which entry, its state, and how to read the password field."""
 
     request: AuthRequest
     username: str  # canonical: the entry's own name, normalised
@@ -108,24 +108,24 @@ def enrollment_message(days: int, url: str = "") -> str:
     return f"{text}: {url}" if url else text
 
 
-def split_secret(secret: str, split: SplitMode, separator: str,
-                 digits: int) -> tuple[str, str | None]:
+def split_password(typed: str, split: SplitMode, separator: str,
+                   digits: int) -> tuple[str, str | None]:
     """One interpretation of a password field: (password, code or None).
 
     A code is taken only from the end, only when it is exactly ``digits``
     digits; the directory is never asked twice with two readings.
     """
     if split is SplitMode.CHALLENGE:
-        return secret, None
+        return typed, None
     if separator:
-        password, sep, code = secret.rpartition(separator)
+        password, sep, code = typed.rpartition(separator)
         if sep and len(code) == digits and code.isdigit() and code.isascii():
             return password, code
-        return secret, None
-    code = secret[-digits:]
-    if len(secret) > digits and code.isdigit() and code.isascii():
-        return secret[:-digits], code
-    return secret, None
+        return typed, None
+    code = typed[-digits:]
+    if len(typed) > digits and code.isdigit() and code.isascii():
+        return typed[:-digits], code
+    return typed, None
 
 
 class UnknownNames:
@@ -162,7 +162,7 @@ class UnknownNames:
 class PolicyEngine:
     """The synchronous steps of a decision, each a unit of state work.
 
-    ``begin`` (the entry's lock and state, the split of the secret) runs
+    ``begin`` (the entry's lock and state, the split of the password field) runs
     before the password is tried; ``decide`` (password verdict, code,
     counters) after. Both key everything by the entry's canonical name.
     """
@@ -216,15 +216,15 @@ class PolicyEngine:
     def begin(self, request: AuthRequest, identity: Identity, username: str
               ) -> Prepared | Decision:
         """Refuse a locked identity before the directory sees its password (no
-        password oracle, no burning the directory's own lockout); read the secret."""
+        password oracle, no burning the directory's own lockout); read the password field."""
         record = self.store.get(username) or UserRecord(username)
         if record.locked(self.clock()):
             return self._finish(request, username, Outcome.REJECT, Reason.LOCKED_OUT,
                                 locked_until=record.locked_until)
         needs_code = self._needs_code(record, request.mfa)
-        password, code = request.secret, request.code
+        password, code = request.password, request.code
         if needs_code and code is None:
-            password, code = split_secret(request.secret, request.split, request.separator,
+            password, code = split_password(request.password, request.split, request.separator,
                                           self.totp.digits)
         if not password and request.verified_identity is None:
             # Never sent to a directory (it would bind anonymously), never counted.
@@ -291,9 +291,9 @@ class PolicyEngine:
                 return self._failure(p, Reason.MISSING_CODE, identity)
             return self._locked_now(p) or self._finish(
                 p.request, p.username, Outcome.NEED_CODE, Reason.CODE_NEEDED, identity)
-        assert p.record.secret is not None
-        secret = self.keys.decrypt(p.record.secret, p.username).decode()
-        step = match_step(secret, p.code, now, self.totp)
+        assert p.record.totp_key is not None
+        key = self.keys.decrypt(p.record.totp_key, p.username).decode()
+        step = match_step(key, p.code, now, self.totp)
         if step is None:
             return self._failure(p, Reason.BAD_CODE, identity)
         # Conditional on the identity not being locked, atomically.
@@ -396,7 +396,7 @@ class PolicyEngine:
         gate (callers that race on purpose use it to test the store's atomicity)."""
         if not request.received_at:
             request.received_at = time.monotonic()
-        if not request.secret and request.verified_identity is None:
+        if not request.password and request.verified_identity is None:
             return self.refuse(request, request.username, Reason.EMPTY_PASSWORD)
         identity = request.verified_identity
         if identity is None:
@@ -578,7 +578,7 @@ class _SignIn:
         if request.verified_identity is not None:  # a challenge's second round
             self._resolved(request.verified_identity)
             return
-        if not request.secret:
+        if not request.password:
             self._done(self.engine.refuse(request, request.username, Reason.EMPTY_PASSWORD))
             return
         self.started = self.auth.clock()

@@ -93,7 +93,7 @@ class UserState(Base):
     username: Mapped[str] = mapped_column(String(256), primary_key=True)
     required: Mapped[bool] = mapped_column(Boolean, default=False)
     enrollment_deadline: Mapped[int | None] = mapped_column(BigInteger, index=True)
-    secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    totp_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_version: Mapped[int | None] = mapped_column(Integer)
     enrolled_at: Mapped[int | None] = mapped_column(BigInteger)
     last_step: Mapped[int | None] = mapped_column(BigInteger)
@@ -102,9 +102,9 @@ class UserState(Base):
     bypass: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
-    # A key the user is setting up in the portal: encrypted like ``secret``, not
-    # active until a code from it verifies (then moved to ``secret`` in one UPDATE).
-    pending_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # A key the user is setting up in the portal: encrypted like ``totp_key``, not
+    # active until a code from it verifies (then moved to ``totp_key`` in one UPDATE).
+    pending_totp_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     pending_key_version: Mapped[int | None] = mapped_column(Integer)
     pending_created_at: Mapped[int | None] = mapped_column(BigInteger)
     pending_expires_at: Mapped[int | None] = mapped_column(BigInteger)
@@ -223,7 +223,7 @@ class QueuedMail:
 class PendingKey:
     """A key being set up: encrypted, and when it stops being usable."""
 
-    secret: bytes
+    totp_key: bytes
     key_version: int
     created_at: int
     expires_at: int
@@ -250,7 +250,7 @@ class UserRecord:
     username: str
     required: bool = False
     enrollment_deadline: int | None = None
-    secret: bytes | None = None
+    totp_key: bytes | None = None
     key_version: int | None = None
     last_step: int | None = None
     failures: int = 0
@@ -259,7 +259,7 @@ class UserRecord:
 
     @property
     def enrolled(self) -> bool:
-        return self.secret is not None
+        return self.totp_key is not None
 
     def locked(self, now: float) -> bool:
         return self.locked_until is not None and self.locked_until > now
@@ -268,7 +268,7 @@ class UserRecord:
         """The user's status word, by STATUS_RULES."""
         deadline = self.enrollment_deadline
         ahead = deadline is not None and deadline > now
-        return _STATUS_BY_FACTS[self.secret is not None, self.required, ahead]
+        return _STATUS_BY_FACTS[self.totp_key is not None, self.required, ahead]
 
     def days_left(self, now: float) -> int | None:
         if self.status(now) != "in_enrollment" or self.enrollment_deadline is None:
@@ -339,14 +339,14 @@ def _queued(row: Any) -> QueuedMail:
     return QueuedMail(*row)
 
 _USER_COLUMNS = (UserState.username, UserState.required, UserState.enrollment_deadline,
-                 UserState.secret, UserState.key_version, UserState.last_step,
+                 UserState.totp_key, UserState.key_version, UserState.last_step,
                  UserState.failures, UserState.locked_until, UserState.bypass)
 
 
 def _record(row: Any) -> UserRecord:
     # Raw DBAPI rows: SQLite gives booleans as 0/1 and blobs as bytes-likes.
-    name, required, deadline, secret, version, last, failures, locked, bypass = row
-    return UserRecord(name, bool(required), deadline, bytes(secret) if secret is not None
+    name, required, deadline, totp_key, version, last, failures, locked, bypass = row
+    return UserRecord(name, bool(required), deadline, bytes(totp_key) if totp_key is not None
                       else None, version, last, failures, locked, bool(bypass))
 
 
@@ -354,7 +354,7 @@ def _status_case(t: int) -> Any:
     """STATUS_RULES as one SQL CASE over the users table at time ``t``: the same
     three facts as UserRecord.status, each written once here."""
     ahead = UserState.enrollment_deadline.is_not(None) & (UserState.enrollment_deadline > t)
-    facts = (UserState.secret.is_not(None), UserState.required, ahead)
+    facts = (UserState.totp_key.is_not(None), UserState.required, ahead)
     whens = []
     for status, *wanted in STATUS_RULES:
         conditions = [fact if want else ~fact
@@ -406,7 +406,7 @@ def _background_checkpoints(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-_NO_PENDING: dict[str, Any] = dict(pending_secret=None, pending_key_version=None,
+_NO_PENDING: dict[str, Any] = dict(pending_totp_key=None, pending_key_version=None,
                                    pending_created_at=None, pending_expires_at=None)
 
 # The WAL file is cut back to this after a checkpoint (it may grow past it between two).
@@ -466,7 +466,7 @@ class Store:
             me, u.c.failures >= bindparam("max"), u.c.locked_until.is_(None),
         ).values(locked_until=bindparam("until")).returning(u.c.locked_until)
         q_accept = u.update().where(
-            me, u.c.secret.is_not(None),
+            me, u.c.totp_key.is_not(None),
             u.c.last_step.is_(None) | (u.c.last_step < bindparam("step")), not_locked,
         ).values(last_step=bindparam("step"), failures=0, locked_until=None,
                  updated_at=bindparam("t"))
@@ -753,7 +753,7 @@ class Store:
                 for h in horizons]
         with self.engine.connect() as c:
             row = c.execute(select(*sums).where(
-                u.required.is_(True), u.secret.is_(None),
+                u.required.is_(True), u.totp_key.is_(None),
                 u.enrollment_deadline.is_not(None), u.enrollment_deadline > t)).one()
         return {h: int(n) for h, n in zip(horizons, row, strict=True)}
 
@@ -765,13 +765,13 @@ class Store:
     def unrequire(self, username: str) -> bool:
         return self._update(username, required=False)
 
-    def set_secret(self, username: str, blob: bytes, key_version: int) -> None:
+    def set_totp_key(self, username: str, blob: bytes, key_version: int) -> None:
         now = int(self.clock())
-        self._upsert(username, secret=blob, key_version=key_version, enrolled_at=now,
+        self._upsert(username, totp_key=blob, key_version=key_version, enrolled_at=now,
                      last_step=None, **_NO_PENDING)
 
     def reset(self, username: str, deadline: int) -> None:
-        self._upsert(username, secret=None, key_version=None, enrolled_at=None, last_step=None,
+        self._upsert(username, totp_key=None, key_version=None, enrolled_at=None, last_step=None,
                      required=True, enrollment_deadline=deadline, **_NO_PENDING)
 
     def extend(self, username: str, deadline: int) -> None:
@@ -785,16 +785,16 @@ class Store:
 
     def import_users(self, rows: Sequence[tuple[str, bytes, int, int | None]],
                      requirements: Sequence[tuple[str, int]] = ()) -> int:
-        """Keys ``(username, encrypted secret, key version, deadline or None)`` and
+        """Keys ``(username, encrypted TOTP key, key version, deadline or None)`` and
         requirements without a key ``(username, deadline)``, in one transaction."""
         now = int(self.clock())
-        values = [dict(username=u, secret=blob, key_version=v, enrolled_at=now, last_step=None,
+        values = [dict(username=u, totp_key=blob, key_version=v, enrolled_at=now, last_step=None,
                        required=True, enrollment_deadline=d, failures=0, bypass=False,
                        created_at=now, updated_at=now) for u, blob, v, d in rows]
         stmt = self._insert(UserState)
         stmt = stmt.on_conflict_do_update(index_elements=["username"], set_={
             k: getattr(stmt.excluded, k) for k in
-            ("secret", "key_version", "enrolled_at", "last_step", "required",
+            ("totp_key", "key_version", "enrolled_at", "last_step", "required",
              "enrollment_deadline", "updated_at")})
         required = [dict(username=u, required=True, enrollment_deadline=d, failures=0,
                          bypass=False, created_at=now, updated_at=now) for u, d in requirements]
@@ -809,15 +809,15 @@ class Store:
                 s.execute(req_stmt, required[i:i + 5000])
         return len(values)
 
-    def secrets_to_rotate(self, current_version: int, batch: int = 1000) -> Iterator[
+    def keys_to_rotate(self, current_version: int, batch: int = 1000) -> Iterator[
             list[tuple[str, bytes]]]:
         """Keys not under ``current_version``, in batches, one pass in username order."""
         after = ""
         while True:
             with self._session() as s:
                 rows = s.execute(
-                    select(UserState.username, UserState.secret)
-                    .where(UserState.secret.is_not(None),
+                    select(UserState.username, UserState.totp_key)
+                    .where(UserState.totp_key.is_not(None),
                            UserState.key_version != current_version,
                            UserState.username > after)
                     .order_by(UserState.username).limit(batch)).all()
@@ -826,12 +826,12 @@ class Store:
             after = rows[-1][0]
             yield [(u, b) for u, b in rows if b is not None]
 
-    def replace_secret(self, username: str, old: bytes, new: bytes, version: int) -> bool:
+    def replace_totp_key(self, username: str, old: bytes, new: bytes, version: int) -> bool:
         """Compare-and-swap: a key re-enrolled meanwhile is left alone."""
         with self._session() as s, s.begin():
             r = s.execute(update(UserState)
-                          .where(UserState.username == username, UserState.secret == old)
-                          .values(secret=new, key_version=version))
+                          .where(UserState.username == username, UserState.totp_key == old)
+                          .values(totp_key=new, key_version=version))
             return bool(r.rowcount)  # type: ignore[attr-defined]
 
     # -- keys set up by the user (the portal) ----------------------------------------
@@ -841,16 +841,16 @@ class Store:
         """Keep ``blob`` as the user's pending key (replacing any older one); the
         active key, the status and the counters stay as they are."""
         now = int(self.clock())
-        self._upsert(username, pending_secret=blob, pending_key_version=key_version,
+        self._upsert(username, pending_totp_key=blob, pending_key_version=key_version,
                      pending_created_at=now, pending_expires_at=expires_at)
 
     def get_pending(self, username: str, now: float) -> PendingKey | None:
         """The user's pending key, unless there is none or it has expired."""
         with self._session() as s:
-            row = s.execute(select(UserState.pending_secret, UserState.pending_key_version,
+            row = s.execute(select(UserState.pending_totp_key, UserState.pending_key_version,
                                    UserState.pending_created_at, UserState.pending_expires_at)
                             .where(UserState.username == username,
-                                   UserState.pending_secret.is_not(None),
+                                   UserState.pending_totp_key.is_not(None),
                                    UserState.pending_expires_at > int(now))).first()
         if row is None:
             return None
@@ -868,11 +868,11 @@ class Store:
         t = int(now)
         with self._tx() as s:
             r = s.execute(update(UserState).where(
-                UserState.username == username, UserState.pending_secret == blob,
+                UserState.username == username, UserState.pending_totp_key == blob,
                 UserState.pending_expires_at > t,
                 UserState.locked_until.is_(None) | (UserState.locked_until <= t),
             ).values(
-                secret=UserState.pending_secret, key_version=UserState.pending_key_version,
+                totp_key=UserState.pending_totp_key, key_version=UserState.pending_key_version,
                 enrolled_at=t, last_step=step, failures=0, locked_until=None, required=True,
                 enrollment_deadline=func.coalesce(UserState.enrollment_deadline, t),
                 updated_at=t, **_NO_PENDING))
@@ -943,7 +943,7 @@ class Store:
         of the reminders queued; at most ``limit`` a call."""
         t = int(now)
         u = UserState
-        due = (u.required.is_(True), u.secret.is_(None), u.enrollment_deadline.is_not(None),
+        due = (u.required.is_(True), u.totp_key.is_(None), u.enrollment_deadline.is_not(None),
                u.enrollment_deadline > t, u.enrollment_deadline <= t + before_seconds,
                u.reminded_deadline.is_(None) | (u.reminded_deadline != u.enrollment_deadline))
         pick = (select(u.username).where(*due).order_by(u.enrollment_deadline).limit(limit)

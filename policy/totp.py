@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 import pyotp
 
 
-class InvalidSecret(ValueError):
+class NotATotpKey(ValueError):
     pass
 
 
@@ -32,27 +32,27 @@ class TotpParams:
         return int(now // self.period)
 
 
-def new_secret() -> str:
+def new_totp_key() -> str:
     """A 160-bit key (RFC 4226 §4 recommends 160), base32 without padding."""
     return base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=")
 
 
-def normalize_secret(raw: str) -> str:
+def normalize_totp_key(raw: str) -> str:
     """Accept what people paste (spaces, lower case, padding); refuse what is no key."""
     s = "".join(raw.split()).upper().rstrip("=")
     if not s:
-        raise InvalidSecret("empty secret")
+        raise NotATotpKey("empty secret")
     try:
         key = base64.b32decode(s + "=" * (-len(s) % 8))
     except (binascii.Error, ValueError):
-        raise InvalidSecret("not base32") from None
+        raise NotATotpKey("not base32") from None
     if len(key) < 10:
-        raise InvalidSecret("shorter than 80 bits (RFC 4226 minimum is 128, 160 recommended)")
+        raise NotATotpKey("shorter than 80 bits (RFC 4226 minimum is 128, 160 recommended)")
     return s
 
 
-def code_for_step(secret: str, step: int, params: TotpParams) -> str:
-    return pyotp.TOTP(secret, digits=params.digits, interval=params.period).generate_otp(step)
+def code_for_step(totp_key: str, step: int, params: TotpParams) -> str:
+    return pyotp.TOTP(totp_key, digits=params.digits, interval=params.period).generate_otp(step)
 
 
 _BASE32_AS_DIGITS = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
@@ -60,13 +60,13 @@ _BASE32_AS_DIGITS = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
 _BASE32_TEXT = re.compile("[A-Z2-7]*")
 
 
-def decode_key(secret: str) -> bytes:
+def decode_key(totp_key: str) -> bytes:
     """RFC 4648 base32 (any case, padding optional) to the key's bytes.
 
     Per request: ``base64.b32decode`` is pure Python and cost ~17 µs, a tenth
     of a decision; read as one base-32 number (``int(..., 32)``) it is ~1 µs.
     """
-    text = secret.upper().rstrip("=")
+    text = totp_key.upper().rstrip("=")
     bits = len(text) * 5
     # 1, 3 or 6 characters past a full 8-character group encode no whole byte.
     if not _BASE32_TEXT.fullmatch(text) or bits % 8 >= 5:
@@ -85,7 +85,7 @@ def _hotp(key: bytes, counter: int, digits: int) -> str:
     return str(value % 10**digits).zfill(digits)
 
 
-def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | None:
+def match_step(totp_key: str, code: str, now: float, params: TotpParams) -> int | None:
     """The time step (within the window) this code belongs to, or None.
 
     Every candidate is compared in constant time; a wrong code is compared
@@ -97,7 +97,7 @@ def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | 
     # hmac.compare_digest refuses (TypeError) — such a code is just wrong.
     if len(code) != params.digits or not (code.isascii() and code.isdigit()):
         return None
-    key = decode_key(secret)
+    key = decode_key(totp_key)
     current = params.step_at(now)
     # Newest first: when two steps give the same code, take the later one so the
     # replay marker moves as far as it can.
@@ -107,9 +107,9 @@ def match_step(secret: str, code: str, now: float, params: TotpParams) -> int | 
     return None
 
 
-def provisioning_uri(secret: str, account: str, issuer: str, params: TotpParams) -> str:
+def provisioning_uri(totp_key: str, account: str, issuer: str, params: TotpParams) -> str:
     """otpauth:// URI (Google Authenticator key URI format)."""
     label = quote(f"{issuer}:{account}", safe="@:")
-    query = urlencode({"secret": secret, "issuer": issuer, "algorithm": "SHA1",
+    query = urlencode({"secret": totp_key, "issuer": issuer, "algorithm": "SHA1",
                        "digits": params.digits, "period": params.period}, quote_via=quote)
     return f"otpauth://totp/{label}?{query}"

@@ -578,7 +578,7 @@ def _client(cfg: _Loader, r: _Reader, d: RadiusSettings) -> RadiusClientConfig |
     r.done()
     if not (name and networks and secret):
         return None  # its problems are reported
-    return RadiusClientConfig(name=name, networks=networks, secret=secret.encode(), **fields)
+    return RadiusClientConfig(name=name, networks=networks, nas_secret=secret.encode(), **fields)
 
 
 def _reply(r: _Reader) -> ReplyRule | None:

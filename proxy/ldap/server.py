@@ -946,7 +946,7 @@ class LdapProxyProtocol(Protocol):
         auth = AuthRequest(
             username=name,
             # surrogateescape: a password that is not UTF-8 survives the round trip
-            secret=request.password.decode("utf-8", "surrogateescape"),
+            password=request.password.decode("utf-8", "surrogateescape"),
             protocol="ldap",
             client=self.config.client_name,
             mfa=self.config.mfa,

@@ -31,7 +31,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from policy.admin import Accounts, Confirmation, EnrollmentExpired, Locked, SetupOutcome
-from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
+from policy.decision import (
+    Authenticate,
+    AuthRequest,
+    Decision,
+    MfaMode,
+    Outcome,
+    Reason,
+    SplitMode,
+)
 from policy.sessions import LoginCsrf, PortalSession, PortalSessions, Stage
 from policy.store import LOCKED_FOREVER
 from proxy.portal import pages
@@ -47,7 +55,6 @@ CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 
        "frame-ancestors 'none'; base-uri 'none'")
 BAD_CREDENTIALS = "The username, password or code is not correct."
 
-Authenticate = Callable[[AuthRequest], "Deferred[Decision]"]
 RunBlocking = Callable[..., "Deferred[Any]"]
 
 
@@ -268,7 +275,7 @@ class Portal:
             raise BadForm()
         started = self.clock()
         decision = await self.authenticate(AuthRequest(
-            username=username, secret=password, protocol="portal", client="portal",
+            username=username, password=password, protocol="portal", client="portal",
             mfa=MfaMode.ENROLLED, split=SplitMode.CHALLENGE, source=_peer(request)))
         self._count(decision, started)
         if decision.outcome is Outcome.REJECT or decision.identity is None:
@@ -287,7 +294,7 @@ class Portal:
             return self._forbidden()
         started = self.clock()
         decision = await self.authenticate(AuthRequest(
-            username=session.username, secret="", protocol="portal", client="portal",
+            username=session.username, password="", protocol="portal", client="portal",
             mfa=MfaMode.ENROLLED, split=SplitMode.CHALLENGE, code=form.get("code", "").strip(),
             verified_identity=session.identity, source=_peer(request)))
         self._count(decision, started)

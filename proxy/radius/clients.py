@@ -72,7 +72,7 @@ class RadiusClientConfig:
 
     name: str
     networks: tuple[IPNetwork, ...]
-    secret: bytes
+    nas_secret: bytes
     mode: SplitMode = SplitMode.AUTO
     mfa: MfaMode = MfaMode.ENROLLED
     separator: str = ","
@@ -90,9 +90,9 @@ class RadiusClientConfig:
         set_(self, "networks", tuple(ipaddress.ip_network(n, strict=False)
                                      for n in self.networks))
         set_(self, "reply_rules", tuple(self.reply_rules))
-        if isinstance(self.secret, str):
-            set_(self, "secret", self.secret.encode())
-        if not self.secret:
+        if isinstance(self.nas_secret, str):
+            set_(self, "nas_secret", self.nas_secret.encode())
+        if not self.nas_secret:
             raise ValueError(f"RADIUS client {self.name!r}: empty shared secret")
         if not self.networks:
             raise ValueError(f"RADIUS client {self.name!r}: no address")

@@ -173,21 +173,21 @@ def md5_digest(data: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _hmac_md5_pads(secret: bytes) -> tuple[Any, Any]:
-    key = md5_digest(secret) if len(secret) > 64 else secret
+def _hmac_md5_pads(nas_secret: bytes) -> tuple[Any, Any]:
+    key = md5_digest(nas_secret) if len(nas_secret) > 64 else nas_secret
     key = key.ljust(64, b"\x00")
     inner = hashlib.md5(bytes(b ^ 0x36 for b in key))  # noqa: S324
     outer = hashlib.md5(bytes(b ^ 0x5C for b in key))  # noqa: S324
     return inner, outer
 
 
-def hmac_md5(secret: bytes, data: bytes) -> bytes:
-    """RFC 2104 HMAC-MD5 from hash states keyed once per secret.
+def hmac_md5(nas_secret: bytes, data: bytes) -> bytes:
+    """RFC 2104 HMAC-MD5 from hash states keyed once per shared secret.
 
     Copying two keyed MD5 states costs under half of ``hmac.digest`` keying
     afresh, and there are only as many secrets as clients.
     """
-    inner_pad, outer_pad = _hmac_md5_pads(secret)
+    inner_pad, outer_pad = _hmac_md5_pads(nas_secret)
     inner = inner_pad.copy()
     inner.update(data)
     outer = outer_pad.copy()
@@ -196,7 +196,7 @@ def hmac_md5(secret: bytes, data: bytes) -> bytes:
 
 
 def verify_message_authenticator(
-    packet: Packet, secret: bytes, vector: bytes | None = None
+    packet: Packet, nas_secret: bytes, vector: bytes | None = None
 ) -> bool:
     """RFC 3579 §3.2: HMAC-MD5 over the packet with the attribute's value zeroed.
 
@@ -213,12 +213,12 @@ def verify_message_authenticator(
         return False
     head = raw[:4] + (packet.authenticator if vector is None else vector)
     signed = head + raw[HEADER_LENGTH:offset] + ZERO_AUTHENTICATOR + raw[offset + 16:]
-    expected = hmac_md5(secret, signed)
+    expected = hmac_md5(nas_secret, signed)
     return hmac.compare_digest(expected, raw[offset:offset + 16])
 
 
 def message_authenticator_problem(
-    packet: Packet, secret: bytes, required: bool
+    packet: Packet, nas_secret: bytes, required: bool
 ) -> DropReason | None:
     """Why a request must be dropped for its Message-Authenticator, or None.
 
@@ -226,22 +226,22 @@ def message_authenticator_problem(
     """
     if not packet.message_authenticators:
         return DropReason.MISSING_MESSAGE_AUTHENTICATOR if required else None
-    if verify_message_authenticator(packet, secret):
+    if verify_message_authenticator(packet, nas_secret):
         return None
     return DropReason.BAD_MESSAGE_AUTHENTICATOR
 
 
-def verify_accounting_request(packet: Packet, secret: bytes) -> bool:
-    """RFC 2866 §3: the Request Authenticator is MD5(packet with zeros + secret)."""
+def verify_accounting_request(packet: Packet, nas_secret: bytes) -> bool:
+    """RFC 2866 §3: the Request Authenticator is MD5(packet with zeros + shared secret)."""
     raw = packet.raw
-    expected = md5_digest(raw[:4] + ZERO_AUTHENTICATOR + raw[HEADER_LENGTH:] + secret)
+    expected = md5_digest(raw[:4] + ZERO_AUTHENTICATOR + raw[HEADER_LENGTH:] + nas_secret)
     return hmac.compare_digest(expected, packet.authenticator)
 
 
 def response_authenticator(head: bytes, request_authenticator: bytes, body: bytes,
-                           secret: bytes) -> bytes:
+                           nas_secret: bytes) -> bytes:
     """RFC 2865 §3: MD5(Code+Identifier+Length + Request Authenticator + attributes + secret)."""
-    return md5_digest(head + request_authenticator + body + secret)
+    return md5_digest(head + request_authenticator + body + nas_secret)
 
 
 # --- User-Password (RFC 2865 §5.2) ------------------------------------------
@@ -251,7 +251,7 @@ def _xor16(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(16, "big")
 
 
-def decode_user_password(hidden: bytes, secret: bytes, authenticator: bytes) -> bytes | None:
+def decode_user_password(hidden: bytes, nas_secret: bytes, authenticator: bytes) -> bytes | None:
     """Undo RFC 2865 §5.2 hiding; None when the length cannot be a hidden password."""
     if not hidden or len(hidden) % 16 or len(hidden) > 128:
         return None
@@ -259,12 +259,12 @@ def decode_user_password(hidden: bytes, secret: bytes, authenticator: bytes) -> 
     previous = authenticator
     for pos in range(0, len(hidden), 16):
         block = hidden[pos:pos + 16]
-        clear += _xor16(block, md5_digest(secret + previous))
+        clear += _xor16(block, md5_digest(nas_secret + previous))
         previous = block
     return bytes(clear).rstrip(b"\x00")
 
 
-def hide_user_password(password: bytes, secret: bytes, authenticator: bytes) -> bytes:
+def hide_user_password(password: bytes, nas_secret: bytes, authenticator: bytes) -> bytes:
     """RFC 2865 §5.2 hiding, as a NAS does it (tests and tools use it)."""
     if len(password) > 128:
         raise ValueError("a User-Password holds at most 128 octets")
@@ -272,7 +272,7 @@ def hide_user_password(password: bytes, secret: bytes, authenticator: bytes) -> 
     hidden = bytearray()
     previous = authenticator
     for pos in range(0, len(padded), 16):
-        previous = _xor16(padded[pos:pos + 16], md5_digest(secret + previous))
+        previous = _xor16(padded[pos:pos + 16], md5_digest(nas_secret + previous))
         hidden += previous
     return bytes(hidden)
 
@@ -309,7 +309,7 @@ def encode_text(attr_type: int, text: str) -> bytes:
     return b"".join(parts)
 
 
-def encode_reply(code: int, request: Packet, secret: bytes, attributes: bytes = b"",
+def encode_reply(code: int, request: Packet, nas_secret: bytes, attributes: bytes = b"",
                  *, message_authenticator: bool = True) -> bytes:
     """A reply to ``request``, signed.
 
@@ -330,38 +330,38 @@ def encode_reply(code: int, request: Packet, secret: bytes, attributes: bytes = 
         raise ValueError(f"reply of {length} octets exceeds {MAX_LENGTH}")
     head = bytes((code, request.identifier)) + length.to_bytes(2, "big")
     if message_authenticator:
-        mac = hmac_md5(secret, head + request.authenticator + body)
+        mac = hmac_md5(nas_secret, head + request.authenticator + body)
         body = _MA_HEADER + mac + body[len(_MA_ZERO):]
-    return head + response_authenticator(head, request.authenticator, body, secret) + body
+    return head + response_authenticator(head, request.authenticator, body, nas_secret) + body
 
 
-def access_accept(request: Packet, secret: bytes, message: str = "",
+def access_accept(request: Packet, nas_secret: bytes, message: str = "",
                   attributes: bytes = b"") -> bytes:
-    return encode_reply(Code.ACCESS_ACCEPT, request, secret,
+    return encode_reply(Code.ACCESS_ACCEPT, request, nas_secret,
                         encode_text(Attr.REPLY_MESSAGE, message) + attributes)
 
 
-def access_reject(request: Packet, secret: bytes, message: str = "") -> bytes:
-    return encode_reply(Code.ACCESS_REJECT, request, secret,
+def access_reject(request: Packet, nas_secret: bytes, message: str = "") -> bytes:
+    return encode_reply(Code.ACCESS_REJECT, request, nas_secret,
                         encode_text(Attr.REPLY_MESSAGE, message))
 
 
-def access_challenge(request: Packet, secret: bytes, state: bytes, message: str,
+def access_challenge(request: Packet, nas_secret: bytes, state: bytes, message: str,
                      attributes: bytes = b"") -> bytes:
-    return encode_reply(Code.ACCESS_CHALLENGE, request, secret,
+    return encode_reply(Code.ACCESS_CHALLENGE, request, nas_secret,
                         encode_attribute(Attr.STATE, state)
                         + encode_text(Attr.REPLY_MESSAGE, message) + attributes)
 
 
-def status_server_reply(request: Packet, secret: bytes, *, accounting: bool = False) -> bytes:
+def status_server_reply(request: Packet, nas_secret: bytes, *, accounting: bool = False) -> bytes:
     """RFC 5997 §3: Access-Accept on the auth port, Accounting-Response on the other."""
     code = Code.ACCOUNTING_RESPONSE if accounting else Code.ACCESS_ACCEPT
-    return encode_reply(code, request, secret)
+    return encode_reply(code, request, nas_secret)
 
 
-def accounting_response(request: Packet, secret: bytes) -> bytes:
+def accounting_response(request: Packet, nas_secret: bytes) -> bytes:
     """RFC 2866 §4.2; no Message-Authenticator (the Response Authenticator signs it)."""
-    return encode_reply(Code.ACCOUNTING_RESPONSE, request, secret, message_authenticator=False)
+    return encode_reply(Code.ACCOUNTING_RESPONSE, request, nas_secret, message_authenticator=False)
 
 
 # --- the dictionary -------------------------------------------------------

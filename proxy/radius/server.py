@@ -24,7 +24,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
 from backends.base import Identity
-from policy.decision import AuthRequest, Decision, Outcome, Reason
+from policy.decision import Authenticate, AuthRequest, Decision, Outcome, Reason
 from proxy.logs import LogLimiter
 from proxy.radius.challenge import ChallengeStore
 from proxy.radius.clients import ClientTable, EnrollmentNotice, RadiusClientConfig, ReplyRuleLike
@@ -49,12 +49,10 @@ from proxy.radius.replies import ReplyAttributes
 
 if TYPE_CHECKING:
     from pyrad.dictionary import Dictionary
-    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IListeningPort
 
 log = logging.getLogger("mfa_proxy.radius")
 
-Authenticate = Callable[[AuthRequest], "Deferred[Decision]"]
 Send = Callable[[bytes], None]
 
 
@@ -225,15 +223,15 @@ class RadiusServer:
     def _status_server(self, packet: Packet, client: RadiusClientConfig, send: Send,
                        accounting: bool) -> None:
         # RFC 5997 §3: a Status-Server without a Message-Authenticator is discarded.
-        problem = message_authenticator_problem(packet, client.secret, required=True)
+        problem = message_authenticator_problem(packet, client.nas_secret, required=True)
         if problem is not None:
             self.events.dropped(problem)
             return
-        send(status_server_reply(packet, client.secret, accounting=accounting))
+        send(status_server_reply(packet, client.nas_secret, accounting=accounting))
 
     def _access_request(self, packet: Packet, client: RadiusClientConfig,
                         addr: tuple[Any, ...], send: Send) -> None:
-        problem = message_authenticator_problem(packet, client.secret,
+        problem = message_authenticator_problem(packet, client.nas_secret,
                                                 client.require_message_authenticator)
         if problem is not None:
             self.events.dropped(problem)
@@ -296,7 +294,7 @@ class RadiusServer:
         hidden = packet.first(Attr.USER_PASSWORD)
         if hidden is None:
             return LocalReason.MISSING_PASSWORD
-        password = _text(decode_user_password(hidden, client.secret, packet.authenticator))
+        password = _text(decode_user_password(hidden, client.nas_secret, packet.authenticator))
         if password is None:
             return LocalReason.MALFORMED_PASSWORD
         state = packet.first(Attr.STATE)
@@ -322,11 +320,11 @@ class RadiusServer:
         # core takes the verified identity instead of asking the directory.
         return self._auth_request(ex, "", answer.strip(), pending.identity)
 
-    def _auth_request(self, ex: _Exchange, secret: str, code: str | None,
+    def _auth_request(self, ex: _Exchange, password: str, code: str | None,
                       identity: Identity | None = None) -> AuthRequest:
         c = ex.client
         return AuthRequest(
-            username=ex.username, secret=secret, protocol="radius", client=c.name,
+            username=ex.username, password=password, protocol="radius", client=c.name,
             mfa=c.mfa, split=c.mode, separator=c.separator, code=code,
             verified_identity=identity, repeat_window_seconds=c.repeat_window_seconds,
             source=ex.host)
@@ -338,7 +336,7 @@ class RadiusServer:
             return self._accept(ex, decision)
         if decision.outcome is Outcome.NEED_CODE:
             return self._ask_for_code(ex, decision)
-        reply = access_reject(ex.packet, ex.client.secret, decision.message)
+        reply = access_reject(ex.packet, ex.client.nas_secret, decision.message)
         self._count(ex, "reject", decision.reason)
         return reply
 
@@ -353,7 +351,7 @@ class RadiusServer:
             message = self._enrollment_text(decision)
         groups = decision.identity.groups if decision.identity else ()
         attributes = self._replies[ex.client.name].for_groups(groups)
-        reply = access_accept(ex.packet, ex.client.secret, message, attributes)
+        reply = access_accept(ex.packet, ex.client.nas_secret, message, attributes)
         self._count(ex, "accept", decision.reason)
         return reply
 
@@ -364,7 +362,7 @@ class RadiusServer:
     def _challenge(self, ex: _Exchange, pending: CodeRound | NoticeRound, message: str,
                    decision: Decision) -> bytes:
         state = self.challenges.issue(ex.client.name, ex.username, pending)
-        reply = access_challenge(ex.packet, ex.client.secret, state, message)
+        reply = access_challenge(ex.packet, ex.client.nas_secret, state, message)
         self._count(ex, "challenge", decision.reason)
         return reply
 
@@ -375,14 +373,14 @@ class RadiusServer:
     def _reject_locally(self, ex: _Exchange, reason: LocalReason) -> bytes:
         log.info("RADIUS: rejected %r from client %s (%s): %s", ex.username, ex.client.name,
                  ex.host, reason.value)
-        reply = access_reject(ex.packet, ex.client.secret)
+        reply = access_reject(ex.packet, ex.client.nas_secret)
         self._count(ex, "reject", reason)
         return reply
 
     def _core_failed(self, failure: Failure, ex: _Exchange) -> bytes:
         log.error("RADIUS: answering %r from client %s failed; answered with a reject\n%s",
                   ex.username, ex.client.name, failure.getTraceback())
-        reply = access_reject(ex.packet, ex.client.secret)
+        reply = access_reject(ex.packet, ex.client.nas_secret)
         self._count(ex, "reject", LocalReason.INTERNAL_ERROR)
         return reply
 
@@ -418,14 +416,14 @@ class RadiusServer:
             self._status_server(packet, client, send, accounting=True)
         elif packet.code != Code.ACCOUNTING_REQUEST:
             self.events.dropped(DropReason.UNSUPPORTED_CODE)
-        elif not verify_accounting_request(packet, client.secret):
+        elif not verify_accounting_request(packet, client.nas_secret):
             # The Request Authenticator signs the whole packet (a
             # Message-Authenticator too): a wrong secret fails here.
             self.events.dropped(DropReason.BAD_REQUEST_AUTHENTICATOR)
         else:
             self._log_accounting(packet, client)
             self.events.accounting(client.name)
-            send(accounting_response(packet, client.secret))
+            send(accounting_response(packet, client.nas_secret))
 
     def _log_accounting(self, packet: Packet, client: RadiusClientConfig) -> None:
         status = packet.first(Attr.ACCT_STATUS_TYPE)

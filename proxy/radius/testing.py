@@ -27,7 +27,7 @@ from proxy.radius.packet import (
 )
 
 
-def build_request(code: int, identifier: int, secret: bytes,
+def build_request(code: int, identifier: int, nas_secret: bytes,
                   attributes: Sequence[tuple[int, bytes]], *,
                   authenticator: bytes | None = None,
                   message_authenticator: bool = True) -> bytes:
@@ -43,11 +43,11 @@ def build_request(code: int, identifier: int, secret: bytes,
         body += encode_attribute(Attr.MESSAGE_AUTHENTICATOR, ZERO_AUTHENTICATOR)
     head = bytes((code, identifier)) + (HEADER_LENGTH + len(body)).to_bytes(2, "big")
     if message_authenticator:
-        body = body[:-16] + hmac_md5(secret, head + auth + body)
+        body = body[:-16] + hmac_md5(nas_secret, head + auth + body)
     return head + auth + body
 
 
-def access_request(secret: bytes, username: str, password: str | None, *,
+def access_request(nas_secret: bytes, username: str, password: str | None, *,
                    identifier: int = 1, state: bytes | None = None,
                    extra: Sequence[tuple[int, bytes]] = (),
                    authenticator: bytes | None = None,
@@ -57,24 +57,24 @@ def access_request(secret: bytes, username: str, password: str | None, *,
     attributes: list[tuple[int, bytes]] = [(Attr.USER_NAME, username.encode())]
     if password is not None:
         attributes.append((Attr.USER_PASSWORD,
-                           hide_user_password(password.encode(), secret, auth)))
+                           hide_user_password(password.encode(), nas_secret, auth)))
     if state is not None:
         attributes.append((Attr.STATE, state))
     attributes.extend(extra)
-    return build_request(Code.ACCESS_REQUEST, identifier, secret, attributes,
+    return build_request(Code.ACCESS_REQUEST, identifier, nas_secret, attributes,
                          authenticator=auth, message_authenticator=message_authenticator)
 
 
-def accounting_request(secret: bytes, attributes: Sequence[tuple[int, bytes]], *,
+def accounting_request(nas_secret: bytes, attributes: Sequence[tuple[int, bytes]], *,
                        identifier: int = 1) -> bytes:
     """An Accounting-Request signed per RFC 2866 §3."""
     body = b"".join(encode_attribute(t, v) for t, v in attributes)
     head = bytes((Code.ACCOUNTING_REQUEST, identifier)) + (
         HEADER_LENGTH + len(body)).to_bytes(2, "big")
-    return head + md5_digest(head + ZERO_AUTHENTICATOR + body + secret) + body
+    return head + md5_digest(head + ZERO_AUTHENTICATOR + body + nas_secret) + body
 
 
-def verify_reply(reply: bytes, request: bytes, secret: bytes) -> bool:
+def verify_reply(reply: bytes, request: bytes, nas_secret: bytes) -> bool:
     """The checks a NAS makes: Response Authenticator, and the
     Message-Authenticator (required first) for replies to Access-Request
     and Status-Server."""
@@ -82,14 +82,14 @@ def verify_reply(reply: bytes, request: bytes, secret: bytes) -> bool:
     if isinstance(parsed, DropReason) or parsed.identifier != request[1]:
         return False
     request_auth = request[4:20]
-    expected = md5_digest(parsed.raw[:4] + request_auth + parsed.raw[HEADER_LENGTH:] + secret)
+    expected = md5_digest(parsed.raw[:4] + request_auth + parsed.raw[HEADER_LENGTH:] + nas_secret)
     if expected != parsed.authenticator:
         return False
     if request[0] not in (Code.ACCESS_REQUEST, Code.STATUS_SERVER):
         return True
     if parsed.message_authenticators != (HEADER_LENGTH + 2,):
         return False
-    return verify_message_authenticator(parsed, secret, vector=request_auth)
+    return verify_message_authenticator(parsed, nas_secret, vector=request_auth)
 
 
 @dataclass

@@ -362,7 +362,7 @@ def test_enroll_stores_the_key_encrypted(admin: Admin) -> None:
     secret = parse_qs(urlsplit(uri).query)["secret"][0]
     store = admin.store()
     with store.engine.connect() as c:
-        blob = c.execute(text("SELECT secret FROM users WHERE username='bob'")).scalar_one()
+        blob = c.execute(text("SELECT totp_key FROM users WHERE username='bob'")).scalar_one()
     store.close()
     assert secret.encode() not in blob
     assert base64.b32decode(secret) not in blob
@@ -455,7 +455,7 @@ def test_reset_clears_the_key(admin: Admin) -> None:
     view = admin.show("alice")
     assert (view["status"], view["enrolled"], view["days_left"]) == ("in_enrollment", False, 3)
     rec = admin.store().get("alice")
-    assert rec is not None and rec.secret is None
+    assert rec is not None and rec.totp_key is None
     assert admin.run("user", "reset", "alice", "--days", "400").code == 1
 
 
@@ -610,9 +610,9 @@ def test_keys_rotate_re_encrypts_every_key(admin: Admin) -> None:
     after = {r.username: r for r in store.list_users()}
     assert {r.key_version for r in after.values()} == {2}
     for name, plain in zip(("alice", "bob", "dave"), SECRETS, strict=True):
-        assert after[name].secret != before[name].secret
-        assert running.decrypt(after[name].secret, name) == plain.encode()  # type: ignore[arg-type]
-        assert running.decrypt(before[name].secret, name) == plain.encode()  # type: ignore[arg-type]
+        assert after[name].totp_key != before[name].totp_key
+        assert running.decrypt(after[name].totp_key, name) == plain.encode()  # type: ignore[arg-type]
+        assert running.decrypt(before[name].totp_key, name) == plain.encode()  # type: ignore[arg-type]
     assert "2 = " in (admin.root / "var" / "secret.key").read_text()
 
     r = admin.ok("keys", "rotate", config_first=True)

@@ -20,7 +20,7 @@ from policy.decision import AuthRequest, Outcome, Reason
 from policy.engine import Limits, PolicyEngine
 from policy.keys import KeyRing
 from policy.store import Store
-from policy.totp import TotpParams, code_for_step, new_secret
+from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,13 +68,13 @@ def make_engine(url: str, key_file: Path, clock: Callable[[], float],
 
 
 def request(username: str, secret: str) -> AuthRequest:
-    return AuthRequest(username=username, secret=secret, protocol="radius", client="vpn")
+    return AuthRequest(username=username, password=secret, protocol="radius", client="vpn")
 
 
 def enroll(engine: PolicyEngine, username: str) -> str:
-    secret = new_secret()
+    secret = new_totp_key()
     engine.store.require(username, int(T0) + 86400)
-    engine.store.set_secret(username, engine.keys.encrypt(secret.encode(), username),
+    engine.store.set_totp_key(username, engine.keys.encrypt(secret.encode(), username),
                             engine.keys.current)
     return secret
 
@@ -130,7 +130,7 @@ def test_threads_same_code_exactly_one_accept(engine: PolicyEngine) -> None:
 
 def test_threads_accept_step_exactly_one(engine: PolicyEngine) -> None:
     store = engine.store
-    store.set_secret("alice", b"blob", 1)
+    store.set_totp_key("alice", b"blob", 1)
     for step in range(100, 100 + ROUNDS):
         results = race(32, lambda s=step: store.accept_step("alice", s, T0))
         assert results.count(True) == 1, step

@@ -91,7 +91,7 @@ class Codes:
         self.secrets: dict[str, str] = {}
         self._last: dict[str, int] = {}
 
-    def new_secret(self, user: str) -> str:
+    def new_totp_key(self, user: str) -> str:
         self.secrets[user] = pyotp.random_base32()
         return self.secrets[user]
 
@@ -414,7 +414,7 @@ def proxy(slapd: Slapd, proxy_tls: ProxyTls, codes: Codes,
     root = tmp_path_factory.mktemp("e2e-main")
     process = start_proxy(root, slapd, proxy_tls)
     try:
-        rows = [f"{user},{codes.new_secret(user)}" for user in ENROLLED]
+        rows = [f"{user},{codes.new_totp_key(user)}" for user in ENROLLED]
         rows += [f"{user},,{days}" for user, days in IN_ENROLLMENT.items()]
         (root / "users.csv").write_text("username,secret,required_days\n" + "\n".join(rows) + "\n")
         imported = process.ok("user", "import", str(root / "users.csv"), real=True)
@@ -631,7 +631,7 @@ def test_not_required_user_binds_with_the_password_unless_strict(
 def test_strict_listener_accepts_an_enrolled_user_with_a_code(
         strict_proxy: ProxyProcess, codes: Codes) -> None:
     dn = user_dn("ivan")
-    enrolled = strict_proxy.ok("user", "enroll", "ivan", "--secret", codes.new_secret("ivan"))
+    enrolled = strict_proxy.ok("user", "enroll", "ivan", "--secret", codes.new_totp_key("ivan"))
     assert enrolled.out.startswith("ivan: enrolled")
     assert_refused(whoami(strict_proxy.url, dn, "ivan-pw"), 49, "invalid credentials")
     assert_whoami(whoami(strict_proxy.url, dn, f"ivan-pw,{codes.fresh('ivan')}"), dn)
@@ -681,7 +681,7 @@ def test_sasl_plain_naming_the_exempt_dn_does_not_bypass_mfa(
     and whose credentials are ``\\0user\\0password`` was relayed, and slapd
     authenticated the user without a code."""
     user, dn = SASL_USER, user_dn(SASL_USER)
-    proxy.ok("user", "enroll", user, "--secret", codes.new_secret(user))
+    proxy.ok("user", "enroll", user, "--secret", codes.new_totp_key(user))
     attack = sasl_plain_bind(1, slapd.svc_dn, user, user_password(user))
     with RawSession(slapd.port) as direct:  # slapd itself takes it: the attack is real
         direct.send(attack)
@@ -830,7 +830,7 @@ def test_dn_and_radius_username_are_one_user(proxy: ProxyProcess, codes: Codes) 
     """Enrolled once with the CLI; `trent` over RADIUS and `uid=trent,…` over LDAP
     share the key and the used codes."""
     user, dn = "trent", user_dn("trent")
-    enrolled = proxy.ok("user", "enroll", user, "--secret", codes.new_secret(user), real=True)
+    enrolled = proxy.ok("user", "enroll", user, "--secret", codes.new_totp_key(user), real=True)
     assert enrolled.out.startswith("trent: enrolled")
     assert "otpauth://totp/" in enrolled.out
     first = codes.fresh(user)

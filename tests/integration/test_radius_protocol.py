@@ -73,9 +73,9 @@ class FakeCore:
         identity = Identity(r.username, groups=("cn=admins,ou=groups,dc=example,dc=org",))
         if r.verified_identity is not None:
             return self.code_check(r, r.code, r.verified_identity)
-        password, code = r.secret, r.code
+        password, code = r.password, r.code
         if code is None and r.split is not SplitMode.CHALLENGE:
-            match = re.fullmatch(r"(.*),(\d{6})", r.secret)
+            match = re.fullmatch(r"(.*),(\d{6})", r.password)
             if match:
                 password, code = match.groups()
         if password != PASSWORD:

@@ -146,26 +146,26 @@ def test_require_then_status(store: Store, clock: Clock) -> None:
     assert rec.days_left(T0 + 7 * DAY) is None
 
 
-def test_set_secret_enrolls_and_clears_the_replay_marker(store: Store) -> None:
+def test_set_totp_key_enrolls_and_clears_the_replay_marker(store: Store) -> None:
     store.require("alice", T0 + DAY)
-    store.set_secret("alice", b"blob-1", 1)
+    store.set_totp_key("alice", b"blob-1", 1)
     assert store.accept_step("alice", 100, T0)
-    store.set_secret("alice", b"blob-2", 2)
+    store.set_totp_key("alice", b"blob-2", 2)
     rec = store.get("alice")
     assert rec is not None
-    assert (rec.secret, rec.key_version, rec.last_step) == (b"blob-2", 2, None)
+    assert (rec.totp_key, rec.key_version, rec.last_step) == (b"blob-2", 2, None)
     assert rec.status(T0) == "enrolled"
     assert raw_row(store, "alice")["enrolled_at"] == T0
 
 
-def test_set_secret_for_a_new_user_is_enrolled_not_required(store: Store) -> None:
-    store.set_secret("bob", b"blob", 1)
+def test_set_totp_key_for_a_new_user_is_enrolled_not_required(store: Store) -> None:
+    store.set_totp_key("bob", b"blob", 1)
     rec = store.get("bob")
     assert rec is not None and rec.status(T0) == "enrolled_not_required"
 
 
 def test_reset_clears_the_key(store: Store) -> None:
-    store.set_secret("alice", b"blob", 1)
+    store.set_totp_key("alice", b"blob", 1)
     store.accept_step("alice", 5, T0)
     store.reset("alice", T0 + 3 * DAY)
     rec = store.get("alice")
@@ -183,10 +183,10 @@ def test_extend_reopens_an_expired_period(store: Store) -> None:
 def test_unrequire_keeps_the_key(store: Store) -> None:
     assert not store.unrequire("nobody")
     store.require("alice", T0 + DAY)
-    store.set_secret("alice", b"blob", 1)
+    store.set_totp_key("alice", b"blob", 1)
     assert store.unrequire("alice")
     rec = store.get("alice")
-    assert rec is not None and not rec.required and rec.secret == b"blob"
+    assert rec is not None and not rec.required and rec.totp_key == b"blob"
 
 
 def test_bypass(store: Store) -> None:
@@ -214,8 +214,8 @@ def test_count_by_status(store: Store) -> None:
     store.require("in", T0 + DAY)
     store.require("expired", T0 - 1)
     store.require("enrolled", T0 + DAY)
-    store.set_secret("enrolled", b"x", 1)
-    store.set_secret("optional", b"x", 1)
+    store.set_totp_key("enrolled", b"x", 1)
+    store.set_totp_key("optional", b"x", 1)
     store.set_bypass("plain", True)
     assert store.count_by_status(T0) == {
         "enrolled": 1, "in_enrollment": 1, "enrollment_expired": 1,
@@ -232,7 +232,7 @@ def test_status_in_python_and_in_sql_agree(store: Store, required: bool, enrolle
     users-by-status gauge) are both read from STATUS_RULES; they must say the same
     for every combination, NULLs included, on both databases."""
     with store.engine.begin() as c:
-        c.execute(text("INSERT INTO users (username, required, enrollment_deadline, secret, "
+        c.execute(text("INSERT INTO users (username, required, enrollment_deadline, totp_key, "
                        "failures, bypass, created_at, updated_at) "
                        "VALUES ('u', :r, :d, :s, 0, false, 0, 0)"),
                   {"r": required, "d": deadline, "s": b"key" if enrolled else None})
@@ -305,7 +305,7 @@ def test_record_success_clears_failures_but_not_a_lock(store: Store) -> None:
 
 def test_accept_step_moves_forward_only(store: Store) -> None:
     assert not store.accept_step("alice", 10, T0)  # no such user
-    store.set_secret("alice", b"blob", 1)
+    store.set_totp_key("alice", b"blob", 1)
     assert store.accept_step("alice", 10, T0)
     assert not store.accept_step("alice", 10, T0)  # same step: replay
     assert not store.accept_step("alice", 9, T0)  # earlier: replay
@@ -319,7 +319,7 @@ def test_accept_step_needs_a_key(store: Store) -> None:
 
 
 def test_accept_step_refused_while_locked_and_clears_failures(store: Store) -> None:
-    store.set_secret("alice", b"blob", 1)
+    store.set_totp_key("alice", b"blob", 1)
     for _ in range(3):
         store.record_failure("alice", T0, 3, 900)
     assert not store.accept_step("alice", 10, T0 + 899)
@@ -342,9 +342,9 @@ def test_unlock(store: Store) -> None:
 
 def test_key_at_rest_is_not_the_plaintext(store: Store, tmp_path: Path) -> None:
     ring = KeyRing(tmp_path / "secret.key")
-    store.set_secret("alice", ring.encrypt(PLAIN, "alice"), ring.current)
+    store.set_totp_key("alice", ring.encrypt(PLAIN, "alice"), ring.current)
     row = raw_row(store, "alice")
-    stored = bytes(row["secret"])  # type: ignore[arg-type]
+    stored = bytes(row["totp_key"])  # type: ignore[arg-type]
     assert PLAIN not in stored
     assert PLAIN.decode() not in repr(row)
     assert ring.decrypt(stored, "alice") == PLAIN
@@ -353,28 +353,28 @@ def test_key_at_rest_is_not_the_plaintext(store: Store, tmp_path: Path) -> None:
 def test_rotation_helpers(store: Store, tmp_path: Path) -> None:
     ring = KeyRing(tmp_path / "secret.key")
     for name in ("a", "b", "c"):
-        store.set_secret(name, ring.encrypt(PLAIN, name), ring.current)
+        store.set_totp_key(name, ring.encrypt(PLAIN, name), ring.current)
     new = ring.add_version()
-    # secrets_to_rotate re-reads after each batch (a batch nobody rotates comes
+    # keys_to_rotate re-reads after each batch (a batch nobody rotates comes
     # again), so take one batch at a time.
-    first = next(store.secrets_to_rotate(new, batch=2))
+    first = next(store.keys_to_rotate(new, batch=2))
     assert [u for u, _ in first] == ["a", "b"]
     for name, blob in first:
-        assert store.replace_secret(name, blob, ring.encrypt(ring.decrypt(blob, name), name), new)
-    remaining = next(store.secrets_to_rotate(new, batch=10))
+        assert store.replace_totp_key(name, blob, ring.encrypt(ring.decrypt(blob, name), name), new)
+    remaining = next(store.keys_to_rotate(new, batch=10))
     assert [u for u, _ in remaining] == ["c"]
     # compare-and-swap: a key changed meanwhile is left alone
     stale = remaining[0][1]
-    store.set_secret("c", ring.encrypt(PLAIN, "c"), new)
-    assert not store.replace_secret("c", stale, b"other", new)
-    assert next(store.secrets_to_rotate(new), None) is None
+    store.set_totp_key("c", ring.encrypt(PLAIN, "c"), new)
+    assert not store.replace_totp_key("c", stale, b"other", new)
+    assert next(store.keys_to_rotate(new), None) is None
 
 
 # -- bulk import -----------------------------------------------------------------------------
 
 
 def test_import_users_inserts_and_updates_in_one_go(store: Store) -> None:
-    store.set_secret("alice", b"old", 1)
+    store.set_totp_key("alice", b"old", 1)
     store.accept_step("alice", 50, T0)
     for _ in range(2):
         store.record_failure("alice", T0, 5, 900)
@@ -383,12 +383,12 @@ def test_import_users_inserts_and_updates_in_one_go(store: Store) -> None:
     assert store.import_users(rows) == 12_001
     alice = store.get("alice")
     assert alice is not None
-    assert (alice.secret, alice.key_version, alice.last_step) == (b"new", 2, None)
+    assert (alice.totp_key, alice.key_version, alice.last_step) == (b"new", 2, None)
     assert alice.required and alice.enrollment_deadline == T0 + DAY
     assert alice.failures == 2  # an import does not touch counters
     assert len(store.list_users()) == 12_001
     u = store.get("user11999")
-    assert u is not None and u.secret == b"k11999" and u.required
+    assert u is not None and u.totp_key == b"k11999" and u.required
 
 
 @pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")
@@ -457,13 +457,13 @@ def test_hot_statements_refuse_a_missing_parameter(store: Store) -> None:
     # fail loudly, not run as NULL (``WHERE username = NULL`` would match nothing).
     with pytest.raises(TypeError, match="'u'"):
         store._q_accept.run(None, step=1, t=0)
-    store.set_secret("alice", b"\x01" * 32, 1)
+    store.set_totp_key("alice", b"\x01" * 32, 1)
     assert store.accept_step("alice", 5, 0.0) and not store.accept_step("alice", 5, 0.0)
 
 
 def test_group_commits_once_and_rolls_back_everything_on_error(store: Store) -> None:
-    store.set_secret("alice", b"\x01" * 32, 1)
-    store.set_secret("bob", b"\x02" * 32, 1)
+    store.set_totp_key("alice", b"\x01" * 32, 1)
+    store.set_totp_key("bob", b"\x02" * 32, 1)
     with store.group():
         assert store.accept_step("alice", 10, 0.0)
         assert store.get("alice").last_step == 10  # the group reads its own writes
@@ -487,7 +487,7 @@ def test_background_checkpoints_leave_the_wal_to_checkpoint(tmp_path: Path) -> N
         with server.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
         for n in range(300):  # a few hundred commits: the WAL keeps them
-            server.set_secret(f"user{n}", b"\x01" * 32, 1)
+            server.set_totp_key(f"user{n}", b"\x01" * 32, 1)
         busy, wal_pages, copied = server.checkpoint() or (None, None, None)
         assert busy == 0 and wal_pages > 0 and copied == wal_pages
         assert len(server.list_users()) == 300
@@ -512,7 +512,7 @@ def test_users_whose_enrollment_ends_soon(store: Store) -> None:
     store.require("later", T0 + 2 * DAY)
     store.require("past", T0 - 1)  # expired: no longer "ending"
     store.require("keyed", T0 + 3600)
-    store.set_secret("keyed", b"x", 1)  # enrolled: not in a period
+    store.set_totp_key("keyed", b"x", 1)  # enrolled: not in a period
     assert store.count_enrollment_ending(T0, [DAY, 3 * DAY]) == {DAY: 1, 3 * DAY: 2}
     assert store.count_enrollment_ending(T0, [60]) == {60: 0}
 
@@ -563,7 +563,7 @@ def test_reminders_are_queued_once_per_period(store: Store, clock: Clock) -> Non
     store.require("alice", T0 + 10 * 3600)   # within 24 h
     store.require("bob", T0 + 3 * DAY)       # not yet
     store.require("carol", T0 + 3600)
-    store.set_secret("carol", b"key", 1)     # enrolled: none
+    store.set_totp_key("carol", b"key", 1)     # enrolled: none
     store.require("dave", T0 - 1)            # expired: none
     assert store.queue_reminders(T0, DAY) == [("alice", T0 + 10 * 3600)]
     assert store.queue_reminders(T0 + 60, DAY) == []

@@ -193,7 +193,7 @@ def test_reset_clears_the_key_and_opens_a_period(world: World) -> None:
     period = world.accounts.reset("alice")
     assert period == Period(7, int(T0) + 8 * DAY)
     record = world.store.get("alice")
-    assert record is not None and record.secret is None and record.required
+    assert record is not None and record.totp_key is None and record.required
     assert world.accounts.view("alice").status == "in_enrollment"
     assert world.events.seen[-1] == ("reset", "alice", int(T0) + 8 * DAY)
 
@@ -209,8 +209,8 @@ def test_enroll_makes_an_active_key_and_its_uri(world: World) -> None:
     assert parse_qs(parts.query)["secret"] == [enrollment.totp_key]
     assert len(pyotp.parse_uri(enrollment.uri).byte_secret()) == 20  # 160 bits
     record = world.store.get("alice")
-    assert record is not None and record.secret is not None
-    assert world.keys.decrypt(record.secret, "alice") == enrollment.totp_key.encode()
+    assert record is not None and record.totp_key is not None
+    assert world.keys.decrypt(record.totp_key, "alice") == enrollment.totp_key.encode()
     assert world.accounts.view("alice").status == "enrolled"
     assert world.events.seen == [("enrolled", "alice")]  # required on the way: no mail
 
@@ -377,8 +377,8 @@ def test_import_deadlines(world: World) -> None:
     assert deadlines == {"alice": int(T0) + 7 * DAY, "bob": int(T0) + 30 * DAY,
                          "carol": int(T0) + 14 * DAY}
     alice = world.store.get("alice")
-    assert alice is not None and alice.secret is not None
-    assert world.keys.decrypt(alice.secret, "alice") == SECRETS[0].encode()
+    assert alice is not None and alice.totp_key is not None
+    assert world.keys.decrypt(alice.totp_key, "alice") == SECRETS[0].encode()
     assert [v.status for v in world.accounts.list_views()] == [
         "enrolled", "enrolled", "in_enrollment"]
     assert world.events.seen == [("imported", ["alice", "bob"],
@@ -391,15 +391,15 @@ def test_import_deadlines(world: World) -> None:
 def test_rotate_keys_re_encrypts_and_reports_damaged_rows(world: World) -> None:
     world.accounts.import_csv(f"alice,{SECRETS[0]}\nbob,{SECRETS[1]}\n")
     good = world.store.get("bob")
-    assert good is not None and good.secret is not None
-    world.store.set_secret("carol", good.secret, 1)  # bob's ciphertext: not carol's
+    assert good is not None and good.totp_key is not None
+    world.store.set_totp_key("carol", good.totp_key, 1)  # bob's ciphertext: not carol's
     rotation = world.accounts.rotate_keys()
     assert (rotation.version, rotation.reencrypted, rotation.changed_meanwhile,
             rotation.undecryptable) == (2, 2, 0, ("carol",))
     for name, plain in (("alice", SECRETS[0]), ("bob", SECRETS[1])):
         record = world.store.get(name)
-        assert record is not None and record.secret is not None and record.key_version == 2
-        assert world.keys.decrypt(record.secret, name) == plain.encode()
+        assert record is not None and record.totp_key is not None and record.key_version == 2
+        assert world.keys.decrypt(record.totp_key, name) == plain.encode()
     assert world.accounts.rotate_keys().version == 3
 
 

@@ -120,7 +120,7 @@ repeat_window_seconds = 30
     vpn, pam = r.clients
     assert (vpn.name, vpn.mfa, vpn.mode, vpn.separator) == ("vpn", "enrolled", "auto", ",")
     assert vpn.require_message_authenticator
-    assert vpn.secret == b"a-long-enough-radius-secret"
+    assert vpn.nas_secret == b"a-long-enough-radius-secret"
     assert [str(n) for n in pam.networks] == ["10.0.1.5/32", "2001:db8::/32"]
     assert (pam.mode, pam.separator, pam.mfa) == ("append", "", "strict")
     assert not pam.require_message_authenticator
@@ -132,7 +132,7 @@ def test_secret_file_is_read_and_stripped(tmp_path: Path) -> None:
     s = load(write(tmp_path, BASE + RADIUS.replace(
         'secret = "a-long-enough-radius-secret"', 'secret_file = "vpn.secret"')))
     assert s.radius is not None
-    assert s.radius.clients[0].secret == b"from-a-file-secret-123"
+    assert s.radius.clients[0].nas_secret == b"from-a-file-secret-123"
 
 
 def test_create_secret_file_makes_a_private_random_secret(tmp_path: Path) -> None:
@@ -142,10 +142,10 @@ def test_create_secret_file_makes_a_private_random_secret(tmp_path: Path) -> Non
     path = tmp_path / "var" / "vpn.secret"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert first.radius is not None
-    secret = first.radius.clients[0].secret
+    secret = first.radius.clients[0].nas_secret
     assert len(secret) >= 24
     second = load(write(tmp_path, text))  # the second start reads the same one
-    assert second.radius is not None and second.radius.clients[0].secret == secret
+    assert second.radius is not None and second.radius.clients[0].nas_secret == secret
 
 
 def test_short_radius_secret_is_a_warning(tmp_path: Path) -> None:

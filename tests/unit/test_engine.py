@@ -24,10 +24,10 @@ from backends.base import (
     UnknownUser,
 )
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
-from policy.engine import Authenticator, Limits, PolicyEngine, split_secret
+from policy.engine import Authenticator, Limits, PolicyEngine, split_password
 from policy.keys import KeyRing
 from policy.store import LOCKED_FOREVER, Store, UserRecord
-from policy.totp import TotpParams, code_for_step, new_secret
+from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
 
 DAY = 86400
@@ -134,26 +134,26 @@ class Harness:
     events: Events
     secrets: dict[str, str] = field(default_factory=dict)
 
-    def request(self, username: str = "alice", secret: str | None = None, *,
+    def request(self, username: str = "alice", password: str | None = None, *,
                 code: str | None = None, mfa: MfaMode = MfaMode.ENROLLED,
                 split: SplitMode = SplitMode.AUTO, client: str = "vpn",
                 repeat: int = 0) -> AuthRequest:
-        if secret is None:
-            secret = f"{username}-pw"
-        return AuthRequest(username=username, secret=secret, protocol="radius", client=client,
+        if password is None:
+            password = f"{username}-pw"
+        return AuthRequest(username=username, password=password, protocol="radius", client=client,
                            mfa=mfa, split=split, separator=",", code=code,
                            repeat_window_seconds=repeat, source="192.0.2.7")
 
-    def auth(self, username: str = "alice", secret: str | None = None, **kw: Any) -> Decision:
-        return self.engine.authenticate_sync(self.request(username, secret, **kw),
+    def auth(self, username: str = "alice", password: str | None = None, **kw: Any) -> Decision:
+        return self.engine.authenticate_sync(self.request(username, password, **kw),
                                              self.directory)
 
     def require(self, username: str = "alice", days: int = 7) -> None:
         self.store.require(username, int(self.clock()) + days * DAY)
 
     def enroll(self, username: str = "alice") -> str:
-        secret = new_secret()
-        self.store.set_secret(username, self.keys.encrypt(secret.encode(), username),
+        secret = new_totp_key()
+        self.store.set_totp_key(username, self.keys.encrypt(secret.encode(), username),
                               self.keys.current)
         self.secrets[username] = secret
         return secret
@@ -198,7 +198,7 @@ def outcome(d: Decision) -> tuple[Outcome, Reason]:
 # -- reading the password field ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("secret", "split", "sep", "expected"), [
+@pytest.mark.parametrize(("typed", "split", "sep", "expected"), [
     ("pw,123456", SplitMode.AUTO, ",", ("pw", "123456")),
     ("pw,123456", SplitMode.APPEND, ",", ("pw", "123456")),
     ("pw,123456", SplitMode.CHALLENGE, ",", ("pw,123456", None)),
@@ -214,14 +214,14 @@ def outcome(d: Decision) -> tuple[Outcome, Reason]:
     ("pw12345a", SplitMode.AUTO, "", ("pw12345a", None)),
     ("pw::123456", SplitMode.APPEND, "::", ("pw", "123456")),
 ])
-def test_split_secret(secret: str, split: SplitMode, sep: str,
+def test_split_password(typed: str, split: SplitMode, sep: str,
                       expected: tuple[str, str | None]) -> None:
-    assert split_secret(secret, split, sep, 6) == expected
+    assert split_password(typed, split, sep, 6) == expected
 
 
-def test_split_secret_eight_digits() -> None:
-    assert split_secret("pw,12345678", SplitMode.AUTO, ",", 8) == ("pw", "12345678")
-    assert split_secret("pw,123456", SplitMode.AUTO, ",", 8) == ("pw,123456", None)
+def test_split_password_eight_digits() -> None:
+    assert split_password("pw,12345678", SplitMode.AUTO, ",", 8) == ("pw", "12345678")
+    assert split_password("pw,123456", SplitMode.AUTO, ",", 8) == ("pw,123456", None)
 
 
 # -- enrollment timeline ----------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_enrollment_timeline(h: Harness) -> None:
     h.clock.advance(30 * DAY)
     assert outcome(h.auth()) == (REJECT, Reason.ENROLLMENT_EXPIRED)
     assert h.record().failures == 0  # the user's password was right: not a failure
-    assert outcome(h.auth(secret="wrong")) == (REJECT, Reason.BAD_PASSWORD)
+    assert outcome(h.auth(password="wrong")) == (REJECT, Reason.BAD_PASSWORD)
 
     # an admin extends: from now
     h.store.extend("alice", int(h.clock()) + 2 * DAY)
@@ -271,7 +271,7 @@ def test_enrollment_timeline(h: Harness) -> None:
     assert outcome(h.auth(split=SplitMode.APPEND)) == (REJECT, Reason.MISSING_CODE)
     assert h.record().failures == 1  # a missing code in append mode is a failure
 
-    d = h.auth(secret=h.with_code())
+    d = h.auth(password=h.with_code())
     assert outcome(d) == (ACCEPT, Reason.OK)
     assert d.days_left is None
     assert h.record().failures == 0
@@ -294,24 +294,24 @@ def test_challenge_answer_is_the_code_field(h: Harness) -> None:
 
 def test_password_field_is_not_split_for_a_user_who_needs_no_code(h: Harness) -> None:
     h.directory.passwords["alice"] = "pass,123456"
-    assert outcome(h.auth(secret="pass,123456")) == (ACCEPT, Reason.NOT_REQUIRED)
+    assert outcome(h.auth(password="pass,123456")) == (ACCEPT, Reason.NOT_REQUIRED)
     assert h.directory.calls[-1] == ("alice", "pass,123456")
 
 
 def test_directory_gets_the_password_without_the_code(h: Harness) -> None:
     h.require()
     h.enroll()
-    h.auth(secret=h.with_code())
+    h.auth(password=h.with_code())
     assert h.directory.calls == [("alice", "alice-pw")]
 
 
 def test_reset_clears_the_key_and_opens_a_new_period(h: Harness) -> None:
     h.require()
     old = h.enroll()
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
     h.store.reset("alice", int(h.clock()) + 3 * DAY)
     rec = h.record()
-    assert rec.secret is None and rec.key_version is None and rec.last_step is None
+    assert rec.totp_key is None and rec.key_version is None and rec.last_step is None
     assert rec.required
     d = h.auth()
     assert outcome(d) == (ACCEPT, Reason.IN_ENROLLMENT)
@@ -321,8 +321,8 @@ def test_reset_clears_the_key_and_opens_a_new_period(h: Harness) -> None:
     assert new != old
     old_code = code_for_step(old, PARAMS.step_at(h.clock()), PARAMS)
     assert old_code != h.code()
-    assert outcome(h.auth(secret=f"alice-pw,{old_code}")) == (REJECT, Reason.BAD_CODE)
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=f"alice-pw,{old_code}")) == (REJECT, Reason.BAD_CODE)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
 
 
 def test_bypass(h: Harness) -> None:
@@ -332,7 +332,7 @@ def test_bypass(h: Harness) -> None:
     for mfa in (MfaMode.ENROLLED, MfaMode.STRICT):
         assert outcome(h.auth(mfa=mfa)) == (ACCEPT, Reason.BYPASS)
         assert outcome(h.auth(mfa=mfa, split=SplitMode.APPEND)) == (ACCEPT, Reason.BYPASS)
-    assert outcome(h.auth(secret="wrong")) == (REJECT, Reason.BAD_PASSWORD)
+    assert outcome(h.auth(password="wrong")) == (REJECT, Reason.BAD_PASSWORD)
     h.store.set_bypass("alice", False)
     assert outcome(h.auth()) == (NEED_CODE, Reason.CODE_NEEDED)
 
@@ -413,12 +413,12 @@ def test_mfa_modes_password_only(h: Harness, state: str, mfa: str) -> None:
 def test_mfa_modes_code_accepted_where_needed(h: Harness, state: str, mfa: str) -> None:
     put_in_state(h, state)
     if PASSWORD_ONLY[(state, mfa)][0] is NEED_CODE:
-        assert outcome(h.auth(secret=h.with_code(), mfa=MfaMode(mfa))) == (ACCEPT, Reason.OK)
+        assert outcome(h.auth(password=h.with_code(), mfa=MfaMode(mfa))) == (ACCEPT, Reason.OK)
 
 
 def test_wrong_password_is_refused_in_every_mode(h: Harness) -> None:
     for mfa in MfaMode:
-        assert outcome(h.auth(secret="nope", mfa=mfa)) == (REJECT, Reason.BAD_PASSWORD)
+        assert outcome(h.auth(password="nope", mfa=mfa)) == (REJECT, Reason.BAD_PASSWORD)
 
 
 # -- codes and replay ---------------------------------------------------------------------
@@ -428,7 +428,7 @@ def test_wrong_code_is_bad_code(h: Harness) -> None:
     h.require()
     h.enroll()
     wrong = f"{(int(h.code()) + 1) % 1_000_000:06d}"
-    assert outcome(h.auth(secret=f"alice-pw,{wrong}")) == (REJECT, Reason.BAD_CODE)
+    assert outcome(h.auth(password=f"alice-pw,{wrong}")) == (REJECT, Reason.BAD_CODE)
     assert h.record().failures == 1
 
 
@@ -445,35 +445,35 @@ def test_malformed_challenge_answers_are_bad_codes(h: Harness, code: str) -> Non
 def test_wrong_password_with_right_code_is_bad_password(h: Harness) -> None:
     h.require()
     h.enroll()
-    assert outcome(h.auth(secret=f"nope,{h.code()}")) == (REJECT, Reason.BAD_PASSWORD)
+    assert outcome(h.auth(password=f"nope,{h.code()}")) == (REJECT, Reason.BAD_PASSWORD)
     # the code was not spent: the right password with it still works
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
 
 
 @pytest.mark.parametrize("offset", [-1, 0, 1])
 def test_codes_within_the_window_are_accepted(h: Harness, offset: int) -> None:
     h.require()
     h.enroll()
-    assert outcome(h.auth(secret=h.with_code(offset=offset))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code(offset=offset))) == (ACCEPT, Reason.OK)
 
 
 @pytest.mark.parametrize("offset", [-3, -2, 2, 3])
 def test_codes_beyond_the_window_are_refused(h: Harness, offset: int) -> None:
     h.require()
     h.enroll()
-    assert outcome(h.auth(secret=h.with_code(offset=offset))) == (REJECT, Reason.BAD_CODE)
+    assert outcome(h.auth(password=h.with_code(offset=offset))) == (REJECT, Reason.BAD_CODE)
 
 
 def test_same_code_twice_is_a_replay(h: Harness) -> None:
     h.require()
     h.enroll()
     code_field = h.with_code()
-    assert outcome(h.auth(secret=code_field)) == (ACCEPT, Reason.OK)
-    d = h.auth(secret=code_field)
+    assert outcome(h.auth(password=code_field)) == (ACCEPT, Reason.OK)
+    d = h.auth(password=code_field)
     assert outcome(d) == (REJECT, Reason.REPLAYED_CODE)
     assert h.record().failures == 1  # a replay counts as a failure
     # still a replay from another client and through the challenge path
-    assert outcome(h.auth(secret=code_field, client="other")) == (REJECT, Reason.REPLAYED_CODE)
+    assert outcome(h.auth(password=code_field, client="other")) == (REJECT, Reason.REPLAYED_CODE)
     assert outcome(h.auth(split=SplitMode.CHALLENGE, code=h.code())) == (
         REJECT, Reason.REPLAYED_CODE)
 
@@ -482,23 +482,23 @@ def test_an_earlier_code_after_a_later_one_is_a_replay(h: Harness) -> None:
     h.require()
     h.enroll()
     earlier, later = h.code(offset=-1), h.code(offset=0)
-    assert outcome(h.auth(secret=f"alice-pw,{later}")) == (ACCEPT, Reason.OK)
-    assert outcome(h.auth(secret=f"alice-pw,{earlier}")) == (REJECT, Reason.REPLAYED_CODE)
+    assert outcome(h.auth(password=f"alice-pw,{later}")) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=f"alice-pw,{earlier}")) == (REJECT, Reason.REPLAYED_CODE)
 
 
 def test_a_later_code_after_an_earlier_one_is_accepted(h: Harness) -> None:
     h.require()
     h.enroll()
-    assert outcome(h.auth(secret=h.with_code(offset=-1))) == (ACCEPT, Reason.OK)
-    assert outcome(h.auth(secret=h.with_code(offset=0))) == (ACCEPT, Reason.OK)
-    assert outcome(h.auth(secret=h.with_code(offset=0))) == (REJECT, Reason.REPLAYED_CODE)
+    assert outcome(h.auth(password=h.with_code(offset=-1))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code(offset=0))) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code(offset=0))) == (REJECT, Reason.REPLAYED_CODE)
 
 
 def test_next_time_step_brings_a_fresh_code(h: Harness) -> None:
     h.require()
     h.enroll()
     for _ in range(5):
-        assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+        assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
         h.next_step()
     step = PARAMS.step_at(h.clock()) - 1
     assert h.record().last_step == step
@@ -509,7 +509,7 @@ def test_replay_marker_is_per_user(h: Harness) -> None:
     h.require("bob")
     secret = h.enroll("alice")
     # bob happens to have the same key (an import gone wrong): his use is his own
-    h.store.set_secret("bob", h.keys.encrypt(secret.encode(), "bob"), h.keys.current)
+    h.store.set_totp_key("bob", h.keys.encrypt(secret.encode(), "bob"), h.keys.current)
     h.secrets["bob"] = secret
     assert outcome(h.auth("alice", h.with_code("alice"))) == (ACCEPT, Reason.OK)
     assert outcome(h.auth("bob", h.with_code("bob"))) == (ACCEPT, Reason.OK)
@@ -519,10 +519,10 @@ def test_repeat_window_accepts_the_same_request_again(h: Harness) -> None:
     h.require()
     h.enroll()
     field_ = h.with_code()
-    assert outcome(h.auth(secret=field_, repeat=60)) == (ACCEPT, Reason.OK)
-    assert outcome(h.auth(secret=field_, repeat=60)) == (ACCEPT, Reason.REPEAT)
+    assert outcome(h.auth(password=field_, repeat=60)) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=field_, repeat=60)) == (ACCEPT, Reason.REPEAT)
     # another client, or a client without the window, is refused
-    assert outcome(h.auth(secret=field_, repeat=60, client="other")) == (
+    assert outcome(h.auth(password=field_, repeat=60, client="other")) == (
         REJECT, Reason.REPLAYED_CODE)
 
 
@@ -530,17 +530,17 @@ def test_repeat_window_expires(h: Harness) -> None:
     h.require()
     h.enroll()
     field_ = h.with_code()
-    assert outcome(h.auth(secret=field_, repeat=20)) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=field_, repeat=20)) == (ACCEPT, Reason.OK)
     h.clock.advance(21)
-    assert outcome(h.auth(secret=field_, repeat=20)) == (REJECT, Reason.REPLAYED_CODE)
+    assert outcome(h.auth(password=field_, repeat=20)) == (REJECT, Reason.REPLAYED_CODE)
 
 
 def test_repeat_window_off_by_default(h: Harness) -> None:
     h.require()
     h.enroll()
     field_ = h.with_code()
-    assert outcome(h.auth(secret=field_)) == (ACCEPT, Reason.OK)
-    assert outcome(h.auth(secret=field_)) == (REJECT, Reason.REPLAYED_CODE)
+    assert outcome(h.auth(password=field_)) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=field_)) == (REJECT, Reason.REPLAYED_CODE)
 
 
 # -- lockout ------------------------------------------------------------------------------
@@ -555,20 +555,20 @@ def enrolled(h: Harness) -> Harness:
 def test_n_minus_one_failures_then_success_resets(h: Harness) -> None:
     enrolled(h)
     for _ in range(4):
-        d = h.auth(secret="wrong")
+        d = h.auth(password="wrong")
         assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
         assert not d.lockout_started
     assert h.record().failures == 4
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
     assert h.record().failures == 0
     for _ in range(4):
-        assert not h.auth(secret="wrong").lockout_started
+        assert not h.auth(password="wrong").lockout_started
     assert not h.record().locked(h.clock())
 
 
 def test_password_only_success_resets_too(h: Harness) -> None:
     for _ in range(4):
-        h.auth(secret="wrong")
+        h.auth(password="wrong")
     assert h.record().failures == 4
     assert outcome(h.auth()) == (ACCEPT, Reason.NOT_REQUIRED)
     assert h.record().failures == 0
@@ -576,7 +576,7 @@ def test_password_only_success_resets_too(h: Harness) -> None:
 
 def test_nth_failure_locks_and_the_right_credentials_are_then_refused(h: Harness) -> None:
     enrolled(h)
-    decisions = [h.auth(secret="wrong") for _ in range(5)]
+    decisions = [h.auth(password="wrong") for _ in range(5)]
     assert [d.lockout_started for d in decisions] == [False] * 4 + [True]
     assert decisions[-1].reason is Reason.BAD_PASSWORD
     assert decisions[-1].locked_until == int(h.clock()) + 900
@@ -585,7 +585,7 @@ def test_nth_failure_locks_and_the_right_credentials_are_then_refused(h: Harness
     assert rec.failures == 5 and rec.locked(h.clock())
 
     calls = len(h.directory.calls)
-    d = h.auth(secret=h.with_code())
+    d = h.auth(password=h.with_code())
     assert outcome(d) == (REJECT, Reason.LOCKED_OUT)
     assert d.locked_until == int(T0) + 900
     assert "locked" in d.message.lower()
@@ -593,7 +593,7 @@ def test_nth_failure_locks_and_the_right_credentials_are_then_refused(h: Harness
     assert not d.lockout_started
     # attempts while locked neither reach the directory nor extend the lock
     for _ in range(3):
-        assert outcome(h.auth(secret="wrong")) == (REJECT, Reason.LOCKED_OUT)
+        assert outcome(h.auth(password="wrong")) == (REJECT, Reason.LOCKED_OUT)
     assert len(h.directory.calls) == calls
     assert h.record().locked_until == int(T0) + 900
     assert h.events.lockouts == 1
@@ -602,11 +602,11 @@ def test_nth_failure_locks_and_the_right_credentials_are_then_refused(h: Harness
 def test_lock_expires_after_lockout_seconds(h: Harness) -> None:
     enrolled(h)
     for _ in range(5):
-        h.auth(secret="wrong")
+        h.auth(password="wrong")
     h.clock.advance(899)
-    assert outcome(h.auth(secret=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
+    assert outcome(h.auth(password=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
     h.clock.advance(1)
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
     rec = h.record()
     assert rec.failures == 0 and rec.locked_until is None
 
@@ -614,16 +614,16 @@ def test_lock_expires_after_lockout_seconds(h: Harness) -> None:
 def test_after_a_lock_expires_the_count_starts_again(h: Harness) -> None:
     enrolled(h)
     for _ in range(5):
-        h.auth(secret="wrong")
+        h.auth(password="wrong")
     h.clock.advance(900)
-    d = h.auth(secret="wrong")
+    d = h.auth(password="wrong")
     assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
     assert not d.lockout_started
     rec = h.record()
     assert rec.failures == 1 and rec.locked_until is None
     for _ in range(3):
-        h.auth(secret="wrong")
-    assert h.auth(secret="wrong").lockout_started
+        h.auth(password="wrong")
+    assert h.auth(password="wrong").lockout_started
     assert h.events.lockouts == 2
 
 
@@ -631,26 +631,26 @@ def test_lockout_seconds_zero_locks_until_unlock(tmp_path: Path) -> None:
     h = make_harness(tmp_path, Limits(max_failures=3, lockout_seconds=0))
     enrolled(h)
     for _ in range(3):
-        d = h.auth(secret="wrong")
+        d = h.auth(password="wrong")
     assert d.lockout_started
     assert h.record().locked_until == LOCKED_FOREVER
     h.clock.advance(10 * 365 * DAY)
-    assert outcome(h.auth(secret=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
+    assert outcome(h.auth(password=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
     assert h.store.unlock("alice")
     rec = h.record()
     assert rec.failures == 0 and rec.locked_until is None
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
     h.store.close()
 
 
 def test_unlock_clears_the_lock_and_the_count(h: Harness) -> None:
     enrolled(h)
     for _ in range(5):
-        h.auth(secret="wrong")
+        h.auth(password="wrong")
     assert h.store.unlock("alice")
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
     for _ in range(4):
-        assert not h.auth(secret="wrong").lockout_started
+        assert not h.auth(password="wrong").lockout_started
 
 
 def test_unlock_of_a_user_without_state_is_false(h: Harness) -> None:
@@ -661,15 +661,15 @@ def test_password_and_code_failures_count_together(h: Harness) -> None:
     enrolled(h)
     wrong_code = f"{(int(h.code()) + 1) % 1_000_000:06d}"
     reasons = [
-        h.auth(secret="wrong").reason,
-        h.auth(secret=f"alice-pw,{wrong_code}").reason,
-        h.auth(secret="wrong").reason,
+        h.auth(password="wrong").reason,
+        h.auth(password=f"alice-pw,{wrong_code}").reason,
+        h.auth(password="wrong").reason,
         h.auth(split=SplitMode.APPEND).reason,
     ]
     assert reasons == [Reason.BAD_PASSWORD, Reason.BAD_CODE, Reason.BAD_PASSWORD,
                        Reason.MISSING_CODE]
     assert h.record().failures == 4
-    d = h.auth(secret=f"alice-pw,{wrong_code}")
+    d = h.auth(password=f"alice-pw,{wrong_code}")
     assert outcome(d) == (REJECT, Reason.BAD_CODE)
     assert d.lockout_started
 
@@ -677,8 +677,8 @@ def test_password_and_code_failures_count_together(h: Harness) -> None:
 def test_replays_count_towards_the_lock(h: Harness) -> None:
     enrolled(h)
     code_field = h.with_code()
-    h.auth(secret=code_field)
-    decisions = [h.auth(secret=code_field) for _ in range(5)]
+    h.auth(password=code_field)
+    decisions = [h.auth(password=code_field) for _ in range(5)]
     assert [d.reason for d in decisions] == [Reason.REPLAYED_CODE] * 5
     assert decisions[-1].lockout_started
 
@@ -689,18 +689,18 @@ def test_replays_count_towards_the_lock(h: Harness) -> None:
 ])
 def test_case_and_domain_variants_share_one_counter(h: Harness, forms: list[str]) -> None:
     enrolled(h)
-    decisions = [h.auth(name, secret="wrong") for name in forms]
+    decisions = [h.auth(name, password="wrong") for name in forms]
     assert all(d.username == "alice" for d in decisions)
     assert decisions[-1].lockout_started
     for name in forms:
-        d = h.auth(name, secret=h.with_code())
+        d = h.auth(name, password=h.with_code())
         assert outcome(d) == (REJECT, Reason.LOCKED_OUT), name
     assert h.store.get("ALICE") is None  # no second row under another spelling
 
 
 def test_each_user_has_their_own_counter(h: Harness) -> None:
     for _ in range(5):
-        h.auth("alice", secret="wrong")
+        h.auth("alice", password="wrong")
     assert h.record("alice").locked(h.clock())
     assert outcome(h.auth("bob")) == (ACCEPT, Reason.NOT_REQUIRED)
     assert h.record("bob").failures == 0
@@ -708,13 +708,13 @@ def test_each_user_has_their_own_counter(h: Harness) -> None:
 
 def test_unknown_users_are_not_counted(h: Harness) -> None:
     for _ in range(10):
-        d = h.auth("mallory", secret="guess")
+        d = h.auth("mallory", password="guess")
         assert outcome(d) == (REJECT, Reason.UNKNOWN_USER)
     assert h.store.get("mallory") is None
 
 
 def test_empty_password_is_refused_without_asking_the_directory(h: Harness) -> None:
-    d = h.auth(secret="")
+    d = h.auth(password="")
     assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
     assert h.directory.calls == []
 
@@ -722,7 +722,7 @@ def test_empty_password_is_refused_without_asking_the_directory(h: Harness) -> N
 def test_empty_passwords_for_unknown_names_leave_no_state(h: Harness) -> None:
     """Anyone may send empty passwords for made-up names; they must not fill the store."""
     for i in range(5):
-        assert outcome(h.auth(f"random{i}", secret="")) == (REJECT, Reason.EMPTY_PASSWORD)
+        assert outcome(h.auth(f"random{i}", password="")) == (REJECT, Reason.EMPTY_PASSWORD)
     assert h.store.list_users() == []
 
 
@@ -730,18 +730,18 @@ def test_directory_unavailable_is_not_counted(h: Harness) -> None:
     enrolled(h)
     h.directory.down = True
     for _ in range(10):
-        d = h.auth(secret=h.with_code())
+        d = h.auth(password=h.with_code())
         assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
         assert not d.lockout_started
     rec = h.record()
     assert rec.failures == 0 and not rec.locked(h.clock())
     h.directory.down = False
-    assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
 
 
 def test_invalid_username_is_refused_without_asking_the_directory(h: Harness) -> None:
     for name in ("", "   ", "bad\x00name", "x" * 300):
-        assert outcome(h.auth(name, secret="pw")) == (REJECT, Reason.INVALID_USERNAME)
+        assert outcome(h.auth(name, password="pw")) == (REJECT, Reason.INVALID_USERNAME)
     assert h.directory.calls == []
     assert h.store.list_users() == []
 
@@ -751,11 +751,11 @@ def test_code_of_a_locked_user_is_not_spent(h: Harness) -> None:
     marked used and works once the lock is over (same time step)."""
     enrolled(h)
     for _ in range(5):
-        h.auth(secret="wrong")
+        h.auth(password="wrong")
     code_field = h.with_code()
-    assert outcome(h.auth(secret=code_field)) == (REJECT, Reason.LOCKED_OUT)
+    assert outcome(h.auth(password=code_field)) == (REJECT, Reason.LOCKED_OUT)
     assert h.store.unlock("alice")
-    assert outcome(h.auth(secret=code_field)) == (ACCEPT, Reason.OK)
+    assert outcome(h.auth(password=code_field)) == (ACCEPT, Reason.OK)
 
 
 def test_keys_of_mixed_versions_work_mid_rotation(h: Harness) -> None:
@@ -766,8 +766,8 @@ def test_keys_of_mixed_versions_work_mid_rotation(h: Harness) -> None:
     h.enroll("alice")  # version 1
     rotator = KeyRing(h.keys.path)
     assert rotator.add_version() == 2
-    secret = new_secret()
-    h.store.set_secret("bob", rotator.encrypt(secret.encode(), "bob"), 2)
+    secret = new_totp_key()
+    h.store.set_totp_key("bob", rotator.encrypt(secret.encode(), "bob"), 2)
     h.secrets["bob"] = secret
     assert {r.key_version for r in h.store.list_users()} == {1, 2}
     assert outcome(h.auth("alice", h.with_code("alice"))) == (ACCEPT, Reason.OK)
@@ -782,9 +782,9 @@ def test_a_key_moved_to_another_user_does_not_decrypt(h: Harness) -> None:
     h.require("alice")
     h.require("bob")
     h.enroll("alice")
-    blob = h.record("alice").secret
+    blob = h.record("alice").totp_key
     assert blob is not None
-    h.store.set_secret("bob", blob, h.keys.current)
+    h.store.set_totp_key("bob", blob, h.keys.current)
     with pytest.raises(InvalidTag):
         h.auth("bob", f"bob-pw,{h.code('alice')}")
 
@@ -794,9 +794,9 @@ def test_a_key_moved_to_another_user_does_not_decrypt(h: Harness) -> None:
 
 def test_every_decision_is_audited(h: Harness) -> None:
     enrolled(h)
-    h.auth(secret="wrong")
-    h.auth(secret=h.with_code())
-    h.auth("mallory", secret="x")
+    h.auth(password="wrong")
+    h.auth(password=h.with_code())
+    h.auth("mallory", password="x")
     assert h.engine.audit.flush() == 3
     rows = h.store.recent_audit()
     assert [(r.username, r.result, r.reason) for r in reversed(rows)] == [
@@ -813,7 +813,7 @@ def test_every_decision_is_audited(h: Harness) -> None:
 def test_audit_never_holds_passwords_or_codes(h: Harness) -> None:
     enrolled(h)
     code = h.code()
-    h.auth(secret=f"hunter2-secret,{code}")
+    h.auth(password=f"hunter2-secret,{code}")
     h.engine.audit.flush()
     with h.store.engine.connect() as c:
         dump = repr(c.execute(text("SELECT * FROM audit")).all())
@@ -869,7 +869,7 @@ class HeldPasswords(Scripted):
 
 def test_authenticator_accepts_with_code(h: Harness) -> None:
     enrolled(h)
-    d = fired(authenticator(h).authenticate(h.request(secret=h.with_code())))
+    d = fired(authenticator(h).authenticate(h.request(password=h.with_code())))
     assert outcome(d) == (ACCEPT, Reason.OK)
     assert d.password == "alice-pw"  # for a front-end that binds its own session after
     assert h.events.directory_calls == [(0.0, None), (0.0, None)]  # look-up, bind
@@ -878,16 +878,16 @@ def test_authenticator_accepts_with_code(h: Harness) -> None:
 def test_authenticator_refuses_a_locked_user_before_the_password(h: Harness) -> None:
     enrolled(h)
     for _ in range(5):
-        h.auth(secret="wrong")
+        h.auth(password="wrong")
     checked = len(h.directory.calls)
-    d = fired(authenticator(h).authenticate(h.request(secret=h.with_code())))
+    d = fired(authenticator(h).authenticate(h.request(password=h.with_code())))
     assert outcome(d) == (REJECT, Reason.LOCKED_OUT)
     assert len(h.directory.calls) == checked
 
 
 def test_authenticator_unexpected_directory_error_is_unavailable(h: Harness) -> None:
     failing = Scripted(h.directory, check_password=lambda i, p: defer.fail(RuntimeError("boom")))
-    d = fired(authenticator(h, failing).authenticate(h.request(secret="wrong")))
+    d = fired(authenticator(h, failing).authenticate(h.request(password="wrong")))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
     assert h.events.directory_calls[-1] == (0.0, "directory_unavailable")
     assert h.record().failures == 0
@@ -895,13 +895,13 @@ def test_authenticator_unexpected_directory_error_is_unavailable(h: Harness) -> 
 
 def test_authenticator_lookup_failure_is_unavailable_and_touches_no_state(h: Harness) -> None:
     h.directory.down = True
-    d = fired(authenticator(h).authenticate(h.request(secret="wrong")))
+    d = fired(authenticator(h).authenticate(h.request(password="wrong")))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
     assert h.store.get("alice") is None and h.directory.calls == []
 
 
 def test_authenticator_bad_password_is_counted_on_the_entry(h: Harness) -> None:
-    d = fired(authenticator(h).authenticate(h.request("ALICE", secret="wrong")))
+    d = fired(authenticator(h).authenticate(h.request("ALICE", password="wrong")))
     assert outcome(d) == (REJECT, Reason.BAD_PASSWORD)
     assert d.username == "alice" and h.record().failures == 1
 
@@ -918,14 +918,14 @@ def test_authenticator_state_store_failure_fails_closed(h: Harness,
 
 
 def test_authenticator_empty_password_skips_the_directory(h: Harness) -> None:
-    d = fired(authenticator(h).authenticate(h.request(secret="")))
+    d = fired(authenticator(h).authenticate(h.request(password="")))
     assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
     assert h.directory.calls == [] and h.directory.lookups == []
 
 
 def test_authenticator_empty_password_after_the_code_is_not_sent(h: Harness) -> None:
     enrolled(h)
-    d = fired(authenticator(h).authenticate(h.request(secret=f",{h.code()}")))
+    d = fired(authenticator(h).authenticate(h.request(password=f",{h.code()}")))
     assert outcome(d) == (REJECT, Reason.EMPTY_PASSWORD)
     assert h.directory.calls == [] and h.record().failures == 0
 
@@ -935,7 +935,7 @@ def test_authenticator_directory_raising_instead_of_failing_is_unavailable(h: Ha
         raise RuntimeError("raised, not returned")
 
     d = fired(authenticator(h, Scripted(h.directory, check_password=raising)).authenticate(
-        h.request(secret="pw")))
+        h.request(password="pw")))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
 
 
@@ -947,7 +947,7 @@ def test_authenticator_decide_failure_fails_closed_once(h: Harness,
         raise OperationalError("UPDATE", {}, Exception("disk I/O error"))
 
     monkeypatch.setattr(h.store, "accept_step", broken)
-    d = authenticator(h).authenticate(h.request(secret=h.with_code()))
+    d = authenticator(h).authenticate(h.request(password=h.with_code()))
     assert outcome(fired(d)) == (REJECT, Reason.STATE_UNAVAILABLE)
     assert h.events.state_errors == ["decide"]
 
@@ -978,7 +978,7 @@ def test_authenticator_a_bug_after_begin_still_gets_one_reject(
 def test_every_spelling_the_directory_matches_is_one_identity(h: Harness) -> None:
     enrolled(h)
     for spelling in ("ALICE", "Alice", "ａｌｉｃｅ", "EXAMPLE\\alice", "alice@example.org"):
-        assert outcome(h.auth(spelling, secret="alice-pw", split=SplitMode.APPEND)) == (
+        assert outcome(h.auth(spelling, password="alice-pw", split=SplitMode.APPEND)) == (
             REJECT, Reason.MISSING_CODE)
     assert h.record().failures == 5 and h.record().locked(h.clock())
     assert [r.username for r in h.store.list_users()] == ["alice"]
@@ -986,7 +986,7 @@ def test_every_spelling_the_directory_matches_is_one_identity(h: Harness) -> Non
 
 def test_an_ldap_bind_dn_resolves_to_the_entry(h: Harness) -> None:
     enrolled(h)
-    request = h.request(secret=h.with_code())
+    request = h.request(password=h.with_code())
     request.bind_dn = "UID=Alice, OU=People, DC=example, DC=org"
     request.username = request.bind_dn
     d = h.engine.authenticate_sync(request, h.directory)
@@ -997,14 +997,14 @@ def test_an_ldap_bind_dn_resolves_to_the_entry(h: Harness) -> None:
 def test_an_entry_without_a_usable_name_is_nobody(h: Harness) -> None:
     nameless = Scripted(h.directory,
                         lookup=lambda n: defer.succeed(Identity("ali\nce", "uid=x")))
-    d = fired(authenticator(h, nameless).authenticate(h.request(secret="alice-pw")))
+    d = fired(authenticator(h, nameless).authenticate(h.request(password="alice-pw")))
     assert outcome(d) == (REJECT, Reason.UNKNOWN_USER)
     assert h.store.list_users() == []
 
 
 def test_unknown_names_create_no_state_but_read_like_a_real_account(h: Harness) -> None:
-    real = [h.auth("alice", secret="guess") for _ in range(6)]
-    fake = [h.auth("mallory", secret="guess") for _ in range(6)]
+    real = [h.auth("alice", password="guess") for _ in range(6)]
+    fake = [h.auth("mallory", password="guess") for _ in range(6)]
     assert [r.message for r in real] == [f.message for f in fake]
     assert real[-1].reason is Reason.LOCKED_OUT and fake[-1].reason is Reason.UNKNOWN_USER
     assert fake[-1].public_reason is Reason.LOCKED_OUT
@@ -1018,12 +1018,12 @@ def test_unknown_names_are_answered_after_a_wrong_password_s_usual_time(h: Harne
     directory = HeldPasswords(h.directory)
     auth = authenticator(h, directory, call_later=reactor.callLater)
     for _ in range(30):  # teach it: a wrong password takes 0.5 s here
-        pending = auth.authenticate(h.request(secret="wrong"))
+        pending = auth.authenticate(h.request(password="wrong"))
         h.clock.advance(0.5)
         directory.answer(ok=False)
         assert outcome(fired(pending)) == (REJECT, Reason.BAD_PASSWORD)
         h.engine.store.unlock("alice")
-    unknown = auth.authenticate(h.request("mallory", secret="wrong"))
+    unknown = auth.authenticate(h.request("mallory", password="wrong"))
     assert not unknown.called
     reactor.advance(0.3)
     assert not unknown.called
@@ -1038,9 +1038,9 @@ def test_concurrent_guesses_reach_the_directory_one_at_a_time_and_stop_at_the_lo
         h: Harness) -> None:
     directory = HeldPasswords(h.directory)
     auth = authenticator(h, directory)
-    attempts = [auth.authenticate(h.request(secret="wrong")) for _ in range(20)]
-    right = auth.authenticate(h.request(secret="alice-pw"))
-    beyond = [auth.authenticate(h.request(secret="alice-pw")) for _ in range(20)]
+    attempts = [auth.authenticate(h.request(password="wrong")) for _ in range(20)]
+    right = auth.authenticate(h.request(password="alice-pw"))
+    beyond = [auth.authenticate(h.request(password="alice-pw")) for _ in range(20)]
     checked = 0
     while directory.held:
         assert len(directory.held) == 1  # never two passwords of one identity in flight
@@ -1062,7 +1062,7 @@ def test_a_lock_that_came_meanwhile_refuses_the_right_password(h: Harness) -> No
     h.require()
     directory = HeldPasswords(h.directory)
     auth = authenticator(h, directory)
-    pending = auth.authenticate(h.request(secret="alice-pw"))
+    pending = auth.authenticate(h.request(password="alice-pw"))
     for _ in range(5):
         h.store.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)
@@ -1108,8 +1108,8 @@ def test_rejects_are_always_logged_accepts_only_when_asked(
     h.require()
     h.enroll()
     with caplog.at_level(logging.INFO, logger="mfa_proxy.policy"):
-        assert outcome(h.auth(secret=h.with_code())) == (ACCEPT, Reason.OK)
-        assert outcome(h.auth(secret="nope")) == (REJECT, Reason.BAD_PASSWORD)
+        assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
+        assert outcome(h.auth(password="nope")) == (REJECT, Reason.BAD_PASSWORD)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decision ")]
     rejects = [line for line in lines if "result=reject reason=bad_password" in line]
     accepts = [line for line in lines if "result=accept reason=ok" in line]
@@ -1127,7 +1127,7 @@ def test_plain_spellings_of_an_unknown_dn_share_one_counter(h: Harness) -> None:
                  "uid = nobody , ou=people,dc=example,dc=org"]
     decisions = []
     for i in range(6):
-        request = h.request(secret="guess")
+        request = h.request(password="guess")
         request.bind_dn = request.username = spellings[i % 3]
         decisions.append(h.engine.authenticate_sync(request, h.directory))
     assert decisions[-1].public_reason is Reason.LOCKED_OUT
@@ -1139,7 +1139,7 @@ def test_a_lock_that_came_meanwhile_refuses_the_right_password_and_code(h: Harne
     enrolled(h)
     directory = HeldPasswords(h.directory)
     auth = authenticator(h, directory)
-    pending = auth.authenticate(h.request(secret=h.with_code()))
+    pending = auth.authenticate(h.request(password=h.with_code()))
     for _ in range(5):
         h.store.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)
@@ -1150,7 +1150,7 @@ def test_a_lock_that_came_meanwhile_refuses_a_challenge(h: Harness) -> None:
     enrolled(h)
     directory = HeldPasswords(h.directory)
     auth = authenticator(h, directory)
-    pending = auth.authenticate(h.request(secret="alice-pw", split=SplitMode.CHALLENGE))
+    pending = auth.authenticate(h.request(password="alice-pw", split=SplitMode.CHALLENGE))
     for _ in range(5):
         h.store.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)

@@ -22,7 +22,7 @@ from policy.decision import AuthRequest, Decision
 from policy.engine import Authenticator, Limits, PolicyEngine
 from policy.keys import KeyRing
 from policy.store import DAY, Store
-from policy.totp import TotpParams, code_for_step, new_secret
+from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
 from proxy.ldap.dn import parse_dn
 
@@ -120,10 +120,10 @@ class RealCore:
     # -- state, through the store as the admin commands write it
 
     def enroll(self, name: str) -> None:
-        self.secrets[name] = new_secret()
+        self.secrets[name] = new_totp_key()
         now = int(self.clock())
         self.store.require(name, now + 7 * DAY)
-        self.store.set_secret(name, self.keys.encrypt(self.secrets[name].encode(), name),
+        self.store.set_totp_key(name, self.keys.encrypt(self.secrets[name].encode(), name),
                               self.keys.current)
 
     def code(self, name: str = "alice") -> str:

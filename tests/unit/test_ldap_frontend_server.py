@@ -247,7 +247,7 @@ def test_bind_with_password_and_code_binds_upstream_with_the_password_only() -> 
     assert h.directory.binds == [(ALICE, b"alice-pw")]
     assert h.core.directory.checks == [("alice", "alice-pw")]
     (request,) = h.core.requests
-    assert (request.username, request.bind_dn, request.secret, request.separator) == (
+    assert (request.username, request.bind_dn, request.password, request.separator) == (
         ALICE, ALICE, credential, ",")
     assert request.mfa is MfaMode.ENROLLED and request.source == "10.0.0.7"
     assert h.events[("bind", "accept", "ok")] == 1

@@ -193,7 +193,7 @@ def test_the_reminder_goes_out_once_a_day_before_the_deadline(world: World) -> N
     world.tick()
     assert world.fakes.sent == []  # 2 days left: not yet
     world.clock.t += DAY + 60
-    world.store.set_secret("bob", b"key", 1)  # bob enrolled meanwhile: none for him
+    world.store.set_totp_key("bob", b"key", 1)  # bob enrolled meanwhile: none for him
     for _ in range(3):
         world.tick()
         world.clock.t += 600
@@ -207,7 +207,7 @@ def test_a_reminder_that_is_no_longer_true_is_cancelled(world: World) -> None:
     world.fakes.directory_down = True  # the reminder is queued, not sent
     require(world, "alice", 1, notify=False)
     world.tick()
-    world.store.set_secret("alice", b"key", 1)  # enrolled before the retry
+    world.store.set_totp_key("alice", b"key", 1)  # enrolled before the retry
     world.fakes.directory_down = False
     world.clock.t += 60
     world.tick()

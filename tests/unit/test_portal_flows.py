@@ -92,7 +92,7 @@ def test_start_setup_keeps_a_pending_key_and_changes_nothing_else(world: World) 
     setup = world.accounts.start_setup("alice")
     assert setup.uri.startswith("otpauth://totp/Example%20Corp:alice?secret=" + setup.totp_key)
     assert world.accounts.view("alice") == before  # still in enrollment, no key
-    assert world.store.get("alice").secret is None  # type: ignore[union-attr]
+    assert world.store.get("alice").totp_key is None  # type: ignore[union-attr]
     assert world.accounts.pending_setup("alice") == setup
     assert [e[0] for e in world.events.seen] == ["required"]
 
@@ -100,7 +100,7 @@ def test_start_setup_keeps_a_pending_key_and_changes_nothing_else(world: World) 
 def test_the_pending_key_is_encrypted_at_rest_and_bound_to_its_user(world: World) -> None:
     setup = world.accounts.start_setup("alice")
     with closing(sqlite3.connect(world.path)) as db:
-        blob, version = db.execute("SELECT pending_secret, pending_key_version FROM users "
+        blob, version = db.execute("SELECT pending_totp_key, pending_key_version FROM users "
                                    "WHERE username = 'alice'").fetchone()
     assert setup.totp_key.encode() not in blob
     assert version == world.keys.current
@@ -117,8 +117,8 @@ def test_a_good_code_activates_the_pending_key(world: World) -> None:
     view = world.accounts.view("alice")
     assert (view.status, view.enrolled, view.failures) == ("enrolled", True, 0)
     record = world.store.get("alice")
-    assert record is not None and record.secret is not None
-    assert world.keys.decrypt(record.secret, "alice").decode() == setup.totp_key
+    assert record is not None and record.totp_key is not None
+    assert world.keys.decrypt(record.totp_key, "alice").decode() == setup.totp_key
     assert world.accounts.pending_setup("alice") is None
     assert ("setup_confirmed", "alice", False, "10.0.0.9") in world.events.seen
     audit = world.store.recent_audit("alice")
@@ -156,7 +156,7 @@ def test_five_wrong_codes_lock_and_a_locked_user_cannot_confirm(world: World) ->
     assert [r.lockout_started for r in results] == [False] * 4 + [True]
     good = world.accounts.confirm_setup("alice", code_at(setup.totp_key, T0))
     assert good.outcome is SetupOutcome.LOCKED
-    assert world.store.get("alice").secret is None  # type: ignore[union-attr]
+    assert world.store.get("alice").totp_key is None  # type: ignore[union-attr]
     with pytest.raises(Locked):
         world.accounts.start_setup("alice")
     world.clock.advance(901)  # the lock has run out
@@ -167,14 +167,14 @@ def test_the_old_key_keeps_working_until_the_new_one_is_confirmed(world: World) 
     old = world.accounts.enroll("alice")
     new = world.accounts.start_setup("alice")
     record = world.store.get("alice")
-    assert record is not None and record.secret is not None
-    assert world.keys.decrypt(record.secret, "alice").decode() == old.totp_key
+    assert record is not None and record.totp_key is not None
+    assert world.keys.decrypt(record.totp_key, "alice").decode() == old.totp_key
     assert world.accounts.view("alice").status == "enrolled"
     world.clock.advance(30)
     assert world.accounts.confirm_setup("alice", code_at(new.totp_key, world.clock())).confirmed
     record = world.store.get("alice")
-    assert record is not None and record.secret is not None
-    assert world.keys.decrypt(record.secret, "alice").decode() == new.totp_key
+    assert record is not None and record.totp_key is not None
+    assert world.keys.decrypt(record.totp_key, "alice").decode() == new.totp_key
     assert ("setup_confirmed", "alice", True, "") in world.events.seen  # a reset by the user
 
 
@@ -202,8 +202,8 @@ def test_activation_is_conditional_on_the_pending_key_it_verified(world: World) 
     blob = world.store.get_pending("alice", T0)
     assert blob is not None
     world.accounts.start_setup("alice")
-    assert not world.store.activate_pending("alice", blob.secret, 1, T0)
-    assert world.store.get("alice").secret is None  # type: ignore[union-attr]
+    assert not world.store.activate_pending("alice", blob.totp_key, 1, T0)
+    assert world.store.get("alice").totp_key is None  # type: ignore[union-attr]
     assert first.totp_key
 
 
@@ -215,7 +215,7 @@ def test_an_abandoned_pending_key_expires(world: World) -> None:
     assert result.outcome is SetupOutcome.NO_PENDING_KEY
     world.store.prune(world.clock(), 90)
     with closing(sqlite3.connect(world.path)) as db:
-        assert db.execute("SELECT pending_secret FROM users").fetchone() == (None,)
+        assert db.execute("SELECT pending_totp_key FROM users").fetchone() == (None,)
 
 
 def test_confirming_makes_a_user_who_was_not_required_required(world: World) -> None:

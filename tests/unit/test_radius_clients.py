@@ -16,7 +16,8 @@ from proxy.radius.clients import (
 
 
 def client(name: str, *networks: str, **kw) -> RadiusClientConfig:
-    return RadiusClientConfig(name=name, networks=networks, secret=b"secret-" + name.encode(), **kw)
+    return RadiusClientConfig(name=name, networks=networks,
+                              nas_secret=b"secret-" + name.encode(), **kw)
 
 
 @pytest.fixture
@@ -55,13 +56,13 @@ def test_most_specific_prefix_wins(table: ClientTable, host: str, name: str | No
 
 
 def test_strings_become_typed_values() -> None:
-    c = RadiusClientConfig(name="x", networks=("192.0.2.0/24",), secret="text-secret",  # type: ignore[arg-type]
+    c = RadiusClientConfig(name="x", networks=("192.0.2.0/24",), nas_secret="text-secret",  # type: ignore[arg-type]
                            mode="challenge", mfa="strict",  # type: ignore[arg-type]
                            enrollment_notice="challenge")  # type: ignore[arg-type]
     assert c.mode is SplitMode.CHALLENGE and c.mfa is MfaMode.STRICT
     assert c.enrollment_notice is EnrollmentNotice.CHALLENGE
     assert c.networks == (ipaddress.ip_network("192.0.2.0/24"),)
-    assert c.secret == b"text-secret"
+    assert c.nas_secret == b"text-secret"
 
 
 def test_host_bits_are_allowed_in_a_cidr() -> None:
@@ -69,11 +70,11 @@ def test_host_bits_are_allowed_in_a_cidr() -> None:
 
 
 @pytest.mark.parametrize("kw", [
-    {"secret": b""}, {"networks": ()}, {"mode": "sometimes"}, {"mfa": "maybe"},
+    {"nas_secret": b""}, {"networks": ()}, {"mode": "sometimes"}, {"mfa": "maybe"},
     {"networks": ("10.0.0.300",)},
 ])
 def test_bad_client_configs_are_refused(kw) -> None:
-    args = {"name": "x", "networks": ("10.0.0.1",), "secret": b"s"} | kw
+    args = {"name": "x", "networks": ("10.0.0.1",), "nas_secret": b"s"} | kw
     with pytest.raises(ValueError):
         RadiusClientConfig(**args)
 

@@ -109,7 +109,7 @@ def test_append_mode_accept_carries_group_attributes() -> None:
     assert reply.first(25) == b"admins" and reply.first(27) == (3600).to_bytes(4, "big")
     assert reply.first(Attr.REPLY_MESSAGE) is None
     sent = h.core.requests[0]
-    assert (sent.username, sent.secret, sent.code) == ("alice", "s3cret:123456", None)
+    assert (sent.username, sent.password, sent.code) == ("alice", "s3cret:123456", None)
     assert (sent.protocol, sent.client, sent.source) == ("radius", "vpn", "10.0.0.5")
     assert (sent.split, sent.mfa, sent.separator) == (SplitMode.APPEND, MfaMode.STRICT, ":")
     assert sent.repeat_window_seconds == 10 and sent.verified_identity is None
@@ -145,7 +145,7 @@ def test_challenge_in_two_steps() -> None:
     _, accept = h.ask("123456", state=state)
     assert accept.code == Code.ACCESS_ACCEPT
     second = h.core.requests[1]
-    assert (second.code, second.verified_identity, second.secret) == ("123456", ALICE, "")
+    assert (second.code, second.verified_identity, second.password) == ("123456", ALICE, "")
     assert h.events.requests == [("vpn", "challenge", "code_needed"), ("vpn", "accept", "ok")]
     # the State was single-use
     _, again = h.ask("123456", state=state)
@@ -185,14 +185,14 @@ def test_openvpn_static_challenge_gives_password_and_code() -> None:
     b64 = base64.b64encode
     field = f"SCRV1:{b64(b's3cret').decode()}:{b64(b'123456').decode()}"
     h.ask(field)
-    assert (h.core.requests[0].secret, h.core.requests[0].code) == ("s3cret", "123456")
+    assert (h.core.requests[0].password, h.core.requests[0].code) == ("s3cret", "123456")
 
 
 def test_openvpn_static_challenge_with_empty_response_has_no_code() -> None:
     h = Harness()
     h.core.then(decision(Outcome.ACCEPT))
     h.ask(f"SCRV1:{base64.b64encode(b's3cret').decode()}:")
-    assert (h.core.requests[0].secret, h.core.requests[0].code) == ("s3cret", None)
+    assert (h.core.requests[0].password, h.core.requests[0].code) == ("s3cret", None)
 
 
 # --- enrollment notices -----------------------------------------------------

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.totp import (
-    InvalidSecret,
+    NotATotpKey,
     TotpParams,
     code_for_step,
     decode_key,
     match_step,
-    new_secret,
-    normalize_secret,
+    new_totp_key,
+    normalize_totp_key,
     provisioning_uri,
 )
 
@@ -109,11 +109,11 @@ def test_code_for_step_matches_pyotp_now() -> None:
 
 
 def test_new_secret_is_160_bits_of_base32_and_random() -> None:
-    secrets = {new_secret() for _ in range(50)}
+    secrets = {new_totp_key() for _ in range(50)}
     assert len(secrets) == 50
     for s in secrets:
         assert len(base64.b32decode(s + "=" * (-len(s) % 8))) == 20
-        assert normalize_secret(s) == s
+        assert normalize_totp_key(s) == s
 
 
 @pytest.mark.parametrize(("raw", "clean"), [
@@ -123,13 +123,13 @@ def test_new_secret_is_160_bits_of_base32_and_random() -> None:
     ("  jbswy3dp\tehpk3pxp\n", "JBSWY3DPEHPK3PXP"),
 ])
 def test_normalize_secret_accepts_what_people_paste(raw: str, clean: str) -> None:
-    assert normalize_secret(raw) == clean
+    assert normalize_totp_key(raw) == clean
 
 
 @pytest.mark.parametrize("raw", ["", "   ", "not base32!", "JBSWY3DP1", "AAAA", "JBSWY3DP"])
 def test_normalize_secret_refuses_non_keys(raw: str) -> None:
-    with pytest.raises(InvalidSecret):
-        normalize_secret(raw)
+    with pytest.raises(NotATotpKey):
+        normalize_totp_key(raw)
 
 
 def test_provisioning_uri_has_issuer_account_and_parameters() -> None:

@@ -1,8 +1,10 @@
 """The RADIUS server on real loopback sockets, driven by FreeRADIUS's radclient.
 
-The core is a fake here (the end-to-end suite runs the real one): these
-tests are about the protocol as a real NAS sees it — signatures, State,
-Status-Server, retransmissions, accounting, IPv6.
+Behind the server is the real core (policy engine and authenticator on a
+SQLite store, tests/unit/test_ldap_frontend_fakes.py ``RealCore``); only the
+directory is in memory. These tests are about the protocol as a real NAS
+sees it — signatures, State, Status-Server, retransmissions, accounting,
+IPv6 — and every answer is the one the core decided.
 """
 
 from __future__ import annotations
@@ -11,19 +13,18 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from pyrad.dictionary import Dictionary
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
 from backends.base import Identity
-from policy.decision import AuthRequest, Decision, Outcome, Reason, SplitMode
+from policy.decision import AuthRequest, Decision, SplitMode
 from proxy.radius.clients import ClientTable, RadiusClientConfig, ReplyRule
 from proxy.radius.packet import (
     SHIPPED_DICTIONARY,
@@ -35,10 +36,12 @@ from proxy.radius.packet import (
 )
 from proxy.radius.server import RadiusServer, ServerSettings
 from proxy.radius.testing import RecordingEvents, access_request, verify_reply
+from tests.unit.test_ldap_frontend_fakes import MemoryDirectory, RealCore
 
 DICTIONARY_PATH = SHIPPED_DICTIONARY
 SECRET = "testing123-a-long-shared-secret"
-PASSWORD, CODE = "s3cret", "123456"
+PASSWORD = "alice-pw"  # MemoryDirectory's password for alice
+ADMINS = "cn=admins,ou=groups,dc=example,dc=org"
 SLOW_SECONDS = 1.5
 
 
@@ -49,62 +52,56 @@ def _radclient_installed() -> None:
         pytest.fail("radclient (freeradius-utils) is not installed")
 
 
-@dataclass
-class FakeCore:
-    """Decides like the real core would for one user, alice (password s3cret,
-    code 123456), and records every request it is asked.  User "slow" is
-    decided after SLOW_SECONDS; "enrolling" is in an enrollment period."""
+class SlowDirectory(MemoryDirectory):
+    """The test entries, alice in the admins group; the password check of user
+    "slow" answers after SLOW_SECONDS (a directory under load)."""
 
-    reactor: Any
-    requests: list[AuthRequest] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(("alice", "slow", "enrolling"))
+        self.reactor = reactor
+
+    def lookup(self, username: str) -> Deferred[Identity | None]:
+        def with_groups(identity: Identity | None) -> Identity | None:
+            if identity is not None and identity.username == "alice":
+                return Identity(identity.username, identity.dn, (ADMINS,))
+            return identity
+        return super().lookup(username).addCallback(with_groups)
+
+    def check_password(self, identity: Identity, password: str) -> Deferred[Identity]:
+        checked = super().check_password(identity, password)
+        if identity.username != "slow":
+            return checked
+        later: Deferred[None] = Deferred()
+        self.reactor.callLater(SLOW_SECONDS, later.callback, None)
+        return later.addCallback(lambda _: checked)
+
+
+class Core(RealCore):
+    """The real core, keeping what it decided for each request it was asked."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(SlowDirectory(reactor), enrolled=("alice", "slow"))
+        self.enrolling("enrolling", 4)
+        self.decisions: list[Decision] = []
 
     def __call__(self, request: AuthRequest) -> Deferred[Decision]:
-        with self.lock:
-            self.requests.append(request)
-        decision = self.decide(request)
-        if request.username == "slow":
-            later: Deferred[Decision] = Deferred()
-            self.reactor.callLater(SLOW_SECONDS, later.callback, decision)
-            return later
-        return succeed(decision)
-
-    def decide(self, r: AuthRequest) -> Decision:
-        identity = Identity(r.username, groups=("cn=admins,ou=groups,dc=example,dc=org",))
-        if r.verified_identity is not None:
-            return self.code_check(r, r.code, r.verified_identity)
-        password, code = r.password, r.code
-        if code is None and r.split is not SplitMode.CHALLENGE:
-            match = re.fullmatch(r"(.*),(\d{6})", r.password)
-            if match:
-                password, code = match.groups()
-        if password != PASSWORD:
-            return Decision(Outcome.REJECT, Reason.BAD_PASSWORD, r.username,
-                            message="Wrong password or code")
-        if r.username == "enrolling":
-            return Decision(Outcome.ACCEPT, Reason.IN_ENROLLMENT, r.username, identity,
-                            days_left=4)
-        if code is None:
-            if r.split is SplitMode.APPEND:
-                return Decision(Outcome.REJECT, Reason.MISSING_CODE, r.username)
-            return Decision(Outcome.NEED_CODE, Reason.CODE_NEEDED, r.username, identity)
-        return self.code_check(r, code, identity)
-
-    @staticmethod
-    def code_check(r: AuthRequest, code: str | None, identity: Identity) -> Decision:
-        if code == CODE:
-            return Decision(Outcome.ACCEPT, Reason.OK, r.username, identity)
-        return Decision(Outcome.REJECT, Reason.BAD_CODE, r.username)
+        def keep(decision: Decision) -> Decision:
+            self.decisions.append(decision)
+            return decision
+        return super().__call__(request).addCallback(keep)
 
     def count(self, username: str) -> int:
-        with self.lock:
-            return sum(1 for r in self.requests if r.username == username)
+        return sum(1 for r in list(self.requests) if r.username == username)
+
+    def last_message(self) -> str | None:
+        """The core's last message as radclient prints it (None: no Reply-Message)."""
+        return self.decisions[-1].message or None
 
 
 @dataclass
 class Listening:
     server: RadiusServer
-    core: FakeCore
+    core: Core
     events: RecordingEvents
     auth_port: int
     acct_port: int
@@ -113,7 +110,7 @@ class Listening:
 
 @pytest.fixture(scope="module")
 def radius(twisted_reactor: Any) -> Iterator[Listening]:
-    core = FakeCore(twisted_reactor)
+    core = Core(twisted_reactor)
     events = RecordingEvents()
     clients = ClientTable([
         RadiusClientConfig("vpn", ("127.0.0.1",), SECRET.encode()),
@@ -136,6 +133,7 @@ def radius(twisted_reactor: Any) -> Iterator[Listening]:
     finally:
         for port in ports:
             blockingCallFromThread(twisted_reactor, port.stopListening)
+        core.close()
 
 
 @dataclass
@@ -181,7 +179,7 @@ def request_text(password: str, user: str = "alice", extra: str = "",
 
 
 def test_append_mode_accept_with_group_attributes(radius: Listening) -> None:
-    reply = radclient(radius.auth_port, request_text(f"{PASSWORD},{CODE}",
+    reply = radclient(radius.auth_port, request_text(radius.core.good("alice"),
                                                      extra="Proxy-State = 0x6162\n"))
     assert reply.code == "Access-Accept"  # radclient checked both authenticators
     assert list(reply.attributes)[0] == "Message-Authenticator"
@@ -190,28 +188,35 @@ def test_append_mode_accept_with_group_attributes(radius: Listening) -> None:
     assert reply.first("Proxy-State") == "0x6162"
 
 
-def test_wrong_password_is_rejected_with_a_message(radius: Listening) -> None:
-    reply = radclient(radius.auth_port, request_text(f"wrong,{CODE}"))
+def test_wrong_password_is_rejected_with_the_cores_message(radius: Listening) -> None:
+    reply = radclient(radius.auth_port, request_text(f"wrong,{radius.core.code('alice')}"))
     assert reply.code == "Access-Reject"
-    assert reply.first("Reply-Message") == "Wrong password or code"
+    assert radius.core.decisions[-1].reason == "bad_password"
+    assert reply.first("Reply-Message") == radius.core.last_message()
 
 
 def test_challenge_in_two_steps_with_state(radius: Listening) -> None:
     first = radclient(radius.auth_port, request_text(PASSWORD))
     assert first.code == "Access-Challenge"
-    assert first.first("Reply-Message") == "Enter your verification code"
+    assert first.first("Reply-Message") == radius.core.last_message()
+    assert radius.core.last_message()  # the core asks for the code in words
     state = first.first("State")
     assert state is not None and state.startswith("0x")
-    second = radclient(radius.auth_port, request_text(CODE, extra=f"State = {state}\n"))
+    code = radius.core.code("alice")
+    second = radclient(radius.auth_port, request_text(code, extra=f"State = {state}\n"))
     assert second.code == "Access-Accept"
-    replay = radclient(radius.auth_port, request_text(CODE, extra=f"State = {state}\n"))
+    asked = radius.core.count("alice")
+    replay = radclient(radius.auth_port, request_text(code, extra=f"State = {state}\n"))
     assert replay.code == "Access-Reject"  # the State was single-use
+    assert radius.core.count("alice") == asked  # refused before the core
 
 
 def test_enrollment_reply_message(radius: Listening) -> None:
-    reply = radclient(radius.auth_port, request_text(PASSWORD, user="enrolling"))
+    reply = radclient(radius.auth_port, request_text("enrolling-pw", user="enrolling"))
     assert reply.code == "Access-Accept"
-    assert "4 day(s) left" in (reply.first("Reply-Message") or "")
+    assert radius.core.decisions[-1].days_left == 4
+    assert reply.first("Reply-Message") == radius.core.last_message()
+    assert "4 days left" in (reply.first("Reply-Message") or "")
 
 
 def test_status_server(radius: Listening) -> None:
@@ -223,7 +228,7 @@ def test_status_server(radius: Listening) -> None:
 
 def test_wrong_secret_is_dropped(radius: Listening) -> None:
     before = radius.events.drops["bad_message_authenticator"]
-    reply = radclient(radius.auth_port, request_text(f"{PASSWORD},{CODE}"),
+    reply = radclient(radius.auth_port, request_text(radius.core.good("alice")),
                       secret="not-the-secret", timeout=0.5)
     assert reply.code is None
     assert radius.events.drops["bad_message_authenticator"] == before + 1
@@ -231,7 +236,7 @@ def test_wrong_secret_is_dropped(radius: Listening) -> None:
 
 def test_missing_message_authenticator_is_dropped(radius: Listening) -> None:
     before = radius.events.drops["missing_message_authenticator"]
-    reply = radclient(radius.auth_port, request_text(f"{PASSWORD},{CODE}",
+    reply = radclient(radius.auth_port, request_text(radius.core.good("alice"),
                                                      message_authenticator=False), timeout=0.5)
     assert reply.code is None
     assert radius.events.drops["missing_message_authenticator"] == before + 1
@@ -248,15 +253,16 @@ def test_chap_is_rejected(radius: Listening) -> None:
 
 def test_radclient_retransmission_is_decided_once(radius: Listening) -> None:
     # radclient resends the identical packet after 1 s; the decision takes 1.5 s.
-    reply = radclient(radius.auth_port, request_text(f"{PASSWORD},{CODE}", user="slow"),
+    before = radius.core.count("slow")
+    reply = radclient(radius.auth_port, request_text(radius.core.good("slow"), user="slow"),
                       retries=3, timeout=1)
     assert reply.code == "Access-Accept"
-    assert radius.core.count("slow") == 1
+    assert radius.core.count("slow") == before + 1
 
 
 def test_retransmission_gets_the_same_bytes_once_decided(radius: Listening) -> None:
     before = radius.core.count("slow")
-    request = access_request(SECRET.encode(), "slow", f"{PASSWORD},{CODE}", identifier=77)
+    request = access_request(SECRET.encode(), "slow", radius.core.good("slow"), identifier=77)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as nas:
         nas.connect(("127.0.0.1", radius.auth_port))
         nas.settimeout(5)
@@ -273,6 +279,7 @@ def test_retransmission_gets_the_same_bytes_once_decided(radius: Listening) -> N
         second = nas.recv(4096)
     assert time.monotonic() - started < SLOW_SECONDS / 2
     assert second == first and verify_reply(first, request, SECRET.encode())
+    assert parse_datagram(first).code == 2  # type: ignore[union-attr]  # Access-Accept
     assert radius.core.count("slow") == before + 1
 
 
@@ -294,7 +301,8 @@ def test_ipv6_listener_in_challenge_mode(radius: Listening) -> None:
     first = radclient(radius.auth6_port, request_text(PASSWORD), host="::1")
     assert first.code == "Access-Challenge"
     state = first.first("State")
-    second = radclient(radius.auth6_port, request_text(CODE, extra=f"State = {state}\n"),
+    second = radclient(radius.auth6_port,
+                       request_text(radius.core.code("alice"), extra=f"State = {state}\n"),
                        host="::1")
     assert second.code == "Access-Accept"
     assert [r.source for r in radius.core.requests if r.client == "vpn6"][-1] == "::1"
@@ -303,7 +311,8 @@ def test_ipv6_listener_in_challenge_mode(radius: Listening) -> None:
 def test_state_from_another_client_is_refused(radius: Listening) -> None:
     first = radclient(radius.auth6_port, request_text(PASSWORD), host="::1")
     state = first.first("State")
-    other = radclient(radius.auth_port, request_text(CODE, extra=f"State = {state}\n"))
+    other = radclient(radius.auth_port,
+                      request_text(radius.core.code("alice"), extra=f"State = {state}\n"))
     assert other.code == "Access-Reject"
 
 

@@ -9,19 +9,18 @@ Data (the load generators rely on it, see :mod:`bench.common`)::
 ``totpSecret`` (a bench-only schema in OpenLDAP's experimental OID arc) is
 what FreeRADIUS's rlm_totp reads; only the service account may read it.
 The test suite's slapd (tests/integration/slapd.py) has no such attribute and
-a 100,000-member group, so the benchmark loads its own.
+a 100,000-member group, so the benchmark loads its own data; the config
+skeleton, slapadd and the process are the same harness
+(:mod:`bench.slapd_harness`).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import slapd_harness as harness
 from bench.common import (
     BASE_DN,
     SVC_DN,
@@ -33,22 +32,19 @@ from bench.common import (
     totp_secret,
     uid,
     user_dn,
-    wait_until,
 )
 from bench.ldapload import try_simple_bind
+from bench.slapd_harness import SlapdProcess, ssha
 
-SLAPD = "/usr/sbin/slapd"
-SLAPADD = "/usr/sbin/slapadd"
-SCHEMA_DIR = "/etc/ldap/schema"
-MODULE_DIR = "/usr/lib/ldap"
 ADMIN_DN = f"cn=admin,{BASE_DN}"
 ADMIN_PASSWORD = "admin-secret"  # noqa: S105 - a throwaway slapd's
-
-
-def ssha(secret: str) -> str:
-    salt = os.urandom(8)
-    digest = hashlib.sha1(secret.encode() + salt).digest()  # noqa: S324 - {SSHA} is SHA-1
-    return "{SSHA}" + base64.b64encode(digest + salt).decode()
+TOTP_SCHEMA = """\
+attributetype ( 1.3.6.1.4.1.4203.666.11.99.1 NAME 'totpSecret'
+    DESC 'Base32 TOTP shared secret (bench only)' EQUALITY caseExactMatch
+    SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+objectclass ( 1.3.6.1.4.1.4203.666.11.99.2 NAME 'totpUser' SUP top AUXILIARY
+    MAY totpSecret )
+"""
 
 
 def write_ldif(path: Path, users: int) -> None:
@@ -69,34 +65,9 @@ def write_ldif(path: Path, users: int) -> None:
 
 
 def slapd_conf(workdir: Path, threads: int) -> str:
-    return f"""\
-include         {SCHEMA_DIR}/core.schema
-include         {SCHEMA_DIR}/cosine.schema
-include         {SCHEMA_DIR}/inetorgperson.schema
-include         {SCHEMA_DIR}/nis.schema
-attributetype ( 1.3.6.1.4.1.4203.666.11.99.1 NAME 'totpSecret'
-    DESC 'Base32 TOTP shared secret (bench only)' EQUALITY caseExactMatch
-    SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
-objectclass ( 1.3.6.1.4.1.4203.666.11.99.2 NAME 'totpUser' SUP top AUXILIARY
-    MAY totpSecret )
-pidfile         {workdir}/slapd.pid
-argsfile        {workdir}/slapd.args
-modulepath      {MODULE_DIR}
-moduleload      back_mdb
-loglevel        0
-threads         {threads}
-tool-threads    2
-sizelimit       unlimited
-password-hash   {{SSHA}}
-
-database        mdb
-maxsize         2147483648
-suffix          "{BASE_DN}"
-rootdn          "{ADMIN_DN}"
-rootpw          {ssha(ADMIN_PASSWORD)}
-directory       {workdir}/db
-index           objectClass eq
-index           uid,cn,mail eq
+    settings = (f"loglevel        0\nthreads         {threads}\ntool-threads    2\n"
+                "sizelimit       unlimited\npassword-hash   {SSHA}\n")
+    acl = f"""\
 access to attrs=userPassword
     by anonymous auth
     by self write
@@ -109,6 +80,10 @@ access to *
     by self read
     by * none
 """
+    return (harness.global_section(workdir, schema=TOTP_SCHEMA, lines=settings)
+            + harness.mdb_section(workdir, suffix=BASE_DN, rootdn=ADMIN_DN,
+                                  rootpw=ADMIN_PASSWORD, maxsize=2147483648,
+                                  indexes=("objectClass eq", "uid,cn,mail eq"), acl=acl))
 
 
 @dataclass
@@ -129,18 +104,15 @@ class Directory:
 
 def load(workdir: Path, users: int, threads: int = 16) -> Path:
     """Write slapd.conf and load the data with slapadd; returns the config path."""
-    if not os.access(SLAPD, os.X_OK) or not os.access(SLAPADD, os.X_OK):
-        raise RuntimeError(f"{SLAPD} not found (scripts/bench installs slapd; "
-                           "or apt-get install slapd ldap-utils)")
-    (workdir / "db").mkdir(parents=True, exist_ok=True)
+    harness.check_installed()
+    workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "slapd.conf"
     conf.write_text(slapd_conf(workdir, threads))
     t0 = time.monotonic()
     ldif = workdir / "data.ldif"
     write_ldif(ldif, users)
     t1 = time.monotonic()
-    subprocess.run([SLAPADD, "-q", "-f", str(conf), "-l", str(ldif)], check=True,
-                   capture_output=True, timeout=1800)
+    harness.load(conf, ldif, timeout=1800)
     ldif.unlink()
     say(f"slapd: {users:,} users: LDIF {t1 - t0:.1f} s, slapadd {time.monotonic() - t1:.1f} s")
     return conf
@@ -152,15 +124,13 @@ def start(workdir: Path, users: int, threads: int = 16) -> Directory:
     workdir = workdir.resolve()
     conf = load(workdir, users, threads)
     port = free_port()
-    url = f"ldap://127.0.0.1:{port}/"
-    proc = Managed.start("slapd", [SLAPD, "-d", "0", "-f", str(conf), "-h", url],
-                         workdir / "slapd.log")
+    proc = SlapdProcess(conf, [f"ldap://127.0.0.1:{port}"], SVC_DN, SVC_PASSWORD)
+    proc.start(timeout=30)
     try:
-        wait_until(lambda: try_simple_bind("127.0.0.1", port, SVC_DN, SVC_PASSWORD) == 0,
-                   30, "slapd", proc)
         if try_simple_bind("127.0.0.1", port, user_dn(users), password(users)) != 0:
             raise RuntimeError(f"slapd: {uid(users)} cannot bind: data not loaded?")
     except BaseException:
         proc.stop()
         raise
-    return Directory(proc, "127.0.0.1", port, users)
+    assert proc.proc is not None
+    return Directory(proc.proc, "127.0.0.1", port, users)

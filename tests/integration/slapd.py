@@ -33,20 +33,18 @@ everything else readable by anyone.
 
 The certificate names ``127.0.0.1`` (IP SAN), ``::1`` and ``localhost``.
 ``make_ca`` is public so tests can make a second, wrong CA.
+
+The config skeleton, ``slapadd`` and the process we own by PID are the
+bench's too (:mod:`bench.slapd_harness`): one harness, two data sets.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import ipaddress
-import os
 import pathlib
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -55,11 +53,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SLAPD = "/usr/sbin/slapd"
-SLAPADD = "/usr/sbin/slapadd"
-LDAPWHOAMI = shutil.which("ldapwhoami") or "/usr/bin/ldapwhoami"
-SCHEMA_DIR = "/etc/ldap/schema"
-MODULE_DIR = "/usr/lib/ldap"
+from bench import slapd_harness as harness
+from bench.slapd_harness import SlapdProcess, ssha
 
 BASE_DN = "dc=example,dc=org"
 ADMIN_DN = f"cn=admin,{BASE_DN}"
@@ -82,7 +77,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 START_TIMEOUT = 10.0  # seconds for slapd to answer after launch
-STOP_TIMEOUT = 10.0
 START_ATTEMPTS = 3  # fresh ports each time
 
 
@@ -194,13 +188,6 @@ def make_server_cert(
 # ---------------------------------------------------------------- data
 
 
-def ssha(password: str) -> str:
-    """{SSHA} hash, as slappasswd makes it (slapadd stores values verbatim)."""
-    salt = os.urandom(8)
-    digest = hashlib.sha1(password.encode() + salt).digest()
-    return "{SSHA}" + base64.b64encode(digest + salt).decode()
-
-
 def _line(attribute: str, value: str) -> str:
     """One LDIF line; base64 when the value is not a SAFE-STRING (RFC 2849)."""
     if value.isascii() and not value.startswith((" ", ":", "<")):
@@ -261,16 +248,7 @@ def build_ldif(extra_users: int = 0) -> str:
 def build_conf(
     workdir: pathlib.Path, cert: pathlib.Path, key: pathlib.Path, ca: pathlib.Path
 ) -> str:
-    return f"""\
-include         {SCHEMA_DIR}/core.schema
-include         {SCHEMA_DIR}/cosine.schema
-include         {SCHEMA_DIR}/inetorgperson.schema
-include         {SCHEMA_DIR}/nis.schema
-pidfile         {workdir}/slapd.pid
-argsfile        {workdir}/slapd.args
-modulepath      {MODULE_DIR}
-moduleload      back_mdb
-moduleload      memberof
+    settings = f"""\
 loglevel        0
 sizelimit       500
 password-hash   {{SSHA}}
@@ -281,21 +259,15 @@ TLSCertificateKeyFile {key}
 # (or, when configured to, passes) SASL binds: authcid "NAME" is uid=NAME.
 sasl-secprops   none
 authz-regexp    "^uid=([^,]+)(,cn=[^,]+)*,cn=auth$" "uid=$1,ou=people,{BASE_DN}"
-
-database        mdb
-maxsize         268435456
-suffix          "{BASE_DN}"
-rootdn          "{ADMIN_DN}"
-rootpw          {ssha(ADMIN_PASSWORD)}
-directory       {workdir}/db
-index           objectClass eq
-index           uid,cn,mail eq
-index           member eq
+"""
+    memberof = """\
 overlay         memberof
 memberof-group-oc   groupOfNames
 memberof-member-ad  member
 memberof-memberof-ad memberOf
 memberof-refint     TRUE
+"""
+    acl = """\
 access to attrs=userPassword
     by anonymous auth
     by self write
@@ -306,6 +278,11 @@ access to attrs=description
 access to *
     by * read
 """
+    return (harness.global_section(workdir, modules=("back_mdb", "memberof"), lines=settings)
+            + harness.mdb_section(workdir, suffix=BASE_DN, rootdn=ADMIN_DN,
+                                  rootpw=ADMIN_PASSWORD, maxsize=268435456,
+                                  indexes=("objectClass eq", "uid,cn,mail eq", "member eq"),
+                                  lines=memberof, acl=acl))
 
 
 # ---------------------------------------------------------------- process
@@ -322,8 +299,7 @@ class Slapd:
     admin_password: str = ADMIN_PASSWORD
     svc_dn: str = SVC_DN
     svc_password: str = SVC_PASSWORD
-    pid: int = 0
-    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _process: SlapdProcess | None = field(default=None, repr=False)
 
     @property
     def port(self) -> int:
@@ -333,63 +309,25 @@ class Slapd:
     def ldaps_port(self) -> int:
         return int(self.ldaps_url.rsplit(":", 1)[1])
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid if self._process is not None else 0
+
     def start(self) -> None:
         """(Re)start on the same ports and data; returns once slapd answers."""
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        log = open(self.workdir / "slapd.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            # -d 0: stay in the foreground (we own the PID) without debug output.
-            self._proc = subprocess.Popen(
-                [SLAPD, "-d", "0", "-f", str(self.workdir / "slapd.conf"),
-                 "-h", f"{self.url}/ {self.ldaps_url}/"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
-        self.pid = self._proc.pid
-        self._wait_until_answering()
+        if self._process is None:
+            self._process = SlapdProcess(self.workdir / "slapd.conf", [self.url, self.ldaps_url],
+                                         self.svc_dn, self.svc_password)
+        self._process.start(START_TIMEOUT)
 
     def stop(self) -> None:
         """Stop by PID (SIGTERM, then SIGKILL if it does not go)."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        if self._process is not None:
+            self._process.stop()
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _wait_until_answering(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"slapd exited with {self._proc.returncode}: {self._log_tail()}")
-            if self._whoami():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"slapd did not answer within {START_TIMEOUT}s: {self._log_tail()}")
-
-    def _whoami(self) -> bool:
-        result = subprocess.run(
-            [LDAPWHOAMI, "-x", "-H", self.url, "-D", self.svc_dn, "-w", self.svc_password,
-             "-o", "nettimeout=1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5, check=False,
-        )
-        return result.returncode == 0
-
-    def _log_tail(self) -> str:
-        try:
-            return (self.workdir / "slapd.log").read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
+        return self._process is not None and self._process.running
 
 
 def start_slapd(workdir: pathlib.Path, extra_users: int = 0,
@@ -399,18 +337,16 @@ def start_slapd(workdir: pathlib.Path, extra_users: int = 0,
     ``server_names`` go into the server certificate (a test of hostname
     verification gives names that do not match 127.0.0.1).
     """
-    if not os.access(SLAPD, os.X_OK):
-        raise RuntimeError(f"{SLAPD} not found: apt-get install slapd ldap-utils")
+    harness.check_installed()
     workdir = pathlib.Path(workdir).resolve()
-    (workdir / "db").mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     ca_path, ca_key, ca_cert = make_ca(workdir)
     cert, key = make_server_cert(workdir, ca_key, ca_cert, server_names)
     conf = workdir / "slapd.conf"
     conf.write_text(build_conf(workdir, cert, key, ca_path))
     ldif = workdir / "data.ldif"
     ldif.write_text(build_ldif(extra_users))
-    subprocess.run([SLAPADD, "-q", "-f", str(conf), "-l", str(ldif)], check=True,
-                   capture_output=True, timeout=120)
+    harness.load(conf, ldif, timeout=120)
     for attempt in range(START_ATTEMPTS):
         server = Slapd(
             url=f"ldap://127.0.0.1:{free_port()}",

@@ -130,7 +130,9 @@ def test_dashboard_and_rules_name_only_metrics_the_proxy_defines() -> None:
     for family in ("mfa_proxy_requests_total", "mfa_proxy_lockouts_total",
                    "mfa_proxy_directory_seconds_bucket", "mfa_proxy_directory_errors_total",
                    "mfa_proxy_radius_dropped_total", "mfa_proxy_decision_seconds_bucket",
-                   "mfa_proxy_users", "mfa_proxy_users_enrollment_ending"):
+                   "mfa_proxy_users", "mfa_proxy_users_enrollment_ending",
+                   "mfa_proxy_mail_sent_total", "mfa_proxy_mail_failed_total",
+                   "mfa_proxy_mail_queue"):
         assert any(family in q for q in dashboard_queries()), family
 
 

@@ -240,7 +240,8 @@ def test_enroll_keeps_a_running_requirement(world: World) -> None:
 
 
 def test_enroll_refuses_a_bad_key_and_changes_nothing(world: World) -> None:
-    for bad, reason in (("not-base32!", "not base32"), ("JBSWY3DP", "shorter than 80 bits")):
+    for bad, reason in (("not-base32!", "not base32"), ("JBSWY3DP", "shorter than 128 bits"),
+                        ("JBSWY3DPEHPK3PXP", "shorter than 128 bits (80 given")):
         with pytest.raises(InvalidTotpKey) as e:
             world.accounts.enroll("alice", bad)
         assert e.value.reason.startswith(reason)

@@ -17,6 +17,8 @@ import pyotp
 import pytest
 
 from policy.admin import (
+    SKIPPED_BAD_NAME,
+    SKIPPED_ENROLLED,
     AccountEvents,
     Accounts,
     AlreadyEnrolled,
@@ -26,8 +28,6 @@ from policy.admin import (
     InvalidPeriod,
     InvalidTotpKey,
     Period,
-    SKIPPED_BAD_NAME,
-    SKIPPED_ENROLLED,
     Refusal,
     check_period,
     parse_totp_key,

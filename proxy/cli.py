@@ -92,6 +92,16 @@ class App:
                 config_failed(e)
         return self._settings
 
+    def checked_settings(self) -> configmod.Settings:
+        """The settings after every check serve makes before it starts (what
+        serve and check-config use: one refuses exactly what the other does)."""
+        if self._settings is None:
+            try:
+                self._settings = configmod.load_checked(self.config_path)
+            except configmod.ConfigError as e:
+                config_failed(e)
+        return self._settings
+
     @property
     def store(self) -> Any:
         if self._store is None:
@@ -247,7 +257,7 @@ def serve(app: App) -> None:
     """Run every configured listener (RADIUS, LDAP, HTTP) until SIGTERM/SIGINT."""
     from proxy.service import run
 
-    settings = app.settings  # its warnings are logged, in the configured format
+    settings = app.checked_settings()  # its warnings are logged, in the configured format
     sys.exit(run(settings))
 
 
@@ -255,8 +265,11 @@ def serve(app: App) -> None:
 @config_option
 @pass_app
 def check_config(app: App) -> None:
-    """Validate the config file: one line per problem, exit 2 when any."""
-    settings = app.settings
+    """Validate the config file: one line per problem, exit 2 when any.
+
+    Every check serve makes before it starts is made here too (RADIUS reply
+    attributes, TLS files...): a file that passes, serve accepts."""
+    settings = app.checked_settings()
     for w in settings.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"{settings.path}: OK")

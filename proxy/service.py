@@ -386,7 +386,7 @@ class Service:
 
         path = self.settings.path
         try:
-            new = configmod.load(path)
+            new = configmod.load_checked(path)
             self._apply(new)
         except configmod.ConfigError as e:
             return self._reload_refused(path, e.problems)

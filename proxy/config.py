@@ -71,6 +71,9 @@ class PolicySettings:
     lockout_seconds: int = 900
     enrollment_days: int = 7
     audit_days: int = 90
+    # How to set MFA up, told in the enrollment notices when there is no portal
+    # ([portal] public_url wins when set).
+    enrollment_help: str = ""
 
 
 @dataclass(frozen=True)
@@ -600,6 +603,7 @@ def _policy(r: _Reader) -> PolicySettings:
         lockout_seconds=r.int("lockout_seconds", 900, 0, 10 * 365 * 86400),
         enrollment_days=r.int("enrollment_days", 7, 1, 365),
         audit_days=r.int("audit_days", 90, 1, 3650),
+        enrollment_help=" ".join(r.str("enrollment_help").split()),
     )
 
 

@@ -146,7 +146,8 @@ class Service:
             repeat_key=self.keys.derive(b"repeat-window"),
             repeat_windows=_repeat_windows(s),
             log_accepts=s.log_decisions == "all",
-            enrollment_url=s.portal.public_url if s.portal else "")
+            enrollment_url=s.portal.public_url if s.portal else "",
+            enrollment_help=s.policy.enrollment_help)
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
                                            call_later=self.reactor.callLater)
@@ -435,6 +436,7 @@ class Service:
         engine.repeat_windows = _repeat_windows(new)
         if new.portal is not None and self.settings.portal is not None:
             engine.enrollment_url = new.portal.public_url
+        engine.enrollment_help = new.policy.enrollment_help
         reconfigure_logging(new.log_level, new.log_format)
         self.settings = new
 

@@ -78,10 +78,6 @@ class ServerSettings:
     max_pending_challenges: int = 100_000
     max_cached_answers: int = 100_000
     reply_rules: tuple[ReplyRuleLike, ...] = ()  # [[radius.reply]], before each client's own
-    # The two texts below are used when the core's Decision carries no message.
-    code_prompt: str = "Enter your verification code"
-    # {days} is the number of days left.
-    enrollment_message: str = "Set up two-step verification: {days} day(s) left"
     unknown_client_log_interval: float = 60.0
 
 
@@ -344,11 +340,10 @@ class RadiusServer:
         notice = ex.client.enrollment_notice
         tell_days_left = decision.days_left is not None and not notice_shown
         if tell_days_left and notice is EnrollmentNotice.CHALLENGE:
-            return self._challenge(ex, NoticeRound(decision), self._enrollment_text(decision),
-                                   decision)
+            return self._challenge(ex, NoticeRound(decision), decision.message, decision)
         message = ""
         if tell_days_left and notice is EnrollmentNotice.REPLY_MESSAGE:
-            message = self._enrollment_text(decision)
+            message = decision.message
         groups = decision.identity.groups if decision.identity else ()
         attributes = self._replies[ex.client.name].for_groups(groups)
         reply = access_accept(ex.packet, ex.client.nas_secret, message, attributes)
@@ -356,8 +351,8 @@ class RadiusServer:
         return reply
 
     def _ask_for_code(self, ex: _Exchange, decision: Decision) -> bytes:
-        prompt = decision.message or self.settings.code_prompt
-        return self._challenge(ex, CodeRound(decision.identity), prompt, decision)
+        # Every text the user sees is the core's (policy/engine.py), for every front-end.
+        return self._challenge(ex, CodeRound(decision.identity), decision.message, decision)
 
     def _challenge(self, ex: _Exchange, pending: CodeRound | NoticeRound, message: str,
                    decision: Decision) -> bytes:
@@ -365,10 +360,6 @@ class RadiusServer:
         reply = access_challenge(ex.packet, ex.client.nas_secret, state, message)
         self._count(ex, "challenge", decision.reason)
         return reply
-
-    def _enrollment_text(self, decision: Decision) -> str:
-        return decision.message or self.settings.enrollment_message.format(
-            days=decision.days_left)
 
     def _reject_locally(self, ex: _Exchange, reason: LocalReason) -> bytes:
         log.info("RADIUS: rejected %r from client %s (%s): %s", ex.username, ex.client.name,

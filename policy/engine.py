@@ -98,6 +98,11 @@ class Prepared:
 # same (a guesser learns nothing about the password); each text starts with the
 # words the LDAP contract gives its diagnostics ("invalid credentials", "locked",
 # "enrollment expired"), so a client that matches them still does.
+# The one log line per decision, for every front-end and every reject path (the
+# RADIUS front-end's own rejects, before the core, use it too).
+DECISION_LINE = ("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
+                 "latency_ms=%s")
+
 CREDENTIALS = "invalid credentials: wrong password or verification code"
 MESSAGES = {
     Reason.BAD_PASSWORD: CREDENTIALS,

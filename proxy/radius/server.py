@@ -25,6 +25,9 @@ from twisted.python.failure import Failure
 
 from backends.base import Identity
 from policy.decision import Authenticate, AuthRequest, Decision, Outcome, Reason
+from policy.engine import DECISION_LINE
+from policy.escaping import escape_controls
+from policy.usernames import MAX_USERNAME
 from proxy.logs import LogLimiter
 from proxy.radius.challenge import ChallengeStore
 from proxy.radius.clients import ClientTable, EnrollmentNotice, RadiusClientConfig, ReplyRuleLike
@@ -362,8 +365,7 @@ class RadiusServer:
         return reply
 
     def _reject_locally(self, ex: _Exchange, reason: LocalReason) -> bytes:
-        log.info("RADIUS: rejected %r from client %s (%s): %s", ex.username, ex.client.name,
-                 ex.host, reason.value)
+        self._log_reject(ex, reason)
         reply = access_reject(ex.packet, ex.client.nas_secret)
         self._count(ex, "reject", reason)
         return reply
@@ -371,9 +373,16 @@ class RadiusServer:
     def _core_failed(self, failure: Failure, ex: _Exchange) -> bytes:
         log.error("RADIUS: answering %r from client %s failed; answered with a reject\n%s",
                   ex.username, ex.client.name, failure.getTraceback())
+        self._log_reject(ex, LocalReason.INTERNAL_ERROR)
         reply = access_reject(ex.packet, ex.client.nas_secret)
         self._count(ex, "reject", LocalReason.INTERNAL_ERROR)
         return reply
+
+    def _log_reject(self, ex: _Exchange, reason: LocalReason) -> None:
+        """A reject the core never saw, in the core's decision-line format."""
+        elapsed = max(0.0, self._clock.seconds() - ex.started) * 1000.0
+        log.info(DECISION_LINE, escape_controls(ex.username[:MAX_USERNAME]) or "-", "radius",
+                 ex.client.name, ex.host, "reject", reason.value, f"{elapsed:.1f}")
 
     def _lost(self, failure: Failure, ex: _Exchange) -> None:
         """Not even a reject could be built or sent: drop, and let a retry be decided."""
@@ -443,6 +452,8 @@ def _text(value: bytes | None) -> str | None:
 class RadiusPort(DatagramProtocol):
     """One UDP port: datagrams to ``handle`` (RadiusServer.handle_auth or
     handle_accounting), replies back to their sender."""
+
+    noisy = False  # no "Starting protocol" line per port: serve logs what it listens on
 
     def __init__(self, handle: Callable[[bytes, tuple[Any, ...], Send], None]) -> None:
         self.handle = handle

@@ -560,3 +560,19 @@ def test_client_rules_follow_global_rules() -> None:
     reply = parse_datagram(sent[0])
     assert isinstance(reply, Packet)
     assert [t for t, _ in reply.attributes] == [Attr.MESSAGE_AUTHENTICATOR, 25, 11]
+
+
+def test_a_reject_before_the_core_logs_the_core_s_decision_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One decision-line format for every reject path (policy.engine.DECISION_LINE)."""
+    h = Harness(mode="challenge")
+    with caplog.at_level(logging.INFO, "mfa_proxy.radius"):
+        _, reply = h.ask("123456", state=b"x" * 16)
+    assert reply.code == Code.ACCESS_REJECT
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mfa_proxy.radius"]
+    assert line == ("decision user=alice protocol=radius client=vpn source=10.0.0.5 "
+                    "result=reject reason=bad_state latency_ms=0.0")
+
+
+def test_radius_ports_are_not_noisy() -> None:
+    assert RadiusPort.noisy is False

@@ -262,17 +262,61 @@ def serve(app: App) -> None:
 
 
 @main.command("check-config")
+@click.option("--connect", is_flag=True,
+              help="Also try each [directory] URL: reachability, TLS, latency, the service "
+                   "account's bind (exit 1 when a URL or the bind fails).")
+@click.option("--user", "probe_user", metavar="NAME",
+              help="With --connect: run the user filter (and the group search) for NAME.")
 @config_option
 @pass_app
-def check_config(app: App) -> None:
+def check_config(app: App, connect: bool, probe_user: str | None) -> None:
     """Validate the config file: one line per problem, exit 2 when any.
 
     Every check serve makes before it starts is made here too (RADIUS reply
-    attributes, TLS files...): a file that passes, serve accepts."""
+    attributes, TLS files...): a file that passes, serve accepts. With
+    --connect, each directory URL is tried as serve uses it: exit 0 when every
+    one answers and the service account binds, 1 when one does not.
+    """
+    if probe_user is not None and not connect:
+        raise click.UsageError("--user goes with --connect")
     settings = app.checked_settings()
     for w in settings.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"{settings.path}: OK")
+    if connect:
+        check_connections(app, probe_user)
+
+
+def check_connections(app: App, probe_user: str | None) -> None:
+    from policy.usernames import InvalidUsername
+    from proxy.directory_check import check_url
+
+    directory = app.settings.directory
+    if directory.ldap is None:
+        users = directory.users_file
+        click.echo(f"directory: the local users file {users}: nothing to connect to")
+        if probe_user is not None:
+            found = app.directory.lookup(app.usernames.lookup_form(probe_user))
+            click.echo(f"user {probe_user!r}: {'found' if found else 'not found'} in {users}")
+        return
+    name = None
+    if probe_user is not None:
+        try:
+            name = app.usernames.lookup_form(probe_user)
+        except InvalidUsername as e:
+            raise click.UsageError(f"--user {probe_user!r}: {e}") from None
+    failed = 0
+    for url in directory.ldap.urls:
+        report = check_url(url, directory.ldap, name)
+        failed += not report.ok
+        for line in report.lines:
+            click.echo(f"{url}: {line}")
+        for warning in report.warnings:
+            click.echo(f"warning: {url}: {warning}")
+    total = len(directory.ldap.urls)
+    if failed:
+        raise Refused(f"{failed} of {total} directory URL(s) failed")
+    click.echo(f"directory: {total} of {total} URL(s) answer")
 
 
 @main.command("init-config")

@@ -288,23 +288,27 @@ def check_config(app: App, connect: bool, probe_user: str | None) -> None:
 
 
 def check_connections(app: App, probe_user: str | None) -> None:
+    from backends.base import DirectoryError
     from policy.usernames import InvalidUsername
     from proxy.directory_check import check_url
 
     directory = app.settings.directory
-    if directory.ldap is None:
-        users = directory.users_file
-        click.echo(f"directory: the local users file {users}: nothing to connect to")
-        if probe_user is not None:
-            found = app.directory.lookup(app.usernames.lookup_form(probe_user))
-            click.echo(f"user {probe_user!r}: {'found' if found else 'not found'} in {users}")
-        return
     name = None
     if probe_user is not None:
         try:
             name = app.usernames.lookup_form(probe_user)
         except InvalidUsername as e:
             raise click.UsageError(f"--user {probe_user!r}: {e}") from None
+    if directory.ldap is None:
+        users = directory.users_file
+        click.echo(f"directory: the local users file {users}: nothing to connect to")
+        if name is not None:
+            try:
+                found = app.directory.lookup(name)
+            except DirectoryError as e:
+                raise Refused(f"{users}: {e}") from None
+            click.echo(f"user {probe_user!r}: {'found' if found else 'not found'} in {users}")
+        return
     failed = 0
     for url in directory.ldap.urls:
         report = check_url(url, directory.ldap, name)

@@ -124,3 +124,15 @@ def test_user_needs_connect(tmp_path: Path, slapd: Slapd) -> None:
     r = subprocess.run([MFA_PROXY, "check-config", "-c", str(path), "--user", "alice"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "--user goes with --connect" in r.stderr
+
+
+def test_a_local_users_file_has_nothing_to_connect_to(tmp_path: Path) -> None:
+    (tmp_path / "users.toml").write_text("")
+    path = tmp_path / "mfa-proxy.toml"
+    path.write_text('[state]\nurl = "sqlite:///var/state.db"\nkey_file = "var/secret.key"\n'
+                    '[directory]\ntype = "local"\nusers_file = "users.toml"\n')
+    r = check(path, "--user", "alice")
+    assert r.returncode == 0, r
+    assert r.stdout.splitlines()[1:] == [
+        f"directory: the local users file {tmp_path / 'users.toml'}: nothing to connect to",
+        f"user 'alice': not found in {tmp_path / 'users.toml'}"]

@@ -719,7 +719,7 @@ listen = "127.0.0.1:19812"
 
 BROKEN = {
     "unknown_key": (GOOD.replace("[policy]\n", "[policy]\nmax_failure = 3\n"),
-                    ["policy.max_failure: unknown key"]),
+                    ["policy.max_failure: unknown key (did you mean max_failures?)"]),
     "wrong_type": (GOOD.replace("max_failures = 5", 'max_failures = "5"'),
                    ["policy.max_failures: expected an integer, got string '5'"]),
     "enrollment_days": (GOOD.replace("enrollment_days = 7", "enrollment_days = 400"),

@@ -24,6 +24,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from backends.base import Identity
 from policy.decision import AuthRequest, Decision, Outcome, Reason, SplitMode
+from policy.engine import MESSAGES, enrollment_message
 from proxy.radius.clients import ClientTable, RadiusClientConfig, ReplyRule
 from proxy.radius.packet import (
     SHIPPED_DICTIONARY,
@@ -83,11 +84,12 @@ class FakeCore:
                             message="Wrong password or code")
         if r.username == "enrolling":
             return Decision(Outcome.ACCEPT, Reason.IN_ENROLLMENT, r.username, identity,
-                            days_left=4)
+                            days_left=4, message=enrollment_message(4))
         if code is None:
             if r.split is SplitMode.APPEND:
                 return Decision(Outcome.REJECT, Reason.MISSING_CODE, r.username)
-            return Decision(Outcome.NEED_CODE, Reason.CODE_NEEDED, r.username, identity)
+            return Decision(Outcome.NEED_CODE, Reason.CODE_NEEDED, r.username, identity,
+                            message=MESSAGES[Reason.CODE_NEEDED])
         return self.code_check(r, code, identity)
 
     @staticmethod
@@ -211,7 +213,7 @@ def test_challenge_in_two_steps_with_state(radius: Listening) -> None:
 def test_enrollment_reply_message(radius: Listening) -> None:
     reply = radclient(radius.auth_port, request_text(PASSWORD, user="enrolling"))
     assert reply.code == "Access-Accept"
-    assert "4 day(s) left" in (reply.first("Reply-Message") or "")
+    assert reply.first("Reply-Message") == "Set up MFA: 4 days left in your enrollment period"
 
 
 def test_status_server(radius: Listening) -> None:

@@ -19,10 +19,11 @@ import enum
 import io
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from policy.clock import Clock
+from policy.escaping import escape_controls
 from policy.keys import KeyRing
 from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
 from policy.totp import (
@@ -70,11 +71,15 @@ class AlreadyEnrolled(Refusal):
 
 class ImportRefused(Refusal):
     """Bad lines in an import: nothing was loaded. ``problems``: one line each,
-    ``line N: why``."""
+    ``line N: why``, in line order; ``existing_keys`` and ``unknown_users``: how
+    many of them a front-end's override would let through (``force``, an import
+    without the directory check)."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
+    def __init__(self, problems: Sequence[str], existing_keys: int = 0,
+                 unknown_users: int = 0) -> None:
         super().__init__(f"{len(problems)} bad line(s); nothing imported")
         self.problems = tuple(problems)
+        self.existing_keys, self.unknown_users = existing_keys, unknown_users
 
 
 class Locked(Refusal):
@@ -178,12 +183,39 @@ class ImportRow:
     username: str
     totp_key: str | None
     days: int | None
+    line: int = field(default=0, compare=False)  # in the file, for the refusals
 
 
 @dataclass(frozen=True)
 class Imported:
+    """What an import really changed: ``keys`` loaded (``replaced`` of them took
+    the place of a key the user had), ``requirements`` added without a key, and
+    ``unchanged`` requirement rows for users already required (a running period
+    is never restarted by an import)."""
+
     keys: int
     requirements: int
+    replaced: int = 0
+    unchanged: int = 0
+
+
+@dataclass(frozen=True)
+class GroupRequirement:
+    """``require_members``: who got a new ``period``, who was already required
+    (left as they are: a running period is never restarted or shortened), and
+    who was skipped, with why (an unusable name, a key without a requirement)."""
+
+    period: Period
+    newly_required: tuple[str, ...]
+    already_required: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+_UNKNOWN = ": no such user in the directory"
+
+# Why a member was skipped by ``require_members`` (GroupRequirement.skipped).
+SKIPPED_ENROLLED = "enrolled, not required"
+SKIPPED_BAD_NAME = "not a usable username"
 
 
 @dataclass(frozen=True)
@@ -331,6 +363,40 @@ class Accounts:
             self.store.require(username, period.deadline)
             self.events.required(username, period.deadline, notify=notify)
         return period
+
+    def require_members(self, members: Iterable[str], days: int | None = None,
+                        notify: bool = True) -> GroupRequirement:
+        """Require MFA for every member of a group (the entries' own names, as the
+        directory lists them) who has no requirement yet, each with a new period;
+        one transaction. Safe to run again (nightly): a member already required
+        keeps the period it has (running, or expired), and an enrolled member
+        without a requirement is left alone (skipped: ``require`` one by one)."""
+        period = self.period(days)
+        new: list[str] = []
+        already: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for member in members:
+            try:
+                name = self.usernames.canonical(member)
+            except InvalidUsername:
+                skipped.append((escape_controls(member), SKIPPED_BAD_NAME))
+                continue
+            if name in seen:
+                continue
+            seen.add(name)
+            record = self.store.get(name)
+            if record is not None and record.required:
+                already.append(name)
+            elif record is not None and record.enrolled:
+                skipped.append((name, SKIPPED_ENROLLED))
+            else:
+                new.append(name)
+        with self.store.transaction():
+            for name in new:
+                self.store.require(name, period.deadline)
+                self.events.required(name, period.deadline, notify=notify)
+        return GroupRequirement(period, tuple(new), tuple(already), tuple(skipped))
 
     def enroll(self, username: str, totp_key: str | None = None,
                force: bool = False) -> Enrollment:
@@ -485,19 +551,58 @@ class Accounts:
 
     # -- bulk -----------------------------------------------------------------------------
 
-    def import_csv(self, text: str) -> Imported:
+    def import_csv(self, text: str, force: bool = False,
+                   resolve: Callable[[str], str | None] | None = None) -> Imported:
         """Load CSV lines ``username,secret[,required_days]``, all or nothing
         (:class:`ImportRefused` names every bad line). A key with no days gets
         the configured enrollment days as its deadline; an empty secret with
-        days requires MFA without a key."""
-        return self.import_rows(self.parse_import(text))
+        days requires MFA without a key.
 
-    def parse_import(self, text: str) -> list[ImportRow]:
+        A line is refused when its user already has a key (unless ``force``:
+        the user's authenticator stops working) and, with ``resolve`` (the
+        directory: a typed name to the entry's own name, None when there is no
+        such entry), when its user is unknown. A requirement line for a user
+        already required changes nothing (a running period is never restarted)."""
+        rows, problems = self._parse(text, resolve)
+        records = self._records([r.username for r in rows])
+        existing = [r for r in rows if r.totp_key and r.username in records
+                    and records[r.username].enrolled]
+        if not force:
+            problems += [(r.line, f"{r.username!r} already has a key (replacing it stops "
+                                  "the authenticator the user has)") for r in existing]
+        if problems:
+            unknown = sum(1 for _, p in problems if p.endswith(_UNKNOWN))
+            raise ImportRefused([f"line {n}: {p}" for n, p in sorted(problems)],
+                                0 if force else len(existing), unknown)
+        unchanged = [r for r in rows if not r.totp_key and r.username in records
+                     and records[r.username].required]
+        todo = [r for r in rows if r not in unchanged]
+        imported = self.import_rows(todo)
+        return Imported(imported.keys, imported.requirements, len(existing), len(unchanged))
+
+    def _records(self, names: Sequence[str]) -> dict[str, UserRecord]:
+        """The state of ``names`` that the store has: one query each for a few,
+        one scan for many."""
+        if len(names) > 500:
+            wanted = set(names)
+            return {r.username: r for r in self.store.list_users() if r.username in wanted}
+        found = ((n, self.store.get(n)) for n in names)
+        return {n: r for n, r in found if r is not None}
+
+    def parse_import(self, text: str,
+                     resolve: Callable[[str], str | None] | None = None) -> list[ImportRow]:
         """The good rows of an import file, or :class:`ImportRefused`. Blank
         lines, ``#`` comments and a ``username,…`` header line are skipped; a
-        user twice is a bad line."""
+        user twice is a bad line; with ``resolve``, so is an unknown user."""
+        rows, problems = self._parse(text, resolve)
+        if problems:
+            raise ImportRefused([f"line {n}: {p}" for n, p in problems])
+        return rows
+
+    def _parse(self, text: str, resolve: Callable[[str], str | None] | None
+               ) -> tuple[list[ImportRow], list[tuple[int, str]]]:
         rows: list[ImportRow] = []
-        problems: list[str] = []
+        problems: list[tuple[int, str]] = []
         seen: dict[str, int] = {}
         for n, fields in enumerate(csv.reader(io.StringIO(text)), 1):
             if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
@@ -505,20 +610,19 @@ class Accounts:
             if n == 1 and fields[0].strip().lower() == "username":
                 continue
             try:
-                row = self._import_row(fields)
+                row = self._import_row(fields, n, resolve)
             except ValueError as e:
-                problems.append(f"line {n}: {e}")
+                problems.append((n, str(e)))
                 continue
             if row.username in seen:
-                problems.append(f"line {n}: {row.username!r} already on line {seen[row.username]}")
+                problems.append((n, f"{row.username!r} already on line {seen[row.username]}"))
                 continue
             seen[row.username] = n
             rows.append(row)
-        if problems:
-            raise ImportRefused(problems)
-        return rows
+        return rows, problems
 
-    def _import_row(self, fields: list[str]) -> ImportRow:
+    def _import_row(self, fields: list[str], line: int,
+                    resolve: Callable[[str], str | None] | None) -> ImportRow:
         if len(fields) not in (2, 3):
             raise ValueError(f"expected username,secret[,required_days], got {len(fields)} fields")
         try:
@@ -535,15 +639,23 @@ class Accounts:
         key = fields[1].strip()
         if not key and days is None:
             raise ValueError("no secret and no required_days: nothing to do")
-        return ImportRow(name, normalize_totp_key(key) if key else None, days)
+        totp_key = normalize_totp_key(key) if key else None
+        if resolve is not None:
+            found = resolve(fields[0].strip())
+            if found is None:
+                raise ValueError(f"{name!r}{_UNKNOWN}")
+            name = found
+        return ImportRow(name, totp_key, days, line)
 
     def import_rows(self, rows: Sequence[ImportRow]) -> Imported:
         """Load good rows (from :meth:`parse_import`) in one transaction."""
         now = int(self.clock())
-        keys = self.keys
-        enrolled = [(r.username, keys.encrypt(r.totp_key.encode(), r.username), keys.current,
-                     now + (r.days or self.enrollment_days) * DAY)
-                    for r in rows if r.totp_key]
+        enrolled: list[tuple[str, bytes, int, int | None]] = []
+        if any(r.totp_key for r in rows):
+            keys = self.keys
+            enrolled = [(r.username, keys.encrypt(r.totp_key.encode(), r.username),
+                         keys.current, now + (r.days or self.enrollment_days) * DAY)
+                        for r in rows if r.totp_key]
         required = [(r.username, now + (r.days or 0) * DAY) for r in rows if not r.totp_key]
         with self.store.transaction():
             count = self.store.import_users(enrolled, required)

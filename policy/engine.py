@@ -30,6 +30,7 @@ import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from backends.base import (
@@ -92,20 +93,61 @@ class Prepared:
     needs_code: bool
 
 
+# What a user is told (RADIUS Reply-Message, LDAP diagnostic), built here so every
+# front-end says the same. A wrong password and a wrong or missing code read the
+# same (a guesser learns nothing about the password); each text starts with the
+# words the LDAP contract gives its diagnostics ("invalid credentials", "locked",
+# "enrollment expired"), so a client that matches them still does.
+# The one log line per decision, for every front-end and every reject path (the
+# RADIUS front-end's own rejects, before the core, use it too).
+DECISION_LINE = ("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
+                 "latency_ms=%s")
+
+CREDENTIALS = "invalid credentials: wrong password or verification code"
 MESSAGES = {
-    Reason.LOCKED_OUT: "Account locked after too many failed attempts",
-    Reason.ENROLLMENT_EXPIRED: "MFA enrollment period expired; contact your administrator",
-    Reason.NOT_ENROLLED: "MFA is required here and you have not enrolled",
+    Reason.BAD_PASSWORD: CREDENTIALS,
+    Reason.BAD_CODE: CREDENTIALS,
+    Reason.MISSING_CODE: CREDENTIALS,
+    Reason.UNKNOWN_USER: CREDENTIALS,
+    Reason.INVALID_USERNAME: CREDENTIALS,
+    # Only after the right password (and a code that was right once): says what to do.
+    Reason.REPLAYED_CODE: ("invalid credentials: that verification code was used already; "
+                           "wait for the next one"),
+    Reason.ENROLLMENT_EXPIRED: ("enrollment expired: the period to set up MFA is over; "
+                                "contact your administrator"),
     Reason.CODE_NEEDED: "Enter your verification code",
+    Reason.DIRECTORY_UNAVAILABLE: "directory unavailable: try again in a moment",
 }
+NOT_ENROLLED = "invalid credentials: MFA is required here and you have not set it up"
+LOCKED = "locked after too many failed attempts"
 
 
-def enrollment_message(days: int, url: str = "") -> str:
+def lockout_message(locked_until: float | None) -> str:
+    """The locked account's text: until when (ISO 8601, UTC), or until an admin acts."""
+    if locked_until is None:
+        return LOCKED
+    if locked_until >= LOCKED_FOREVER:
+        return f"{LOCKED}, until an administrator unlocks it"
+    return f"{LOCKED}, until {iso_time(locked_until)}"
+
+
+def iso_time(ts: float) -> str:
+    """``2026-01-31T09:15:00Z``: how times are shown to users and in the logs."""
+    return datetime.fromtimestamp(int(ts), UTC).isoformat().replace("+00:00", "Z")
+
+
+def how_to_set_up(url: str = "", help_text: str = "") -> str:
+    """Where to set MFA up: the portal's public URL when there is one, else the
+    configured ``[policy] enrollment_help`` text ("" when neither is set)."""
+    return f": {url}" if url else (f". {help_text}" if help_text else "")
+
+
+def enrollment_message(days: int, url: str = "", help_text: str = "") -> str:
     """The notice a user in an enrollment period gets on an accept (RADIUS
     Reply-Message, LDAP diagnostic); it ends with where to set MFA up."""
     unit = "day" if days == 1 else "days"
-    text = f"Set up MFA: {days} {unit} left in your enrollment period"
-    return f"{text}: {url}" if url else text
+    return f"Set up MFA: {days} {unit} left in your enrollment period" + how_to_set_up(
+        url, help_text)
 
 
 def split_password(typed: str, split: SplitMode, separator: str,
@@ -171,10 +213,12 @@ class PolicyEngine:
                  usernames: UsernameRules, clock: Clock = time.time,
                  events: EngineEvents | None = None, repeat_key: bytes = b"",
                  repeat_windows: bool = True, log_accepts: bool = True,
-                 enrollment_url: str = "") -> None:
+                 enrollment_url: str = "", enrollment_help: str = "") -> None:
         self.store, self.keys, self.totp, self.limits = store, keys, totp, limits
         # The portal's public URL: the enrollment notices end with it.
         self.enrollment_url = enrollment_url
+        # Where to set MFA up when there is no portal ([policy] enrollment_help).
+        self.enrollment_help = enrollment_help
         self.usernames, self.clock = usernames, clock
         self.events = events or NoEvents()
         self.repeat_key = repeat_key or hashlib.sha256(b"mfa-proxy repeat").digest()
@@ -206,8 +250,12 @@ class PolicyEngine:
         locked, until = self.unknown_names.attempt(_unknown_key(name), self.clock())
         if locked:
             return self._finish(request, name, Outcome.REJECT, Reason.UNKNOWN_USER,
-                                message=MESSAGES[Reason.LOCKED_OUT],
+                                message=lockout_message(until),
                                 public_reason=Reason.LOCKED_OUT, locked_until=until)
+        if until is not None:  # this attempt locked it, as the same on an account would
+            return self._finish(request, name, Outcome.REJECT, Reason.UNKNOWN_USER,
+                                message=lockout_message(until),
+                                public_reason=Reason.BAD_PASSWORD, locked_until=until)
         return self._finish(request, name, Outcome.REJECT, Reason.UNKNOWN_USER,
                             public_reason=Reason.BAD_PASSWORD)
 
@@ -357,8 +405,10 @@ class PolicyEngine:
             self.store.repeat_forget(p.username)
         if result.lockout_started:
             self.events.lockout()
-            log.warning("lockout user=%s failures=%d until=%s", p.username,
-                        result.failures, result.locked_until)
+            log.warning("lockout user=%s failures=%d until=%s", p.username, result.failures,
+                        "admin-unlock" if result.locked_until is None
+                        or result.locked_until >= LOCKED_FOREVER
+                        else iso_time(result.locked_until))
         return self._finish(p.request, p.username, Outcome.REJECT, reason, identity,
                             lockout_started=result.lockout_started,
                             locked_until=result.locked_until)
@@ -368,9 +418,7 @@ class PolicyEngine:
                 lockout_started: bool = False, locked_until: float | None = None,
                 message: str | None = None, public_reason: Reason | None = None) -> Decision:
         if message is None:
-            message = (enrollment_message(days_left, self.enrollment_url)
-                       if days_left is not None
-                       else MESSAGES.get(reason, ""))
+            message = self._message(reason, days_left, lockout_started, locked_until)
         name = escape_controls(username[:MAX_USERNAME])  # typed names of nobody included
         decision = Decision(outcome, reason, name, identity, days_left, message,
                             lockout_started, locked_until, public_reason)
@@ -384,6 +432,16 @@ class PolicyEngine:
                      outcome.value, reason.value,
                      "-" if latency_ms is None else f"{latency_ms:.1f}")
         return decision
+
+    def _message(self, reason: Reason, days_left: int | None, lockout_started: bool,
+                 locked_until: float | None) -> str:
+        if days_left is not None:
+            return enrollment_message(days_left, self.enrollment_url, self.enrollment_help)
+        if lockout_started or reason is Reason.LOCKED_OUT:
+            return lockout_message(locked_until)
+        if reason is Reason.NOT_ENROLLED:
+            return NOT_ENROLLED + how_to_set_up(self.enrollment_url, self.enrollment_help)
+        return MESSAGES.get(reason, "")
 
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:
         """A decision when the engine itself could not run (state store down, a bug)."""

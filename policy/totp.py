@@ -37,8 +37,14 @@ def new_totp_key() -> str:
     return base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=")
 
 
+# RFC 4226 §4 (R6): "The length of the shared secret MUST be at least 128 bits";
+# pyotp refuses shorter ones too. Keys made here are 160 bits.
+MIN_KEY_BYTES = 16
+
+
 def normalize_totp_key(raw: str) -> str:
-    """Accept what people paste (spaces, lower case, padding); refuse what is no key."""
+    """Accept what people paste (spaces, lower case, padding); refuse what is no key
+    or a key under 128 bits."""
     s = "".join(raw.split()).upper().rstrip("=")
     if not s:
         raise NotATotpKey("empty secret")
@@ -46,8 +52,9 @@ def normalize_totp_key(raw: str) -> str:
         key = base64.b32decode(s + "=" * (-len(s) % 8))
     except (binascii.Error, ValueError):
         raise NotATotpKey("not base32") from None
-    if len(key) < 10:
-        raise NotATotpKey("shorter than 80 bits (RFC 4226 minimum is 128, 160 recommended)")
+    if len(key) < MIN_KEY_BYTES:
+        raise NotATotpKey(f"shorter than 128 bits ({len(key) * 8} given; RFC 4226 §4: at "
+                          "least 128, 160 recommended)")
     return s
 
 

@@ -92,6 +92,16 @@ class App:
                 config_failed(e)
         return self._settings
 
+    def checked_settings(self) -> configmod.Settings:
+        """The settings after every check serve makes before it starts (what
+        serve and check-config use: one refuses exactly what the other does)."""
+        if self._settings is None:
+            try:
+                self._settings = configmod.load_checked(self.config_path)
+            except configmod.ConfigError as e:
+                config_failed(e)
+        return self._settings
+
     @property
     def store(self) -> Any:
         if self._store is None:
@@ -247,19 +257,70 @@ def serve(app: App) -> None:
     """Run every configured listener (RADIUS, LDAP, HTTP) until SIGTERM/SIGINT."""
     from proxy.service import run
 
-    settings = app.settings  # its warnings are logged, in the configured format
+    settings = app.checked_settings()  # its warnings are logged, in the configured format
     sys.exit(run(settings))
 
 
 @main.command("check-config")
+@click.option("--connect", is_flag=True,
+              help="Also try each [directory] URL: reachability, TLS, latency, the service "
+                   "account's bind (exit 1 when a URL or the bind fails).")
+@click.option("--user", "probe_user", metavar="NAME",
+              help="With --connect: run the user filter (and the group search) for NAME.")
 @config_option
 @pass_app
-def check_config(app: App) -> None:
-    """Validate the config file: one line per problem, exit 2 when any."""
-    settings = app.settings
+def check_config(app: App, connect: bool, probe_user: str | None) -> None:
+    """Validate the config file: one line per problem, exit 2 when any.
+
+    Every check serve makes before it starts is made here too (RADIUS reply
+    attributes, TLS files...): a file that passes, serve accepts. With
+    --connect, each directory URL is tried as serve uses it: exit 0 when every
+    one answers and the service account binds, 1 when one does not.
+    """
+    if probe_user is not None and not connect:
+        raise click.UsageError("--user goes with --connect")
+    settings = app.checked_settings()
     for w in settings.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"{settings.path}: OK")
+    if connect:
+        check_connections(app, probe_user)
+
+
+def check_connections(app: App, probe_user: str | None) -> None:
+    from backends.base import DirectoryError
+    from policy.usernames import InvalidUsername
+    from proxy.directory_check import check_url
+
+    directory = app.settings.directory
+    name = None
+    if probe_user is not None:
+        try:
+            name = app.usernames.lookup_form(probe_user)
+        except InvalidUsername as e:
+            raise click.UsageError(f"--user {probe_user!r}: {e}") from None
+    if directory.ldap is None:
+        users = directory.users_file
+        click.echo(f"directory: the local users file {users}: nothing to connect to")
+        if name is not None:
+            try:
+                found = app.directory.lookup(name)
+            except DirectoryError as e:
+                raise Refused(f"{users}: {e}") from None
+            click.echo(f"user {probe_user!r}: {'found' if found else 'not found'} in {users}")
+        return
+    failed = 0
+    for url in directory.ldap.urls:
+        report = check_url(url, directory.ldap, name)
+        failed += not report.ok
+        for line in report.lines:
+            click.echo(f"{url}: {line}")
+        for warning in report.warnings:
+            click.echo(f"warning: {url}: {warning}")
+    total = len(directory.ldap.urls)
+    if failed:
+        raise Refused(f"{failed} of {total} directory URL(s) failed")
+    click.echo(f"directory: {total} of {total} URL(s) answer")
 
 
 @main.command("init-config")
@@ -382,7 +443,7 @@ def mail_note(app: App, what: str) -> str:
 def describe(view: StatusView) -> str:
     status = view.status.replace("_", " ")
     if view.days_left is not None:
-        status += f" ({view.days_left} days left)"
+        status += f" ({plural(view.days_left, 'day')} left)"
     if view.locked:
         status += f", locked until {view.locked_until or 'an admin unlocks'}"
     if view.bypass:
@@ -425,47 +486,77 @@ def user_list(app: App, as_json: bool) -> None:
 
 @user.command("require", epilog=MAIL_NOTE)
 @click.argument("username", required=False)
-@click.option("--group", help="Every member of this directory group.")
+@click.option("--group", help="Every member of this directory group who has no requirement "
+                             "yet (safe to run again: running periods are kept).")
 @days_option(None)
 @click.option("--no-mail", "no_mail", is_flag=True,
               help="Send no invitation mail (the reminder before the deadline still goes out).")
+@click.option("--verbose", "-v", is_flag=True, help="With --group: one line per member.")
 @config_option
 @pass_app
 def user_require(app: App, username: str | None, group: str | None, days: int | None,
-                 no_mail: bool) -> None:
+                 no_mail: bool, verbose: bool) -> None:
     """Require MFA, with an enrollment period of N days (default [policy] enrollment_days).
 
     Each user gets an invitation mail with the deadline and the portal's link.
+    With --group, members already required keep their period (never restarted
+    or shortened) and enrolled members without a requirement are left alone;
+    one summary line says how many were newly required, already required and
+    skipped.
     """
     check_days(app, days)
     if bool(username) == bool(group):
         raise click.UsageError("give USER or --group GROUP")
-    names = [app.known_user(username)] if username else group_members(app, str(group))
     note = "" if no_mail else mail_note(app, "invitation")
-    for name in names:
-        period = app.accounts.require(name, days, notify=not no_mail)
-        if period is None:
-            click.echo(f"{name}: already required and enrolled")
-            continue
-        click.echo(f"{name}: MFA required; enrollment period {period.days} days{note}")
+    if group:
+        require_group(app, group, days, not no_mail, verbose, note)
+        return
+    name = app.known_user(str(username))
+    period = app.accounts.require(name, days, notify=not no_mail)
+    if period is None:
+        click.echo(f"{name}: already required and enrolled")
+        return
+    click.echo(f"{name}: MFA required; enrollment period {plural(period.days, 'day')}{note}")
+
+
+def require_group(app: App, group: str, days: int | None, notify: bool, verbose: bool,
+                  note: str) -> None:
+    from collections import Counter
+
+    done = app.accounts.require_members(group_members(app, group), days, notify=notify)
+    if verbose:
+        for name in done.newly_required:
+            click.echo(f"{name}: newly required; enrollment period "
+                       f"{plural(done.period.days, 'day')}")
+        for name in done.already_required:
+            click.echo(f"{name}: already required; left as it is")
+        for name, why in done.skipped:
+            click.echo(f"{name}: skipped ({why})")
+    why = Counter(reason for _, reason in done.skipped)
+    skipped = f"{len(done.skipped)} skipped"
+    if why:
+        skipped += " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(why.items())) + ")"
+    new = len(done.newly_required)
+    click.echo(f"group {group}: {new} newly required"
+               + (f" (enrollment period {plural(done.period.days, 'day')}{note})" if new else "")
+               + f", {len(done.already_required)} already required, {skipped}")
+
+
+def plural(n: int, unit: str) -> str:
+    """ "1 day", "7 days". """
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 
 
 def group_members(app: App, group: str) -> list[str]:
+    """The group's members, as the directory names them (require_members keys
+    them as serve does, and counts the unusable names as skipped)."""
     from backends.base import DirectoryError
 
     try:
-        members = app.directory.group_members(group)
+        members: list[str] = app.directory.group_members(group)
     except DirectoryError as e:
         raise Refused(f"group {group!r}: {e}") from None
-    from policy.usernames import InvalidUsername
-
-    names = set()
-    for member in members:  # the entries' own names, keyed as serve keys them
-        try:
-            names.add(str(app.usernames.canonical(member)))
-        except InvalidUsername:
-            continue
-    return sorted(names)
+    return members
 
 
 @user.command("enroll", epilog=MAIL_NOTE)
@@ -548,7 +639,7 @@ def user_reset(app: App, username: str, days: int | None) -> None:
     check_days(app, days)
     name = app.known_user(username)
     period = app.accounts.reset(name, days)
-    click.echo(f"{name}: key cleared; enrollment period {period.days} days"
+    click.echo(f"{name}: key cleared; enrollment period {plural(period.days, 'day')}"
                f"{mail_note(app, 'notice')}")
 
 
@@ -562,7 +653,7 @@ def user_extend(app: App, username: str, days: int) -> None:
     check_days(app, days)
     name = app.known_user(username)
     period = app.accounts.extend(name, days)
-    click.echo(f"{name}: enrollment period {period.days} days from now"
+    click.echo(f"{name}: enrollment period {plural(period.days, 'day')} from now"
                f"{mail_note(app, 'notice')}")
 
 
@@ -602,23 +693,66 @@ def user_unrequire(app: App, username: str) -> None:
 
 @user.command("import")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--force", is_flag=True,
+              help="Replace the keys users already have (their authenticators stop working).")
+@click.option("--allow-unknown", is_flag=True,
+              help="Import users the directory does not know (yet).")
 @config_option
 @pass_app
-def user_import(app: App, file: io.TextIOBase) -> None:
+def user_import(app: App, file: io.TextIOBase, force: bool, allow_unknown: bool) -> None:
     """Bulk load CSV lines `username,secret[,required_days]`, all or nothing.
 
-    An empty secret with required_days requires MFA without a key. Every bad
-    line is reported by number and nothing is loaded.
+    An empty secret with required_days requires MFA without a key (a user
+    already required keeps the period they have). Every bad line is reported
+    by number and nothing is loaded: a key that is not base32 or under 128
+    bits, a user who already has a key (unless --force), a user the directory
+    does not know (unless --allow-unknown).
     """
     from policy.admin import ImportRefused
 
+    text = file.read()
+    resolve = None if allow_unknown else directory_name(app)
     try:
-        imported = app.accounts.import_csv(file.read())
+        imported = app.accounts.import_csv(text, force=force, resolve=resolve)
     except ImportRefused as e:
         for problem in e.problems:
             click.echo(problem, err=True)
-        raise Refused(str(e)) from None
-    click.echo(f"imported {imported.keys} key(s), {imported.requirements} requirement(s)")
+        hints = [option for option, n in (("--force", e.existing_keys),
+                                          ("--allow-unknown", e.unknown_users)) if n]
+        raise Refused(str(e) + (f" ({' / '.join(hints)} to load those lines anyway)"
+                                if hints else "")) from None
+    line = f"imported {imported.keys} key(s), {imported.requirements} requirement(s)"
+    if imported.replaced:
+        line += f"; {imported.replaced} of the keys replaced a key the user had"
+    if imported.unchanged:
+        line += f"; {imported.unchanged} user(s) already required, left as they are"
+    click.echo(line)
+
+
+def directory_name(app: App) -> Callable[[str], str | None]:
+    """A typed name to the directory entry's own name (as serve keys the state),
+    None when the directory has no such entry."""
+    from backends.base import DirectoryError
+    from policy.usernames import InvalidUsername
+
+    directory, usernames = app.directory, app.usernames
+
+    def resolve(raw: str) -> str | None:
+        try:
+            found = directory.lookup(usernames.lookup_form(raw))
+        except InvalidUsername:
+            return None
+        except DirectoryError as e:
+            raise Refused(f"cannot ask the directory about {raw!r}: {e} (--allow-unknown "
+                          "imports without asking)") from None
+        if found is None:
+            return None
+        try:
+            return str(usernames.canonical(found.username))
+        except InvalidUsername:
+            return None
+
+    return resolve
 
 
 # -- keys and local users --------------------------------------------------------------

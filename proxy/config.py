@@ -9,15 +9,17 @@ wherever it is started from. Without ``-c`` the file is found by
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import ipaddress
 import os
 import secrets
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from backends.ldap_common import LdapOptions
 from policy.decision import MfaMode
@@ -69,6 +71,9 @@ class PolicySettings:
     lockout_seconds: int = 900
     enrollment_days: int = 7
     audit_days: int = 90
+    # How to set MFA up, told in the enrollment notices when there is no portal
+    # ([portal] public_url wins when set).
+    enrollment_help: str = ""
 
 
 @dataclass(frozen=True)
@@ -271,7 +276,9 @@ class _Reader:
 
     def done(self) -> None:
         for name in sorted(set(self.table) - self.seen):
-            self.cfg.problems.append(f"{self.key(name)}: unknown key")
+            close = difflib.get_close_matches(name, sorted(self.seen), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            self.cfg.problems.append(f"{self.key(name)}: unknown key{hint}")
 
 
 class _Loader:
@@ -300,7 +307,21 @@ class _Loader:
             return ""
         if not value:
             self.problems.append(f"{key}: {path} is empty")
+        self.check_private(key, path)
         return value
+
+    def check_private(self, key: str, path: Path) -> None:
+        """Warn when a file holding a secret (a password, a shared secret, a private
+        key, the key file) can be read by other users of the machine."""
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return  # reported where it is read, or created private later
+        if mode & 0o044 and not path.is_dir():
+            who = " and ".join(w for w, bit in (("group", 0o040), ("others", 0o004))
+                               if mode & bit)
+            self.warnings.append(f"{key}: {path} is readable by {who} (mode "
+                                 f"{mode & 0o777:o}): it holds a secret; chmod 600 it")
 
 
 def _toml_type(value: Any) -> str:
@@ -359,6 +380,121 @@ def load(path: Path | str | None = None) -> Settings:
         raise ConfigError(loader.problems)
     assert settings is not None
     return settings
+
+
+def load_checked(path: Path | str | None = None) -> Settings:
+    """:func:`load`, then every check ``serve`` makes before it listens
+    (:func:`startup_problems`): what ``serve``, ``check-config`` and a reload
+    (SIGHUP) all use, so none of them accepts a file another refuses."""
+    settings = load(path)
+    problems = startup_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def startup_problems(s: Settings) -> list[str]:
+    """What start-up would refuse in a config that :func:`load` accepts, one line
+    per problem naming its key: the RADIUS dictionary, reply attributes (names,
+    value types), TLS certificates and keys, CA bundles, the key file.
+
+    These need heavier modules (pyrad, OpenSSL) than the admin commands load,
+    so they are apart from :func:`load`; ``serve`` builds its listeners from
+    the same objects, so a file that passes here is one they accept."""
+    problems: list[str] = []
+    if s.radius is not None and (s.radius.listen or s.radius.accounting_listen):
+        problems += _radius_startup_problems(s.radius)
+    for key, cert, key_file in _tls_pairs(s):
+        problems += _tls_pair_problems(key, cert, key_file)
+    for key, ca in _ca_files(s):
+        problems += _ca_problems(key, ca)
+    if s.state.key_file.exists():
+        from policy.keys import KeyFileError, KeyRing
+
+        try:
+            KeyRing(s.state.key_file)
+        except KeyFileError as e:
+            problems.append(f"state.key_file: {e}")
+    return problems
+
+
+def _radius_startup_problems(r: RadiusSettings) -> list[str]:
+    from proxy.radius.packet import encode_named, load_dictionary
+
+    try:
+        dictionary = load_dictionary()
+    except Exception as e:  # a broken installation: say so, with the cause
+        return [f"radius: cannot load the RADIUS dictionary: {type(e).__name__}: {e}"]
+    problems = []
+    for i, rule in enumerate(r.reply):
+        for name, value in rule.attributes.items():
+            try:
+                encode_named(dictionary, [(name, value)])
+            except ValueError as e:
+                problems.append(f"radius.reply[{i}].attributes.{name}: {_after_name(name, e)}")
+    return problems
+
+
+def _after_name(name: str, error: ValueError) -> str:
+    """encode_named's message without the attribute name it starts with."""
+    text = str(error)
+    for prefix in (f"{name}: ", f"{name} = "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def _tls_pairs(s: Settings) -> list[tuple[str, str, str]]:
+    pairs = []
+    if s.ldap is not None and s.ldap.cert_file and s.ldap.key_file:
+        pairs.append(("ldap", s.ldap.cert_file, s.ldap.key_file))
+    if s.portal is not None and s.portal.tls:
+        pairs.append(("portal", str(s.portal.cert_file), str(s.portal.key_file)))
+    return pairs
+
+
+def _ca_files(s: Settings) -> list[tuple[str, str]]:
+    found = []
+    if s.directory.ldap is not None and s.directory.ldap.ca_file:
+        found.append(("directory.ca_file", s.directory.ldap.ca_file))
+    if s.ldap is not None and s.ldap.ca_file:
+        found.append(("ldap.ca_file", s.ldap.ca_file))
+    if s.mail is not None and s.mail.ca_file:
+        found.append(("mail.ca_file", s.mail.ca_file))
+    return found
+
+
+def _tls_pair_problems(section: str, cert: str, key: str) -> list[str]:
+    """The listener's certificate and key, loaded as serve loads them (and matched)."""
+    from OpenSSL import SSL, crypto
+
+    from backends.ldapwire.tls import server_options
+
+    try:
+        server_options(cert, key).getContext()
+    except OSError as e:
+        return [f"{section}.cert_file: cannot read {e.filename}: {e.strerror}"]
+    except ValueError as e:
+        return [f"{section}.cert_file: {e}"]
+    except crypto.Error:
+        return [f"{section}.key_file: {key}: not a PEM private key (or it is encrypted)"]
+    except SSL.Error:
+        return [f"{section}.key_file: {key} does not match the certificate in {cert}"]
+    return []
+
+
+def _ca_problems(key: str, ca: str) -> list[str]:
+    from backends.ldapwire.tls import certificates
+
+    try:
+        certificates(ca)
+    except OSError as e:
+        return [f"{key}: cannot read {ca}: {e.strerror}"]
+    except ValueError as e:  # no PEM block at all
+        return [f"{key}: {e}"]
+    except Exception:  # a PEM block OpenSSL cannot parse
+        return [f"{key}: {ca}: holds a certificate that cannot be read"]
+    return []
 
 
 def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
@@ -424,6 +560,7 @@ def _state(cfg: _Loader, r: _Reader) -> StateSettings:
                          "(use sqlite:///PATH or postgresql+psycopg://…)")
     key_file = r.path("key_file", "../var/secret.key")
     assert key_file is not None
+    cfg.check_private(r.key("key_file"), key_file)
     return StateSettings(url, key_file, r.int("threads", 4, 1, 64))
 
 
@@ -466,6 +603,7 @@ def _policy(r: _Reader) -> PolicySettings:
         lockout_seconds=r.int("lockout_seconds", 900, 0, 10 * 365 * 86400),
         enrollment_days=r.int("enrollment_days", 7, 1, 365),
         audit_days=r.int("audit_days", 90, 1, 3650),
+        enrollment_help=" ".join(r.str("enrollment_help").split()),
     )
 
 
@@ -485,6 +623,8 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
     for u in urls:
         if not u.startswith(("ldap://", "ldaps://")):
             r.problem("urls", f"not an ldap:// or ldaps:// URL: {u!r}")
+    start_tls = r.bool("start_tls", False)
+    _warn_plain_ldap(r, "urls", urls, start_tls)
     bind_dn = r.str("bind_dn")
     password = r.secret("bind_password", required=bool(bind_dn))
     user_base = r.str("user_base")
@@ -502,7 +642,7 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
         mail_attribute=r.str("mail_attribute", "mail"),
         group_base=r.str("group_base"),
         group_filter=r.str("group_filter", "(|(member={dn})(uniqueMember={dn}))"),
-        use_memberof=r.bool("use_memberof", True), start_tls=r.bool("start_tls", False),
+        use_memberof=r.bool("use_memberof", True), start_tls=start_tls,
         ca_file=str(ca_file) if ca_file else "", tls_verify=r.bool("tls_verify", True),
         connect_timeout=r.float("connect_timeout", 3.0, 0.1, 60),
         timeout=r.float("timeout", 5.0, 0.1, 120),
@@ -516,13 +656,41 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
     return DirectorySettings(type="ldap", ldap=options, **common)
 
 
+def _warn_plain_ldap(r: _Reader, key: str, urls: Sequence[str], start_tls: bool) -> None:
+    """ldap:// without StartTLS to another host: passwords cross the network in clear."""
+    if start_tls:
+        return
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme == "ldap" and parts.hostname and not _is_loopback(parts.hostname):
+            r.cfg.warnings.append(
+                f"{r.key(key)}: {url} is plain LDAP without StartTLS to a non-loopback host: "
+                "the service account's and users' passwords cross the network in clear; "
+                "use ldaps:// or set start_tls = true")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+            ".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _network(r: _Reader, value: str, key: str = "address"
              ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     try:
-        return ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         r.problem(key, f"not an address or CIDR: {value!r}")
         return None
+    if "/" in value and network.network_address != ipaddress.ip_interface(value).ip:
+        r.cfg.warnings.append(
+            f"{r.key(key)}: {value} has host bits set: it means the whole network {network}; "
+            f"write {network} (or {ipaddress.ip_interface(value).ip} for that one host)")
+    return network
 
 
 def _radius(cfg: _Loader, r: _Reader, totp: TotpSettings) -> RadiusSettings:
@@ -617,9 +785,13 @@ def _ldap(r: _Reader) -> LdapFrontendConfig:
     for name, p in (("cert_file", cert), ("key_file", key)):
         if p and not p.is_file():
             r.problem(name, f"cannot read {p}")
+    if key:
+        r.cfg.check_private(r.key("key_file"), key)
     upstream = r.str("upstream")
     if upstream and not upstream.startswith(("ldap://", "ldaps://")):
         r.problem("upstream", f"not an ldap:// or ldaps:// URL: {upstream!r}")
+    upstream_start_tls = r.bool("start_tls", False)
+    _warn_plain_ldap(r, "upstream", [upstream] if upstream else [], upstream_start_tls)
     ca = r.path("ca_file")
     if ca and not ca.is_file():
         r.problem("ca_file", f"cannot read {ca}")
@@ -637,7 +809,7 @@ def _ldap(r: _Reader) -> LdapFrontendConfig:
     config = LdapFrontendConfig(
         listen=tuple(map(str, listen)), ldaps_listen=tuple(map(str, ldaps)),
         cert_file=str(cert or ""), key_file=str(key or ""), upstream=upstream,
-        upstream_start_tls=r.bool("start_tls", False), ca_file=str(ca or ""),
+        upstream_start_tls=upstream_start_tls, ca_file=str(ca or ""),
         tls_verify=r.bool("tls_verify", True), exempt=r.str_list("exempt"),
         mfa=MfaMode(r.str("mfa", "enrolled", MFA_MODES)), separator=r.str("separator", ","),
         bind_cache_seconds=r.int("bind_cache_seconds", 0, 0, 86400),
@@ -690,6 +862,8 @@ def _portal(r: _Reader) -> PortalSettings | None:
     for name, p in (("cert_file", cert), ("key_file", key)):
         if p and not p.is_file():
             r.problem(name, f"cannot read {p}")
+    if key:
+        r.cfg.check_private(r.key("key_file"), key)
     public_url = r.str("public_url")
     if public_url:
         from urllib.parse import urlsplit

@@ -145,6 +145,24 @@ def install_last_resort() -> None:
         logging.lastResort = escaping_handler("%(message)s", logging.WARNING)
 
 
+# Twisted's own lines about ports and protocols coming and going: serve says what
+# it listens on in its own words ("radius listening on ..."), so these are debug.
+_TWISTED_CHATTER = re.compile(
+    r"^(?:\S+ starting on \S+|\((?:TCP|UDP|Port) Port \S+ Closed\)|"
+    r"(?:Starting|Stopping) (?:protocol|factory) .*|Main loop terminated\.)$", re.DOTALL)
+
+
+class TwistedChatter(logging.Filter):
+    """Demotes Twisted's "Starting protocol", "… starting on PORT", "(UDP Port …
+    Closed)" lines to DEBUG (shown only with [logging] level = "debug")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not _TWISTED_CHATTER.match(record.getMessage()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 class LogLimiter:
     """At most one log line per key per ``interval`` seconds, with bounded memory:
     a flood of connections must not become a flood of log lines (the metrics

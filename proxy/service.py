@@ -84,6 +84,11 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     # the same handlers.
     from twisted.logger import STDLibLogObserver, globalLogBeginner
 
+    from proxy.logs import TwistedChatter
+
+    twisted_log = logging.getLogger("twisted")
+    if not any(isinstance(f, TwistedChatter) for f in twisted_log.filters):
+        twisted_log.addFilter(TwistedChatter())
     globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")],
                                      redirectStandardIO=False)
 
@@ -146,7 +151,8 @@ class Service:
             repeat_key=self.keys.derive(b"repeat-window"),
             repeat_windows=_repeat_windows(s),
             log_accepts=s.log_decisions == "all",
-            enrollment_url=s.portal.public_url if s.portal else "")
+            enrollment_url=s.portal.public_url if s.portal else "",
+            enrollment_help=s.policy.enrollment_help)
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
                                            call_later=self.reactor.callLater)
@@ -205,7 +211,22 @@ class Service:
         self._listen_ldap()
         self._listen_portal()
         self._start_mail()
+        self._probe_directory()
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
+
+    def _probe_directory(self) -> None:
+        """Say at start whether the directory answers: a directory that is down is
+        a warning, not a reason to stop (serve answers, /readyz says 503, and
+        sign-ins are refused as directory_unavailable until it is back)."""
+        from proxy.http.server import readable_problem
+
+        def down(failure: Any) -> None:
+            why = readable_problem("directory", failure.getErrorMessage()).partition(": ")[2]
+            log.warning("the directory does not answer at start-up (%s); serving anyway: "
+                        "sign-ins are refused until it does", why)
+
+        d = self.async_directory.ping()
+        d.addCallbacks(lambda _: log.info("the directory answers"), down)
 
     def _every(self, seconds: float, f: Any, now: bool = False) -> None:
         loop = LoopingCall(f)
@@ -243,6 +264,20 @@ class Service:
         d.addErrback(lambda f: log.warning("user count failed: %s", f.getErrorMessage()))
         return d
 
+    def _user_gauge_soon(self, delay: float = 0.2) -> None:
+        """Recount the users by status shortly (reactor thread): after an account
+        change made in this process (the portal), once its transaction is
+        committed; several changes close together make one recount. A change
+        made by the admin CLI (another process) shows at the next periodic count
+        (every 30 s)."""
+        if getattr(self, "_gauge_pending", None) is not None:
+            return
+        self._gauge_pending = self.reactor.callLater(delay, self._user_gauge_now)
+
+    def _user_gauge_now(self) -> None:
+        self._gauge_pending = None
+        self._refresh_user_gauge()
+
     def _checkpoint(self) -> Deferred[Any]:
         d = self.report_workers.submit(self.store.checkpoint)
         d.addErrback(lambda f: log.warning("WAL checkpoint failed: %s", f.getErrorMessage()))
@@ -261,9 +296,12 @@ class Service:
         def store_ok() -> None:
             self.store.ping()
 
+        from proxy.http.server import readable_problem
+
         checks = [self.in_state_thread(store_ok), self.async_directory.ping()]
         names = ["state store", "directory"]
-        results = [d.addCallbacks(lambda _: None, lambda f, n=n: f"{n}: {f.getErrorMessage()}")
+        results = [d.addCallbacks(lambda _: None,
+                                  lambda f, n=n: readable_problem(n, f.getErrorMessage()))
                    for d, n in zip(checks, names, strict=True)]
         d = gatherResults(results)
         d.addCallback(lambda rs: [r for r in rs if r])
@@ -345,7 +383,8 @@ class Service:
         s = self.settings
         from proxy.state import mail_events
 
-        events = mail_events(s, self.store, origin="the self-service portal")
+        events = UsersChanged(mail_events(s, self.store, origin="the self-service portal"),
+                              lambda: self.reactor.callFromThread(self._user_gauge_soon))
         portal = Portal(
             self.authenticate, make_accounts(s, self.store, self.keys, events=events),
             PortalSessions(self.store, p.session_minutes * 60),
@@ -386,7 +425,7 @@ class Service:
 
         path = self.settings.path
         try:
-            new = configmod.load(path)
+            new = configmod.load_checked(path)
             self._apply(new)
         except configmod.ConfigError as e:
             return self._reload_refused(path, e.problems)
@@ -435,6 +474,7 @@ class Service:
         engine.repeat_windows = _repeat_windows(new)
         if new.portal is not None and self.settings.portal is not None:
             engine.enrollment_url = new.portal.public_url
+        engine.enrollment_help = new.policy.enrollment_help
         reconfigure_logging(new.log_level, new.log_format)
         self.settings = new
 
@@ -599,6 +639,25 @@ class Service:
         self.store.close()
         log.info("stopped")
         return None
+
+
+class UsersChanged:
+    """An AccountEvents listener around another (or none): passes every event on,
+    then calls ``changed`` (which must be safe from any thread: it runs inside
+    the change's transaction, on the state thread)."""
+
+    def __init__(self, inner: Any, changed: Any) -> None:
+        self.inner, self.changed = inner, changed
+
+    def __getattr__(self, event: str) -> Any:
+        handler = getattr(self.inner, event, None) if self.inner is not None else None
+
+        def told(*args: Any, **kwargs: Any) -> None:
+            if handler is not None:
+                handler(*args, **kwargs)
+            self.changed()
+
+        return told
 
 
 def _repeat_windows(s: Settings) -> bool:

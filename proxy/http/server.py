@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,6 +38,46 @@ class AdminSources:
             ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
         return ip.is_loopback or any(ip.version == n.version and ip in n
                                      for n in self.networks)
+
+
+# Twisted's words for what went wrong on a connection, in a person's (for /readyz).
+_TRANSPORT_WORDS = (
+    (re.compile(r"Connection was refused by other side: \d+: Connection refused\.?"),
+     "connection refused"),
+    (re.compile(r"TCP connection timed out: \d+: Connection timed out\.?"),
+     "connection timed out"),
+    (re.compile(r"User timeout caused connection failure\.?"), "connection timed out"),
+    (re.compile(r"DNS lookup failed: [^;]*"), "host name not found"),
+    (re.compile(r"No route to host: \d+: No route to host\.?"), "no route to host"),
+    (re.compile(r"An error occurred while connecting: \d+: ([^;]*?)\.?$"), r"\1"),
+    (re.compile(r"Connection to the other side was lost in a non-clean fashion[^;]*"),
+     "connection lost"),
+    (re.compile(r"Connection was closed cleanly\.?"), "connection closed"),
+)
+_URL = re.compile(r"(ldaps?://[^\s:;,()]+(?::\d+)?)")
+
+
+def readable_problem(component: str, text: str) -> str:
+    """``component: why`` as a person reads it: no transport internals
+    (``Connection was refused by other side: 111: ...`` is "connection refused"),
+    the component's name and each URL said once."""
+    why = " ".join(text.split())
+    for prefix in (f"{component} unavailable", f"{component}:"):
+        if why.lower().startswith(prefix):
+            why = why[len(prefix):].strip(" :")
+            if why.startswith("(") and why.endswith(")"):
+                why = why[1:-1]
+    for pattern, words in _TRANSPORT_WORDS:
+        why = pattern.sub(words, why)
+    parts: dict[str, str] = {}
+    for part in (p.strip() for p in why.split(";")):
+        match = _URL.match(part)
+        url = match.group(1) if match else ""
+        said = _URL.sub("", part[len(url):]).strip(" :") if url else part
+        if said.lower() not in parts.get(url, "").lower():
+            parts[url] = f"{parts[url]}, {said}" if parts.get(url) else said
+    return f"{component}: " + "; ".join(f"{url} {said}".strip() if url else said
+                                        for url, said in parts.items())
 
 
 class Health(Resource):

@@ -88,7 +88,7 @@ def reply_for_decision(decision: Decision) -> BindReply:
         decision.public_reason or decision.reason,
         (ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS),
     )
-    return refuse(code, diagnostic, decision.reason.value)
+    return refuse(code, decision.message or diagnostic, decision.reason.value)
 
 
 def reply_for_error(error: BaseException | None) -> BindReply | None:

@@ -25,6 +25,9 @@ from twisted.python.failure import Failure
 
 from backends.base import Identity
 from policy.decision import Authenticate, AuthRequest, Decision, Outcome, Reason
+from policy.engine import DECISION_LINE
+from policy.escaping import escape_controls
+from policy.usernames import MAX_USERNAME
 from proxy.logs import LogLimiter
 from proxy.radius.challenge import ChallengeStore
 from proxy.radius.clients import ClientTable, EnrollmentNotice, RadiusClientConfig, ReplyRuleLike
@@ -78,10 +81,6 @@ class ServerSettings:
     max_pending_challenges: int = 100_000
     max_cached_answers: int = 100_000
     reply_rules: tuple[ReplyRuleLike, ...] = ()  # [[radius.reply]], before each client's own
-    # The two texts below are used when the core's Decision carries no message.
-    code_prompt: str = "Enter your verification code"
-    # {days} is the number of days left.
-    enrollment_message: str = "Set up two-step verification: {days} day(s) left"
     unknown_client_log_interval: float = 60.0
 
 
@@ -344,11 +343,10 @@ class RadiusServer:
         notice = ex.client.enrollment_notice
         tell_days_left = decision.days_left is not None and not notice_shown
         if tell_days_left and notice is EnrollmentNotice.CHALLENGE:
-            return self._challenge(ex, NoticeRound(decision), self._enrollment_text(decision),
-                                   decision)
+            return self._challenge(ex, NoticeRound(decision), decision.message, decision)
         message = ""
         if tell_days_left and notice is EnrollmentNotice.REPLY_MESSAGE:
-            message = self._enrollment_text(decision)
+            message = decision.message
         groups = decision.identity.groups if decision.identity else ()
         attributes = self._replies[ex.client.name].for_groups(groups)
         reply = access_accept(ex.packet, ex.client.nas_secret, message, attributes)
@@ -356,8 +354,8 @@ class RadiusServer:
         return reply
 
     def _ask_for_code(self, ex: _Exchange, decision: Decision) -> bytes:
-        prompt = decision.message or self.settings.code_prompt
-        return self._challenge(ex, CodeRound(decision.identity), prompt, decision)
+        # Every text the user sees is the core's (policy/engine.py), for every front-end.
+        return self._challenge(ex, CodeRound(decision.identity), decision.message, decision)
 
     def _challenge(self, ex: _Exchange, pending: CodeRound | NoticeRound, message: str,
                    decision: Decision) -> bytes:
@@ -366,13 +364,8 @@ class RadiusServer:
         self._count(ex, "challenge", decision.reason)
         return reply
 
-    def _enrollment_text(self, decision: Decision) -> str:
-        return decision.message or self.settings.enrollment_message.format(
-            days=decision.days_left)
-
     def _reject_locally(self, ex: _Exchange, reason: LocalReason) -> bytes:
-        log.info("RADIUS: rejected %r from client %s (%s): %s", ex.username, ex.client.name,
-                 ex.host, reason.value)
+        self._log_reject(ex, reason)
         reply = access_reject(ex.packet, ex.client.nas_secret)
         self._count(ex, "reject", reason)
         return reply
@@ -380,9 +373,16 @@ class RadiusServer:
     def _core_failed(self, failure: Failure, ex: _Exchange) -> bytes:
         log.error("RADIUS: answering %r from client %s failed; answered with a reject\n%s",
                   ex.username, ex.client.name, failure.getTraceback())
+        self._log_reject(ex, LocalReason.INTERNAL_ERROR)
         reply = access_reject(ex.packet, ex.client.nas_secret)
         self._count(ex, "reject", LocalReason.INTERNAL_ERROR)
         return reply
+
+    def _log_reject(self, ex: _Exchange, reason: LocalReason) -> None:
+        """A reject the core never saw, in the core's decision-line format."""
+        elapsed = max(0.0, self._clock.seconds() - ex.started) * 1000.0
+        log.info(DECISION_LINE, escape_controls(ex.username[:MAX_USERNAME]) or "-", "radius",
+                 ex.client.name, ex.host, "reject", reason.value, f"{elapsed:.1f}")
 
     def _lost(self, failure: Failure, ex: _Exchange) -> None:
         """Not even a reject could be built or sent: drop, and let a retry be decided."""
@@ -452,6 +452,8 @@ def _text(value: bytes | None) -> str | None:
 class RadiusPort(DatagramProtocol):
     """One UDP port: datagrams to ``handle`` (RadiusServer.handle_auth or
     handle_accounting), replies back to their sender."""
+
+    noisy = False  # no "Starting protocol" line per port: serve logs what it listens on
 
     def __init__(self, handle: Callable[[bytes, tuple[Any, ...], Send], None]) -> None:
         self.handle = handle

@@ -300,14 +300,54 @@ def test_bad_usage_is_exit_2(admin: Admin) -> None:
 
 def test_require_group_uses_the_local_groups(admin: Admin) -> None:
     r = admin.ok("user", "require", "--group", "vpn", "--days", "5")
-    assert r.out == ("alice: MFA required; enrollment period 5 days\n"
-                     "bob: MFA required; enrollment period 5 days\n")
+    assert r.out == ("group vpn: 2 newly required (enrollment period 5 days), "
+                     "0 already required, 0 skipped\n")
     views = {v["username"]: v for v in admin.ok("user", "list", "--json").json}
     assert views["alice"]["status"] == views["bob"]["status"] == "in_enrollment"
     assert views["carol"]["status"] == "not_required"
     r = admin.run("user", "require", "--group", "nobody")
     assert r.code == 1
     assert "group 'nobody'" in r.err
+
+
+def test_require_group_again_keeps_every_running_period(admin: Admin) -> None:
+    """A nightly re-run never restarts or shortens a period; an expired one stays
+    expired; an enrolled member without a requirement is left alone."""
+    admin.ok("user", "require", "alice", "--days", "30")
+    store = admin.store()
+    store.extend("bob", int(time.time()) - 10)  # bob's period ran out
+    store.close()
+    admin.ok("user", "enroll", "carol")
+    admin.ok("user", "unrequire", "carol")
+    admin.ok("local-user", "set", "carol", "--group", "vpn", "--keep-password")
+    admin.ok("local-user", "set", "dave", "--group", "vpn", stdin="dave-pw\n")
+    before = {v["username"]: v for v in admin.ok("user", "list", "--json").json}
+
+    r = admin.ok("user", "require", "--group", "vpn", "--days", "2")
+    assert r.out == ("group vpn: 1 newly required (enrollment period 2 days), "
+                     "2 already required, 1 skipped (1 enrolled, not required)\n")
+    after = {v["username"]: v for v in admin.ok("user", "list", "--json").json}
+    for name in ("alice", "bob", "carol"):
+        assert after[name] == before[name], name
+    assert (after["dave"]["status"], after["dave"]["days_left"]) == ("in_enrollment", 2)
+
+    r = admin.ok("user", "require", "--group", "vpn", "--verbose")
+    assert r.out.splitlines() == [
+        "alice: already required; left as it is",
+        "bob: already required; left as it is",
+        "dave: already required; left as it is",
+        "carol: skipped (enrolled, not required)",
+        "group vpn: 0 newly required, 3 already required, 1 skipped (1 enrolled, not required)",
+    ]
+    assert {v["username"]: v for v in admin.ok("user", "list", "--json").json} == after
+
+
+def test_require_one_day_says_day(admin: Admin) -> None:
+    assert admin.ok("user", "require", "bob", "--days", "1").out == (
+        "bob: MFA required; enrollment period 1 day\n")
+    assert admin.ok("user", "extend", "bob", "--days", "1").out == (
+        "bob: enrollment period 1 day from now\n")
+    assert "in enrollment (1 day left)" in admin.ok("user", "list").out
 
 
 def test_extend_reopens_from_now(admin: Admin) -> None:
@@ -520,7 +560,7 @@ def test_import_three_good_lines(admin: Admin) -> None:
                  f"alice,{SECRETS[0]}\n"
                  f"Bob,{SECRETS[1].lower()},30\n"
                  f"dave,{SECRETS[2]},\n")
-    r = admin.ok("user", "import", str(f))
+    r = admin.ok("user", "import", str(f), "--allow-unknown")  # dave: not in users.toml
     assert r.out == "imported 3 key(s), 0 requirement(s)\n"
     views = {v["username"]: v for v in admin.ok("user", "list", "--json").json}
     assert {n: v["status"] for n, v in views.items()} == {
@@ -564,13 +604,52 @@ def test_import_bad_lines_loads_nothing(admin: Admin) -> None:
         "line 7: 'alice' already on line 2",
         "line 8: '': empty or too long username",
         "line 9: no secret and no required_days: nothing to do",
-        "line 11: shorter than 80 bits (RFC 4226 minimum is 128, 160 recommended)",
+        "line 11: shorter than 128 bits (40 given; RFC 4226 §4: at least 128, 160 recommended)",
     ]
     assert "8 bad line(s); nothing imported" in lines[-1]
     assert r.out == ""
     store = admin.store()
     assert store.list_users() == []
     store.close()
+
+
+def test_import_refuses_existing_keys_short_keys_and_unknown_users(admin: Admin) -> None:
+    admin.ok("user", "enroll", "alice", "--secret", SECRETS[0])
+    admin.ok("user", "require", "carol", "--days", "30")
+    carol = admin.show("carol")
+    f = admin.root / "users.csv"
+    f.write_text(f"alice,{SECRETS[1]}\n"         # 1: alice has a key
+                 f"Bob,{SECRETS[2]}\n"           # 2: good
+                 "carol,,3\n"                    # 3: already required: left alone
+                 f"zed,{SECRETS[2]}\n"           # 4: not in the directory
+                 "erin,GEZDGNBVGY3TQOJQ\n")      # 5: 80 bits, and unknown
+    r = admin.run("user", "import", str(f))
+    assert r.code == 1
+    assert r.err.splitlines() == [
+        "line 1: 'alice' already has a key (replacing it stops the authenticator the user has)",
+        "line 4: 'zed': no such user in the directory",
+        "line 5: shorter than 128 bits (80 given; RFC 4226 §4: at least 128, 160 recommended)",
+        "Error: 3 bad line(s); nothing imported (--force / --allow-unknown to load those "
+        "lines anyway)"]
+    assert admin.show("bob")["status"] == "not_required"  # all or nothing
+
+    f.write_text(f"alice,{SECRETS[1]}\nBob,{SECRETS[2]}\ncarol,,3\nzed,{SECRETS[2]}\n")
+    r = admin.ok("user", "import", str(f), "--force", "--allow-unknown")
+    assert r.out == ("imported 3 key(s), 0 requirement(s); 1 of the keys replaced a key the "
+                     "user had; 1 user(s) already required, left as they are\n")
+    assert admin.show("carol") == carol  # the running period was not restarted
+    assert admin.show("zed")["status"] == "enrolled"
+    now = time.time()
+    code = pyotp.TOTP(SECRETS[1]).at(int(now))
+    assert admin.authenticate("alice", f"alice-pw,{code}", now).reason is Reason.OK
+
+
+def test_import_keys_users_by_their_directory_name(admin: Admin) -> None:
+    f = admin.root / "users.csv"
+    f.write_text(f"BOB,{SECRETS[0]}\nDOMAIN\\carol,{SECRETS[1]}\n")
+    assert admin.ok("user", "import", str(f)).out == "imported 2 key(s), 0 requirement(s)\n"
+    assert {v["username"] for v in admin.ok("user", "list", "--json").json
+            if v["enrolled"]} == {"bob", "carol"}
 
 
 def test_import_100000_lines(admin: Admin) -> None:
@@ -580,7 +659,7 @@ def test_import_100000_lines(admin: Admin) -> None:
         for i in range(100_000):
             w.writerow([f"user{i:06d}", base64.b32encode(os.urandom(20)).decode(), 7])
     started = time.monotonic()
-    r = admin.ok("user", "import", str(f), real=True)
+    r = admin.ok("user", "import", str(f), "--allow-unknown", real=True)
     took = time.monotonic() - started
     print(f"\nuser import: 100,000 lines in {took:.1f} s")  # a measure, never an assertion
     assert r.out == "imported 100000 key(s), 0 requirement(s)\n"
@@ -598,7 +677,7 @@ def test_keys_rotate_re_encrypts_every_key(admin: Admin) -> None:
     f = admin.root / "users.csv"
     f.write_text("".join(f"{n},{s}\n" for n, s in zip(("alice", "bob", "dave"), SECRETS,
                                                        strict=True)))
-    admin.ok("user", "import", str(f))
+    admin.ok("user", "import", str(f), "--allow-unknown")
     store = admin.store()
     before = {r.username: r for r in store.list_users()}
     assert {r.key_version for r in before.values()} == {1}
@@ -640,7 +719,7 @@ listen = "127.0.0.1:19812"
 
 BROKEN = {
     "unknown_key": (GOOD.replace("[policy]\n", "[policy]\nmax_failure = 3\n"),
-                    ["policy.max_failure: unknown key"]),
+                    ["policy.max_failure: unknown key (did you mean max_failures?)"]),
     "wrong_type": (GOOD.replace("max_failures = 5", 'max_failures = "5"'),
                    ["policy.max_failures: expected an integer, got string '5'"]),
     "enrollment_days": (GOOD.replace("enrollment_days = 7", "enrollment_days = 400"),

@@ -43,6 +43,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -182,6 +183,12 @@ def _elements(content: bytes) -> list[tuple[int, bytes]]:
         tag, value, pos = found
         out.append((tag, value))
     return out
+
+
+def timeless(text: str) -> str:
+    """A message with its times left out: "locked ..., until 2026-01-31T09:15:00Z" is
+    the same answer for a known and an unknown name locked a second apart."""
+    return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<time>", text)
 
 
 @dataclass(frozen=True)
@@ -973,7 +980,8 @@ class TestUnknownNames:
                          for i in range(MAX_FAILURES + 2)]
         differ = [f"attempt {i + 1}: known {k.what} / unknown {u.what}"
                   for i, (k, u) in enumerate(zip(seen[known], seen[unknown], strict=True))
-                  if k != u]
+                  if (k.code, k.matched_dn, timeless(k.diagnostic))
+                  != (u.code, u.matched_dn, timeless(u.diagnostic))]
         assert not differ, f"{known} and {unknown} read differently:\n  " + "\n  ".join(differ)
         assert set(t.users()) <= names_before | {known}
 
@@ -987,7 +995,7 @@ class TestUnknownNames:
         seen: dict[str, list[tuple[int, str]]] = {}
         for who in (known, unknown):
             replies = [t.radius(who, f"not-the-password-{i}") for i in range(MAX_FAILURES + 2)]
-            seen[who] = [(r.code, message(r)) for r in replies]
+            seen[who] = [(r.code, timeless(message(r))) for r in replies]
         differ = [f"attempt {i + 1}: known {k} / unknown {u}"
                   for i, (k, u) in enumerate(zip(seen[known], seen[unknown], strict=True))
                   if k != u]

@@ -570,9 +570,11 @@ def test_locked_user_is_49_locked_even_with_the_right_code(
         proxy: ProxyProcess, codes: Codes) -> None:
     dn = user_dn("erin")
     lockouts = proxy.metrics().get("mfa_proxy_lockouts_total")
-    for _ in range(4):  # max_failures = 4: the 4th locks
+    for _ in range(3):  # max_failures = 4: the 4th locks, and says so
         assert_refused(whoami(proxy.url, dn, f"erin-pw,{codes.wrong('erin')}"), 49,
                        "invalid credentials")
+    assert_refused(whoami(proxy.url, dn, f"erin-pw,{codes.wrong('erin')}"), 49,
+                   "locked after too many failed attempts, until ")
     locked = whoami(proxy.url, dn, f"erin-pw,{codes.fresh('erin')}")
     assert_refused(locked, 49, "locked")
     view = proxy.show("erin")

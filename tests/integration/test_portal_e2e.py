@@ -401,6 +401,23 @@ def test_portal_sign_ins_are_counted_and_audited_like_radius_and_ldap(world: Wor
     assert ("portal", "challenge", "code_needed") in rows and ("portal", "accept", "ok") in rows
 
 
+def test_a_set_up_in_the_portal_shows_in_the_users_gauge_at_once(world: World) -> None:
+    """mfa_proxy_users is recounted right after an account change made through the
+    running process (the periodic count is every 30 s; a CLI change waits for it)."""
+    def enrolled() -> float:
+        return world.proxy.metrics().value("mfa_proxy_users", status="enrolled")
+
+    user = world.users.take("enrolling")
+    web, _ = signed_in(world, user)
+    time.sleep(0.5)  # any recount due to the sign-in is done
+    before = enrolled()
+    set_up(web)
+    deadline = time.monotonic() + 5  # well under the 30 s of the periodic count
+    while enrolled() != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert enrolled() == before + 1
+
+
 def test_the_radius_enrollment_notice_ends_with_the_public_url(world: World) -> None:
     user = world.users.take("enrolling")
     assert world.radius(user, user_password(user)) == "Access-Accept"

@@ -474,6 +474,34 @@ def test_replayed_code_is_refused(e2e: E2E) -> None:
     assert watch.decided() == {("vpn", "accept", "ok"): 1, ("vpn", "reject", "replayed_code"): 1}
 
 
+def test_users_are_told_why_with_radclient(e2e: E2E) -> None:
+    """A wrong password and a wrong code read the same; a replayed code says to wait;
+    the attempt that locks says until when (ISO 8601), and so does every attempt
+    after it. The texts are the core's (policy/engine.py), the same on LDAP."""
+    import datetime as dt
+
+    user = e2e.users.take("enrolled")
+    said = lambda password: " ".join(  # noqa: E731
+        radclient_auth(e2e, user, password).values("Reply-Message"))
+    good = f"{user_password(user)},{code(user)}"
+    assert radclient_auth(e2e, user, good).code == "Access-Accept"
+    replayed = said(good)
+    assert "already" in replayed and "wait for the next" in replayed
+    e2e.proxy.cli("user", "unlock", user)  # the replay counted as a failure
+    bad_code = said(f"{user_password(user)},{wrong_code(user)}")
+    bad_password = said(f"wrong-password,{code(user)}")
+    assert bad_code == bad_password == "invalid credentials: wrong password or verification code"
+    assert MAX_FAILURES == 3  # this third failure locks
+    before = time.time()
+    locking = said(f"wrong-password,{wrong_code(user)}")
+    prefix = "locked after too many failed attempts, until "
+    assert locking.startswith(prefix), locking
+    until = dt.datetime.fromisoformat(locking[len(prefix):].replace("Z", "+00:00"))
+    assert before + 900 - 5 <= until.timestamp() <= time.time() + 900 + 5
+    assert said(good) == locking  # locked: the same text, the same time
+    e2e.proxy.cli("user", "unlock", user)
+
+
 def test_domain_and_realm_forms_are_the_same_user(e2e: E2E) -> None:
     user = e2e.users.take("enrolled")
     watch = Watch(e2e.proxy)

@@ -166,6 +166,10 @@ def test_serve_answers_health_ready_metrics_and_stops_on_sigterm(server: Server)
     assert "stopped" in server.output()
     with pytest.raises(OSError):
         get(server.url("/healthz"))
+    # serve says what it listens on itself; Twisted's port chatter is debug
+    for chatter in ("Starting protocol", "Stopping protocol", " starting on ", "Port Closed",
+                    "Traceback"):
+        assert chatter not in server.output(), chatter
 
 
 @contextmanager
@@ -259,6 +263,44 @@ def test_readyz_reasons_with_admin_networks_set(tmp_path: Path) -> None:
         (tmp_path / "var" / "users.toml").write_text("")
         assert get_from("127.0.0.2", http, "/readyz") == (200, "ready\n")
         assert s.stop() == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait(STOP_WAIT)
+
+
+def test_a_directory_down_at_start_is_a_warning_and_readable_in_readyz(tmp_path: Path) -> None:
+    """An LDAP directory that refuses connections: serve starts all the same, says
+    so in one warning, and /readyz names each URL once, in plain words."""
+    from tests.integration.proxyproc import free_tcp_port as free
+
+    http, dead = free_tcp_port(), free()
+    config = tmp_path / "mfa-proxy.toml"
+    config.write_text(f"""\
+[state]
+url = "sqlite:///var/state.db"
+key_file = "var/secret.key"
+
+[directory]
+type = "ldap"
+urls = ["ldap://127.0.0.1:{dead}"]
+user_base = "ou=people,dc=example,dc=org"
+
+[http]
+listen = "127.0.0.1:{http}"
+""")
+    s = start(config, tmp_path, http)
+    try:
+        wait_healthy(s)
+        status, body = get(s.url("/readyz"))
+        assert (status, body) == (
+            503, f"not ready\ndirectory: ldap://127.0.0.1:{dead} connection refused\n")
+        assert s.stop() == 0
+        out = s.output()
+        warnings = [line for line in out.splitlines() if "start-up" in line]
+        assert len(warnings) == 1 and " WARNING " in warnings[0], out
+        assert f"ldap://127.0.0.1:{dead} connection refused" in warnings[0]
+        assert " ERROR " not in out and "Traceback" not in out, out
     finally:
         if s.process.poll() is None:
             s.process.kill()

@@ -17,6 +17,8 @@ import pyotp
 import pytest
 
 from policy.admin import (
+    SKIPPED_BAD_NAME,
+    SKIPPED_ENROLLED,
     AccountEvents,
     Accounts,
     AlreadyEnrolled,
@@ -240,7 +242,8 @@ def test_enroll_keeps_a_running_requirement(world: World) -> None:
 
 
 def test_enroll_refuses_a_bad_key_and_changes_nothing(world: World) -> None:
-    for bad, reason in (("not-base32!", "not base32"), ("JBSWY3DP", "shorter than 80 bits")):
+    for bad, reason in (("not-base32!", "not base32"), ("JBSWY3DP", "shorter than 128 bits"),
+                        ("JBSWY3DPEHPK3PXP", "shorter than 128 bits (80 given")):
         with pytest.raises(InvalidTotpKey) as e:
             world.accounts.enroll("alice", bad)
         assert e.value.reason.startswith(reason)
@@ -431,3 +434,88 @@ def test_actions_without_a_key_never_open_the_key_ring(world: World) -> None:
     lazy.enroll("bob")
     lazy.enroll("carol")
     assert opened == [world.keys]  # once
+
+
+# -- require a group: never restarts or shortens a period -------------------------------------
+
+
+def test_require_members_starts_periods_only_for_members_without_one(world: World) -> None:
+    world.accounts.require("alice", 30)
+    world.accounts.enroll("bob")
+    world.accounts.unrequire("bob")
+    world.accounts.enroll("carol")
+    world.events.seen.clear()
+    world.clock.advance(DAY)
+    done = world.accounts.require_members(["Alice", "bob", "carol", "dave", "DAVE", ""], 2)
+    assert done.period == Period(2, int(T0) + 3 * DAY)
+    assert done.newly_required == ("dave",)
+    assert done.already_required == ("alice", "carol")
+    assert done.skipped == (("bob", SKIPPED_ENROLLED), ("", SKIPPED_BAD_NAME))
+    alice = world.store.get("alice")
+    assert alice is not None and alice.enrollment_deadline == int(T0) + 30 * DAY
+    bob = world.store.get("bob")
+    assert bob is not None and not bob.required and bob.enrolled
+    assert world.events.seen == [("required", "dave", int(T0) + 3 * DAY)]
+
+
+def test_require_members_again_changes_nothing(world: World) -> None:
+    world.accounts.require_members(["alice", "bob"], 5)
+    world.clock.advance(6 * DAY)  # bob's... and alice's periods ran out
+    world.events.seen.clear()
+    done = world.accounts.require_members(["alice", "bob"], 5, notify=False)
+    assert (done.newly_required, done.already_required) == ((), ("alice", "bob"))
+    assert [world.accounts.view(n).status for n in ("alice", "bob")] == [
+        "enrollment_expired"] * 2
+    assert world.events.seen == []
+
+
+# -- import refusals ----------------------------------------------------------------------------
+
+
+def test_import_refuses_a_user_who_has_a_key_unless_forced(world: World) -> None:
+    world.accounts.enroll("alice", SECRETS[0])
+    with pytest.raises(ImportRefused) as e:
+        world.accounts.import_csv(f"bob,{SECRETS[1]}\nalice,{SECRETS[2]}\n")
+    assert e.value.problems == ("line 2: 'alice' already has a key (replacing it stops the "
+                                "authenticator the user has)",)
+    assert (e.value.existing_keys, e.value.unknown_users) == (1, 0)
+    assert world.store.get("bob") is None
+    imported = world.accounts.import_csv(f"bob,{SECRETS[1]}\nalice,{SECRETS[2]}\n", force=True)
+    assert (imported.keys, imported.requirements, imported.replaced) == (2, 0, 1)
+    alice = world.store.get("alice")
+    assert alice is not None and alice.totp_key is not None
+    assert world.keys.decrypt(alice.totp_key, "alice") == SECRETS[2].encode()
+
+
+def test_import_refuses_unknown_users_and_keys_them_by_the_directory_name(
+        world: World) -> None:
+    directory = {"alice": "alice", "bob": "robert"}
+
+    def resolve(raw: str) -> str | None:
+        return directory.get(raw.lower())
+
+    with pytest.raises(ImportRefused) as e:
+        world.accounts.import_csv(f"zed,{SECRETS[0]}\nBob,{SECRETS[1]}\nyan,,3\n",
+                                  resolve=resolve)
+    assert e.value.problems == ("line 1: 'zed': no such user in the directory",
+                                "line 3: 'yan': no such user in the directory")
+    assert e.value.unknown_users == 2
+    imported = world.accounts.import_csv(f"Bob,{SECRETS[1]}\n", resolve=resolve)
+    assert imported.keys == 1
+    assert [v.username for v in world.accounts.list_views()] == ["robert"]
+
+
+def test_import_never_restarts_a_running_period(world: World) -> None:
+    world.accounts.require("alice", 30)
+    imported = world.accounts.import_csv("alice,,3\nbob,,3\n")
+    assert (imported.keys, imported.requirements, imported.unchanged) == (0, 1, 1)
+    alice = world.store.get("alice")
+    assert alice is not None and alice.enrollment_deadline == int(T0) + 30 * DAY
+    assert world.events.seen[-1] == ("imported", [], [("bob", int(T0) + 3 * DAY)])
+
+
+def test_import_refuses_keys_under_128_bits(world: World) -> None:
+    with pytest.raises(ImportRefused) as e:
+        world.accounts.import_csv("alice,GEZDGNBVGY3TQOJQ\n")
+    assert e.value.problems == ("line 1: shorter than 128 bits (80 given; RFC 4226 §4: at "
+                                "least 128, 160 recommended)",)

@@ -296,16 +296,17 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 
 def test_unknown_key_in_a_section(tmp_path: Path) -> None:
     assert problems(tmp_path, BASE + "[policy]\nmax_failure = 5\n") == [
-        "policy.max_failure: unknown key"]
+        "policy.max_failure: unknown key (did you mean max_failures?)"]
 
 
 def test_unknown_key_in_a_radius_client(tmp_path: Path) -> None:
     assert problems(tmp_path, BASE + RADIUS + 'secrte = "x"\n') == [
-        "radius.clients[0].secrte: unknown key"]
+        "radius.clients[0].secrte: unknown key (did you mean secret?)"]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
-    assert problems(tmp_path, BASE + "[radios]\nlisten = []\n") == ["radios: unknown key"]
+    assert problems(tmp_path, BASE + "[radios]\nlisten = []\n") == [
+        "radios: unknown key (did you mean radius?)"]
 
 
 @pytest.mark.parametrize(("snippet", "message"), [
@@ -696,6 +697,7 @@ def test_no_portal_section_or_empty_listen_means_no_portal(tmp_path: Path) -> No
 def test_portal_section_loads(tmp_path: Path) -> None:
     (tmp_path / "portal.crt").write_text("x")
     (tmp_path / "portal.key").write_text("x")
+    (tmp_path / "portal.key").chmod(0o600)
     s = load(write(tmp_path, BASE + '[portal]\nlisten = "0.0.0.0:8443"\ncert_file = "portal.crt"\n'
                    'key_file = "portal.key"\npublic_url = "https://mfa.example.org/"\n'
                    "session_minutes = 30\n"))
@@ -817,3 +819,140 @@ def test_directory_mail_attribute(tmp_path: Path) -> None:
     assert s.directory.ldap is not None and s.directory.ldap.mail_attribute == "mail"
     s = load(write(tmp_path, ldap + 'mail_attribute = "proxyMail"\n'))
     assert s.directory.ldap is not None and s.directory.ldap.mail_attribute == "proxyMail"
+
+
+# -- warnings: what works but is probably a mistake -------------------------------------------
+
+LDAP_DIRECTORY = """\
+[state]
+url = "sqlite:///var/state.db"
+key_file = "var/secret.key"
+
+[directory]
+type = "ldap"
+urls = [{urls}]
+user_base = "ou=people,dc=example,dc=org"
+{extra}
+"""
+
+
+def test_plain_ldap_to_another_host_is_warned(tmp_path: Path) -> None:
+    text = LDAP_DIRECTORY.format(
+        urls='"ldap://127.0.0.1:389", "ldap://localhost", "ldaps://dc1.example.org", '
+             '"ldap://dc2.example.org"', extra="")
+    assert load(write(tmp_path, text)).warnings == (
+        "directory.urls: ldap://dc2.example.org is plain LDAP without StartTLS to a "
+        "non-loopback host: the service account's and users' passwords cross the network in "
+        "clear; use ldaps:// or set start_tls = true",)
+    text = LDAP_DIRECTORY.format(urls='"ldap://dc2.example.org"', extra="start_tls = true")
+    assert load(write(tmp_path, text)).warnings == ()
+
+
+def test_plain_ldap_upstream_is_warned(tmp_path: Path) -> None:
+    warnings = load(write(tmp_path, BASE + '[ldap]\nupstream = "ldap://10.1.2.3:389"\n')).warnings
+    assert [w.partition(":")[0] for w in warnings] == ["ldap.upstream"]
+
+
+def test_a_cidr_with_host_bits_is_warned(tmp_path: Path) -> None:
+    s = load(write(tmp_path, BASE + RADIUS.replace('"127.0.0.0/8"', '"10.0.0.1/24"')))
+    assert s.warnings == (
+        "radius.clients[0].address: 10.0.0.1/24 has host bits set: it means the whole "
+        "network 10.0.0.0/24; write 10.0.0.0/24 (or 10.0.0.1 for that one host)",)
+    assert s.radius is not None and str(s.radius.clients[0].networks[0]) == "10.0.0.0/24"
+    for fine in ('"10.0.0.0/24"', '"10.0.0.1"', '"10.0.0.1/32"', '"fd00::/64"'):
+        assert load(write(tmp_path, BASE + RADIUS.replace('"127.0.0.0/8"', fine))).warnings == ()
+
+
+def test_secret_files_readable_by_others_are_warned(tmp_path: Path) -> None:
+    secret = tmp_path / "radius.secret"
+    secret.write_text("a-long-enough-radius-secret\n")
+    secret.chmod(0o640)
+    text = BASE + RADIUS.replace('secret = "a-long-enough-radius-secret"',
+                                 'secret_file = "radius.secret"')
+    assert load(write(tmp_path, text)).warnings == (
+        f"radius.clients[0].secret_file: {secret} is readable by group (mode 640): it holds a "
+        "secret; chmod 600 it",)
+    secret.chmod(0o600)
+    assert load(write(tmp_path, text)).warnings == ()
+
+
+def test_a_key_file_readable_by_others_is_warned(tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    key = tmp_path / "var" / "secret.key"
+    key.write_text("current = 1\n")
+    key.chmod(0o604)
+    [warning] = load(write(tmp_path, BASE)).warnings
+    assert warning.startswith(f"state.key_file: {key} is readable by others (mode 604)")
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    (BASE.replace("[directory]", "[directory]\nusers_fil = 'x'"),
+     "directory.users_fil: unknown key (did you mean users_file?)"),
+    (BASE + "[htp]\n", "htp: unknown key (did you mean http?)"),
+    (BASE + "[policy]\nlockout_second = 1\n",
+     "policy.lockout_second: unknown key (did you mean lockout_seconds?)"),
+    (BASE + "[policy]\nzzz = 1\n", "policy.zzz: unknown key"),
+])
+def test_a_mistyped_key_gets_a_suggestion(tmp_path: Path, text: str, line: str) -> None:
+    assert problems(tmp_path, text) == [line]
+
+
+# -- what start-up refuses, check-config refuses (load_checked) -------------------------------
+
+
+def checked_problems(tmp_path: Path, text: str) -> list[str]:
+    from proxy.config import load_checked
+
+    with pytest.raises(ConfigError) as e:
+        load_checked(write(tmp_path, text))
+    return e.value.problems
+
+
+def test_reply_attributes_are_checked_against_the_dictionary(tmp_path: Path) -> None:
+    text = BASE + RADIUS + """
+[[radius.reply]]
+group = "vpn"
+attributes = { Bogus-Attribute = "x", Session-Timeout = "soon", State = "x" }
+"""
+    load(write(tmp_path, text))  # the parse alone accepts it
+    found = checked_problems(tmp_path, text)
+    assert found[0] == "radius.reply[0].attributes.Bogus-Attribute: not in the RADIUS dictionary"
+    assert found[1] == ("radius.reply[0].attributes.Session-Timeout: 'soon': Can not encode "
+                        "non-integer as integer")
+    assert found[2] == "radius.reply[0].attributes.State: written by the proxy itself"
+    assert len(found) == 3
+
+
+def test_tls_files_are_loaded_as_serve_loads_them(tmp_path: Path) -> None:
+    (tmp_path / "portal.crt").write_text("not a certificate")
+    key = tmp_path / "portal.key"
+    key.write_text("not a key")
+    key.chmod(0o600)
+    text = BASE + ('[portal]\nlisten = "127.0.0.1:8443"\ncert_file = "portal.crt"\n'
+                   'key_file = "portal.key"\n')
+    assert checked_problems(tmp_path, text) == [
+        f"portal.cert_file: {tmp_path / 'portal.crt'}: no PEM certificate"]
+
+
+def test_a_ca_file_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("nothing here\n")
+    text = LDAP_DIRECTORY.format(urls='"ldaps://127.0.0.1"', extra='ca_file = "ca.pem"')
+    assert checked_problems(tmp_path, text) == [
+        f"directory.ca_file: {tmp_path / 'ca.pem'}: no PEM certificate"]
+
+
+def test_a_broken_key_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    key = tmp_path / "var" / "secret.key"
+    key.write_text("garbage\n")
+    key.chmod(0o600)
+    [line] = checked_problems(tmp_path, BASE)
+    assert line.startswith(f"state.key_file: {key}: line 1")
+
+
+def test_a_good_file_passes_the_startup_checks(tmp_path: Path) -> None:
+    from proxy.config import load_checked, startup_problems
+
+    text = (BASE + RADIUS
+            + '\n[[radius.reply]]\ngroup = "vpn"\nattributes = { Session-Timeout = 3600 }\n')
+    assert startup_problems(load_checked(write(tmp_path, text))) == []

@@ -1155,3 +1155,92 @@ def test_a_lock_that_came_meanwhile_refuses_a_challenge(h: Harness) -> None:
         h.store.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
+
+
+# -- what the user is told (Decision.message, the same on every front-end) ---------------------
+
+
+def test_a_bad_password_and_a_bad_or_missing_code_read_the_same(h: Harness) -> None:
+    from policy.engine import CREDENTIALS
+
+    h.require()
+    h.enroll()
+    wrong_code = f"alice-pw,{int(h.code()) ^ 1:06d}"
+    said = {
+        "bad password": h.auth(password="nope,123456"),
+        "bad code": h.auth(password=wrong_code),
+        "missing code": h.auth(split=SplitMode.APPEND),
+        "unknown user": h.auth("zed", "zed-pw,123456"),
+    }
+    assert {k: (d.outcome, d.message) for k, d in said.items()} == {
+        k: (REJECT, CREDENTIALS) for k in said}
+    assert CREDENTIALS.startswith("invalid credentials")
+
+
+def test_a_replayed_code_says_to_wait_for_the_next(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    typed = h.with_code()
+    assert h.auth(password=typed).accepted
+    d = h.auth(password=typed)
+    assert outcome(d) == (REJECT, Reason.REPLAYED_CODE)
+    assert d.message == ("invalid credentials: that verification code was used already; "
+                         "wait for the next one")
+
+
+def test_the_attempt_that_locks_says_until_when(h: Harness) -> None:
+    h.require()
+    h.enroll()
+    for _ in range(4):
+        assert not h.auth(password="nope").lockout_started
+    d = h.auth(password="nope")
+    assert d.lockout_started and outcome(d) == (REJECT, Reason.BAD_PASSWORD)
+    until = "2023-11-14T22:28:35Z"  # T0 + 900 s
+    assert d.message == f"locked after too many failed attempts, until {until}"
+    later = h.auth(password=h.with_code())
+    assert outcome(later) == (REJECT, Reason.LOCKED_OUT)
+    assert later.message == d.message
+
+
+def test_an_unknown_name_is_told_the_same_as_an_account(h: Harness) -> None:
+    said = [h.auth("zed", "nope").message for _ in range(6)]
+    assert said[4] == said[5] == "locked after too many failed attempts, until 2023-11-14T22:28:35Z"
+    assert said[0] == said[3] != said[4]
+
+
+def test_locked_until_an_admin_unlocks_says_so(tmp_path: Path) -> None:
+    h = make_harness(tmp_path, Limits(max_failures=1, lockout_seconds=0))
+    d = h.auth(password="nope")
+    assert d.message == "locked after too many failed attempts, until an administrator unlocks it"
+    h.store.close()
+
+
+def test_the_enrollment_notice_says_how_to_set_up(h: Harness) -> None:
+    h.require(days=1)
+    assert h.auth().message == "Set up MFA: 1 day left in your enrollment period"
+    h.engine.enrollment_help = "Scan the QR code at the IT desk."
+    assert h.auth().message == ("Set up MFA: 1 day left in your enrollment period. "
+                                "Scan the QR code at the IT desk.")
+    h.engine.enrollment_url = "https://mfa.example.org/"
+    assert h.auth().message == ("Set up MFA: 1 day left in your enrollment period: "
+                                "https://mfa.example.org/")
+    d = h.auth(mfa=MfaMode.STRICT)
+    assert outcome(d) == (REJECT, Reason.NOT_ENROLLED)
+    assert d.message == ("invalid credentials: MFA is required here and you have not set it "
+                         "up: https://mfa.example.org/")
+
+
+def test_an_expired_enrollment_says_whom_to_call(h: Harness) -> None:
+    h.require(days=1)
+    h.clock.advance(2 * DAY)
+    assert h.auth().message == ("enrollment expired: the period to set up MFA is over; "
+                                "contact your administrator")
+
+
+def test_the_lockout_log_line_reads_iso_8601(h: Harness,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "mfa_proxy.policy"):
+        for _ in range(5):
+            h.auth(password="nope")
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lockout")]
+    assert line == "lockout user=alice failures=5 until=2023-11-14T22:28:35Z"

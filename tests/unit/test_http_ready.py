@@ -89,3 +89,30 @@ def test_through_the_real_site_a_stranger_gets_no_reasons() -> None:
     assert b"ldap://" not in stranger and b"db.internal" not in stranger
     admin = answer(IPv4Address("TCP", "10.9.8.7", 40000))
     assert admin.startswith(b"HTTP/1.1 503 ") and b"ldap://10.1.2.3:389" in admin
+
+
+# -- the reasons, readable -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("component", "raw", "shown"), [
+    ("directory", "directory unavailable (ldap://127.0.0.1:1: Connection was refused by other "
+                  "side: 111: Connection refused.; ldap://127.0.0.1:2: TCP connection timed "
+                  "out: 110: Connection timed out.)",
+     "directory: ldap://127.0.0.1:1 connection refused; ldap://127.0.0.1:2 connection timed "
+     "out"),
+    ("directory", "directory unavailable (ldap://dc1:389: DNS lookup failed: address 'dc1' not "
+                  "found: [Errno -2] Name or service not known.)",
+     "directory: ldap://dc1:389 host name not found"),
+    ("directory", "directory unavailable (ldap://dc1:389: service bind as 'cn=svc' failed: "
+                  "result 49; ldap://dc1:389: service bind as 'cn=svc' failed: result 49)",
+     "directory: ldap://dc1:389 service bind as 'cn=svc' failed: result 49"),
+    ("directory", "users file /var/users.toml: not valid TOML",
+     "directory: users file /var/users.toml: not valid TOML"),
+    ("state store", "OperationalError: database is locked",
+     "state store: OperationalError: database is locked"),
+])
+def test_reasons_name_the_component_and_each_url_once(component: str, raw: str,
+                                                      shown: str) -> None:
+    from proxy.http.server import readable_problem
+
+    assert readable_problem(component, raw) == shown

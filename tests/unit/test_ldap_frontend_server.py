@@ -21,6 +21,7 @@ from backends.base import Identity
 from backends.ldapwire import ber, framing, messages
 from backends.ldapwire.messages import ResultCode
 from policy.decision import Decision, MfaMode, Outcome, Reason
+from policy.engine import CREDENTIALS
 from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory, LdapProxyProtocol
@@ -269,7 +270,8 @@ def test_refused_binds_all_read_the_same_and_never_bind_the_session(password: st
     client = h.client()
     client.bind(ALICE, password)
     result = client.result()
-    assert (result.code, result.diagnostic) == (49, "invalid credentials")
+    # the core's text, the same for a bad password and a bad or missing code
+    assert (result.code, result.diagnostic) == (49, CREDENTIALS)
     assert h.directory.binds == []  # the session never saw the password alone
     assert h.core.failures("alice") == 1
 
@@ -355,7 +357,7 @@ def test_locked_user_is_refused_without_a_password_check() -> None:
     client = h.client()
     client.bind(ALICE, h.core.good())
     result = client.result()
-    assert (result.code, result.diagnostic) == (49, "locked")
+    assert result.code == 49 and result.diagnostic.startswith("locked")
     assert h.directory.binds == [] and h.core.directory.checks == []
 
 
@@ -365,7 +367,7 @@ def test_expired_enrollment() -> None:
     client = h.client()
     client.bind(ALICE, "alice-pw")
     result = client.result()
-    assert (result.code, result.diagnostic) == (49, "enrollment expired")
+    assert result.code == 49 and result.diagnostic.startswith("enrollment expired")
     assert h.directory.binds == []
 
 

@@ -190,3 +190,29 @@ def test_json_handler_writes_one_object_per_line_to_stderr(monkeypatch: pytest.M
     logger.warning("lockout user=%s failures=%d until=%s", "alice", 5, 1700000900)
     (obj,) = [json.loads(line) for line in err.getvalue().splitlines()]
     assert obj["event"] == "lockout" and obj["failures"] == 5 and obj["level"] == "warning"
+
+
+def test_twisted_port_chatter_is_debug(caplog: pytest.LogCaptureFixture) -> None:
+    from proxy.logs import TwistedChatter
+
+    twisted = logging.getLogger("twisted-chatter-test")
+    twisted.addFilter(TwistedChatter())
+    root = logging.getLogger()
+    old = root.level
+    try:
+        root.setLevel(logging.INFO)
+        with caplog.at_level(logging.INFO):
+            for line in ("RadiusPort starting on 1812", "Starting protocol <x object at 0x1>",
+                         "Stopping protocol <x>", "(UDP Port 1812 Closed)",
+                         "(TCP Port 9812 Closed)", "Starting factory <f>",
+                         "Main loop terminated.", "something that matters"):
+                twisted.info(line)
+        assert [r.getMessage() for r in caplog.records] == ["something that matters"]
+        root.setLevel(logging.DEBUG)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            twisted.info("RadiusPort starting on 1812")
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            ("DEBUG", "RadiusPort starting on 1812")]
+    finally:
+        root.setLevel(old)

@@ -34,6 +34,7 @@ RFC_VECTORS = [
 ]
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+K128 = "JBSWY3DPEHPK3PXPJBSWY3DPEH"  # 26 base32 characters: 16 bytes
 PARAMS = TotpParams(digits=6, period=30, window=1)
 T0 = 1_700_000_010.0  # 10 s into a time step
 
@@ -117,19 +118,30 @@ def test_new_secret_is_160_bits_of_base32_and_random() -> None:
 
 
 @pytest.mark.parametrize(("raw", "clean"), [
-    ("JBSW Y3DP EHPK 3PXP", "JBSWY3DPEHPK3PXP"),
-    ("jbswy3dpehpk3pxp", "JBSWY3DPEHPK3PXP"),
-    ("JBSWY3DPEHPK3PXP====", "JBSWY3DPEHPK3PXP"),
-    ("  jbswy3dp\tehpk3pxp\n", "JBSWY3DPEHPK3PXP"),
+    ("JBSW Y3DP EHPK 3PXP JBSW Y3DP EH", K128),
+    (K128.lower(), K128),
+    (K128 + "======", K128),
+    ("  " + K128[:8].lower() + "\t" + K128[8:].lower() + "\n", K128),
 ])
 def test_normalize_secret_accepts_what_people_paste(raw: str, clean: str) -> None:
     assert normalize_totp_key(raw) == clean
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "not base32!", "JBSWY3DP1", "AAAA", "JBSWY3DP"])
+@pytest.mark.parametrize("raw", ["", "   ", "not base32!", "JBSWY3DP1", "AAAA", "JBSWY3DP",
+                                 "JBSWY3DPEHPK3PXP", K128[:-2]])
 def test_normalize_secret_refuses_non_keys(raw: str) -> None:
     with pytest.raises(NotATotpKey):
         normalize_totp_key(raw)
+
+
+def test_keys_under_128_bits_are_refused_saying_so() -> None:
+    """RFC 4226 §4: at least 128 bits; the old floor (80) let pyotp-refused keys in."""
+    with pytest.raises(NotATotpKey) as e:
+        normalize_totp_key("JBSWY3DPEHPK3PXP")  # 80 bits
+    assert str(e.value) == ("shorter than 128 bits (80 given; RFC 4226 §4: at least 128, "
+                            "160 recommended)")
+    assert len(base64.b32decode(K128 + "======")) == 16
+    assert normalize_totp_key(K128) == K128
 
 
 def test_provisioning_uri_has_issuer_account_and_parameters() -> None:

@@ -200,3 +200,43 @@ def test_a_job_submitted_after_stop_fails_at_once() -> None:
     workers.stop(timeout=5)
     got = results_of([workers.submit(lambda: 1), workers.submit_grouped(lambda: 2)])
     assert all(g.check(WorkersStopped) for g in got)
+
+
+def test_users_changed_passes_events_on_then_says_so() -> None:
+    """serve's portal listener: every account event is passed on (mail), then the
+    users-by-status gauge is recounted (proxy/service.py UsersChanged)."""
+    from proxy.service import UsersChanged
+
+    seen: list[tuple[str, tuple[object, ...]]] = []
+    changed: list[int] = []
+
+    class Mail:
+        def setup_confirmed(self, *args: object, **kw: object) -> None:
+            seen.append(("setup_confirmed", args))
+
+    events = UsersChanged(Mail(), lambda: changed.append(1))
+    events.setup_confirmed("alice", replaced=False)
+    events.unlocked("alice")  # the inner listener has no such hook: only the recount
+    assert seen == [("setup_confirmed", ("alice",))]
+    assert changed == [1, 1]
+    UsersChanged(None, lambda: changed.append(1)).enrolled("bob")
+    assert changed == [1, 1, 1]
+
+
+def test_user_gauge_recount_is_soon_and_once(tmp_path: Any) -> None:
+    from twisted.internet.task import Clock
+
+    from proxy.service import Service
+
+    service = Service.__new__(Service)
+    service.reactor = Clock()
+    counted: list[int] = []
+    service._refresh_user_gauge = lambda: counted.append(1)  # type: ignore[method-assign]
+    service._user_gauge_soon()
+    service._user_gauge_soon()
+    assert counted == []
+    service.reactor.advance(0.2)
+    assert counted == [1]
+    service._user_gauge_soon()
+    service.reactor.advance(0.2)
+    assert counted == [1, 1]

@@ -146,7 +146,8 @@ class Service:
             repeat_key=self.keys.derive(b"repeat-window"),
             repeat_windows=_repeat_windows(s),
             log_accepts=s.log_decisions == "all",
-            enrollment_url=s.portal.public_url if s.portal else "")
+            enrollment_url=s.portal.public_url if s.portal else "",
+            recovery_codes=s.policy.recovery_codes)
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
                                            call_later=self.reactor.callLater)
@@ -430,6 +431,7 @@ class Service:
         engine = self.engine
         limits = Limits(new.policy.max_failures, new.policy.lockout_seconds)
         engine.limits = engine.unknown_names.limits = limits
+        engine.recovery_codes = new.policy.recovery_codes
         engine.totp = totp_params(new.totp)
         engine.log_accepts = new.log_decisions == "all"
         engine.repeat_windows = _repeat_windows(new)

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.timeout(180)
 MFA_PROXY = str(Path(sys.executable).with_name("mfa-proxy"))
 DAY = 86400
 FIELDS = ["username", "status", "required", "enrolled", "enrollment_deadline", "days_left",
-          "locked", "locked_until", "failures", "bypass"]
+          "locked", "locked_until", "failures", "bypass", "bypass_until", "recovery_codes_left",
+          "step_offset"]
 
 CONFIG = """\
 [state]

@@ -22,6 +22,7 @@ import hmac
 import io
 import json
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,11 +237,13 @@ class StatusView:
     step_offset: int = 0  # time steps the user's authenticator is ahead (`user resync`)
 
     def as_json(self) -> dict[str, object]:
-        # Not dataclasses.asdict: it deep-copies every value (a tenth of `user list`).
-        return {name: getattr(self, name) for name in _VIEW_FIELDS}
+        # Not dataclasses.asdict, which deep-copies every value: `user list` makes
+        # 10,000 of these.
+        return dict(zip(_VIEW_FIELDS, _view_values(self), strict=True))
 
 
 _VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(StatusView))
+_view_values = operator.attrgetter(*_VIEW_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -660,7 +663,7 @@ class Accounts:
         works out each status (one query, whatever the number of users)."""
         now = self.clock()
         f = where or UserFilter()
-        views = [self._row_view(row, now) for row in self.store.list_user_rows(now, f)]
+        views = self._row_views(self.store.list_user_rows(now, f), now)
         extra = set(also)
         if extra and f.matches_default():
             extra -= self.store.usernames()
@@ -685,21 +688,20 @@ class Accounts:
             recovery_codes_left=recovery_codes_left, step_offset=record.step_offset)
 
     @staticmethod
-    def _row_view(row: UserRow, now: float) -> StatusView:
-        """:meth:`_view` of a listed row, whose status and bypass the database gave."""
-        locked = row.locked_until is not None and row.locked_until > now
-        return StatusView(
-            username=row.username, status=row.status, required=row.required,
-            enrolled=row.enrolled,
-            enrollment_deadline=_iso(row.enrollment_deadline) if row.required else None,
-            days_left=days_left(row.enrollment_deadline, now)
-            if row.status == "in_enrollment" else None,
-            locked=locked,
-            locked_until=_iso(row.locked_until)
-            if locked and row.locked_until != LOCKED_FOREVER else None,
-            failures=row.failures, bypass=row.bypass,
-            bypass_until=_iso(row.bypass_until) if row.bypass else None,
-            recovery_codes_left=row.recovery_codes_left, step_offset=row.step_offset)
+    def _row_views(rows: Iterable[UserRow], now: float) -> list[StatusView]:
+        """:meth:`_view` of listed rows, whose status and bypass the database gave
+        (one loop over positional fields: `user list` runs it 10,000 times)."""
+        iso, view, forever = _iso, StatusView, LOCKED_FOREVER
+        views = []
+        for (name, status, required, enrolled, deadline, failures, locked_until, bypass,
+             until, offset, left) in rows:
+            locked = locked_until is not None and locked_until > now
+            views.append(view(
+                name, status, required, enrolled, iso(deadline) if required else None,
+                days_left(deadline, now) if status == "in_enrollment" else None, locked,
+                iso(locked_until) if locked and locked_until != forever else None,
+                failures, bypass, iso(until) if bypass else None, left, offset))
+        return views
 
     # -- bulk -----------------------------------------------------------------------------
 

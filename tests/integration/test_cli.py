@@ -208,7 +208,8 @@ def test_show_json_fields_exactly(admin: Admin) -> None:
     assert list(view) == FIELDS
     assert view == {"username": "alice", "status": "not_required", "required": False,
                     "enrolled": False, "enrollment_deadline": None, "days_left": None,
-                    "locked": False, "locked_until": None, "failures": 0, "bypass": False}
+                    "locked": False, "locked_until": None, "failures": 0, "bypass": False,
+                    "bypass_until": None, "recovery_codes_left": 0, "step_offset": 0}
 
 
 def test_config_option_before_and_after_the_subcommand(admin: Admin) -> None:

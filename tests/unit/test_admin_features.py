@@ -507,3 +507,23 @@ def test_local_users_file_lists_and_deletes(tmp_path: Path) -> None:
         directory.delete("bob")
     assert directory.lookup("alice") is not None
     assert (tmp_path / "users.toml").stat().st_mode & 0o777 == 0o600
+
+
+# -- the config key ---------------------------------------------------------------------------
+
+
+def test_policy_recovery_codes_is_a_boolean_default_true(tmp_path: Path) -> None:
+    from proxy import config as configmod
+
+    path = tmp_path / "mfa-proxy.toml"
+    base = ('[state]\nurl = "sqlite:///state.db"\nkey_file = "secret.key"\n'
+            '[directory]\ntype = "local"\nusers_file = "users.toml"\n')
+    path.write_text(base)
+    assert configmod.load(path).policy.recovery_codes is True
+    path.write_text(base + "[policy]\nrecovery_codes = false\n")
+    assert configmod.load(path).policy.recovery_codes is False
+    path.write_text(base + '[policy]\nrecovery_codes = "no"\n')
+    with pytest.raises(configmod.ConfigError) as e:
+        configmod.load(path)
+    assert e.value.problems == [
+        "policy.recovery_codes: expected true or false, got string 'no'"]

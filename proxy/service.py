@@ -432,6 +432,9 @@ class Service:
         limits = Limits(new.policy.max_failures, new.policy.lockout_seconds)
         engine.limits = engine.unknown_names.limits = limits
         engine.recovery_codes = new.policy.recovery_codes
+        portal = getattr(self, "portal", None)
+        if portal is not None:  # its set-ups make recovery codes, or not
+            portal.accounts.recovery_codes = new.policy.recovery_codes
         engine.totp = totp_params(new.totp)
         engine.log_accepts = new.log_decisions == "all"
         engine.repeat_windows = _repeat_windows(new)

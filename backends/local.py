@@ -126,6 +126,23 @@ class LocalDirectory:
     def list_users(self) -> list[str]:
         return sorted(self._load())
 
+    def entries(self) -> list[Identity]:
+        """Every user of the file (name, groups, mail address), by name."""
+        users = self._load()
+        return [self._identity(name, users[name]) for name in sorted(users)]
+
+    def delete(self, username: str) -> str:
+        """Remove the user (any case or compatibility form of the name) from the
+        file, replaced atomically; the file's own name for them. UnknownUser
+        when there is none."""
+        found = self._entry(username)
+        if found is None:
+            raise UnknownUser(username)
+        name = found[0]
+        users = {u: dict(e) for u, e in self._load().items() if u != name}
+        self._write_all(users)
+        return name
+
     def ping(self) -> None:
         self._load()
 
@@ -163,6 +180,9 @@ class LocalDirectory:
                 entry["email"] = email
             else:
                 entry.pop("email", None)
+        self._write_all(users)
+
+    def _write_all(self, users: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

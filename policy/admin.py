@@ -14,21 +14,38 @@ its options, a portal its form fields).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import enum
+import functools
+import hmac
 import io
+import json
+import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from policy import recovery
 from policy.clock import Clock
 from policy.escaping import escape_controls
 from policy.keys import KeyRing
-from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
+from policy.store import (
+    DAY,
+    LOCKED_FOREVER,
+    AuditRecord,
+    Store,
+    UserFilter,
+    UserRecord,
+    UserRow,
+    days_left,
+)
 from policy.totp import (
     NotATotpKey,
     TotpParams,
+    code_for_step,
     match_step,
     new_totp_key,
     normalize_totp_key,
@@ -39,6 +56,10 @@ from policy.usernames import InvalidUsername, UsernameRules
 MIN_PERIOD_DAYS, MAX_PERIOD_DAYS = 1, 365
 # A key made in the portal and never confirmed stops being usable after this.
 PENDING_KEY_SECONDS = 3600
+# `user bypass --for`: from a minute to a year.
+MIN_BYPASS_SECONDS, MAX_BYPASS_SECONDS = 60, 365 * DAY
+# `user resync` looks this far either side of now for the two codes (±20 steps of 30 s).
+RESYNC_SECONDS = 600
 
 
 # -- refusals ---------------------------------------------------------------------------
@@ -98,11 +119,54 @@ class EnrollmentExpired(Refusal):
         self.username = username
 
 
+class InvalidBypassDuration(Refusal):
+    def __init__(self, seconds: int) -> None:
+        super().__init__(f"a bypass lasts from {MIN_BYPASS_SECONDS // 60} minute to "
+                         f"{MAX_BYPASS_SECONDS // DAY} days, got {seconds} seconds")
+        self.seconds = seconds
+
+
+class NotEnrolled(Refusal):
+    """The action is about the user's TOTP key, and there is none."""
+
+    def __init__(self, username: str, why: str) -> None:
+        super().__init__(f"{username} has no TOTP key: {why}")
+        self.username = username
+
+
+class RecoveryCodesOff(Refusal):
+    def __init__(self) -> None:
+        super().__init__("recovery codes are turned off ([policy] recovery_codes = false)")
+
+
+class ResyncFailed(Refusal):
+    """The two codes are not consecutive codes of the user's key near now."""
+
+    def __init__(self, username: str, minutes: int) -> None:
+        super().__init__(f"{username}: the two codes are not two consecutive codes of the "
+                         f"user's key within ±{minutes} minutes of now; nothing changed "
+                         "(give two codes the app shows one after the other)")
+        self.username = username
+
+
+class NoSuchUser(Refusal):
+    def __init__(self, username: str) -> None:
+        super().__init__(f"{username}: no MFA state to delete")
+        self.username = username
+
+
 def check_period(days: int) -> int:
     """``days`` when it is a valid enrollment period, else :class:`InvalidPeriod`."""
     if not MIN_PERIOD_DAYS <= days <= MAX_PERIOD_DAYS:
         raise InvalidPeriod(days)
     return days
+
+
+def check_bypass_seconds(seconds: int) -> int:
+    """``seconds`` when it is a valid length for a bypass, else :class:`InvalidBypassDuration`."""
+    if not MIN_BYPASS_SECONDS <= seconds <= MAX_BYPASS_SECONDS:
+        raise InvalidBypassDuration(seconds)
+    return seconds
 
 
 def parse_totp_key(raw: str) -> str:
@@ -147,10 +211,12 @@ class SetupOutcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Confirmation:
-    """``confirm_setup``'s answer; ``lockout_started``: this wrong code locked the user."""
+    """``confirm_setup``'s answer; ``lockout_started``: this wrong code locked the user;
+    ``recovery_codes``: the new key's recovery codes, made with it (to show once)."""
 
     outcome: SetupOutcome
     lockout_started: bool = False
+    recovery_codes: tuple[str, ...] = ()
 
     @property
     def confirmed(self) -> bool:
@@ -170,10 +236,37 @@ class StatusView:
     locked: bool
     locked_until: str | None  # ISO 8601; None when not locked or until an admin unlocks
     failures: int
-    bypass: bool
+    bypass: bool  # in force now (a bypass --for that ended is off)
+    bypass_until: str | None = None  # ISO 8601, when a bypass in force ends by itself
+    recovery_codes_left: int = 0
+    step_offset: int = 0  # time steps the user's authenticator is ahead (`user resync`)
 
     def as_json(self) -> dict[str, object]:
-        return asdict(self)
+        # Not dataclasses.asdict, which deep-copies every value: `user list` makes
+        # 10,000 of these.
+        return dict(zip(_VIEW_FIELDS, _view_values(self), strict=True))
+
+
+_VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(StatusView))
+_view_values = operator.attrgetter(*_VIEW_FIELDS)
+
+
+@dataclass(frozen=True)
+class RecoveryCodes:
+    """New recovery codes (printed form), replacing any older ones."""
+
+    username: str
+    codes: tuple[str, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Resync:
+    """``resync``: the user's authenticator runs ``offset_steps`` time steps ahead
+    (negative: behind), ``offset_seconds`` in seconds."""
+
+    username: str
+    offset_steps: int
+    offset_seconds: int
 
 
 @dataclass(frozen=True)
@@ -324,8 +417,11 @@ class Accounts:
                  usernames: UsernameRules, clock: Clock = time.time,
                  events: AccountEvents | None = None, max_failures: int = 5,
                  lockout_seconds: int = 900,
-                 pending_key_seconds: int = PENDING_KEY_SECONDS) -> None:
+                 pending_key_seconds: int = PENDING_KEY_SECONDS,
+                 recovery_codes: bool = True) -> None:
         self.store = store
+        # [policy] recovery_codes: False makes none (and the core accepts none).
+        self.recovery_codes = recovery_codes
         # The same limits as the sign-in core: a wrong set-up code is a failure too.
         self.max_failures, self.lockout_seconds = max_failures, lockout_seconds
         self.pending_key_seconds = pending_key_seconds
@@ -440,10 +536,100 @@ class Accounts:
                 self.events.unlocked(username)
 
     def bypass(self, username: str, on: bool) -> None:
-        """Password only for this user (``on``), or not."""
+        """Password only for this user (``on``, until turned off), or not."""
         with self.store.transaction():
             self.store.set_bypass(username, on)
             self.events.bypass_changed(username, on)
+
+    def bypass_for(self, username: str, seconds: int) -> int:
+        """Password only for this user for ``seconds`` from now, then never again
+        until an admin says so: the sign-in core reads a bypass past its end as
+        off (nothing has to run at that time). Returns the end (Unix time)."""
+        until = int(self.clock()) + check_bypass_seconds(seconds)
+        with self.store.transaction():
+            self.store.set_bypass(username, True, until)
+            self.events.bypass_changed(username, True)
+        return until
+
+    def delete(self, username: str) -> None:
+        """Forget the user: key, requirement, counters, recovery codes, clock offset,
+        sessions (their audit rows stay). :class:`NoSuchUser` when there is nothing."""
+        with self.store.transaction():
+            if not self.store.delete_user(username):
+                raise NoSuchUser(username)
+
+    # -- recovery codes and clock drift ---------------------------------------------------
+
+    def new_recovery_codes(self, username: str) -> RecoveryCodes:
+        """Ten new single-use recovery codes for an enrolled user, replacing any
+        older ones; only their keyed hashes are stored, so this is the one time
+        they can be read."""
+        if not self.recovery_codes:
+            raise RecoveryCodesOff()
+        record = self.store.get(username)
+        if record is None or not record.enrolled:
+            raise NotEnrolled(username, "recovery codes stand in for its codes; `user "
+                              "enroll` (or the portal) makes one first")
+        codes = tuple(recovery.new_codes())
+        with self.store.transaction():
+            self.store.replace_recovery_codes(username, self._recovery_hashes(username, codes))
+        return RecoveryCodes(username, codes)
+
+    def _recovery_hashes(self, username: str, codes: Iterable[str]) -> list[bytes]:
+        key = self.keys.derive(recovery.KEY_PURPOSE)
+        hashes = []
+        for code in codes:
+            normal = recovery.normalize(code)
+            assert normal is not None  # made by recovery.new_codes
+            hashes.append(recovery.digest(key, username, normal))
+        return hashes
+
+    def hold_for_display(self, session_id_hash: bytes, username: str,
+                         codes: Sequence[str]) -> None:
+        """Keep new recovery codes with a portal session (encrypted, bound to the
+        user) until :meth:`take_for_display` shows them, once."""
+        blob = self.keys.encrypt(json.dumps(list(codes)).encode(), _display_aad(username))
+        self.store.hold_session_display(session_id_hash, blob)
+
+    def take_for_display(self, session_id_hash: bytes, username: str) -> tuple[str, ...]:
+        """The codes held for the session, if any, taken (a reload shows none)."""
+        blob = self.store.take_session_display(session_id_hash)
+        if blob is None:
+            return ()
+        try:
+            codes = json.loads(self.keys.decrypt(blob, _display_aad(username)))
+        except Exception:  # not this user's, or damaged: show nothing
+            return ()
+        return tuple(str(c) for c in codes)
+
+    def resync(self, username: str, code1: str, code2: str) -> Resync:
+        """Find two consecutive codes of the user's key within ±RESYNC_SECONDS of
+        now (nearest first) and set the user's clock offset to where the second
+        one is: the core then looks for codes around now plus that offset, with
+        the usual window. Both steps are marked used (the replay marker, on
+        absolute steps, never moves back). :class:`ResyncFailed` when not found."""
+        record = self.store.get(username)
+        if record is None or record.totp_key is None:
+            raise NotEnrolled(username, "nothing to resynchronise")
+        minutes = RESYNC_SECONDS // 60
+        first, second = code1.strip(), code2.strip()
+        digits = self.totp.digits
+        if not all(len(c) == digits and c.isascii() and c.isdigit() for c in (first, second)):
+            raise ResyncFailed(username, minutes)
+        key = self.keys.decrypt(record.totp_key, username).decode()
+        now = self.clock()
+        current = self.totp.step_at(now)
+        reach = math.ceil(RESYNC_SECONDS / self.totp.period)
+        for offset in sorted(range(-reach, reach + 1), key=abs):
+            last = current + offset
+            if (hmac_equal(code_for_step(key, last, self.totp), second)
+                    and hmac_equal(code_for_step(key, last - 1, self.totp), first)):
+                break
+        else:
+            raise ResyncFailed(username, minutes)
+        if not self.store.set_step_offset(username, record.totp_key, offset, last):
+            raise Refusal(f"{username}: the key changed meanwhile; nothing changed")
+        return Resync(username, offset, offset * self.totp.period)
 
     def unrequire(self, username: str) -> None:
         """Remove the requirement; the key, if any, is kept."""
@@ -501,16 +687,20 @@ class Accounts:
                                                 self.lockout_seconds)
             self.store.repeat_forget(username)
             return Confirmation(SetupOutcome.BAD_CODE, failure.lockout_started)
+        codes = tuple(recovery.new_codes()) if self.recovery_codes else ()
         with self.store.transaction():
             activated = self.store.activate_pending(username, pending.totp_key, step, now)
             if activated:
+                if codes:  # the new key's own recovery codes, in the same transaction
+                    self.store.replace_recovery_codes(
+                        username, self._recovery_hashes(username, codes))
                 self.events.setup_confirmed(username, replaced=record.enrolled, source=source)
         if not activated:
             current = self.store.get(username)
             if current is not None and current.locked(now):
                 return Confirmation(SetupOutcome.LOCKED)
             return Confirmation(SetupOutcome.NO_PENDING_KEY)  # replaced or expired meanwhile
-        return Confirmation(SetupOutcome.CONFIRMED)
+        return Confirmation(SetupOutcome.CONFIRMED, recovery_codes=codes)
 
     @staticmethod
     def _check_may_set_up(record: UserRecord, now: float) -> None:
@@ -526,20 +716,32 @@ class Accounts:
 
     def view(self, username: str) -> StatusView:
         """The status of ``username`` (a user the store has never seen: not required)."""
-        return self._view(self.store.get(username) or UserRecord(username), self.clock())
+        record = self.store.get(username)
+        if record is None:
+            return self._view(UserRecord(username), self.clock(), 0)
+        return self._view(record, self.clock(), self.store.recovery_codes_left(username))
 
-    def list_views(self, also: Iterable[str] = ()) -> list[StatusView]:
-        """Every user the store knows, and the names in ``also`` (the directory's
-        users, when it can list them), by username."""
+    def list_views(self, also: Iterable[str] = (),
+                   where: UserFilter | None = None) -> list[StatusView]:
+        """The users the store knows that match ``where`` (default: all), and the
+        names in ``also`` (the directory's users, when it can list them) when a
+        user without state matches it, by username. The database filters and
+        works out each status (one query, whatever the number of users)."""
         now = self.clock()
-        records = {r.username: r for r in self.store.list_users()}
-        for name in also:
-            records.setdefault(name, UserRecord(name))
-        return [self._view(records[n], now) for n in sorted(records)]
+        f = where or UserFilter()
+        views = self._row_views(self.store.list_user_rows(now, f), now)
+        extra = set(also)
+        if extra and f.matches_default():
+            extra -= self.store.usernames()
+            if extra:
+                views += [self._view(UserRecord(name), now, 0) for name in extra]
+                views.sort(key=lambda v: v.username)
+        return views
 
     @staticmethod
-    def _view(record: UserRecord, now: float) -> StatusView:
+    def _view(record: UserRecord, now: float, recovery_codes_left: int) -> StatusView:
         locked = record.locked(now)
+        bypassed = record.bypassed(now)
         return StatusView(
             username=record.username, status=record.status(now), required=record.required,
             enrolled=record.enrolled,
@@ -547,7 +749,25 @@ class Accounts:
             days_left=record.days_left(now), locked=locked,
             locked_until=_iso(record.locked_until)
             if locked and record.locked_until != LOCKED_FOREVER else None,
-            failures=record.failures, bypass=record.bypass)
+            failures=record.failures, bypass=bypassed,
+            bypass_until=_iso(record.bypass_until) if bypassed else None,
+            recovery_codes_left=recovery_codes_left, step_offset=record.step_offset)
+
+    @staticmethod
+    def _row_views(rows: Iterable[UserRow], now: float) -> list[StatusView]:
+        """:meth:`_view` of listed rows, whose status and bypass the database gave
+        (one loop over positional fields: `user list` runs it 10,000 times)."""
+        iso, view, forever = _iso, StatusView, LOCKED_FOREVER
+        views = []
+        for (name, status, required, enrolled, deadline, failures, locked_until, bypass,
+             until, offset, left) in rows:
+            locked = locked_until is not None and locked_until > now
+            views.append(view(
+                name, status, required, enrolled, iso(deadline) if required else None,
+                days_left(deadline, now) if status == "in_enrollment" else None, locked,
+                iso(locked_until) if locked and locked_until != forever else None,
+                failures, bypass, iso(until) if bypass else None, left, offset))
+        return views
 
     # -- bulk -----------------------------------------------------------------------------
 
@@ -685,8 +905,17 @@ class Accounts:
         return Rotation(version, done, skipped, tuple(failed))
 
 
+@functools.lru_cache(maxsize=4096)  # `user list`: deadlines repeat (a --group, an import)
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
         "+00:00", "Z")
+
+
+def _display_aad(username: str) -> str:
+    return f"recovery-display\x00{username}"
+
+
+def hmac_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

@@ -58,6 +58,7 @@ class Reason(enum.StrEnum):
     MFA_OFF = "mfa_off"
     CODE_NEEDED = "code_needed"
     REPEAT = "repeat"  # idempotent success within a client's repeat window
+    RECOVERY_CODE = "recovery_code"  # password and a single-use recovery code
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     STATE_UNAVAILABLE = "state_unavailable"
     INVALID_USERNAME = "invalid_username"

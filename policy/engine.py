@@ -41,6 +41,7 @@ from backends.base import (
     Identity,
     InvalidCredentials,
 )
+from policy import recovery
 from policy.clock import Clock
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from policy.escaping import escape_controls
@@ -155,18 +156,24 @@ def split_password(typed: str, split: SplitMode, separator: str,
     """One interpretation of a password field: (password, code or None).
 
     A code is taken only from the end, only when it is exactly ``digits``
-    digits; the directory is never asked twice with two readings.
+    digits, or a recovery code in its printed form ``xxxx-xxxx-xx``
+    (policy/recovery.py; without a separator: the last 12 characters); the
+    directory is never asked twice with two readings.
     """
     if split is SplitMode.CHALLENGE:
         return typed, None
     if separator:
         password, sep, code = typed.rpartition(separator)
-        if sep and len(code) == digits and code.isdigit() and code.isascii():
+        if sep and ((len(code) == digits and code.isdigit() and code.isascii())
+                    or recovery.is_printed(code)):
             return password, code
         return typed, None
     code = typed[-digits:]
     if len(typed) > digits and code.isdigit() and code.isascii():
         return typed[:-digits], code
+    code = typed[-recovery.PRINTED_LENGTH:]
+    if len(typed) > recovery.PRINTED_LENGTH and recovery.is_printed(code):
+        return typed[:-recovery.PRINTED_LENGTH], code
     return typed, None
 
 
@@ -213,8 +220,12 @@ class PolicyEngine:
                  usernames: UsernameRules, clock: Clock = time.time,
                  events: EngineEvents | None = None, repeat_key: bytes = b"",
                  repeat_windows: bool = True, log_accepts: bool = True,
-                 enrollment_url: str = "", enrollment_help: str = "") -> None:
+                 enrollment_url: str = "", enrollment_help: str = "",
+                 recovery_codes: bool = True) -> None:
         self.store, self.keys, self.totp, self.limits = store, keys, totp, limits
+        # [policy] recovery_codes: False refuses every recovery code (a bad code).
+        self.recovery_codes = recovery_codes
+        self._recovery_key: bytes | None = None
         # The portal's public URL: the enrollment notices end with it.
         self.enrollment_url = enrollment_url
         # Where to set MFA up when there is no portal ([policy] enrollment_help).
@@ -269,7 +280,7 @@ class PolicyEngine:
         if record.locked(self.clock()):
             return self._finish(request, username, Outcome.REJECT, Reason.LOCKED_OUT,
                                 locked_until=record.locked_until)
-        needs_code = self._needs_code(record, request.mfa)
+        needs_code = self._needs_code(record, request.mfa, self.clock())
         password, code = request.password, request.code
         if needs_code and code is None:
             password, code = split_password(request.password, request.split, request.separator,
@@ -280,8 +291,8 @@ class PolicyEngine:
         return Prepared(request, username, identity, record, password, code, needs_code)
 
     @staticmethod
-    def _needs_code(record: UserRecord, mfa: MfaMode) -> bool:
-        if mfa is MfaMode.OFF or record.bypass or not record.enrolled:
+    def _needs_code(record: UserRecord, mfa: MfaMode, now: float) -> bool:
+        if mfa is MfaMode.OFF or record.bypassed(now) or not record.enrolled:
             return False
         return record.required or mfa is MfaMode.STRICT
 
@@ -317,7 +328,7 @@ class PolicyEngine:
         rec, mfa = p.record, p.request.mfa
         if mfa is MfaMode.OFF:
             return self._success(p, identity, Reason.MFA_OFF)
-        if rec.bypass:
+        if rec.bypassed(now):
             return self._success(p, identity, Reason.BYPASS)
         if p.needs_code:
             return self._check_code(p, identity, now)
@@ -339,9 +350,15 @@ class PolicyEngine:
                 return self._failure(p, Reason.MISSING_CODE, identity)
             return self._locked_now(p) or self._finish(
                 p.request, p.username, Outcome.NEED_CODE, Reason.CODE_NEEDED, identity)
+        recovery_code = recovery.normalize(p.code)
+        if recovery_code is not None:  # never a TOTP code: no time step, no replay marker
+            return self._use_recovery_code(p, identity, recovery_code, now)
         assert p.record.totp_key is not None
         key = self.keys.decrypt(p.record.totp_key, p.username).decode()
-        step = match_step(key, p.code, now, self.totp)
+        # A resynchronised user's codes are looked for around their own clock;
+        # the step found is absolute, and so is the replay marker.
+        step = match_step(key, p.code, now + p.record.step_offset * self.totp.period,
+                          self.totp)
         if step is None:
             return self._failure(p, Reason.BAD_CODE, identity)
         # Conditional on the identity not being locked, atomically.
@@ -355,6 +372,27 @@ class PolicyEngine:
             return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
                                 locked_until=current.locked_until)
         return self._failure(p, Reason.REPLAYED_CODE, identity)
+
+    def _use_recovery_code(self, p: Prepared, identity: Identity, code: str,
+                           now: float) -> Decision:
+        """One use of a recovery code, conditional on the identity not being locked
+        (one ``DELETE … WHERE``); a wrong one is a bad code. Never remembered for
+        a repeat window: it is single-use."""
+        if self.recovery_codes:
+            digest = recovery.digest(self.recovery_key, p.username, code)
+            if self.store.use_recovery_code(p.username, digest, now):
+                return self._accepted(p, identity, Reason.RECOVERY_CODE)
+            current = self.store.get(p.username)
+            if current is not None and current.locked(now):
+                return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
+                                    locked_until=current.locked_until)
+        return self._failure(p, Reason.BAD_CODE, identity)
+
+    @property
+    def recovery_key(self) -> bytes:
+        if self._recovery_key is None:
+            self._recovery_key = self.keys.derive(recovery.KEY_PURPOSE)
+        return self._recovery_key
 
     # -- idempotent success (opt-in per client) -------------------------------------
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -33,7 +33,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
+    or_,
     select,
     text,
     update,
@@ -111,6 +113,23 @@ class UserState(Base):
     # The deadline of the enrollment period whose reminder mail was queued: a
     # period is reminded at most once (a new deadline is a new period).
     reminded_deadline: Mapped[int | None] = mapped_column(BigInteger)
+    # A bypass that ends by itself (`user bypass --for`): over at this time; NULL
+    # with ``bypass``: until an admin turns it off (migration 0006).
+    bypass_until: Mapped[int | None] = mapped_column(BigInteger)
+    # Time steps the user's authenticator runs ahead (negative: behind), from
+    # `user resync`; 0 for a new key.
+    step_offset: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class RecoveryCode(Base):
+    """One unused recovery code: only its keyed hash (policy/recovery.py). Using
+    it deletes the row, in one conditional DELETE: one use, however many race."""
+
+    __tablename__ = "recovery_codes"
+
+    username: Mapped[str] = mapped_column(String(256), primary_key=True)
+    code_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class AuditEntry(Base):
@@ -158,6 +177,8 @@ class PortalSessionRow(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    # New recovery codes (encrypted) to show once, on the next account page.
+    recovery_display: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class OutboxRow(Base):
@@ -256,6 +277,8 @@ class UserRecord:
     failures: int = 0
     locked_until: int | None = None
     bypass: bool = False
+    bypass_until: int | None = None
+    step_offset: int = 0
 
     @property
     def enrolled(self) -> bool:
@@ -264,6 +287,10 @@ class UserRecord:
     def locked(self, now: float) -> bool:
         return self.locked_until is not None and self.locked_until > now
 
+    def bypassed(self, now: float) -> bool:
+        """Password only, now: a bypass that has not ended (as :func:`_bypass_active`)."""
+        return self.bypass and (self.bypass_until is None or self.bypass_until > now)
+
     def status(self, now: float) -> str:
         """The user's status word, by STATUS_RULES."""
         deadline = self.enrollment_deadline
@@ -271,9 +298,14 @@ class UserRecord:
         return _STATUS_BY_FACTS[self.totp_key is not None, self.required, ahead]
 
     def days_left(self, now: float) -> int | None:
-        if self.status(now) != "in_enrollment" or self.enrollment_deadline is None:
+        if self.status(now) != "in_enrollment":
             return None
-        return math.ceil((self.enrollment_deadline - now) / DAY)
+        return days_left(self.enrollment_deadline, now)
+
+
+def days_left(deadline: int | None, now: float) -> int | None:
+    """Whole days from ``now`` to ``deadline``, rounded up (7 right after --days 7)."""
+    return None if deadline is None else math.ceil((deadline - now) / DAY)
 
 
 @dataclass(slots=True)  # per request: see policy/decision.py on frozen
@@ -340,14 +372,17 @@ def _queued(row: Any) -> QueuedMail:
 
 _USER_COLUMNS = (UserState.username, UserState.required, UserState.enrollment_deadline,
                  UserState.totp_key, UserState.key_version, UserState.last_step,
-                 UserState.failures, UserState.locked_until, UserState.bypass)
+                 UserState.failures, UserState.locked_until, UserState.bypass,
+                 UserState.bypass_until, UserState.step_offset)
 
 
 def _record(row: Any) -> UserRecord:
     # Raw DBAPI rows: SQLite gives booleans as 0/1 and blobs as bytes-likes.
-    name, required, deadline, totp_key, version, last, failures, locked, bypass = row
+    (name, required, deadline, totp_key, version, last, failures, locked, bypass, until,
+     offset) = row
     return UserRecord(name, bool(required), deadline, bytes(totp_key) if totp_key is not None
-                      else None, version, last, failures, locked, bool(bypass))
+                      else None, version, last, failures, locked, bool(bypass), until,
+                      offset or 0)
 
 
 def _status_case(t: int) -> Any:
@@ -361,6 +396,46 @@ def _status_case(t: int) -> Any:
                       for fact, want in zip(facts, wanted, strict=True) if want is not None]
         whens.append((and_(*conditions), status))
     return case(*whens)
+
+
+def _bypass_active(t: int) -> Any:
+    """UserRecord.bypassed in SQL: on, and not ended by ``t``."""
+    return and_(UserState.bypass.is_(True),
+                or_(UserState.bypass_until.is_(None), UserState.bypass_until > t))
+
+
+@dataclass(frozen=True)
+class UserFilter:
+    """Which users ``list_user_rows`` reads (every condition given must hold):
+    ``status`` a STATUSES word; ``locked`` now; ``bypass`` in force now;
+    ``expiring_within`` seconds: in an enrollment period that ends that soon."""
+
+    status: str | None = None
+    locked: bool = False
+    bypass: bool = False
+    expiring_within: int | None = None
+
+    def matches_default(self) -> bool:
+        """Whether a user the store has no row for (not required) is one of them."""
+        return (self.status in (None, "not_required") and not self.locked
+                and not self.bypass and self.expiring_within is None)
+
+
+class UserRow(NamedTuple):
+    """One user as ``list_user_rows`` reads it: the status and the bypass as the
+    database computed them at that time (STATUS_RULES, :func:`_bypass_active`)."""
+
+    username: str
+    status: str
+    required: bool
+    enrolled: bool
+    enrollment_deadline: int | None
+    failures: int
+    locked_until: int | None
+    bypass: bool  # in force at that time
+    bypass_until: int | None
+    step_offset: int
+    recovery_codes_left: int
 
 
 class _Raw:
@@ -454,7 +529,7 @@ class Store:
         q_get = select(*(u.c[col.key] for col in _USER_COLUMNS)).where(me)
         q_ensure = self._insert(UserState).values(
             username=bindparam("username"), required=False, failures=0, bypass=False,
-            created_at=bindparam("created_at"), updated_at=bindparam("updated_at"),
+            step_offset=0, created_at=bindparam("created_at"), updated_at=bindparam("updated_at"),
         ).on_conflict_do_nothing(index_elements=["username"])
         # A lock that has run out starts a fresh count.
         q_fail = u.update().where(me).values(
@@ -473,6 +548,11 @@ class Store:
         q_success = u.update().where(
             me, (u.c.failures > 0) | u.c.locked_until.is_not(None), not_locked,
         ).values(failures=0, locked_until=None, updated_at=bindparam("t"))
+        rc: Table = RecoveryCode.__table__  # type: ignore[assignment]
+        locked_now = select(u.c.username).where(me, u.c.locked_until.is_not(None),
+                                                u.c.locked_until > bindparam("t"))
+        q_recovery = rc.delete().where(rc.c.username == bindparam("u"),
+                                       rc.c.code_hash == bindparam("h"), ~exists(locked_now))
         r: Table = RepeatEntry.__table__  # type: ignore[assignment]
         q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
                                                    r.c.expires_at > bindparam("t"))
@@ -491,6 +571,7 @@ class Store:
         self._q_get, self._q_ensure = _Raw(q_get, d), _Raw(q_ensure, d)
         self._q_fail, self._q_lock = _Raw(q_fail, d), _Raw(q_lock, d)
         self._q_accept, self._q_success = _Raw(q_accept, d), _Raw(q_success, d)
+        self._q_recovery = _Raw(q_recovery, d)
         self._q_repeat_hit = _Raw(q_repeat_hit, d)
         self._q_repeat_put, self._q_repeat_forget = _Raw(q_repeat_put, d), _Raw(q_repeat_forget, d)
 
@@ -614,10 +695,14 @@ class Store:
             yield s
 
     def _insert(self, model: type[Base]) -> Any:
-        from sqlalchemy.dialects import postgresql, sqlite
+        # Only the dialect in use: importing PostgreSQL's costs a SQLite command ~60 ms.
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        dialect: Any = postgresql if self.dialect == "postgresql" else sqlite
-        return dialect.insert(model)
+            return pg_insert(model)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(model)
 
     def _ensure(self, s: Session, username: str, now: int) -> None:
         s.execute(self._ensure_stmt, {"username": username, "created_at": now,
@@ -735,6 +820,54 @@ class Store:
             rows = s.execute(select(*_USER_COLUMNS).order_by(UserState.username))
             return [_record(r) for r in rows]
 
+    def list_user_rows(self, now: float, where: UserFilter | None = None) -> list[UserRow]:
+        """The users matching ``where``, by username: one query, the filter, the
+        status (STATUS_RULES' CASE) and the bypass worked out by the database, and
+        the recovery codes left counted by it (10,000 users: tens of ms)."""
+        t = int(now)
+        u = UserState
+        f = where or UserFilter()
+        rc = RecoveryCode
+        left = (select(rc.username, func.count().label("n")).group_by(rc.username)
+                .subquery("left"))
+        status = _status_case(t)
+        q = (select(u.username, status, u.required, u.totp_key.is_not(None),
+                    u.enrollment_deadline, u.failures, u.locked_until, _bypass_active(t),
+                    u.bypass_until, u.step_offset, func.coalesce(left.c.n, 0))
+             .outerjoin(left, left.c.username == u.username).order_by(u.username))
+        if f.status is not None:
+            q = q.where(status == f.status)
+        if f.locked:
+            q = q.where(u.locked_until.is_not(None), u.locked_until > t)
+        if f.bypass:
+            q = q.where(_bypass_active(t))
+        if f.expiring_within is not None:
+            q = q.where(status == "in_enrollment",
+                        u.enrollment_deadline <= t + f.expiring_within)
+        # On a DBAPI cursor: SQLAlchemy's row processing cost more than the query.
+        stmt = _Raw(q, self.engine.dialect)
+        conn = self.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            rows = stmt.run(cur).fetchall()
+            cur.close()
+        finally:
+            conn.close()
+        return [UserRow(name, st, bool(req), bool(enr), deadline, failures, locked,
+                        bool(bypass), until, offset or 0, int(n))
+                for (name, st, req, enr, deadline, failures, locked, bypass, until, offset, n)
+                in rows]
+
+    def usernames(self) -> set[str]:
+        """Every username the store has a row for."""
+        with self.engine.connect() as c:
+            return {str(name) for name, in c.execute(select(UserState.username))}
+
+    def recovery_codes_left(self, username: str) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(select(func.count()).select_from(RecoveryCode).where(
+                RecoveryCode.username == username)).scalar_one())
+
     def count_by_status(self, now: float) -> dict[str, int]:
         """Users by status, counted by the database (no rows loaded)."""
         status = _status_case(int(now)).label("status")
@@ -768,11 +901,15 @@ class Store:
     def set_totp_key(self, username: str, blob: bytes, key_version: int) -> None:
         now = int(self.clock())
         self._upsert(username, totp_key=blob, key_version=key_version, enrolled_at=now,
-                     last_step=None, **_NO_PENDING)
+                     last_step=None, step_offset=0, **_NO_PENDING)
 
     def reset(self, username: str, deadline: int) -> None:
-        self._upsert(username, totp_key=None, key_version=None, enrolled_at=None, last_step=None,
-                     required=True, enrollment_deadline=deadline, **_NO_PENDING)
+        """Clear the key, and the recovery codes and clock offset that went with it."""
+        with self.transaction(), self._tx() as s:
+            self._upsert(username, totp_key=None, key_version=None, enrolled_at=None,
+                         last_step=None, step_offset=0, required=True,
+                         enrollment_deadline=deadline, **_NO_PENDING)
+            s.execute(delete(RecoveryCode).where(RecoveryCode.username == username))
 
     def extend(self, username: str, deadline: int) -> None:
         self._upsert(username, required=True, enrollment_deadline=deadline)
@@ -780,8 +917,47 @@ class Store:
     def unlock(self, username: str) -> bool:
         return self._update(username, failures=0, locked_until=None)
 
-    def set_bypass(self, username: str, on: bool) -> None:
-        self._upsert(username, bypass=on)
+    def set_bypass(self, username: str, on: bool, until: int | None = None) -> None:
+        """Bypass on (until ``until``, or until turned off) or off."""
+        self._upsert(username, bypass=on, bypass_until=until if on else None)
+
+    def set_step_offset(self, username: str, totp_key: bytes, offset: int,
+                        used_step: int) -> bool:
+        """The user's clock offset, while ``totp_key`` is still the key; ``used_step``
+        (the last code the resync was given) is marked used. False: the key changed."""
+        u = UserState
+        with self._tx() as s:
+            r = s.execute(update(u).where(u.username == username, u.totp_key == totp_key)
+                          .values(step_offset=offset, updated_at=int(self.clock()),
+                                  last_step=case((u.last_step.is_(None)
+                                                  | (u.last_step < used_step), used_step),
+                                                 else_=u.last_step)))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    def replace_recovery_codes(self, username: str, hashes: Sequence[bytes]) -> None:
+        """The user's recovery codes are these (keyed hashes), and no others."""
+        now = int(self.clock())
+        with self._tx() as s:
+            s.execute(delete(RecoveryCode).where(RecoveryCode.username == username))
+            if hashes:
+                s.execute(self._insert(RecoveryCode), [
+                    dict(username=username, code_hash=h, created_at=now) for h in hashes])
+
+    def delete_user(self, username: str) -> bool:
+        """Everything kept for the user -- key, requirement, counters, recovery codes,
+        the repeat cache, portal sessions -- gone in one transaction; mails still
+        waiting for them are cancelled. Audit rows stay. False: no such user."""
+        now = int(self.clock())
+        with self._tx() as s:
+            gone = s.execute(delete(UserState).where(UserState.username == username))
+            s.execute(delete(RecoveryCode).where(RecoveryCode.username == username))
+            s.execute(delete(RepeatEntry).where(RepeatEntry.username == username))
+            s.execute(delete(PortalSessionRow).where(PortalSessionRow.username == username))
+            s.execute(update(OutboxRow).where(OutboxRow.username == username,
+                                              OutboxRow.status == "pending")
+                      .values(status="cancelled", done_at=now, claimed_until=None,
+                              last_error="the user was deleted"))
+            return bool(gone.rowcount)  # type: ignore[attr-defined]
 
     def import_users(self, rows: Sequence[tuple[str, bytes, int, int | None]],
                      requirements: Sequence[tuple[str, int]] = ()) -> int:
@@ -873,7 +1049,8 @@ class Store:
                 UserState.locked_until.is_(None) | (UserState.locked_until <= t),
             ).values(
                 totp_key=UserState.pending_totp_key, key_version=UserState.pending_key_version,
-                enrolled_at=t, last_step=step, failures=0, locked_until=None, required=True,
+                enrolled_at=t, last_step=step, step_offset=0, failures=0, locked_until=None,
+                required=True,
                 enrollment_deadline=func.coalesce(UserState.enrollment_deadline, t),
                 updated_at=t, **_NO_PENDING))
             return bool(r.rowcount)  # type: ignore[attr-defined]
@@ -907,6 +1084,27 @@ class Store:
                 return None
         return SessionData(bytes(row[0]), row[1], row[2], row[3], bool(row[4]), row[5],
                            int(row[6]), int(row[7]))
+
+    def hold_session_display(self, id_hash: bytes, blob: bytes) -> bool:
+        """Keep ``blob`` (encrypted) with the session, to show once."""
+        p = PortalSessionRow
+        with self._session() as s, s.begin():
+            r = s.execute(update(p).where(p.id_hash == id_hash).values(recovery_display=blob))
+            return bool(r.rowcount)  # type: ignore[attr-defined]
+
+    def take_session_display(self, id_hash: bytes) -> bytes | None:
+        """What the session holds to show, taken: read, then cleared by an ``UPDATE …
+        WHERE`` it is still that (RETURNING would give the cleared value), so it
+        is shown once, whichever instance serves the page."""
+        p = PortalSessionRow
+        with self._session() as s, s.begin():
+            blob = s.execute(select(p.recovery_display).where(p.id_hash == id_hash)).scalar()
+            if blob is None:
+                return None
+            taken = s.execute(update(p).where(p.id_hash == id_hash,
+                                              p.recovery_display == blob)
+                              .values(recovery_display=None))
+            return bytes(blob) if taken.rowcount else None  # type: ignore[attr-defined]
 
     def delete_session(self, id_hash: bytes) -> bool:
         with self._session() as s, s.begin():
@@ -1029,6 +1227,18 @@ class Store:
             row = self._q_lock.run(cur, u=username, max=max_failures, until=until).fetchone()
         locked = row[0] if row else None
         return FailureResult(failures, locked is not None, locked)
+
+    def use_recovery_code(self, username: str, code_hash: bytes, now: float) -> bool:
+        """Use one recovery code: one ``DELETE … WHERE`` its row exists and the user
+        is not locked (of many racing uses of one code exactly one deletes it), then
+        the failure count is cleared as by a code. The replay marker is not
+        touched: a recovery code is no time step. False: no such code (or locked)."""
+        t = int(now)
+        with self._raw() as cur:
+            if not self._q_recovery.run(cur, u=username, h=code_hash, t=t).rowcount:
+                return False
+            self._q_success.run(cur, u=username, t=t)
+        return True
 
     def accept_step(self, username: str, step: int, now: float) -> bool:
         """Move the replay marker to ``step``; False when it is already there or

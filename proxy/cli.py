@@ -39,15 +39,21 @@ class Refused(click.ClickException):
 def refusal_message(e: Exception) -> str:
     """A refusal of the admin service (policy/admin.py), in the CLI's words."""
     from policy.admin import (
+        MAX_BYPASS_SECONDS,
         MAX_PERIOD_DAYS,
+        MIN_BYPASS_SECONDS,
         MIN_PERIOD_DAYS,
         AlreadyEnrolled,
+        InvalidBypassDuration,
         InvalidPeriod,
         InvalidTotpKey,
     )
 
     if isinstance(e, InvalidPeriod):
         return f"--days must be between {MIN_PERIOD_DAYS} and {MAX_PERIOD_DAYS}, got {e.days}"
+    if isinstance(e, InvalidBypassDuration):
+        return (f"--for must be between {MIN_BYPASS_SECONDS // 60}m and "
+                f"{MAX_BYPASS_SECONDS // 86400}d, got {e.seconds}s")
     if isinstance(e, InvalidTotpKey):
         return f"--secret: {e.reason}"
     if isinstance(e, AlreadyEnrolled):
@@ -447,8 +453,44 @@ def describe(view: StatusView) -> str:
     if view.locked:
         status += f", locked until {view.locked_until or 'an admin unlocks'}"
     if view.bypass:
-        status += ", bypass"
+        status += f", bypass until {view.bypass_until}" if view.bypass_until else ", bypass"
     return status
+
+
+_DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``15m``, ``4h``, ``2d``, ``1w`` in seconds (ValueError says what is accepted)."""
+    value = text.strip().lower()
+    number, unit = value[:-1].strip(), value[-1:]
+    if unit not in _DURATION_UNITS or not number.isdigit() or not number.isascii():
+        raise ValueError(f"{text!r}: expected a number and a unit: 15m, 4h, 2d or 1w")
+    return int(number) * _DURATION_UNITS[unit]
+
+
+def _duration(option: str) -> Callable[[click.Context, click.Parameter, str | None],
+                                       int | None]:
+    def convert(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+
+    return convert
+
+
+def _status_word(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from policy.store import STATUSES  # here: the other commands start without SQLAlchemy
+
+    if value not in STATUSES:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(STATUSES)}",
+                                 param_hint="--status")
+    return value
 
 
 @user.command("show")
@@ -468,20 +510,38 @@ def user_show(app: App, username: str, as_json: bool) -> None:
 
 
 @user.command("list")
-@click.option("--json", "as_json", is_flag=True, help="A JSON array.")
+@click.option("--status", metavar="S", callback=_status_word,
+              help="Only users with this status: enrolled, in_enrollment, enrollment_expired, "
+                   "enrolled_not_required or not_required (as `user show` says it).")
+@click.option("--locked", is_flag=True, help="Only users locked now.")
+@click.option("--bypass", "bypass_only", is_flag=True,
+              help="Only users whose bypass is in force now.")
+@click.option("--expiring-within", "expiring", metavar="DURATION",
+              callback=_duration("--expiring-within"),
+              help="Only users in an enrollment period that ends within DURATION "
+                   "(12h, 2d, 1w).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array (as `user show --json`).")
 @config_option
 @pass_app
-def user_list(app: App, as_json: bool) -> None:
-    """Every user the state store knows (and local-file users)."""
+def user_list(app: App, status: str | None, locked: bool, bypass_only: bool,
+              expiring: int | None, as_json: bool) -> None:
+    """Every user the state store knows (and local-file users), by name.
+
+    The filters combine: every one given must hold.
+    """
+    from policy.store import UserFilter
+
     accounts = app.accounts
-    lister = getattr(app.directory, "list_users", None)
-    views = accounts.list_views(lister() if lister is not None else ())
+    where = UserFilter(status=status, locked=locked, bypass=bypass_only,
+                       expiring_within=expiring)
+    lister = getattr(app.directory, "list_users", None) if where.matches_default() else None
+    views = accounts.list_views(lister() if lister is not None else (), where)
     if as_json:
         click.echo(json.dumps([v.as_json() for v in views]))
         return
-    click.echo(f"{'USER':24} {'FAILURES':>8}  STATUS")
-    for v in views:
-        click.echo(f"{v.username:24} {v.failures:>8}  {describe(v)}")
+    lines = [f"{'USER':24} {'FAILURES':>8}  STATUS"]
+    lines += [f"{v.username:24} {v.failures:>8}  {describe(v)}" for v in views]
+    click.echo("\n".join(lines))
 
 
 @user.command("require", epilog=MAIL_NOTE)
@@ -670,14 +730,95 @@ def user_unlock(app: App, username: str) -> None:
 
 @user.command("bypass")
 @click.argument("username")
-@click.option("--on/--off", "on", required=True, help="Password only for this user, or not.")
+@click.option("--on/--off", "on", default=None,
+              help="Password only for this user (until --off), or not.")
+@click.option("--for", "seconds", metavar="DURATION", callback=_duration("--for"),
+              help="Password only for this long (15m, 4h, 2d; 1m to 365d), then MFA as "
+                   "before, by itself.")
 @config_option
 @pass_app
-def user_bypass(app: App, username: str, on: bool) -> None:
-    """Let this user sign in with the password alone (or stop that)."""
+def user_bypass(app: App, username: str, on: bool | None, seconds: int | None) -> None:
+    """Let this user sign in with the password alone (or stop that).
+
+    --for ends the bypass by itself: sign-ins after that time ask for a code
+    again, with nothing left to turn off.
+    """
+    if (on is None) == (seconds is None):
+        raise click.UsageError("give one of --on, --off or --for DURATION")
+    _ = app.settings
+    if seconds is not None:
+        from policy.admin import check_bypass_seconds
+
+        check_bypass_seconds(seconds)  # refused before the user is looked up
     name = app.known_user(username)
-    app.accounts.bypass(name, on)
+    if seconds is not None:
+        until = app.accounts.bypass_for(name, seconds)
+        click.echo(f"{name}: bypass on until {_iso(until)}")
+        return
+    app.accounts.bypass(name, bool(on))
     click.echo(f"{name}: bypass {'on' if on else 'off'}")
+
+
+@user.command("recovery-codes")
+@click.argument("username")
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON object: {"username": …, "recovery_codes": […]}.')
+@config_option
+@pass_app
+def user_recovery_codes(app: App, username: str, as_json: bool) -> None:
+    """Print 10 new single-use recovery codes for an enrolled user, replacing any old ones.
+
+    Each works once in place of a code, on the VPN (password,abcd-efgh-jk or as
+    the answer to the code prompt), in LDAP binds and in the portal. Only keyed
+    hashes are stored: this is the one time they can be read. Refused when
+    [policy] recovery_codes = false.
+    """
+    name = app.known_user(username)
+    issued = app.accounts.new_recovery_codes(name)
+    if as_json:
+        click.echo(json.dumps({"username": name, "recovery_codes": list(issued.codes)}))
+        return
+    click.echo(f"{name}: {len(issued.codes)} new recovery codes (older ones no longer work); "
+               "each works once in place of a code:")
+    click.echo("\n".join(f"  {code}" for code in issued.codes))
+
+
+@user.command("delete")
+@click.argument("username")
+@config_option
+@pass_app
+def user_delete(app: App, username: str) -> None:
+    """Remove the user's MFA state: key, requirement, counters, recovery codes.
+
+    The audit rows stay. The directory (or local users file) entry is not
+    touched: a user who signs in again starts as never required.
+    """
+    name = app.known_user(username)
+    app.accounts.delete(name)
+    click.echo(f"{name}: MFA state deleted (key, requirement, counters, recovery codes); "
+               "audit rows kept")
+
+
+@user.command("resync")
+@click.argument("username")
+@click.argument("code1")
+@click.argument("code2")
+@config_option
+@pass_app
+def user_resync(app: App, username: str, code1: str, code2: str) -> None:
+    """Re-synchronise a user whose authenticator's clock is off: CODE1 and CODE2 are
+    two codes it shows one after the other.
+
+    They are looked for within ±10 minutes of now; where they are found becomes
+    the user's clock offset, and codes are then checked around it (with the
+    usual [totp] window). Nothing found: refused, nothing changed.
+    """
+    name = app.known_user(username)
+    done = app.accounts.resync(name, code1, code2)
+    minutes, seconds = divmod(abs(done.offset_seconds), 60)
+    sign = "-" if done.offset_seconds < 0 else "+"
+    click.echo(f"{name}: clock offset {sign}{abs(done.offset_steps)} time step(s) "
+               f"({sign}{minutes}m{seconds:02d}s); both codes are used")
 
 
 @user.command("unrequire")
@@ -820,6 +961,47 @@ def local_user_set(app: App, username: str, groups: tuple[str, ...], email: str 
         raise Refused("empty password")
     app.directory.set_password(name, password, list(groups) if groups else None, email)
     click.echo(f"{name}: password set")
+
+
+def local_directory(app: App) -> Any:
+    if app.settings.directory.type != "local":
+        raise Refused("directory.type is not \"local\": users live in the directory")
+    return app.directory
+
+
+@local_user.command("list")
+@click.option("--json", "as_json", is_flag=True,
+              help="A JSON array of {username, groups, email}.")
+@config_option
+@pass_app
+def local_user_list(app: App, as_json: bool) -> None:
+    """The users of the local users file: names, groups, mail addresses."""
+    entries = local_directory(app).entries()
+    if as_json:
+        click.echo(json.dumps([{"username": e.username, "groups": list(e.groups),
+                                "email": e.mail} for e in entries]))
+        return
+    lines = [f"{'USER':24} {'GROUPS':30} EMAIL"]
+    lines += [f"{e.username:24} {','.join(e.groups) or '-':30} {e.mail or '-'}"
+              for e in entries]
+    click.echo("\n".join(lines))
+
+
+@local_user.command("delete")
+@click.argument("username")
+@config_option
+@pass_app
+def local_user_delete(app: App, username: str) -> None:
+    """Remove a user from the local users file (the MFA state stays: `user delete`)."""
+    from backends.base import UnknownUser
+
+    directory = local_directory(app)
+    try:
+        name = directory.delete(app.canonical(username))
+    except UnknownUser:
+        raise Refused(f"{username}: no such local user") from None
+    click.echo(f"{name}: removed from the local users file; its MFA state is kept "
+               f"(`mfa-proxy user delete {name}` removes it)")
 
 
 # -- the audit trail -------------------------------------------------------------------

@@ -70,6 +70,7 @@ class PolicySettings:
     max_failures: int = 5
     lockout_seconds: int = 900
     enrollment_days: int = 7
+    recovery_codes: bool = True  # `user recovery-codes`; False: none made, none accepted
     audit_days: int = 90
     # How to set MFA up, told in the enrollment notices when there is no portal
     # ([portal] public_url wins when set).
@@ -602,6 +603,7 @@ def _policy(r: _Reader) -> PolicySettings:
         max_failures=r.int("max_failures", 5, 1, 1000),
         lockout_seconds=r.int("lockout_seconds", 900, 0, 10 * 365 * 86400),
         enrollment_days=r.int("enrollment_days", 7, 1, 365),
+        recovery_codes=r.bool("recovery_codes", True),
         audit_days=r.int("audit_days", 90, 1, 3650),
         enrollment_help=" ".join(r.str("enrollment_help").split()),
     )

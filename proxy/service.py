@@ -152,7 +152,8 @@ class Service:
             repeat_windows=_repeat_windows(s),
             log_accepts=s.log_decisions == "all",
             enrollment_url=s.portal.public_url if s.portal else "",
-            enrollment_help=s.policy.enrollment_help)
+            enrollment_help=s.policy.enrollment_help,
+            recovery_codes=s.policy.recovery_codes)
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
                                            call_later=self.reactor.callLater)
@@ -469,6 +470,10 @@ class Service:
         engine = self.engine
         limits = Limits(new.policy.max_failures, new.policy.lockout_seconds)
         engine.limits = engine.unknown_names.limits = limits
+        engine.recovery_codes = new.policy.recovery_codes
+        portal = getattr(self, "portal", None)
+        if portal is not None:  # its set-ups make recovery codes, or not
+            portal.accounts.recovery_codes = new.policy.recovery_codes
         engine.totp = totp_params(new.totp)
         engine.log_accepts = new.log_decisions == "all"
         engine.repeat_windows = _repeat_windows(new)

@@ -68,7 +68,8 @@ def make_accounts(settings: Settings, store: Store, keys: KeyRing | Callable[[],
     return Accounts(store, keys, totp_params(settings.totp), settings.totp.issuer,
                     settings.policy.enrollment_days, username_rules(settings.directory),
                     clock, events, max_failures=settings.policy.max_failures,
-                    lockout_seconds=settings.policy.lockout_seconds)
+                    lockout_seconds=settings.policy.lockout_seconds,
+                    recovery_codes=settings.policy.recovery_codes)
 
 
 __all__ = ["mail_context", "mail_events", "make_accounts", "open_store", "totp_params"]

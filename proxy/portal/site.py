@@ -258,13 +258,16 @@ class Portal:
         view = await self.run_blocking(self.accounts.view, session.username)
         if view.locked:
             return self._locked(None)
+        # New recovery codes (right after a set-up): shown on this page, once.
+        codes = await self.run_blocking(self.accounts.take_for_display, session.id_hash,
+                                        session.username)
         status = view.status
         can_set_up = status in ("in_enrollment", "not_required") and not view.enrolled
         can_reset = view.enrolled and session.mfa_verified
         deadline = (view.enrollment_deadline or "")[:10]
         return self.page("account.html", view=view, deadline=deadline,
                          csrf_token=session.csrf_token, can_set_up=can_set_up,
-                         can_reset=can_reset, notice=notice)
+                         can_reset=can_reset, notice=notice, recovery_codes=codes)
 
     async def login(self, request: Request) -> Reply:
         form = _form(request, {"csrf_token", "username", "password"})
@@ -359,9 +362,12 @@ class Portal:
             self.events.lockout()
         if result.confirmed:
             # A new level of trust (the user just proved the new key): a new session id.
-            new_token, _ = await self.run_blocking(self.sessions.start, session.username,
-                                                   Stage.SIGNED_IN, session.identity, True,
-                                                   token)
+            new_token, signed_in = await self.run_blocking(
+                self.sessions.start, session.username, Stage.SIGNED_IN, session.identity, True,
+                token)
+            if result.recovery_codes:  # the account page shows them once
+                await self.run_blocking(self.accounts.hold_for_display, signed_in.id_hash,
+                                        session.username, result.recovery_codes)
             return Reply(303, location="/?done=setup", cookies={SESSION_COOKIE: new_token})
         if result.outcome is SetupOutcome.BAD_CODE and not result.lockout_started:
             return await self.setup_page(request, "That code was not accepted. Check the time "

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.timeout(180)
 MFA_PROXY = str(Path(sys.executable).with_name("mfa-proxy"))
 DAY = 86400
 FIELDS = ["username", "status", "required", "enrolled", "enrollment_deadline", "days_left",
-          "locked", "locked_until", "failures", "bypass"]
+          "locked", "locked_until", "failures", "bypass", "bypass_until", "recovery_codes_left",
+          "step_offset"]
 
 CONFIG = """\
 [state]
@@ -207,7 +208,8 @@ def test_show_json_fields_exactly(admin: Admin) -> None:
     assert list(view) == FIELDS
     assert view == {"username": "alice", "status": "not_required", "required": False,
                     "enrolled": False, "enrollment_deadline": None, "days_left": None,
-                    "locked": False, "locked_until": None, "failures": 0, "bypass": False}
+                    "locked": False, "locked_until": None, "failures": 0, "bypass": False,
+                    "bypass_until": None, "recovery_codes_left": 0, "step_offset": 0}
 
 
 def test_config_option_before_and_after_the_subcommand(admin: Admin) -> None:

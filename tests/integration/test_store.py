@@ -16,6 +16,7 @@ from policy.store import (
     AuditRecord,
     Store,
     StoreError,
+    UserFilter,
     UserRecord,
 )
 from tests.pg import Postgres
@@ -73,7 +74,7 @@ def store(backend: str, clock: Clock, request: pytest.FixtureRequest,
         # CREATE DATABASE costs half a second: reuse one database, emptied
         s = Store(request.getfixturevalue("pg_store_url"), clock)
         with s.engine.begin() as c:
-            c.execute(text("TRUNCATE users, audit, repeat_cache, mail_outbox"))
+            c.execute(text("TRUNCATE users, audit, repeat_cache, mail_outbox, recovery_codes"))
     yield s
     s.close()
 
@@ -242,6 +243,9 @@ def test_status_in_python_and_in_sql_agree(store: Store, required: bool, enrolle
     assert python == status_spelled_out(required, enrolled, deadline, T0)
     sql = store.count_by_status(T0)
     assert sql == {status: int(status == python) for status in STATUSES}
+    # `user list` reads the same CASE (and filters by it)
+    assert [(r.username, r.status) for r in store.list_user_rows(T0)] == [("u", python)]
+    assert [r.username for r in store.list_user_rows(T0, UserFilter(status=python))] == ["u"]
 
 
 def status_spelled_out(required: bool, enrolled: bool, deadline: int | None, now: int) -> str:
@@ -614,3 +618,146 @@ def test_two_instances_claim_and_remind_each_exactly_once(pg_store_url: str) -> 
     finally:
         for s in stores:
             s.close()
+
+
+# -- issue 11: recovery codes, bypass --for, resync offset, delete, the filtered list -----------
+
+
+def test_one_recovery_code_is_used_once_however_many_race(backend: str, url: str) -> None:
+    """Several stores (as several serve instances) and threads use one code at the
+    same moment: the conditional DELETE lets exactly one of them through."""
+    import threading
+
+    stores = [Store(url, Clock()) for _ in range(4)]
+    try:
+        stores[0].upgrade()
+        stores[0].set_totp_key("alice", b"key", 1)
+        stores[0].replace_recovery_codes("alice", [b"h" * 32, b"i" * 32])
+        for _ in range(3):
+            stores[0].record_failure("alice", T0, 5, 900)
+        racers = 24
+        barrier = threading.Barrier(racers)
+        won: list[bool] = []
+
+        def use(n: int) -> None:
+            barrier.wait()
+            won.append(stores[n % len(stores)].use_recovery_code("alice", b"h" * 32, T0))
+
+        threads = [threading.Thread(target=use, args=(n,)) for n in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(won) == racers and won.count(True) == 1
+        assert stores[0].recovery_codes_left("alice") == 1
+        rec = stores[0].get("alice")
+        assert rec is not None and rec.failures == 0 and rec.last_step is None
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_recovery_code_is_not_used_while_locked(store: Store) -> None:
+    store.set_totp_key("alice", b"key", 1)
+    store.replace_recovery_codes("alice", [b"h" * 32])
+    for _ in range(3):
+        store.record_failure("alice", T0, 3, 900)
+    assert not store.use_recovery_code("alice", b"h" * 32, T0 + 10)
+    assert store.recovery_codes_left("alice") == 1
+    assert store.use_recovery_code("alice", b"h" * 32, T0 + 900)  # the lock ran out
+    assert not store.use_recovery_code("alice", b"h" * 32, T0 + 900)
+    assert not store.use_recovery_code("bob", b"h" * 32, T0)
+
+
+def test_a_timed_bypass_is_off_after_its_end_in_python_and_in_sql(store: Store) -> None:
+    store.set_bypass("alice", True, T0 + 3600)
+    store.set_bypass("bob", True)
+    store.require("carol", T0 + DAY)
+    for now, bypassing in ((T0, ["alice", "bob"]), (T0 + 3600, ["bob"])):
+        assert [r.username for r in store.list_user_rows(now, UserFilter(bypass=True))] \
+            == bypassing
+        assert [n for n in ("alice", "bob", "carol")
+                if store.get(n).bypassed(now)] == bypassing  # type: ignore[union-attr]
+    store.set_bypass("alice", False)
+    assert store.get("alice").bypass_until is None  # type: ignore[union-attr]
+
+
+def test_step_offset_and_the_replay_marker(store: Store) -> None:
+    store.set_totp_key("alice", b"key", 1)
+    assert store.accept_step("alice", 100, T0)
+    assert store.set_step_offset("alice", b"key", 14, 90)  # never moves the marker back
+    rec = store.get("alice")
+    assert rec is not None and (rec.step_offset, rec.last_step) == (14, 100)
+    assert store.set_step_offset("alice", b"key", -3, 120)
+    rec = store.get("alice")
+    assert rec is not None and (rec.step_offset, rec.last_step) == (-3, 120)
+    assert not store.set_step_offset("alice", b"other key", 5, 130)  # the key changed
+    store.set_totp_key("alice", b"new", 1)
+    assert store.get("alice").step_offset == 0  # type: ignore[union-attr]
+
+
+def test_delete_user_leaves_the_audit_rows(store: Store) -> None:
+    from policy.store import OutboxMail
+
+    store.set_totp_key("alice", b"key", 1)
+    store.replace_recovery_codes("alice", [b"h" * 32])
+    store.repeat_put(b"r" * 32, "alice", T0 + 60)
+    store.enqueue_mail([OutboxMail("required", "alice", T0)])
+    store.audit([AuditRecord(T0, "alice", "radius", "vpn", "127.0.0.1", "accept", "ok")])
+    store.require("bob", T0 + DAY)
+    assert store.delete_user("alice")
+    assert store.get("alice") is None and store.recovery_codes_left("alice") == 0
+    assert not store.repeat_hit(b"r" * 32, T0)
+    assert [m.status for m in store.mail_queue(("pending", "cancelled"))] == ["cancelled"]
+    assert [r.username for r in store.recent_audit("alice")] == ["alice"]
+    assert store.get("bob") is not None
+    assert not store.delete_user("alice")
+
+
+def test_list_filters_in_sql(store: Store) -> None:
+    store.set_totp_key("enrolled", b"key", 1)
+    store.require("enrolled", T0 + DAY)
+    store.replace_recovery_codes("enrolled", [b"a" * 32, b"b" * 32])
+    store.require("soon", T0 + DAY)
+    store.require("later", T0 + 5 * DAY)
+    store.require("gone", T0 - 1)
+    for _ in range(3):
+        store.record_failure("later", T0, 3, 900)
+
+    def names(**kw: object) -> list[str]:
+        return [r.username for r in store.list_user_rows(T0, UserFilter(**kw))]  # type: ignore[arg-type]
+
+    assert names() == ["enrolled", "gone", "later", "soon"]
+    assert names(status="in_enrollment") == ["later", "soon"]
+    assert names(expiring_within=2 * DAY) == ["soon"]
+    assert names(locked=True) == ["later"]
+    assert names(locked=True, expiring_within=2 * DAY) == []
+    rows = {r.username: r for r in store.list_user_rows(T0)}
+    assert (rows["enrolled"].recovery_codes_left, rows["soon"].recovery_codes_left) == (2, 0)
+    assert rows["enrolled"].enrolled and not rows["soon"].enrolled
+    assert store.usernames() == set(rows)
+
+
+def test_migration_0006_keeps_the_users_of_0005(url: str) -> None:
+    """A state at 0005 (the previous release) upgrades: its users get no offset,
+    no timed bypass and no recovery codes; nothing else changes."""
+    from alembic import command
+
+    from policy.migrations import _config
+
+    store = Store(url, Clock())
+    try:
+        command.upgrade(_config(store.engine), "0005")
+        with store.engine.begin() as c:
+            c.execute(text("INSERT INTO users (username, required, enrollment_deadline, "
+                           "totp_key, key_version, failures, bypass, created_at, updated_at) "
+                           "VALUES ('alice', true, :d, :k, 1, 2, true, 0, 0)"),
+                      {"d": T0 + DAY, "k": b"key"})
+        store.upgrade()
+        assert current_revision(store.engine) == head_revision() == "0006"
+        rec = store.get("alice")
+        assert rec == UserRecord("alice", True, T0 + DAY, b"key", 1, None, 2, None, True,
+                                 None, 0)
+        assert rec.bypassed(T0 + 10 * DAY) and store.recovery_codes_left("alice") == 0
+    finally:
+        store.close()

@@ -41,7 +41,8 @@ DAY = 86400
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 KEY = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 FIELDS = ["username", "status", "required", "enrolled", "enrollment_deadline", "days_left",
-          "locked", "locked_until", "failures", "bypass"]
+          "locked", "locked_until", "failures", "bypass", "bypass_until", "recovery_codes_left",
+          "step_offset"]
 
 
 class FakeClock:
@@ -314,7 +315,8 @@ def test_view_has_exactly_the_user_show_json_fields(world: World) -> None:
     assert world.accounts.view("nobody").as_json() == {
         "username": "nobody", "status": "not_required", "required": False, "enrolled": False,
         "enrollment_deadline": None, "days_left": None, "locked": False, "locked_until": None,
-        "failures": 0, "bypass": False}
+        "failures": 0, "bypass": False, "bypass_until": None, "recovery_codes_left": 0,
+        "step_offset": 0}
     assert list(world.accounts.view("nobody").as_json()) == FIELDS
     assert world.store.get("nobody") is None  # looking creates no state
 

@@ -565,3 +565,22 @@ def test_client_rules_follow_global_rules() -> None:
     reply = parse_datagram(sent[0])
     assert isinstance(reply, Packet)
     assert [t for t, _ in reply.attributes] == [Attr.MESSAGE_AUTHENTICATOR, 25, 11]
+
+
+def test_only_a_client_with_reply_rules_asks_the_core_for_groups() -> None:
+    core = FakeCore().then(decision(Outcome.ACCEPT)).then(decision(Outcome.ACCEPT)).then(
+        decision(Outcome.ACCEPT))
+    clients = ClientTable([
+        RadiusClientConfig("plain", ("10.0.0.0/24",), SECRET),
+        RadiusClientConfig("ruled", ("10.1.0.0/24",), SECRET, reply_rules=(
+            ReplyRule("admins", {"Filter-Id": "admin-acl"}),)),
+    ])
+    server = RadiusServer(clients, core, DICTIONARY, clock=Clock())
+    sent: list[bytes] = []
+    server.handle_auth(access_request(SECRET, "alice", "pw"), NAS, sent.append)
+    server.handle_auth(access_request(SECRET, "alice", "pw"), ("10.1.0.5", 1), sent.append)
+    assert [r.needs_groups for r in core.requests] == [False, True]
+    # a global rule (after a reload, too) makes every client ask
+    server.reconfigure(clients, (ReplyRule("staff", {"Class": "s"}),))
+    server.handle_auth(access_request(SECRET, "alice", "pw2"), NAS, sent.append)
+    assert core.requests[-1].needs_groups

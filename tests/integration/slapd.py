@@ -323,6 +323,9 @@ class Slapd:
     svc_dn: str = SVC_DN
     svc_password: str = SVC_PASSWORD
     pid: int = 0
+    # slapd's -d level: "0" (nothing), or "stats" to log every operation in slapd.log
+    # (a test that proves which searches the proxy sends reads it: search_log()).
+    debug: str = "0"
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -339,9 +342,9 @@ class Slapd:
             return
         log = open(self.workdir / "slapd.log", "ab")  # noqa: SIM115 - handed to the child
         try:
-            # -d 0: stay in the foreground (we own the PID) without debug output.
+            # -d: stay in the foreground (we own the PID); 0 = without debug output.
             self._proc = subprocess.Popen(
-                [SLAPD, "-d", "0", "-f", str(self.workdir / "slapd.conf"),
+                [SLAPD, "-d", self.debug, "-f", str(self.workdir / "slapd.conf"),
                  "-h", f"{self.url}/ {self.ldaps_url}/"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
@@ -385,6 +388,21 @@ class Slapd:
         )
         return result.returncode == 0
 
+    def searches(self, since: int = 0) -> list[str]:
+        """The SRCH lines of slapd.log from byte ``since`` on (with ``debug="stats"``):
+        ``base="..." scope=2 deref=0 filter="(...)"``, one per search received."""
+        with open(self.workdir / "slapd.log", "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return [line.split(" SRCH ", 1)[1] for line in text.splitlines() if " SRCH base=" in line]
+
+    def log_size(self) -> int:
+        """Where slapd.log ends now (for :meth:`searches`)."""
+        try:
+            return (self.workdir / "slapd.log").stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def _log_tail(self) -> str:
         try:
             return (self.workdir / "slapd.log").read_text(errors="replace")[-2000:]
@@ -393,11 +411,12 @@ class Slapd:
 
 
 def start_slapd(workdir: pathlib.Path, extra_users: int = 0,
-                server_names: Sequence[str] = SERVER_NAMES) -> Slapd:
+                server_names: Sequence[str] = SERVER_NAMES, debug: str = "0") -> Slapd:
     """Create, load and start a slapd under ``workdir`` (which must be empty or new).
 
     ``server_names`` go into the server certificate (a test of hostname
-    verification gives names that do not match 127.0.0.1).
+    verification gives names that do not match 127.0.0.1); ``debug="stats"``
+    logs every operation to ``slapd.log`` (:meth:`Slapd.searches`).
     """
     if not os.access(SLAPD, os.X_OK):
         raise RuntimeError(f"{SLAPD} not found: apt-get install slapd ldap-utils")
@@ -417,6 +436,7 @@ def start_slapd(workdir: pathlib.Path, extra_users: int = 0,
             ldaps_url=f"ldaps://127.0.0.1:{free_port()}",
             ca_file=str(ca_path),
             workdir=workdir,
+            debug=debug,
         )
         try:
             server.start()

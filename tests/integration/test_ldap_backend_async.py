@@ -302,5 +302,6 @@ def test_lookup_dn_is_cached_like_names(make_async: MakeAsync, slapd: Slapd,
     first = call(directory.lookup_dn, "UID=Bob,OU=People,DC=example,DC=org")
     searches = directory.stats.searches
     again = call(directory.lookup_dn, "UID=Bob,OU=People,DC=example,DC=org")
-    assert first == again == Identity("bob", user_dn("bob"), (group_dn("staff"), group_dn("vpn-users")))
+    assert first == again == Identity("bob", user_dn("bob"),
+                                      (group_dn("staff"), group_dn("vpn-users")))
     assert directory.stats.searches == searches and again.from_cache

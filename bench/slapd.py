@@ -5,6 +5,9 @@ Data (the load generators rely on it, see :mod:`bench.common`)::
     uid=userNNNNN,ou=people,dc=example,dc=org   password passNNNNN ({SSHA}),
         inetOrgPerson + totpUser: totpSecret = base32(sha1("totp:" + uid))
     cn=svc,ou=services,dc=example,dc=org        service account, "svc-secret"
+    cn=benchNN,ou=groups,dc=example,dc=org      GROUPS groupOfNames; user i is a
+        ``member`` of group i % GROUPS (indexed eq; no memberOf on the users, as
+        in a directory without the overlay: only a group search tells)
 
 ``totpSecret`` (a bench-only schema in OpenLDAP's experimental OID arc) is
 what FreeRADIUS's rlm_totp reads; only the service account may read it.
@@ -43,6 +46,12 @@ SCHEMA_DIR = "/etc/ldap/schema"
 MODULE_DIR = "/usr/lib/ldap"
 ADMIN_DN = f"cn=admin,{BASE_DN}"
 ADMIN_PASSWORD = "admin-secret"  # noqa: S105 - a throwaway slapd's
+GROUPS = 10
+GROUP_BASE = f"ou=groups,{BASE_DN}"
+
+
+def group_name(i: int) -> str:
+    return f"bench{i % GROUPS:02d}"
 
 
 def ssha(secret: str) -> str:
@@ -66,6 +75,12 @@ def write_ldif(path: Path, users: int) -> None:
             w(f"dn: {user_dn(i)}\nobjectClass: inetOrgPerson\nobjectClass: totpUser\n"
               f"uid: {u}\ncn: User {i:05d}\nsn: {i:05d}\nmail: {u}@example.org\n"
               f"userPassword: {ssha(password(i))}\ntotpSecret: {totp_secret(u)}\n\n")
+        for g in range(GROUPS):
+            w(f"dn: cn={group_name(g)},{GROUP_BASE}\nobjectClass: groupOfNames\n"
+              f"cn: {group_name(g)}\n")
+            w("".join(f"member: {user_dn(i)}\n" for i in range(1, users + 1)
+                      if i % GROUPS == g) or f"member: {SVC_DN}\n")
+            w("\n")
 
 
 def slapd_conf(workdir: Path, threads: int) -> str:
@@ -97,6 +112,7 @@ rootpw          {ssha(ADMIN_PASSWORD)}
 directory       {workdir}/db
 index           objectClass eq
 index           uid,cn,mail eq
+index           member eq
 access to attrs=userPassword
     by anonymous auth
     by self write

@@ -778,9 +778,10 @@ class Store:
         stmt = stmt.on_conflict_do_update(
             index_elements=["username"],
             set_={"required": True, "enrollment_deadline": deadline, "updated_at": now},
-            where=UserState.required.is_(False))
+            where=UserState.required.is_(False)).returning(UserState.username)
         with self._tx() as s:
-            return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            # RETURNING, not rowcount: psycopg counts the skipped DO UPDATE as a row
+            return s.execute(stmt).first() is not None
 
     def set_totp_key(self, username: str, blob: bytes, key_version: int) -> None:
         now = int(self.clock())

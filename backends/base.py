@@ -8,6 +8,8 @@ override the ``*_async`` methods instead).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -26,6 +28,13 @@ class Identity:
     ``mail``: the entry's mail address, if it has one (``[directory]
     mail_attribute``; ``email`` in the local users file) -- an attribute of
     the entry, not part of who it is.
+
+    ``groups``: the entry's groups -- their DNs for an LDAP directory, the
+    names in the local users file (:func:`group_names` is how rules match
+    them). ``groups_complete`` False: the entry named none of its groups
+    (no memberOf) and only a group search can tell; the core asks for one
+    (:meth:`AsyncDirectory.groups`) only when a rule for the request needs
+    the groups.
     """
 
     username: str
@@ -33,6 +42,67 @@ class Identity:
     groups: tuple[str, ...] = field(default_factory=tuple)
     from_cache: bool = field(default=False, compare=False, repr=False)
     mail: str | None = field(default=None, compare=False, repr=False)
+    groups_complete: bool = field(default=True, compare=False, repr=False)
+
+
+_DN_SPACES = re.compile(r"\s*([,=+])\s*")
+_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+")
+
+
+def group_key(name: str) -> str:
+    """How a configured group name (a rule's, ``require_groups``') is compared:
+    case-insensitively, and for a DN without the spaces around its separators."""
+    return _DN_SPACES.sub(r"\1", name.casefold().strip())
+
+
+def group_names(groups: Iterable[str]) -> set[str]:
+    """The names a rule may match an entry's groups by: each group as given
+    (a full DN) and, for a DN, its first RDN value (``cn=VPN Users,ou=groups,...``
+    → ``vpn users``); both through :func:`group_key`."""
+    names = set()
+    for group in groups:
+        names.add(group_key(group))
+        value = first_rdn_value(group)
+        if value:
+            names.add(group_key(value))
+    return names
+
+
+def first_rdn_value(dn: str) -> str | None:
+    r"""The value of a DN's first RDN, its escapes undone (``cn=a\,b,ou=x`` → ``a,b``);
+    None when the text does not start like a DN (``attribute=value``)."""
+    end, escaped = len(dn), False
+    for i, char in enumerate(dn):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in ",+":
+            end = i
+            break
+    attribute, equals, value = dn[:end].partition("=")
+    if not equals or not _ATTRIBUTE.fullmatch(attribute.strip()) or not value.strip():
+        return None
+    return _unescape(value.strip())
+
+
+def _unescape(value: str) -> str:
+    if "\\" not in value:
+        return value
+    out, i = bytearray(), 0
+    while i < len(value):
+        pair = value[i + 1 : i + 3]
+        if value[i] == "\\" and len(pair) == 2 and all(c in "0123456789abcdefABCDEF"
+                                                       for c in pair):
+            out.append(int(pair, 16))
+            i += 3
+        elif value[i] == "\\" and i + 1 < len(value):
+            out += value[i + 1].encode()
+            i += 2
+        else:
+            out += value[i].encode()
+            i += 1
+    return out.decode("utf-8", errors="replace")
 
 
 class DirectoryError(Exception):
@@ -103,6 +173,11 @@ class AsyncDirectory(Protocol):
         exactly the entry ``lookup`` finds for its own name; else None."""
 
     def check_password(self, identity: Identity, password: str) -> Deferred[Identity]: ...
+
+    def groups(self, identity: Identity) -> Deferred[Identity]:
+        """The identity with all its groups: as it is when ``groups_complete``,
+        else after the group search (which may be served from a short cache);
+        DirectoryUnavailable when that search fails."""
 
     def ping(self) -> Deferred[None]: ...
 

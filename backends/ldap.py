@@ -185,7 +185,7 @@ class LdapDirectory:
         name = entry.first(self.options.username_attribute)
         if not name or not entry.dn:
             return None
-        return Identity(username=name, dn=entry.dn, groups=self._groups_of(entry))
+        return Identity(username=name, dn=entry.dn, groups=self._groups_of(entry, name))
 
     def _username_of(self, dn: str) -> str | None:
         """The username of a member DN: from the RDN when it names it, else read the entry."""
@@ -198,18 +198,17 @@ class LdapDirectory:
 
     # -- groups
 
-    def _groups_of(self, entry: _Entry) -> tuple[str, ...]:
+    def _groups_of(self, entry: _Entry, username: str) -> tuple[str, ...]:
+        """The DNs of the entry's groups: memberOf's, else a group search's (this
+        client serves the admin commands: its look-ups are always complete)."""
         member_of = entry.values("memberOf") if self.options.use_memberof else []
         if member_of:
-            names = [rdn_value(dn, self.options.group_name_attribute) for dn in member_of]
-            return tuple(sorted({n for n in names if n is not None}))
+            return tuple(sorted(set(member_of)))
         if not self.options.group_base:
             return ()
-        search_filter = group_search_filter(self.options.group_filter, entry.dn)
-        groups = self._search(self.options.group_base, search_filter,
-                              [self.options.group_name_attribute])
-        found = [g.first(self.options.group_name_attribute) for g in groups]
-        return tuple(sorted({n for n in found if n}))
+        search_filter = group_search_filter(self.options.group_filter, entry.dn, username)
+        groups = self._search(self.options.group_base, search_filter, ["1.1"])
+        return tuple(sorted({g.dn for g in groups if g.dn}))
 
     def _group_member_dns(self, group: str) -> list[str]:
         base = self.options.group_base or self.options.user_base

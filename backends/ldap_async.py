@@ -19,14 +19,18 @@ proxy's own LDAP codec (:mod:`backends.ldapwire`, shared with the front-end):
   are tried in order with the same "remember it as down" failover as
   :mod:`backends.ldap`;
 - an optional username → identity cache (``dn_cache_seconds``) saves the
-  search, never the bind.
+  search, never the bind;
+- groups: memberOf, read with the entry, is free; a group search (an entry
+  without memberOf, ``group_base`` set) is made only when the core asks
+  (:meth:`AsyncLdapDirectory.groups`: a rule for that request needs the
+  groups), and its result is kept per entry DN for ``group_cache_seconds``.
 
 ``lookup()`` and ``check_password()`` (``verify()`` is the two) have two
 paths. While the connections they need are open, they run as reply
 callbacks (:class:`_Verify`): no coroutine, one Deferred, the entry decoded
 down to the DN, the username and memberOf. Whatever is rare -- connecting,
-a lost connection, a group search, a refused cached DN -- goes to the
-coroutines, which are the reference behaviour. ``lookup_dn()`` (which entry
+a lost connection, a refused cached DN -- goes to the coroutines, which are
+the reference behaviour. ``lookup_dn()`` (which entry
 a bind DN names) is a coroutine.
 
 Errors and results are those of :class:`backends.ldap.LdapDirectory`.
@@ -91,6 +95,37 @@ DN_NAMES_NOBODY = frozenset({
 _START_TLS = extended_request(START_TLS_OID)
 
 
+class _GroupCache:
+    """entry DN → the groups a group search found, for a short time, bounded."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float], limit: int = 100_000) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._limit = limit
+        self._entries: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
+        self.hits = 0
+
+    def get(self, dn: str) -> tuple[str, ...] | None:
+        if self.seconds <= 0:
+            return None
+        found = self._entries.get(dn)
+        if found is None or found[0] <= self._clock():
+            return None
+        self.hits += 1
+        return found[1]
+
+    def put(self, dn: str, groups: tuple[str, ...]) -> None:
+        if self.seconds <= 0:
+            return
+        self._entries[dn] = (self._clock() + self.seconds, groups)
+        self._entries.move_to_end(dn)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class _DnCache:
     """username → Identity for a short time: saves the search, never the bind."""
 
@@ -129,6 +164,7 @@ class Stats:
     searches: int = 0
     binds: int = 0
     connects: int = 0
+    group_searches: int = 0  # (counted in searches too)
 
 
 class _Binding(NamedTuple):
@@ -164,7 +200,7 @@ class _Verify:
     A look-up (``password`` None) searches on an open service connection; a
     password check binds on an idle (or the next released) bind connection;
     each reply drives the next step and ``result`` is the only Deferred made.
-    Anything unusual -- a lost connection, a group search, a refused cached
+    Anything unusual -- a lost connection, a refused cached
     DN, a link that must (re)connect -- hands the rest to the coroutines of
     :class:`AsyncLdapDirectory` from the step reached, so errors, retries and
     failover stay theirs.
@@ -210,11 +246,7 @@ class _Verify:
         if not directory._only_one(self._matches) or user is None:
             self.result.callback(None)
             return
-        groups = directory._memberof_groups(user)
-        if groups is None:  # a group search: left to the coroutines
-            self._hand_over(directory._identity_of(username, [user]))
-            return
-        self.result.callback(directory._remember(username, user, groups))
+        self.result.callback(directory._remember(username, user))
 
     # -- the bind
 
@@ -321,6 +353,8 @@ class AsyncLdapDirectory:
         self.cache = _DnCache(options.dn_cache_seconds, reactor.seconds)
         # bind DN as sent -> identity: saves the base read and the name search
         self.dn_cache = _DnCache(options.dn_cache_seconds, reactor.seconds)
+        # entry DN -> groups found by a group search (made only when a rule needs them)
+        self.group_cache = _GroupCache(options.group_cache_seconds, reactor.seconds)
         self._time_limit = max(1, int(options.timeout))
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
@@ -328,8 +362,8 @@ class AsyncLdapDirectory:
         self._user_reader = UserEntryReader(options.username_attribute, options.use_memberof,
                                             options.mail_attribute)
         self._group_search = self._template(options.group_base, SCOPE_SUBTREE,
-                                            options.group_filter, ("dn",),
-                                            [options.group_name_attribute])
+                                            options.group_filter, ("dn", "username"),
+                                            ["1.1"])  # the DNs only
         self._service = [Link(lambda: self._connect(service=True), self.endpoints)
                          for _ in range(max(1, options.pool_size))]
         binders = [Link(lambda: self._connect(service=False), self.endpoints)
@@ -368,6 +402,18 @@ class AsyncLdapDirectory:
     def verify(self, username: str, password: str) -> Deferred[Identity]:
         """lookup, then check_password (the core calls the two apart)."""
         return self._run(self._verify(username, password))
+
+    def groups(self, identity: Identity) -> Deferred[Identity]:
+        """The identity with every group it is in: as it is when its entry's memberOf
+        said so (or no group_base is set), else the group search's DNs, from the
+        cache while ``group_cache_seconds`` last. DirectoryUnavailable when the
+        search fails: never an identity with groups missing."""
+        if identity.groups_complete or not identity.dn:
+            return defer.succeed(identity)
+        cached = self.group_cache.get(identity.dn)
+        if cached is not None:
+            return defer.succeed(replace(identity, groups=cached, groups_complete=True))
+        return self._run(self._with_groups(identity, identity.dn))
 
     def group_members(self, group: str) -> Deferred[list[str]]:
         return self._run(self._group_members(group))
@@ -474,10 +520,7 @@ class AsyncLdapDirectory:
     async def _identity_of(self, username: str, users: list[UserEntry]) -> Identity | None:
         if not self._only_one(len(users)):
             return None
-        groups = self._memberof_groups(users[0])
-        if groups is None:
-            groups = await self._search_groups(users[0].dn)
-        return self._remember(username, users[0], groups)
+        return self._remember(username, users[0])
 
     def _users_in(self, reply: Reply) -> list[UserEntry]:
         member_of = self.options.use_memberof
@@ -499,29 +542,34 @@ class AsyncLdapDirectory:
             log.warn("user filter matches several entries for one username")
         return matches == 1
 
-    def _memberof_groups(self, user: UserEntry) -> tuple[str, ...] | None:
-        """The groups memberOf names; None when a group search must tell."""
-        if user.member_of:
-            names = [rdn_value(dn, self.options.group_name_attribute) for dn in user.member_of]
-            return tuple(sorted({n for n in names if n is not None}))
-        return None if self.options.group_base else ()
-
-    def _remember(self, username: str, user: UserEntry, groups: tuple[str, ...]
-                  ) -> Identity | None:
+    def _remember(self, username: str, user: UserEntry) -> Identity | None:
         """The entry's identity under its own name; one without a name (or a DN,
-        which would bind anonymously) is nobody."""
+        which would bind anonymously) is nobody. Its groups are those its
+        memberOf names: complete unless it names none and a group search could
+        find some (made only when asked, :meth:`groups`)."""
         if not user.name or not user.dn:
             return None
-        identity = Identity(user.name, user.dn, groups, mail=user.mail)
+        if user.member_of:
+            groups, complete = tuple(sorted(set(user.member_of))), True
+        else:
+            groups, complete = (), not self.options.group_base
+        identity = Identity(user.name, user.dn, groups, mail=user.mail,
+                            groups_complete=complete)
         self.cache.put(username, replace(identity, from_cache=True))
         return identity
 
     # -- groups
 
-    async def _search_groups(self, dn: str) -> tuple[str, ...]:
-        reply = await self._search(self._group_search.encode(dn=dn))
-        found = [g.first(self.options.group_name_attribute) for g in reply.entries]
-        return tuple(sorted({n for n in found if n}))
+    async def _with_groups(self, identity: Identity, dn: str) -> Identity:
+        groups = await self._search_groups(dn, identity.username)
+        self.group_cache.put(dn, groups)
+        return replace(identity, groups=groups, groups_complete=True)
+
+    async def _search_groups(self, dn: str, username: str) -> tuple[str, ...]:
+        """The DNs of the groups under group_base that the filter finds for the entry."""
+        self.stats.group_searches += 1
+        reply = await self._search(self._group_search.encode(dn=dn, username=username))
+        return tuple(sorted({g.dn for g in reply.entries if g.dn}))
 
     async def _group_members(self, group: str) -> list[str]:
         base = self.options.group_base or self.options.user_base

@@ -46,7 +46,12 @@ class LdapOptions:
     username_attribute: str = "uid"
     mail_attribute: str = "mail"  # read with the user's entry ("": none)
     group_base: str = ""
-    group_filter: str = "(|(member={dn})(uniqueMember={dn}))"
+    # {dn}: the user's entry DN, {username}: its username attribute's value. One
+    # attribute, so one equality index answers it ("index member eq" in slapd);
+    # "(uniqueMember={dn})" for groupOfUniqueNames, "(memberUid={username})" for
+    # posixGroup. A filter over an unindexed attribute makes the directory read
+    # every group under group_base for each search.
+    group_filter: str = "(member={dn})"
     group_name_attribute: str = "cn"
     use_memberof: bool = True
     start_tls: bool = False
@@ -60,6 +65,9 @@ class LdapOptions:
     down_seconds: float = 10.0
     # Cache of username -> DN (async backend only; 0 = off). The bind always happens.
     dn_cache_seconds: float = 60.0
+    # Cache of entry DN -> its groups found by a group search (async backend only;
+    # 0 = off): a search is made only when a rule for the request needs the groups.
+    group_cache_seconds: float = 60.0
 
     def problems(self) -> list[str]:
         """One line per invalid option, naming the key (for check-config)."""
@@ -71,7 +79,7 @@ class LdapOptions:
             if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
                 found.append(f"urls: {url!r} is not an ldap:// or ldaps:// URL")
         found += _template_problems("user_filter", self.user_filter, "username")
-        found += _template_problems("group_filter", self.group_filter, "dn")
+        found += _template_problems("group_filter", self.group_filter, "dn", "username")
         if not self.user_base:
             found.append("user_base: required")
         for key in ("connect_timeout", "timeout"):
@@ -83,14 +91,16 @@ class LdapOptions:
         return found
 
 
-def _template_problems(key: str, template: str, placeholder: str) -> list[str]:
+def _template_problems(key: str, template: str, *placeholders: str) -> list[str]:
+    """Problems of a filter template that must hold one of ``placeholders``."""
     # The Twisted client's parser is the strict one (backends.ldapwire.filters).
     try:
-        compiled = compile_filter(template, (placeholder,))
+        compiled = compile_filter(template, placeholders)
     except FilterTemplateError as bad:
         return [f"{key}: not an LDAP filter ({bad})"]
-    if placeholder not in compiled.placeholders:
-        return [f"{key}: must contain {{{placeholder}}} in a value"]
+    if not compiled.placeholders:
+        named = " or ".join(f"{{{p}}}" for p in placeholders)
+        return [f"{key}: must contain {named} in a value"]
     return []
 
 
@@ -124,8 +134,10 @@ def user_search_filter(template: str, username: str) -> str:
     return template.replace("{username}", escape_filter_value(username))
 
 
-def group_search_filter(template: str, dn: str) -> str:
-    return template.replace("{dn}", escape_filter_value(dn))
+def group_search_filter(template: str, dn: str, username: str = "") -> str:
+    """The group filter for the entry at ``dn`` whose username is ``username``."""
+    return (template.replace("{dn}", escape_filter_value(dn))
+            .replace("{username}", escape_filter_value(username)))
 
 
 def rdn_value(dn: str, attribute: str | None = None) -> str | None:

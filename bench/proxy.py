@@ -9,7 +9,11 @@ ever saved. With ``ldap=True`` (``scripts/bench ldap``) it also has an
 ``[ldap]`` front-end on a free loopback port in front of the same slapd:
 the service account exempt, "," between password and code, mfa "enrolled",
 ``bind_cache_seconds = 0`` (every bind takes a fresh code); ``radius=False``
-leaves the ``[radius]`` section out.
+leaves the ``[radius]`` section out. ``groups``: "" no ``group_base``;
+"unused" ``group_base`` set (as in ``conf/examples/ldap.toml``) and no rule
+using groups; "rule" the same and a ``[[radius.reply]]`` rule for one bench
+group, so every accept needs the user's groups (``group_cache_seconds = 0``:
+a group search each time).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    BASE_DN,
     PEOPLE_DN,
     SVC_DN,
     SVC_PASSWORD,
@@ -38,6 +43,8 @@ from bench.common import (
     uid,
     wait_until,
 )
+
+GROUP_BASE = f"ou=groups,{BASE_DN}"
 
 
 def mfa_proxy_command() -> str:
@@ -57,8 +64,9 @@ class ProxyConfig:
 
 
 def write_config(workdir: Path, ldap_url: str, log_level: str = "info", radius: bool = True,
-                 ldap: bool = False) -> ProxyConfig:
-    """The config file; ``radius``/``ldap``: which front-ends it has (loopback, free ports)."""
+                 ldap: bool = False, groups: str = "") -> ProxyConfig:
+    """The config file; ``radius``/``ldap``: which front-ends it has (loopback, free ports);
+    ``groups``: see the module's docstring."""
     radius_port = free_udp_pair() if radius else 0
     ldap_port = free_port() if ldap else 0
     http_port = free_port()
@@ -77,6 +85,16 @@ address = "127.0.0.1/32"
 secret = "{nas_secret}"
 mfa = "enrolled"
 """ if radius else ""
+    if radius and groups == "rule":
+        radius_section += """
+[[radius.reply]]
+group = "bench00"
+attributes = { Class = "bench00" }
+"""
+    group_keys = f"""group_base = "{GROUP_BASE}"         # groups configured ({groups})
+""" if groups else ""
+    if groups == "rule":
+        group_keys += "group_cache_seconds = 0       # no cache in the path\n"
     ldap_section = f"""
 [ldap]
 listen = ["127.0.0.1:{ldap_port}"]
@@ -114,7 +132,7 @@ bind_password = "{SVC_PASSWORD}"
 user_base = "{PEOPLE_DN}"
 user_filter = "(uid={{username}})"
 dn_cache_seconds = 0          # every request searches the user: no cache in the path
-{radius_section}{ldap_section}
+{group_keys}{radius_section}{ldap_section}
 [http]
 listen = "127.0.0.1:{http_port}"
 

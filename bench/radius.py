@@ -12,6 +12,14 @@ One run, one machine, one slapd:
     same slapd, driven by the same load generator the same way
     (``--no-freeradius`` to skip).
 
+``--group-rows`` adds rows of (b) with ``[directory] group_base`` configured:
+"unused" (the default) one where no rule uses groups (its req/s must equal
+the row without group_base: no group search is made), "all" that one and one
+with a ``[[radius.reply]]`` rule (a group search on every accept), "none" no
+extra row. Each is its own ``mfa-proxy serve``, all started before the first
+level; each level runs on every server in turn, the order reversed from one
+level to the next; reported as ratios to (b) at each concurrency.
+
 Every request does the full work: no (user, time step) pair is sent twice,
 and the proxy's config has no cache in the path. It prints a table and the
 issue-3 target, writes JSON to ``var/bench/radius-<timestamp>.json`` and
@@ -34,6 +42,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +126,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="hard cap on requests per level")
     ap.add_argument("--freeradius-threads", type=int, default=32,
                     help="FreeRADIUS thread pool and LDAP connection pool size")
+    ap.add_argument("--group-rows", choices=("none", "unused", "all"), default="unused",
+                    help="extra mfa-proxy rows with [directory] group_base set: 'unused' "
+                         "(no rule uses groups; default), 'all' (and one with a reply rule "
+                         "by group), 'none'")
     return bench_defaults(ap, ap.parse_args(argv), max_level=1024)
 
 
@@ -130,35 +143,46 @@ def drive(target: radiusload.Target, pool: radiusload.UserPool, codes: radiusloa
     the next time step, which brings every user back (unless --no-reuse)."""
     results: list[dict[str, Any]] = []
     for c in a.levels:
-        if results:
-            time.sleep(1.0)
-            need = results[-1]["req_per_s"] * (a.warmup + a.seconds) * 1.2
-            pool.refresh(time.time())
-            if pool.left < need and pool.reuse:
-                wait = pool.next_refill(time.time()) - time.time()
-                say(f"{target.label}: {pool.left:,} users left, ~{need:,.0f} needed: waiting "
-                    f"{wait:.0f} s for the next time step to bring them back")
-                time.sleep(max(0.0, wait))
-                pool.refresh(time.time())
-            if not pool.left:
-                say(f"{target.label}: no users left (--no-reuse); levels from c={c} skipped")
-                break
-        before = scrape() if scrape else None
-        level = radiusload.run_level(target, pool, codes, c, a.seconds, a.warmup, a.timeout,
-                                     a.max_requests)
-        server.check()  # a server that died is a broken benchmark, not a slow server
-        summary = level.summary()
-        if scrape is not None and before is not None:
-            summary["metrics_delta"] = proxy.metrics_delta(before, scrape())
+        summary = one_level(target, pool, codes, a, server, c, results, scrape)
+        if summary is None:
+            break
         results.append(summary)
-        short = level.stopped_early_at is not None
-        say(f"{target.label} c={c}: {summary['req_per_s']:,.0f} req/s, "
-            f"p50 {summary['p50_ms']:.2f} ms, p99 {summary['p99_ms']:.2f} ms, "
-            f"accept {summary['accept']}, reject {summary['reject']}, "
-            f"timeouts {summary['timeouts']}"
-            + (f"; the user pool ran out: measured over {summary['seconds']:.1f} s"
-               if short else ""))
     return results
+
+
+def one_level(target: radiusload.Target, pool: radiusload.UserPool, codes: radiusload.Codes,
+              a: argparse.Namespace, server: Managed, c: int, before_this: list[dict[str, Any]],
+              scrape: Any = None) -> dict[str, Any] | None:
+    """One level at concurrency ``c`` after the levels ``before_this`` (same server);
+    None when the users ran out (--no-reuse)."""
+    if before_this:
+        time.sleep(1.0)
+        need = before_this[-1]["req_per_s"] * (a.warmup + a.seconds) * 1.2
+        pool.refresh(time.time())
+        if pool.left < need and pool.reuse:
+            wait = pool.next_refill(time.time()) - time.time()
+            say(f"{target.label}: {pool.left:,} users left, ~{need:,.0f} needed: waiting "
+                f"{wait:.0f} s for the next time step to bring them back")
+            time.sleep(max(0.0, wait))
+            pool.refresh(time.time())
+        if not pool.left:
+            say(f"{target.label}: no users left (--no-reuse); levels from c={c} skipped")
+            return None
+    before = scrape() if scrape else None
+    level = radiusload.run_level(target, pool, codes, c, a.seconds, a.warmup, a.timeout,
+                                 a.max_requests)
+    server.check()  # a server that died is a broken benchmark, not a slow server
+    summary = level.summary()
+    if scrape is not None and before is not None:
+        summary["metrics_delta"] = proxy.metrics_delta(before, scrape())
+    short = level.stopped_early_at is not None
+    say(f"{target.label} c={c}: {summary['req_per_s']:,.0f} req/s, "
+        f"p50 {summary['p50_ms']:.2f} ms, p99 {summary['p99_ms']:.2f} ms, "
+        f"accept {summary['accept']}, reject {summary['reject']}, "
+        f"timeouts {summary['timeouts']}"
+        + (f"; the user pool ran out: measured over {summary['seconds']:.1f} s"
+           if short else ""))
+    return summary
 
 
 def quiet_machine(wait: float) -> float:
@@ -191,37 +215,90 @@ def ceiling(directory: slapd.Directory, a: argparse.Namespace) -> dict[str, Any]
     return out
 
 
+GROUP_ROWS = {"none": (), "unused": ("unused",), "all": ("unused", "rule")}
+GROUP_LABELS = {"unused": "mfa-proxy +group_base", "rule": "mfa-proxy +reply rule"}
+
+
+@dataclass
+class ProxyRun:
+    """One ``mfa-proxy serve`` of the bench, started and probed, and its levels so far."""
+
+    groups: str
+    config: proxy.ProxyConfig
+    server: Managed
+    target: radiusload.Target
+    pool: radiusload.UserPool
+    codes: radiusload.Codes
+    scrape: Callable[[], Any]
+    import_seconds: float
+    memory_start: dict[str, int]
+    levels: list[dict[str, Any]] = field(default_factory=list)
+
+
 def run_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
               procs: list[Managed]) -> dict[str, Any]:
-    pdir = workdir / "proxy"
+    run = start_proxy(directory, workdir, a, procs)
+    run.levels = drive(run.target, run.pool, run.codes, a, run.server, run.scrape)
+    return proxy_results(run, workdir, a)
+
+
+def run_with_group_rows(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
+                        procs: list[Managed]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(b) and the group rows, every server started first, then each level run on
+    each server in turn -- the order reversed at every level, so a load that drifts
+    over the run (other work on the machine) weighs on every row alike."""
+    runs = [start_proxy(directory, workdir, a, procs, g) for g in ("", *GROUP_ROWS[a.group_rows])]
+    for i, c in enumerate(a.levels):
+        for run in (runs if i % 2 == 0 else runs[::-1]):
+            summary = one_level(run.target, run.pool, run.codes, a, run.server, c, run.levels,
+                                run.scrape)
+            if summary is not None:
+                run.levels.append(summary)
+    results = [proxy_results(run, workdir, a) for run in runs]
+    for run in runs:
+        run.server.stop()
+    return results[0], {run.groups: r for run, r in zip(runs[1:], results[1:], strict=True)}
+
+
+def start_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
+                procs: list[Managed], groups: str = "") -> ProxyRun:
+    pdir = workdir / (f"proxy-groups-{groups}" if groups else "proxy")
     pdir.mkdir()
-    config = proxy.write_config(pdir, directory.url, a.log_level)
+    config = proxy.write_config(pdir, directory.url, a.log_level, groups=groups)
     import_s = proxy.enroll_users(config, directory.users, pdir)
     server = proxy.start(config, pdir)
     procs.append(server)
     server.remember_children()
     say(f"proxy: serving, pid {server.pid}, RADIUS 127.0.0.1:{config.radius_port}")
-    target = radiusload.Target("mfa-proxy", "127.0.0.1", config.radius_port,
-                               config.nas_secret.encode(), ",",
+    target = radiusload.Target(GROUP_LABELS.get(groups, "mfa-proxy"), "127.0.0.1",
+                               config.radius_port, config.nas_secret.encode(), ",",
                                {"mfa-proxy": server.pid, "slapd": directory.pid},
                                ("mfa-proxy",))
-    pool = radiusload.UserPool(directory.users, reuse=not a.no_reuse, seed=11)
+    # another draw of users for each row (slapd's caches favour none of them)
+    pool = radiusload.UserPool(directory.users, reuse=not a.no_reuse,
+                               seed=11 + 2 * list(GROUP_LABELS).index(groups) + 2 if groups
+                               else 11)
     codes = radiusload.Codes()
     memory_start = proxy_memory(server.pid)
     first = radiusload.probe(target, pool, codes)
     if first != radiusload.ACCESS_ACCEPT:
         raise RuntimeError(f"proxy: the first request got code {first}, not an Access-Accept:\n"
                            f"{proxy.log_tail(pdir)}")
-    scrape = lambda: proxy.metrics(config.http_port)  # noqa: E731
-    levels = drive(target, pool, codes, a, server, scrape)
+    return ProxyRun(groups, config, server, target, pool, codes,
+                    lambda: proxy.metrics(config.http_port), import_s, memory_start)
+
+
+def proxy_results(run: ProxyRun, workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
+    config = run.config
     out: dict[str, Any] = {
-        "levels": levels, "import_seconds": import_s, "memory_kb_at_start": memory_start,
-        "memory_kb_at_end": proxy_memory(server.pid),
-        "users_drawn": pool.drawn, "users_reused": pool.reused,
+        "levels": run.levels, "import_seconds": run.import_seconds,
+        "memory_kb_at_start": run.memory_start, "memory_kb_at_end": proxy_memory(run.server.pid),
+        "users_drawn": run.pool.drawn, "users_reused": run.pool.reused,
         "config": config.path.read_text().replace(config.nas_secret, "<secret>"),
     }
-    if a.profile:
-        out["profile"] = profile_proxy(target, pool, codes, server.pid, workdir, a)
+    if a.profile and not run.groups:
+        out["profile"] = profile_proxy(run.target, run.pool, run.codes, run.server.pid,
+                                       workdir, a)
     return out
 
 
@@ -323,12 +400,14 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> str:
                "÷ ceiling", "proxy ÷ FR"]
     rows = []
     short = False
-    for name, levels in (("mfa-proxy", px), ("freeradius", fr)):
-        key = name
+    group_runs = [(GROUP_LABELS[g], by_concurrency(res["proxy_groups"][g]["levels"]))
+                  for g in res.get("proxy_groups", {})]
+    for name, levels in (("mfa-proxy", px), *group_runs, ("freeradius", fr)):
+        key = "freeradius" if name == "freeradius" else "mfa-proxy"
         for c, lv in sorted(levels.items()):
             cpu = lv["cpu_us_per_req"]
             vs_fr = ratio(lv["req_per_s"], fr[c]["req_per_s"]) if (
-                name == "mfa-proxy" and c in fr) else None
+                key == "mfa-proxy" and c in fr) else None
             rate = _f([lv["req_per_s"]])[0] + ("*" if lv["seconds"] < a.seconds else "")
             short = short or lv["seconds"] < a.seconds
             rows.append([name, c, rate, lv["p50_ms"], lv["p99_ms"], lv["accept"],
@@ -343,6 +422,22 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> str:
     if short:
         out.append("  * the user pool ran out during this level: measured over the seconds "
                    "that had users (JSON: seconds); more --users for full levels")
+    for name, levels in group_runs:
+        out.append(f"  {name} ÷ mfa-proxy (no group_base), same run:")
+        for c, lv in sorted(levels.items()):
+            if c not in px:
+                continue
+            cpu, base = lv["cpu_us_per_req"], px[c]["cpu_us_per_req"]
+            out.append(
+                f"    c={c}: req/s {fmt(ratio(lv['req_per_s'], px[c]['req_per_s']), 2)}x, "
+                f"proxy µs/req {fmt(ratio(cpu.get('mfa-proxy'), base.get('mfa-proxy')), 2)}x, "
+                f"slapd µs/req {fmt(ratio(cpu.get('slapd'), base.get('slapd')), 2)}x "
+                f"(other cores {fmt(lv['other_cores'], 2)} vs {fmt(px[c]['other_cores'], 2)})")
+    if group_runs:
+        out.append(f"  +group_base: [directory] group_base set ({slapd.GROUPS} groups, "
+                   "member indexed eq, users without memberOf), no rule uses groups: no "
+                   "group search; +reply rule: a [[radius.reply]] rule by group, a group "
+                   "search on every accept (group_cache_seconds = 0)")
     if fr_res.get("skipped"):
         out.append(f"  FreeRADIUS: skipped ({fr_res['skipped']})")
     elif fr_res:
@@ -526,8 +621,12 @@ def main(argv: list[str]) -> int:
     def measure(directory: slapd.Directory, workdir: Path, procs: list[Managed],
                 res: dict[str, Any]) -> None:
         res["ceiling"] = ceiling(directory, a)
-        res["proxy"] = run_proxy(directory, workdir, a, procs)
-        procs[-1].stop()  # the proxy: FreeRADIUS gets the machine to itself
+        if GROUP_ROWS[a.group_rows]:
+            res["proxy"], res["proxy_groups"] = run_with_group_rows(directory, workdir, a,
+                                                                    procs)
+        else:
+            res["proxy"] = run_proxy(directory, workdir, a, procs)
+            procs[-1].stop()  # the proxy: FreeRADIUS gets the machine to itself
         if not a.no_freeradius:
             res["freeradius"] = run_freeradius(directory, workdir, a, procs)
         else:

@@ -5,6 +5,9 @@ Data (the load generators rely on it, see :mod:`bench.common`)::
     uid=userNNNNN,ou=people,dc=example,dc=org   password passNNNNN ({SSHA}),
         inetOrgPerson + totpUser: totpSecret = base32(sha1("totp:" + uid))
     cn=svc,ou=services,dc=example,dc=org        service account, "svc-secret"
+    cn=benchNN,ou=groups,dc=example,dc=org      GROUPS groupOfNames; user i is a
+        ``member`` of group i % GROUPS (indexed eq; no memberOf on the users, as
+        in a directory without the overlay: only a group search tells)
 
 ``totpSecret`` (a bench-only schema in OpenLDAP's experimental OID arc) is
 what FreeRADIUS's rlm_totp reads; only the service account may read it.
@@ -45,6 +48,12 @@ attributetype ( 1.3.6.1.4.1.4203.666.11.99.1 NAME 'totpSecret'
 objectclass ( 1.3.6.1.4.1.4203.666.11.99.2 NAME 'totpUser' SUP top AUXILIARY
     MAY totpSecret )
 """
+GROUPS = 10
+GROUP_BASE = f"ou=groups,{BASE_DN}"
+
+
+def group_name(i: int) -> str:
+    return f"bench{i % GROUPS:02d}"
 
 
 def write_ldif(path: Path, users: int) -> None:
@@ -62,6 +71,12 @@ def write_ldif(path: Path, users: int) -> None:
             w(f"dn: {user_dn(i)}\nobjectClass: inetOrgPerson\nobjectClass: totpUser\n"
               f"uid: {u}\ncn: User {i:05d}\nsn: {i:05d}\nmail: {u}@example.org\n"
               f"userPassword: {ssha(password(i))}\ntotpSecret: {totp_secret(u)}\n\n")
+        for g in range(GROUPS):
+            w(f"dn: cn={group_name(g)},{GROUP_BASE}\nobjectClass: groupOfNames\n"
+              f"cn: {group_name(g)}\n")
+            w("".join(f"member: {user_dn(i)}\n" for i in range(1, users + 1)
+                      if i % GROUPS == g) or f"member: {SVC_DN}\n")
+            w("\n")
 
 
 def slapd_conf(workdir: Path, threads: int) -> str:
@@ -83,7 +98,8 @@ access to *
     return (harness.global_section(workdir, schema=TOTP_SCHEMA, lines=settings)
             + harness.mdb_section(workdir, suffix=BASE_DN, rootdn=ADMIN_DN,
                                   rootpw=ADMIN_PASSWORD, maxsize=2147483648,
-                                  indexes=("objectClass eq", "uid,cn,mail eq"), acl=acl))
+                                  indexes=("objectClass eq", "uid,cn,mail eq", "member eq"),
+                                  acl=acl))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 What every throwaway OpenLDAP ``slapd`` here has in common: a ``slapd.conf``
 built from the same two sections (global, one mdb database), data loaded
 with ``slapadd`` before the start, and a slapd in the foreground (``-d 0``)
-whose PID we own, started on loopback URLs and ready once a simple bind
+whose PID we own (``-d`` keeps it there), started on loopback URLs and ready once a simple bind
 answers. What differs — the data, the ACLs, TLS, overlays, the bench's
 ``totpSecret`` schema — is each caller's: :mod:`bench.slapd` (the bench
 directory, 100,000 users) and ``tests/integration/slapd.py`` (the test
@@ -81,8 +81,10 @@ class SlapdProcess:
     same URLs and data (the tests take the directory down and bring it back)."""
 
     def __init__(self, conf: Path, urls: Sequence[str], ready_dn: str, ready_password: str,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, debug: str = "0") -> None:
         self.conf, self.urls = conf, tuple(urls)
+        # slapd's -d level: "0" logs nothing; "stats" logs every operation to ``log``.
+        self.debug = debug
         self.ready_dn, self.ready_password = ready_dn, ready_password
         self.log = log or conf.parent / "slapd.log"
         self.proc: Managed | None = None
@@ -101,7 +103,7 @@ class SlapdProcess:
         if self.running:
             return
         listen = " ".join(f"{url}/" for url in self.urls)
-        argv = [SLAPD, "-d", "0", "-f", str(self.conf), "-h", listen]
+        argv = [SLAPD, "-d", self.debug, "-f", str(self.conf), "-h", listen]
         self.proc = Managed.start("slapd", argv, self.log)
         host, port = self.urls[0].split("://", 1)[1].rsplit(":", 1)
         deadline = time.monotonic() + timeout

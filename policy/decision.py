@@ -98,6 +98,10 @@ class AuthRequest:
     # time.monotonic() when the core was first asked (0: not yet): the audit
     # row's latency is measured from here (policy.engine.Authenticator sets it).
     received_at: float = 0.0
+    # A rule of this resource uses the entry's groups (a RADIUS client's reply
+    # rules), known when the front-end is configured: only then, or when
+    # [policy] require_groups is set, may the core make the directory search them.
+    needs_groups: bool = False
 
 
 @dataclass(slots=True)  # see AuthRequest on frozen

@@ -12,6 +12,13 @@
 5. **decide**: code, counters, audit -- on the state as it is then, the
    accept conditional on the identity not being locked.
 
+The entry's groups are searched (with phase 1) only when a rule for the
+request uses them: the resource's (``AuthRequest.needs_groups``) or
+``[policy] require_groups`` (:class:`GroupRequirement`). A member of such a
+group who is not required yet is treated as required from ``begin`` on, and
+once the password is right the requirement is stored (one conditional write,
+with its mail) before ``decide``.
+
 :class:`PolicyEngine` holds phases 1, 3 and 5 as plain synchronous steps
 (an injected clock, no reactor); :class:`Authenticator` runs them around
 the asynchronous directory, the state steps on the state thread.
@@ -29,7 +36,7 @@ import time
 import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,13 +47,16 @@ from backends.base import (
     DirectoryUnavailable,
     Identity,
     InvalidCredentials,
+    group_key,
+    group_names,
 )
 from policy import recovery
+from policy.admin import AccountEvents, NoAccountEvents
 from policy.clock import Clock
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from policy.escaping import escape_controls
 from policy.keys import KeyRing
-from policy.store import LOCKED_FOREVER, AuditRecord, Store, UserRecord
+from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
 from policy.totp import TotpParams, match_step
 from policy.usernames import MAX_USERNAME, InvalidUsername, UsernameRules
 
@@ -60,6 +70,27 @@ log = logging.getLogger("mfa_proxy.policy")
 class Limits:
     max_failures: int = 5
     lockout_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class GroupRequirement:
+    """``[policy] require_groups``: a member of one of these groups (a name or a
+    full DN, matched like a reply rule's group: :func:`backends.base.group_names`)
+    who is not required yet is required at sign-in, with an enrollment period of
+    ``enrollment_days`` from then. Leaving the group changes nothing stored."""
+
+    groups: tuple[str, ...] = ()
+    enrollment_days: int = 7
+    _keys: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_keys", frozenset(k for k in map(group_key, self.groups) if k))
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def covers(self, identity: Identity) -> bool:
+        return bool(self._keys) and not self._keys.isdisjoint(group_names(identity.groups))
 
 
 class EngineEvents(Protocol):
@@ -92,6 +123,9 @@ class Prepared:
     password: str
     code: str | None
     needs_code: bool
+    # A member of a require_groups group not required yet: ``record`` is as if
+    # required; the requirement is stored once the password is right.
+    joins_group: bool = False
 
 
 # What a user is told (RADIUS Reply-Message, LDAP diagnostic), built here so every
@@ -221,11 +255,16 @@ class PolicyEngine:
                  events: EngineEvents | None = None, repeat_key: bytes = b"",
                  repeat_windows: bool = True, log_accepts: bool = True,
                  enrollment_url: str = "", enrollment_help: str = "",
-                 recovery_codes: bool = True) -> None:
+                 recovery_codes: bool = True, group_requirement: GroupRequirement | None = None,
+                 account_events: AccountEvents | None = None) -> None:
         self.store, self.keys, self.totp, self.limits = store, keys, totp, limits
         # [policy] recovery_codes: False refuses every recovery code (a bad code).
         self.recovery_codes = recovery_codes
         self._recovery_key: bytes | None = None
+        self.group_requirement = group_requirement or GroupRequirement()
+        # Told of a requirement a sign-in starts (the 'required' mail), as an
+        # admin's `user require` tells it (policy/admin.py).
+        self.account_events = account_events or NoAccountEvents()
         # The portal's public URL: the enrollment notices end with it.
         self.enrollment_url = enrollment_url
         # Where to set MFA up when there is no portal ([policy] enrollment_help).
@@ -251,6 +290,11 @@ class PolicyEngine:
     def canonical(self, identity: Identity) -> str:
         """The state key of an entry (InvalidUsername: treat as unknown)."""
         return self.usernames.canonical(identity.username)
+
+    def needs_groups(self, request: AuthRequest) -> bool:
+        """Whether a rule for this request uses the entry's groups (else the
+        directory is not asked to search them)."""
+        return request.needs_groups or bool(self.group_requirement)
 
     def refuse(self, request: AuthRequest, name: str, reason: Reason) -> Decision:
         """A reject that touches no state: the attempt never reached an entry."""
@@ -280,6 +324,10 @@ class PolicyEngine:
         if record.locked(self.clock()):
             return self._finish(request, username, Outcome.REJECT, Reason.LOCKED_OUT,
                                 locked_until=record.locked_until)
+        joins_group = not record.required and self.group_requirement.covers(identity)
+        if joins_group:
+            record = replace(record, required=True,
+                             enrollment_deadline=self._group_deadline(self.clock()))
         needs_code = self._needs_code(record, request.mfa, self.clock())
         password, code = request.password, request.code
         if needs_code and code is None:
@@ -288,13 +336,38 @@ class PolicyEngine:
         if not password and request.verified_identity is None:
             # Never sent to a directory (it would bind anonymously), never counted.
             return self._finish(request, username, Outcome.REJECT, Reason.EMPTY_PASSWORD)
-        return Prepared(request, username, identity, record, password, code, needs_code)
+        return Prepared(request, username, identity, record, password, code, needs_code,
+                        joins_group)
 
     @staticmethod
     def _needs_code(record: UserRecord, mfa: MfaMode, now: float) -> bool:
         if mfa is MfaMode.OFF or record.bypassed(now) or not record.enrolled:
             return False
         return record.required or mfa is MfaMode.STRICT
+
+    def _group_deadline(self, now: float) -> int:
+        return int(now) + self.group_requirement.enrollment_days * DAY
+
+    def join_group(self, p: Prepared) -> None:
+        """The requirement of a require_groups member whose password was right
+        (``p.joins_group``): stored unless someone stored one meanwhile (another
+        instance, an admin), with the 'required' notice in the same transaction
+        (none for a user who has a key already); ``p.record`` is then the state
+        as stored. Not inside a group of hot-path steps: it writes through the
+        admin connection (:meth:`Store.transaction`)."""
+        deadline = self._group_deadline(self.clock())
+        with self.store.transaction():
+            started = self.store.require_new(p.username, deadline)
+            if started:
+                self.account_events.required(p.username, deadline,
+                                             notify=not p.record.enrolled)
+        if started:
+            log.info("require_groups: user=%s is a member of a required group: MFA required, "
+                     "enrollment period of %d day(s) from now", p.username,
+                     self.group_requirement.enrollment_days,
+                     extra={"event": "group_requirement"})
+        p.record = self.store.get(p.username) or p.record
+        p.joins_group = False
 
     # -- phase 3: after the password -------------------------------------------------
 
@@ -523,6 +596,8 @@ class PolicyEngine:
                 verdict = directory.check_password(identity, prepared.password)
             except DirectoryError as e:
                 verdict = e
+        if prepared.joins_group and isinstance(verdict, Identity):
+            self.join_group(prepared)
         return self.decide(prepared, verdict)
 
 
@@ -623,14 +698,18 @@ class Authenticator:
     Every front-end calls it the same way. The directory is asynchronous;
     the engine's state steps run in ``run_blocking`` (the state thread);
     anything unexpected becomes a reject. ``call_later`` (the reactor's)
-    delays the answers to unknown names.
+    delays the answers to unknown names. ``run_alone``: the state thread for
+    a step that must not share a transaction with others (the requirement a
+    group brings, written with its mail; default ``run_blocking``).
     """
 
     def __init__(self, engine: PolicyEngine, directory: AsyncDirectory,
                  run_blocking: Callable[..., Deferred[Any]], clock: Clock = time.time,
-                 call_later: Callable[..., Any] | None = None) -> None:
+                 call_later: Callable[..., Any] | None = None,
+                 run_alone: Callable[..., Deferred[Any]] | None = None) -> None:
         self.engine, self.directory, self.clock = engine, directory, clock
         self.run_blocking = run_blocking
+        self.run_alone = run_alone or run_blocking
         self.call_later = call_later
         self.gate = IdentityGate()
         self.mimic = LatencyMimic()
@@ -695,6 +774,10 @@ class _SignIn:
 
     def _found(self, identity: Identity | None) -> None:
         self._timed(None)
+        if (identity is not None and not identity.groups_complete
+                and self.engine.needs_groups(self.request)):
+            self._with_groups(identity, self._resolved)
+            return
         self._run(self._resolved, identity)
 
     def _lookup_failed_async(self, failure: Any) -> None:
@@ -742,7 +825,7 @@ class _SignIn:
             return
         self.prepared = prepared
         if self.request.verified_identity is not None:
-            self._decide(self.request.verified_identity)
+            self._verified(self.request.verified_identity)
             return
         # -- 4. the password
         assert self.identity is not None
@@ -757,7 +840,62 @@ class _SignIn:
 
     def _password_ok(self, identity: Identity, checked_at: float) -> None:
         self.auth.engine.events.directory(self.auth.clock() - checked_at, None)
-        self._run(self._decide, identity)
+        self._run(self._verified, identity)
+
+    def _verified(self, identity: Identity) -> None:
+        """The password is right: the groups of an entry the bind refreshed (a
+        stale cached one) when a rule needs them, the requirement a group brings,
+        then decide."""
+        assert self.prepared is not None
+        if not identity.groups_complete and self.engine.needs_groups(self.request):
+            self._with_groups(identity, self._verified)
+        elif self.prepared.joins_group:
+            self._join_group(identity)
+        else:
+            self._decide(identity)
+
+    def _join_group(self, identity: Identity) -> None:
+        try:
+            d = self.auth.run_alone(self.engine.join_group, self.prepared)
+        except Exception:
+            from twisted.python.failure import Failure
+
+            self._failed(Failure(), "group requirement")  # type: ignore[no-untyped-call]
+            return
+        d.addCallbacks(self._continue, self._failed,
+                       callbackArgs=(lambda _: self._decide(identity),),
+                       errbackArgs=("group requirement",))
+
+    # -- the groups, only when a rule for the request uses them --------------------
+
+    def _with_groups(self, identity: Identity, then: Callable[[Identity], None]) -> None:
+        """``then(the identity with every group)``; a group search that fails is a
+        reject (directory_unavailable), never a decision on groups missing."""
+        started = self.auth.clock()
+        try:
+            d = self.auth.directory.groups(identity)
+        except Exception as e:  # a directory that raises instead of failing its Deferred
+            self._groups_failed(e, started)
+            return
+        d.addCallbacks(self._groups_found, self._groups_failed_async,
+                       callbackArgs=(then, started), errbackArgs=(started,))
+
+    def _groups_found(self, identity: Identity, then: Callable[[Identity], None],
+                      started: float) -> None:
+        if not identity.groups_complete:  # a directory that broke its promise
+            self._groups_failed(DirectoryUnavailable("groups not read"), started)
+            return
+        self.engine.events.directory(self.auth.clock() - started, None)
+        self._run(then, identity)
+
+    def _groups_failed_async(self, failure: Any, started: float) -> None:
+        self._groups_failed(failure.value, started)
+
+    def _groups_failed(self, error: BaseException, started: float) -> None:
+        reason = _directory_error(error)
+        self.engine.events.directory(self.auth.clock() - started, reason.reason)
+        self._done(self.engine.refuse(self.request, self.username or self.name,
+                                      Reason.DIRECTORY_UNAVAILABLE))
 
     def _password_failed(self, failure: Any, checked_at: float) -> None:
         error = _directory_error(failure.value)

@@ -898,6 +898,24 @@ class Store:
     def unrequire(self, username: str) -> bool:
         return self._update(username, required=False)
 
+    def require_new(self, username: str, deadline: int) -> bool:
+        """Require MFA with an enrollment period ending at ``deadline`` unless the
+        user is required already: one conditional ``INSERT … ON CONFLICT DO UPDATE
+        … WHERE NOT required``, so of two sign-ins racing (two instances) exactly
+        one starts the period and the other leaves it as it is. True when this
+        call started it. Joins the caller's :meth:`transaction` (with its mail)."""
+        now = int(self.clock())
+        stmt = self._insert(UserState).values(
+            username=username, required=True, enrollment_deadline=deadline, failures=0,
+            bypass=False, created_at=now, updated_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["username"],
+            set_={"required": True, "enrollment_deadline": deadline, "updated_at": now},
+            where=UserState.required.is_(False)).returning(UserState.username)
+        with self._tx() as s:
+            # RETURNING, not rowcount: psycopg counts the skipped DO UPDATE as a row
+            return s.execute(stmt).first() is not None
+
     def set_totp_key(self, username: str, blob: bytes, key_version: int) -> None:
         now = int(self.clock())
         self._upsert(username, totp_key=blob, key_version=key_version, enrolled_at=now,

@@ -75,6 +75,9 @@ class PolicySettings:
     # How to set MFA up, told in the enrollment notices when there is no portal
     # ([portal] public_url wins when set).
     enrollment_help: str = ""
+    # Members of these directory groups (a name or a full DN) are required at
+    # their first sign-in, with an enrollment period of enrollment_days from then.
+    require_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -529,6 +532,15 @@ def _settings(cfg: _Loader, root: _Reader) -> Settings | None:
                 cfg.problems.append(problem)
     if radius and directory:
         _check_timeouts(cfg, radius, directory)
+    if directory and directory.ldap is not None and not (
+            directory.ldap.group_base or directory.ldap.use_memberof):
+        uses = (["policy.require_groups"] if policy.require_groups else []) + (
+            ["radius.reply"] if radius and (radius.reply or any(c.reply_rules
+                                                                for c in radius.clients))
+            else [])
+        for key in uses:
+            cfg.warnings.append(f"{key}: the directory reads no groups (use_memberof = false "
+                                "and no group_base): no user is in any group")
     if state is None or directory is None:
         return None
     level, decisions, log_format = logging or ("info", "rejects", "text")
@@ -606,7 +618,15 @@ def _policy(r: _Reader) -> PolicySettings:
         recovery_codes=r.bool("recovery_codes", True),
         audit_days=r.int("audit_days", 90, 1, 3650),
         enrollment_help=" ".join(r.str("enrollment_help").split()),
+        require_groups=_group_names(r, "require_groups"),
     )
+
+
+def _group_names(r: _Reader, key: str) -> tuple[str, ...]:
+    names = r.str_list(key)  # compared as policy.engine.GroupRequirement says
+    if not all(names):
+        r.problem(key, "a group name cannot be empty")
+    return tuple(g for g in names if g)
 
 
 def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
@@ -643,7 +663,8 @@ def _directory(cfg: _Loader, r: _Reader) -> DirectorySettings:
         user_filter=user_filter, username_attribute=r.str("username_attribute", "uid"),
         mail_attribute=r.str("mail_attribute", "mail"),
         group_base=r.str("group_base"),
-        group_filter=r.str("group_filter", "(|(member={dn})(uniqueMember={dn}))"),
+        group_filter=r.str("group_filter", "(member={dn})"),
+        group_cache_seconds=float(r.int("group_cache_seconds", 60, 0, 86400)),
         use_memberof=r.bool("use_memberof", True), start_tls=start_tls,
         ca_file=str(ca_file) if ca_file else "", tls_verify=r.bool("tls_verify", True),
         connect_timeout=r.float("connect_timeout", 3.0, 0.1, 60),

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.threadpool import ThreadPool
 
-from policy.engine import Authenticator, Limits, PolicyEngine
+from policy.engine import Authenticator, GroupRequirement, Limits, PolicyEngine
 from policy.keys import KeyFileError, KeyRing
 from policy.store import StoreError
 from proxy.config import Settings
@@ -153,10 +153,20 @@ class Service:
             log_accepts=s.log_decisions == "all",
             enrollment_url=s.portal.public_url if s.portal else "",
             enrollment_help=s.policy.enrollment_help,
-            recovery_codes=s.policy.recovery_codes)
+            recovery_codes=s.policy.recovery_codes,
+            group_requirement=_group_requirement(s),
+            account_events=self._sign_in_events())
         self.authenticator = Authenticator(self.engine, self.async_directory,
                                            self.state_workers.submit_grouped,
-                                           call_later=self.reactor.callLater)
+                                           call_later=self.reactor.callLater,
+                                           run_alone=self.state_workers.submit)
+
+    def _sign_in_events(self) -> Any:
+        """Who hears of a requirement a sign-in starts ([policy] require_groups):
+        the outbox, as for `user require` (None without [mail])."""
+        from proxy.state import mail_events
+
+        return mail_events(self.settings, self.store, origin="a sign-in (require_groups)")
 
     def _async_directory(self) -> Any:
         """LDAP gets the Twisted-native client (no thread per request); the
@@ -477,6 +487,7 @@ class Service:
         engine.totp = totp_params(new.totp)
         engine.log_accepts = new.log_decisions == "all"
         engine.repeat_windows = _repeat_windows(new)
+        engine.group_requirement = _group_requirement(new)
         if new.portal is not None and self.settings.portal is not None:
             engine.enrollment_url = new.portal.public_url
         engine.enrollment_help = new.policy.enrollment_help
@@ -663,6 +674,10 @@ class UsersChanged:
             self.changed()
 
         return told
+
+
+def _group_requirement(s: Settings) -> GroupRequirement:
+    return GroupRequirement(s.policy.require_groups, s.policy.enrollment_days)
 
 
 def _repeat_windows(s: Settings) -> bool:

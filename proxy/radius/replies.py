@@ -2,7 +2,12 @@
 
 Rules are encoded once, when the server starts (a bad attribute name or
 value fails then, naming it), so an Access-Accept only concatenates bytes.
-Every rule whose group the user is in applies, in configured order.
+Every rule whose group the user is in applies, in configured order. A rule's
+``group`` is a group's name (the first RDN value of its DN: ``vpn-users``
+for ``cn=vpn-users,ou=groups,…``, in any group under that name) or its full
+DN (that group only), compared case-insensitively
+(:func:`backends.base.group_names`). A client with no rule makes the core
+search no groups (``uses_groups``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 from pyrad.dictionary import Dictionary
 
+from backends.base import group_key
+from backends.base import group_names as group_names
 from proxy.radius.clients import ReplyRuleLike, rule_pairs
 from proxy.radius.packet import encode_named
 
@@ -37,24 +44,15 @@ class ReplyAttributes:
     def __len__(self) -> int:
         return len(self._rules)
 
+    @property
+    def uses_groups(self) -> bool:
+        """Whether an accept needs the entry's groups (``AuthRequest.needs_groups``)."""
+        return bool(self._rules)
+
 
 def _compile(rule: ReplyRuleLike, dictionary: Dictionary) -> _Compiled:
     try:
         encoded = encode_named(dictionary, rule_pairs(rule))
     except ValueError as exc:
         raise ValueError(f"radius.reply (group {rule.group!r}): {exc}") from None
-    return _Compiled(rule.group.casefold(), encoded)
-
-
-def group_names(groups: Iterable[str]) -> set[str]:
-    """Names a rule's ``group`` may match: each group as given and, for a DN,
-    its first RDN value (``cn=VPN Users,ou=groups,...`` → ``vpn users``);
-    case-insensitive, as directories compare group names."""
-    names = set()
-    for group in groups:
-        names.add(group.casefold())
-        first, _, _ = group.partition(",")
-        attribute, equals, value = first.partition("=")
-        if equals and attribute.strip() and value.strip():
-            names.add(value.strip().casefold())
-    return names
+    return _Compiled(group_key(rule.group), encoded)

@@ -326,7 +326,7 @@ class RadiusServer:
             username=ex.username, password=password, protocol="radius", client=c.name,
             mfa=c.mfa, split=c.mode, separator=c.separator, code=code,
             verified_identity=identity, repeat_window_seconds=c.repeat_window_seconds,
-            source=ex.host)
+            source=ex.host, needs_groups=self._replies[c.name].uses_groups)
 
     # --- a Decision: to a reply ------------------------------------------
 

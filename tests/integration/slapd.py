@@ -299,6 +299,9 @@ class Slapd:
     admin_password: str = ADMIN_PASSWORD
     svc_dn: str = SVC_DN
     svc_password: str = SVC_PASSWORD
+    # slapd's -d level: "0" (nothing), or "stats" to log every operation in slapd.log
+    # (a test that proves which searches the proxy sends reads it: searches()).
+    debug: str = "0"
     _process: SlapdProcess | None = field(default=None, repr=False)
 
     @property
@@ -317,7 +320,7 @@ class Slapd:
         """(Re)start on the same ports and data; returns once slapd answers."""
         if self._process is None:
             self._process = SlapdProcess(self.workdir / "slapd.conf", [self.url, self.ldaps_url],
-                                         self.svc_dn, self.svc_password)
+                                         self.svc_dn, self.svc_password, debug=self.debug)
         self._process.start(START_TIMEOUT)
 
     def stop(self) -> None:
@@ -329,13 +332,29 @@ class Slapd:
     def running(self) -> bool:
         return self._process is not None and self._process.running
 
+    def searches(self, since: int = 0) -> list[str]:
+        """The SRCH lines of slapd.log from byte ``since`` on (with ``debug="stats"``):
+        ``base="..." scope=2 deref=0 filter="(...)"``, one per search received."""
+        with open(self.workdir / "slapd.log", "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return [line.split(" SRCH ", 1)[1] for line in text.splitlines() if " SRCH base=" in line]
+
+    def log_size(self) -> int:
+        """Where slapd.log ends now (for :meth:`searches`)."""
+        try:
+            return (self.workdir / "slapd.log").stat().st_size
+        except FileNotFoundError:
+            return 0
+
 
 def start_slapd(workdir: pathlib.Path, extra_users: int = 0,
-                server_names: Sequence[str] = SERVER_NAMES) -> Slapd:
+                server_names: Sequence[str] = SERVER_NAMES, debug: str = "0") -> Slapd:
     """Create, load and start a slapd under ``workdir`` (which must be empty or new).
 
     ``server_names`` go into the server certificate (a test of hostname
-    verification gives names that do not match 127.0.0.1).
+    verification gives names that do not match 127.0.0.1); ``debug="stats"``
+    logs every operation to ``slapd.log`` (:meth:`Slapd.searches`).
     """
     harness.check_installed()
     workdir = pathlib.Path(workdir).resolve()
@@ -353,6 +372,7 @@ def start_slapd(workdir: pathlib.Path, extra_users: int = 0,
             ldaps_url=f"ldaps://127.0.0.1:{free_port()}",
             ca_file=str(ca_path),
             workdir=workdir,
+            debug=debug,
         )
         try:
             server.start()

@@ -24,7 +24,7 @@ from backends.ldap_async import AsyncLdapDirectory
 from backends.ldapwire.ber import ENUMERATED, OCTET_STRING, integer, tlv
 from backends.ldapwire.framing import frame_size
 from backends.ldapwire.messages import BIND_REQUEST, BIND_RESPONSE, decode_envelope, ldap_message
-from tests.integration.slapd import Slapd, user_dn
+from tests.integration.slapd import Slapd, group_dn, user_dn
 from tests.integration.test_ldap_backend import options_for
 
 MakeAsync = Callable[..., AsyncLdapDirectory]
@@ -61,7 +61,7 @@ def test_cache_saves_the_search_never_the_bind(make_async: MakeAsync, slapd: Sla
     call(directory.verify, "dave", "dave-pw")
     searches, binds = directory.stats.searches, directory.stats.binds
     identity = call(directory.verify, "dave", "dave-pw")
-    assert identity == Identity("dave", user_dn("dave"), ("staff",))
+    assert identity == Identity("dave", user_dn("dave"), (group_dn("staff"),))
     assert (directory.stats.searches, directory.stats.binds) == (searches, binds + 1)
     assert directory.cache.hits == 1
 
@@ -155,12 +155,14 @@ CASES = [("alice", "alice-pw"), ("alice", "wrong"), ("bob", "bob-pw"), ("nobody"
          ("zoë", "zoë-pw"), ("st*r(x)", "wrong"), ("*", "alice-pw")]
 
 
-ALICE_GROUPS = ("admins", "staff", "vpn-users")
+ALICE_GROUPS = tuple(group_dn(g) for g in ("admins", "staff", "vpn-users"))
 
 
+# No look-up hands over for groups: a group search is made only when the core asks
+# (directory.groups), which it does only when a rule for the request needs them.
 @pytest.mark.parametrize(("overrides", "handed_over", "alice_groups"), [
-    ({}, 2, ALICE_GROUPS),  # zoë and st*r(x) have no memberOf: a group search for them
-    ({"use_memberof": False}, 5, ALICE_GROUPS),  # a group search for every user found
+    ({}, 0, ALICE_GROUPS),
+    ({"use_memberof": False}, 0, ALICE_GROUPS),  # from the group search, when asked
     ({"group_base": ""}, 0, ALICE_GROUPS),
     ({"group_base": "", "use_memberof": False}, 0, ()),
 ])
@@ -188,7 +190,13 @@ def test_the_fast_and_the_slow_path_agree(make_async: MakeAsync, slapd: Slapd,
         return directory._run(directory._verify(name, password))
 
     assert fast == [outcome(slow, name, password) for name, password in CASES]
-    assert fast[0] == Identity("alice", user_dn("alice"), alice_groups)
+    alice = fast[0]
+    assert alice == Identity("alice", user_dn("alice"),
+                             alice_groups if alice.groups_complete else ())
+    assert alice.groups_complete == (overrides.get("use_memberof", True)
+                                     or not overrides.get("group_base", "x"))
+    assert directory.stats.group_searches == 0
+    assert call(directory.groups, alice) == Identity("alice", user_dn("alice"), alice_groups)
     assert fast[1] == (InvalidCredentials, "bind refused: result 49")
     assert fast[3] == (UnknownUser, "no such user: 'nobody'")
     assert fast[6] == (UnknownUser, "no such user: '*'")
@@ -256,7 +264,7 @@ def test_lookup_dn_sees_every_spelling_slapd_accepts_as_the_one_entry(
     assert slapd_base_read(slapd, spelling) == [user_dn("alice")]  # slapd: this is alice
     directory = make_async(slapd, dn_cache_seconds=0)
     identity = call(directory.lookup_dn, spelling)
-    assert identity == Identity("alice", user_dn("alice"), ("admins", "staff", "vpn-users"))
+    assert identity == Identity("alice", user_dn("alice"), ALICE_GROUPS)
 
 
 @pytest.mark.parametrize("dn", [
@@ -294,5 +302,6 @@ def test_lookup_dn_is_cached_like_names(make_async: MakeAsync, slapd: Slapd,
     first = call(directory.lookup_dn, "UID=Bob,OU=People,DC=example,DC=org")
     searches = directory.stats.searches
     again = call(directory.lookup_dn, "UID=Bob,OU=People,DC=example,DC=org")
-    assert first == again == Identity("bob", user_dn("bob"), ("staff", "vpn-users"))
+    assert first == again == Identity("bob", user_dn("bob"),
+                                      (group_dn("staff"), group_dn("vpn-users")))
     assert directory.stats.searches == searches and again.from_cache

@@ -472,7 +472,8 @@ def test_verify_success_wrong_password_and_unknown_user(slow: bool) -> None:
     ok = wired.verify("alice", "pw", slow)
     wired.search.answer_search([ALICE])
     wired.bind.answer_bind(0)
-    assert outcome_of(ok) == Identity("alice", "uid=alice,ou=people", ("admins", "staff"))
+    assert outcome_of(ok) == Identity("alice", "uid=alice,ou=people",
+                                      ("cn=admins,ou=g", "cn=staff,ou=g"))
 
     wrong = wired.verify("alice", "bad", slow)
     wired.search.answer_search([ALICE])
@@ -509,14 +510,85 @@ def test_empty_dn_never_binds() -> None:
     assert wired.bind.requests() == []
 
 
-def test_a_group_search_goes_to_the_coroutines() -> None:
+def test_no_group_search_unless_asked_then_one_by_a_coroutine() -> None:
     wired = Wired(group_base="ou=g")
     result = wired.verify("bob", "pw")
     wired.search.answer_search([("uid=bob,ou=people", {"uid": ["bob"]})])  # no memberOf
-    assert wired.coroutines == 1 and result == []
-    wired.search.answer_search([("cn=vpn,ou=g", {"cn": ["vpn"]})])
     wired.bind.answer_bind(0)
-    assert outcome_of(result) == Identity("bob", "uid=bob,ou=people", ("vpn",))
+    bob = outcome_of(result)
+    assert bob == Identity("bob", "uid=bob,ou=people", ())
+    assert not bob.groups_complete and wired.coroutines == 0
+    assert wired.search.requests() == [] and wired.directory.stats.group_searches == 0
+
+    asked: list[Any] = []
+    wired.directory.groups(bob).addBoth(asked.append)
+    assert wired.coroutines == 1 and asked == []
+    wired.search.answer_search([("cn=vpn,ou=g", {})])
+    full = outcome_of(asked)
+    assert full == Identity("bob", "uid=bob,ou=people", ("cn=vpn,ou=g",))
+    assert full.groups_complete and wired.directory.stats.group_searches == 1
+
+
+def test_an_entry_with_memberof_or_without_group_base_needs_no_group_search() -> None:
+    wired = Wired(group_base="ou=g")
+    result = wired.verify("alice", "pw")
+    wired.search.answer_search([ALICE])
+    wired.bind.answer_bind(0)
+    alice = outcome_of(result)
+    assert alice.groups_complete
+    assert outcome_of([wired.directory.groups(alice).result]) is alice
+    plain = Wired()
+    result = plain.verify("bob", "pw")
+    plain.search.answer_search([("uid=bob,ou=people", {"uid": ["bob"]})])
+    plain.bind.answer_bind(0)
+    assert outcome_of(result).groups_complete
+    assert wired.search.requests() == [] and plain.search.requests() == []
+
+
+def test_groups_are_cached_per_entry_dn_until_group_cache_seconds_pass() -> None:
+    wired = Wired(group_base="ou=g", group_cache_seconds=60)
+    bob = Identity("bob", "uid=bob,ou=people", (), groups_complete=False)
+
+    def groups() -> Any:
+        asked: list[Any] = []
+        wired.directory.groups(bob).addBoth(asked.append)
+        if not asked:
+            wired.search.answer_search([("cn=vpn,ou=g", {})])
+        return outcome_of(asked)
+
+    assert groups().groups == ("cn=vpn,ou=g",)
+    wired.clock.advance(59)
+    assert groups().groups == ("cn=vpn,ou=g",)  # from the cache: no search
+    assert wired.directory.stats.group_searches == 1 and wired.directory.group_cache.hits == 1
+    wired.clock.advance(1)  # expired: searched again
+    assert groups().groups == ("cn=vpn,ou=g",)
+    assert wired.directory.stats.group_searches == 2
+    off = Wired(group_base="ou=g", group_cache_seconds=0)
+    for _ in range(2):
+        asked: list[Any] = []
+        off.directory.groups(bob).addBoth(asked.append)
+        off.search.answer_search([])
+        assert outcome_of(asked).groups == ()
+    assert off.directory.stats.group_searches == 2 and len(off.directory.group_cache) == 0
+
+
+def test_the_group_cache_is_bounded() -> None:
+    from backends.ldap_async import _GroupCache
+
+    cache = _GroupCache(60, lambda: 0.0, limit=3)
+    for i in range(5):
+        cache.put(f"uid=u{i}", (f"cn=g{i}",))
+    assert len(cache) == 3 and cache.get("uid=u0") is None and cache.get("uid=u4") == ("cn=g4",)
+
+
+def test_a_failed_group_search_is_unavailable_never_an_empty_group_list() -> None:
+    wired = Wired(group_base="ou=g")
+    bob = Identity("bob", "uid=bob,ou=people", (), groups_complete=False)
+    asked: list[Any] = []
+    wired.directory.groups(bob).addBoth(asked.append)
+    wired.search.answer_search([], code=51)
+    assert outcome_of(asked) == (DirectoryUnavailable, "search: result 51")
+    assert len(wired.directory.group_cache) == 0
 
 
 def test_a_search_timeout_on_the_fast_path_fails_over_like_the_coroutine() -> None:

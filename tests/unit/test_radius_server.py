@@ -576,3 +576,22 @@ def test_a_reject_before_the_core_logs_the_core_s_decision_line(
 
 def test_radius_ports_are_not_noisy() -> None:
     assert RadiusPort.noisy is False
+
+
+def test_only_a_client_with_reply_rules_asks_the_core_for_groups() -> None:
+    core = FakeCore().then(decision(Outcome.ACCEPT)).then(decision(Outcome.ACCEPT)).then(
+        decision(Outcome.ACCEPT))
+    clients = ClientTable([
+        RadiusClientConfig("plain", ("10.0.0.0/24",), SECRET),
+        RadiusClientConfig("ruled", ("10.1.0.0/24",), SECRET, reply_rules=(
+            ReplyRule("admins", {"Filter-Id": "admin-acl"}),)),
+    ])
+    server = RadiusServer(clients, core, DICTIONARY, clock=Clock())
+    sent: list[bytes] = []
+    server.handle_auth(access_request(SECRET, "alice", "pw"), NAS, sent.append)
+    server.handle_auth(access_request(SECRET, "alice", "pw"), ("10.1.0.5", 1), sent.append)
+    assert [r.needs_groups for r in core.requests] == [False, True]
+    # a global rule (after a reload, too) makes every client ask
+    server.reconfigure(clients, (ReplyRule("staff", {"Class": "s"}),))
+    server.handle_auth(access_request(SECRET, "alice", "pw2"), NAS, sent.append)
+    assert core.requests[-1].needs_groups

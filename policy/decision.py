@@ -7,6 +7,8 @@ Adapters translate their protocol into an :class:`AuthRequest` and a
 from __future__ import annotations
 
 import enum
+import itertools
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -98,6 +100,9 @@ class AuthRequest:
     # time.monotonic() when the core was first asked (0: not yet): the audit
     # row's latency is measured from here (policy.engine.Authenticator sets it).
     received_at: float = 0.0
+    # Ties together the log lines of one attempt (decision, lockout): set by
+    # the core when the front-end gave none (:func:`new_request_id`).
+    request_id: str = ""
     # A rule of this resource uses the entry's groups (a RADIUS client's reply
     # rules), known when the front-end is configured: only then, or when
     # [policy] require_groups is set, may the core make the directory search them.
@@ -129,3 +134,13 @@ class Decision:
 # The core's entry point as every front-end calls it
 # (:meth:`policy.engine.Authenticator.authenticate`): one request, one decision.
 Authenticate = Callable[[AuthRequest], "Deferred[Decision]"]
+
+
+# A request id: this process's random prefix and a counter, so two instances
+# writing to one log collector never give the same id, at the cost of a counter.
+_ID_PREFIX = secrets.token_hex(3)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"

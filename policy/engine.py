@@ -53,7 +53,15 @@ from backends.base import (
 from policy import recovery
 from policy.admin import AccountEvents, NoAccountEvents
 from policy.clock import Clock
-from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
+from policy.decision import (
+    AuthRequest,
+    Decision,
+    MfaMode,
+    Outcome,
+    Reason,
+    SplitMode,
+    new_request_id,
+)
 from policy.escaping import escape_controls
 from policy.keys import KeyRing
 from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
@@ -136,7 +144,7 @@ class Prepared:
 # The one log line per decision, for every front-end and every reject path (the
 # RADIUS front-end's own rejects, before the core, use it too).
 DECISION_LINE = ("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
-                 "latency_ms=%s")
+                 "latency_ms=%s request_id=%s")
 
 CREDENTIALS = "invalid credentials: wrong password or verification code"
 MESSAGES = {
@@ -516,10 +524,10 @@ class PolicyEngine:
             self.store.repeat_forget(p.username)
         if result.lockout_started:
             self.events.lockout()
-            log.warning("lockout user=%s failures=%d until=%s", p.username, result.failures,
-                        "admin-unlock" if result.locked_until is None
+            log.warning("lockout user=%s failures=%d until=%s request_id=%s", p.username,
+                        result.failures, "admin-unlock" if result.locked_until is None
                         or result.locked_until >= LOCKED_FOREVER
-                        else iso_time(result.locked_until))
+                        else iso_time(result.locked_until), p.request.request_id or "-")
         return self._finish(p.request, p.username, Outcome.REJECT, reason, identity,
                             lockout_started=result.lockout_started,
                             locked_until=result.locked_until)
@@ -538,10 +546,10 @@ class PolicyEngine:
         self.audit.add(AuditRecord(self.clock(), name, request.protocol, request.client,
                                    request.source, outcome.value, reason.value, latency_ms))
         if outcome is not Outcome.ACCEPT or self.log_accepts:
-            log.info("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
-                     "latency_ms=%s", name, request.protocol, request.client, request.source,
+            log.info(DECISION_LINE, name, request.protocol, request.client, request.source,
                      outcome.value, reason.value,
-                     "-" if latency_ms is None else f"{latency_ms:.1f}")
+                     "-" if latency_ms is None else f"{latency_ms:.1f}",
+                     request.request_id or "-")
         return decision
 
     def _message(self, reason: Reason, days_left: int | None, lockout_started: bool,
@@ -565,6 +573,8 @@ class PolicyEngine:
         gate (callers that race on purpose use it to test the store's atomicity)."""
         if not request.received_at:
             request.received_at = time.monotonic()
+        if not request.request_id:
+            request.request_id = new_request_id()
         if not request.password and request.verified_identity is None:
             return self.refuse(request, request.username, Reason.EMPTY_PASSWORD)
         identity = request.verified_identity
@@ -720,6 +730,8 @@ class Authenticator:
         result: Deferred[Decision] = Deferred()
         if not request.received_at:
             request.received_at = time.monotonic()
+        if not request.request_id:
+            request.request_id = new_request_id()
         _SignIn(self, request, result).resolve()
         return result
 

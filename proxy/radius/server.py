@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -24,7 +24,14 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
 from backends.base import Identity
-from policy.decision import Authenticate, AuthRequest, Decision, Outcome, Reason
+from policy.decision import (
+    Authenticate,
+    AuthRequest,
+    Decision,
+    Outcome,
+    Reason,
+    new_request_id,
+)
 from policy.engine import DECISION_LINE
 from policy.escaping import escape_controls
 from policy.usernames import MAX_USERNAME
@@ -109,6 +116,8 @@ class _Exchange:
     send: Send
     started: float
     username: str = ""
+    # One id for every log line of this exchange, the core's included.
+    request_id: str = field(default_factory=new_request_id)
 
 
 class RadiusServer:
@@ -326,7 +335,8 @@ class RadiusServer:
             username=ex.username, password=password, protocol="radius", client=c.name,
             mfa=c.mfa, split=c.mode, separator=c.separator, code=code,
             verified_identity=identity, repeat_window_seconds=c.repeat_window_seconds,
-            source=ex.host, needs_groups=self._replies[c.name].uses_groups)
+            source=ex.host, request_id=ex.request_id,
+            needs_groups=self._replies[c.name].uses_groups)
 
     # --- a Decision: to a reply ------------------------------------------
 
@@ -382,7 +392,8 @@ class RadiusServer:
         """A reject the core never saw, in the core's decision-line format."""
         elapsed = max(0.0, self._clock.seconds() - ex.started) * 1000.0
         log.info(DECISION_LINE, escape_controls(ex.username[:MAX_USERNAME]) or "-", "radius",
-                 ex.client.name, ex.host, "reject", reason.value, f"{elapsed:.1f}")
+                 ex.client.name, ex.host, "reject", reason.value, f"{elapsed:.1f}",
+                 ex.request_id)
 
     def _lost(self, failure: Failure, ex: _Exchange) -> None:
         """Not even a reject could be built or sent: drop, and let a retry be decided."""

@@ -73,6 +73,8 @@ def test_json_logs_parse_and_carry_no_password_or_code(tmp_path: Path, slapd: Sl
         ("carol", "radius", "accept", "ok"), ("carol", "radius", "reject", "bad_password"),
         ("erin", "ldap", "accept", "not_required"), ("carol", "ldap", "reject", "bad_code")}
     assert all(isinstance(o["latency_ms"], float) for o in decisions)
+    ids = [o["request_id"] for o in decisions]  # one per attempt, the front-end's or the core's
+    assert all(isinstance(i, str) and i and i != "-" for i in ids) and len(set(ids)) == len(ids)
     assert any(o.get("user", "").startswith("carol\\nFORGED") for o in objects)
     text = "\n".join(lines)
     for secret in used:

@@ -7,6 +7,7 @@ clock handed to both: time moves only when a test says so, nothing sleeps.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1243,4 +1244,26 @@ def test_the_lockout_log_line_reads_iso_8601(h: Harness,
         for _ in range(5):
             h.auth(password="nope")
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lockout")]
-    assert line == "lockout user=alice failures=5 until=2023-11-14T22:28:35Z"
+    assert re.fullmatch(r"lockout user=alice failures=5 until=2023-11-14T22:28:35Z "
+                        r"request_id=[0-9a-f]{6}-[0-9a-f]+", line), line
+
+
+def test_each_attempt_gets_a_request_id_on_its_decision_and_lockout_lines(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    h.enroll("alice")
+    auth = authenticator(h)
+    requests = [h.request(password="wrong") for _ in range(h.engine.limits.max_failures)]
+    with caplog.at_level(logging.INFO, "mfa_proxy.policy"):
+        for request in requests:
+            assert outcome(fired(auth.authenticate(request))) == (REJECT, Reason.BAD_PASSWORD)
+    ids = [r.request_id for r in requests]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{6}-[0-9a-f]+", i)
+                                             for i in ids)
+    decisions = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decision")]
+    assert [m.rsplit("request_id=", 1)[1] for m in decisions] == ids
+    [lockout] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lockout")]
+    assert lockout.endswith(f"request_id={ids[-1]}")
+    given = h.request(password="wrong")
+    given.request_id = "from-the-front-end"
+    fired(auth.authenticate(given))
+    assert given.request_id == "from-the-front-end"

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from policy.engine import DECISION_LINE
 from policy.escaping import escape_controls, is_control
 from proxy.logs import SERVE_FORMAT, EscapingFormatter, escaping_handler, install_last_resort
 
@@ -140,15 +141,14 @@ def json_line(msg: str, *args: object, **extra: object) -> dict[str, object]:
 
 
 def test_json_decision_line_has_the_stable_keys() -> None:
-    obj = json_line("decision user=%s protocol=%s client=%s source=%s result=%s reason=%s "
-                    "latency_ms=%s", "alice", "radius", "vpn", "10.0.0.1", "reject",
-                    "bad_code", "2.5")
+    obj = json_line(DECISION_LINE, "alice", "radius", "vpn", "10.0.0.1", "reject",
+                    "bad_code", "2.5", "4f2a9c-1b")
     assert obj["event"] == "decision" and obj["level"] == "info"
     assert obj["logger"] == "mfa_proxy.policy"
     assert {k: obj[k] for k in ("user", "protocol", "client", "source", "result", "reason",
-                                "latency_ms")} == {
+                                "latency_ms", "request_id")} == {
         "user": "alice", "protocol": "radius", "client": "vpn", "source": "10.0.0.1",
-        "result": "reject", "reason": "bad_code", "latency_ms": 2.5}
+        "result": "reject", "reason": "bad_code", "latency_ms": 2.5, "request_id": "4f2a9c-1b"}
     assert str(obj["time"]).endswith("Z") and "T" in str(obj["time"])
     assert obj["message"].startswith("decision user=alice protocol=radius")  # type: ignore[union-attr]
 

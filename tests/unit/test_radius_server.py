@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Callable
 
 import pytest
@@ -570,8 +571,19 @@ def test_a_reject_before_the_core_logs_the_core_s_decision_line(
         _, reply = h.ask("123456", state=b"x" * 16)
     assert reply.code == Code.ACCESS_REJECT
     [line] = [r.getMessage() for r in caplog.records if r.name == "mfa_proxy.radius"]
-    assert line == ("decision user=alice protocol=radius client=vpn source=10.0.0.5 "
-                    "result=reject reason=bad_state latency_ms=0.0")
+    assert re.fullmatch(r"decision user=alice protocol=radius client=vpn source=10\.0\.0\.5 "
+                        r"result=reject reason=bad_state latency_ms=0\.0 "
+                        r"request_id=[0-9a-f]{6}-[0-9a-f]+", line), line
+
+
+def test_the_core_is_asked_with_the_exchange_s_request_id() -> None:
+    h = Harness()
+    h.core.then(decision(Outcome.REJECT, Reason.BAD_PASSWORD))
+    h.core.then(decision(Outcome.REJECT, Reason.BAD_PASSWORD))
+    h.ask("wrong,123456")
+    h.ask("wrong,654321")
+    first, second = (r.request_id for r in h.core.requests)
+    assert re.fullmatch(r"[0-9a-f]{6}-[0-9a-f]+", first) and first != second
 
 
 def test_radius_ports_are_not_noisy() -> None:

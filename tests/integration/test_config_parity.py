@@ -122,7 +122,7 @@ BROKEN: dict[str, tuple[Callable[[Path], str], str]] = {
         ldap_directory('user_filter = "(uid={username}"'), "directory.user_filter: not an LDAP"),
     "group_filter_without_dn": (
         ldap_directory('group_filter = "(member=x)"'),
-        "directory.group_filter: must contain {dn} in a value"),
+        "directory.group_filter: must contain {dn} or {username} in a value"),
     "portal_cert_not_pem": (
         portal_tls("not a certificate", "not a key"), "portal.cert_file: "),
     "ldaps_key_of_another_certificate": (

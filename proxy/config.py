@@ -114,6 +114,9 @@ class RadiusSettings:
     duplicate_window: int = 30
     clients: tuple[RadiusClientConfig, ...] = ()  # the RADIUS front-end's own type
     reply: tuple[ReplyRule, ...] = ()
+    # A RADIUS dictionary of the operator's instead of the shipped one (vendor
+    # attributes for reply rules); None: the shipped one.
+    dictionary: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -426,9 +429,10 @@ def _radius_startup_problems(r: RadiusSettings) -> list[str]:
     from proxy.radius.packet import encode_named, load_dictionary
 
     try:
-        dictionary = load_dictionary()
-    except Exception as e:  # a broken installation: say so, with the cause
-        return [f"radius: cannot load the RADIUS dictionary: {type(e).__name__}: {e}"]
+        dictionary = load_dictionary(str(r.dictionary) if r.dictionary else None)
+    except Exception as e:  # a broken file (or installation): say so, with the cause
+        where = "radius.dictionary" if r.dictionary else "radius"
+        return [f"{where}: cannot load the RADIUS dictionary: {type(e).__name__}: {e}"]
     problems = []
     for i, rule in enumerate(r.reply):
         for name, value in rule.attributes.items():
@@ -728,6 +732,7 @@ def _radius(cfg: _Loader, r: _Reader, totp: TotpSettings) -> RadiusSettings:
         require_message_authenticator=require_ma,
         challenge_timeout=r.int("challenge_timeout", 120, 10, 3600),
         duplicate_window=r.int("duplicate_window", 30, 0, 600),
+        dictionary=r.path("dictionary"),
     )
     readers = list(r.tables("clients"))
     clients = tuple(c for c in (_client(cfg, c, settings) for c in readers) if c)

@@ -345,7 +345,8 @@ class Service:
 
         clients = ClientTable(r.clients)
         server = RadiusServer(
-            clients, self.authenticate, load_dictionary(),
+            clients, self.authenticate,
+            load_dictionary(str(r.dictionary) if r.dictionary else None),
             events=RadiusMetrics(self.metrics), clock=self.reactor,
             settings=ServerSettings(challenge_timeout=r.challenge_timeout,
                                     duplicate_window=r.duplicate_window, reply_rules=r.reply))

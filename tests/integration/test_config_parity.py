@@ -132,6 +132,11 @@ BROKEN: dict[str, tuple[Callable[[Path], str], str]] = {
     "mistyped_key": (
         lambda root: base(root).replace("[http]\n", "[http]\nlisen = 1\n"),
         "http.lisen: unknown key (did you mean listen?)"),
+    "dictionary_renumbering_state": (
+        lambda root: (root / "dictionary").write_text("ATTRIBUTE\tState\t99\toctets\n") and
+        base(root).replace("[radius]\n", '[radius]\ndictionary = "dictionary"\n'),
+        "radius.dictionary: cannot load the RADIUS dictionary: ValueError: RADIUS dictionary: "
+        "State is 99, RFC says 24"),
     "cidr": (
         lambda root: base(root).replace('"127.0.0.0/8"', '"127.0.0.0/33"'),
         "radius.clients[0].address: not an address or CIDR: '127.0.0.0/33'"),

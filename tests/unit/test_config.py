@@ -956,3 +956,40 @@ def test_a_good_file_passes_the_startup_checks(tmp_path: Path) -> None:
     text = (BASE + RADIUS
             + '\n[[radius.reply]]\ngroup = "vpn"\nattributes = { Session-Timeout = 3600 }\n')
     assert startup_problems(load_checked(write(tmp_path, text))) == []
+
+
+def test_an_operators_dictionary_brings_vendor_attributes(tmp_path: Path) -> None:
+    """[radius] dictionary: the shipped one $INCLUDEd, plus a vendor of the operator's."""
+    from proxy.config import load_checked
+    from proxy.radius.packet import SHIPPED_DICTIONARY, load_dictionary
+
+    (tmp_path / "dictionary").write_text(
+        f"$INCLUDE {SHIPPED_DICTIONARY}\n"
+        "VENDOR\tExampleNet\t64999\n"
+        "BEGIN-VENDOR\tExampleNet\n"
+        "ATTRIBUTE\tExampleNet-Role\t1\tstring\n"
+        "END-VENDOR\tExampleNet\n")
+    rule = '\n[[radius.reply]]\ngroup = "vpn"\nattributes = { ExampleNet-Role = "admin" }\n'
+    shipped = BASE + RADIUS + rule
+    assert checked_problems(tmp_path, shipped) == [
+        "radius.reply[0].attributes.ExampleNet-Role: not in the RADIUS dictionary"]
+    own = shipped.replace("[radius]\n", '[radius]\ndictionary = "dictionary"\n')
+    s = load_checked(write(tmp_path, own))
+    assert s.radius is not None and s.radius.dictionary == tmp_path / "dictionary"
+    assert load_dictionary(str(s.radius.dictionary))["ExampleNet-Role"].vendor == "ExampleNet"
+
+
+def test_a_dictionary_that_renumbers_the_proxys_attributes_is_refused(tmp_path: Path) -> None:
+    """The front-end reads State, User-Password, Message-Authenticator... by their RFC
+    numbers: a dictionary that numbers them otherwise would make reply rules lie."""
+    (tmp_path / "dictionary").write_text("ATTRIBUTE\tState\t99\toctets\n")
+    text = (BASE + RADIUS).replace("[radius]\n", '[radius]\ndictionary = "dictionary"\n')
+    [line] = checked_problems(tmp_path, text)
+    assert line.startswith("radius.dictionary: cannot load the RADIUS dictionary: ValueError: "
+                           "RADIUS dictionary: State is 99, RFC says 24")
+
+
+def test_a_missing_dictionary_is_refused(tmp_path: Path) -> None:
+    text = (BASE + RADIUS).replace("[radius]\n", '[radius]\ndictionary = "nowhere"\n')
+    [line] = checked_problems(tmp_path, text)
+    assert line.startswith("radius.dictionary: cannot load the RADIUS dictionary:")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from pathlib import Path
 
 import pytest
 from pyrad.dictionary import Dictionary
@@ -22,7 +21,6 @@ from proxy.radius.packet import (
     access_challenge,
     access_reject,
     accounting_response,
-    check_dictionary,
     decode_user_password,
     encode_attribute,
     encode_named,
@@ -346,13 +344,6 @@ def test_shipped_dictionary_has_what_the_proxy_needs(dictionary: Dictionary) -> 
     assert dictionary.vendors.GetForward("Microsoft") == 311
     assert dictionary["PaloAlto-User-Group"].code == 5
     assert not dictionary.skipped_attributes
-
-
-def test_a_dictionary_that_renumbers_our_attributes_is_refused(tmp_path: Path) -> None:
-    bad = tmp_path / "dictionary"
-    bad.write_text("ATTRIBUTE\tState\t99\toctets\n")
-    with pytest.raises(ValueError, match="State"):
-        check_dictionary(Dictionary(str(bad)))
 
 
 def test_encode_named_by_type_value_name_tag_and_vendor(dictionary: Dictionary) -> None:

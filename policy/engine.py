@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from backends.base import (
     AsyncDirectory,
-    Directory,
     DirectoryError,
     DirectoryUnavailable,
     Identity,
@@ -565,50 +564,6 @@ class PolicyEngine:
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:
         """A decision when the engine itself could not run (state store down, a bug)."""
         return Decision(Outcome.REJECT, reason, escape_controls(request.username[:MAX_USERNAME]))
-
-    # -- the same phases, synchronously (admin checks, tests, threads) ----------------
-
-    def authenticate_sync(self, request: AuthRequest, directory: Directory) -> Decision:
-        """resolve → begin → password → decide, blocking, without the per-identity
-        gate (callers that race on purpose use it to test the store's atomicity)."""
-        if not request.received_at:
-            request.received_at = time.monotonic()
-        if not request.request_id:
-            request.request_id = new_request_id()
-        if not request.password and request.verified_identity is None:
-            return self.refuse(request, request.username, Reason.EMPTY_PASSWORD)
-        identity = request.verified_identity
-        if identity is None:
-            try:
-                if request.bind_dn is not None:
-                    name = request.bind_dn
-                    lookup_dn = getattr(directory, "lookup_dn", None)
-                    identity = lookup_dn(name) if lookup_dn is not None else None
-                else:
-                    name = self.lookup_name(request)
-                    identity = directory.lookup(name)
-            except InvalidUsername:
-                return self.refuse(request, request.username, Reason.INVALID_USERNAME)
-            except DirectoryError:
-                return self.refuse(request, request.username, Reason.DIRECTORY_UNAVAILABLE)
-            if identity is None:
-                return self.unknown(request, name)
-        try:
-            username = self.canonical(identity)
-        except InvalidUsername:
-            return self.unknown(request, identity.username)
-        prepared = self.begin(request, identity, username)
-        if isinstance(prepared, Decision):
-            return prepared
-        verdict: Identity | DirectoryError = identity
-        if request.verified_identity is None:
-            try:
-                verdict = directory.check_password(identity, prepared.password)
-            except DirectoryError as e:
-                verdict = e
-        if prepared.joins_group and isinstance(verdict, Identity):
-            self.join_group(prepared)
-        return self.decide(prepared, verdict)
 
 
 class AuditQueue:

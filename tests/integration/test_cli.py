@@ -34,6 +34,7 @@ from policy.keys import KeyRing
 from policy.store import LOCKED_FOREVER, Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
+from tests.sync_core import authenticate_sync
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -134,7 +135,7 @@ class Admin:
                               UsernameRules(), clock=clock)
         directory = LocalDirectory(self.root / "users.toml")
         try:
-            return engine.authenticate_sync(AuthRequest(user, secret, "radius", "test"),
+            return authenticate_sync(engine, AuthRequest(user, secret, "radius", "test"),
                                              directory)
         finally:
             store.close()

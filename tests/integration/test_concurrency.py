@@ -22,6 +22,7 @@ from policy.keys import KeyRing
 from policy.store import Store
 from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
+from tests.sync_core import authenticate_sync
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,7 +122,7 @@ def test_threads_same_code_exactly_one_accept(engine: PolicyEngine) -> None:
     for r in range(ROUNDS):
         clock.t = T0 + r * PARAMS.period
         code = code_for_step(secret, PARAMS.step_at(clock.t), PARAMS)
-        decisions = race(THREADS, lambda c=code: engine.authenticate_sync(
+        decisions = race(THREADS, lambda c=code: authenticate_sync(engine,
             request("alice", f"alice-pw,{c}"), verify))
         outcomes = Counter((d.outcome, d.reason) for d in decisions)
         assert outcomes == {(Outcome.ACCEPT, Reason.OK): 1,
@@ -141,7 +142,7 @@ def test_threads_racing_failures_are_all_counted(engine: PolicyEngine) -> None:
     enroll(engine, "alice")
 
     def ten_failures() -> list[Reason]:
-        return [engine.authenticate_sync(request("alice", "wrong"), verify).reason
+        return [authenticate_sync(engine, request("alice", "wrong"), verify).reason
                 for _ in range(10)]
 
     results = race(8, ten_failures)
@@ -169,7 +170,7 @@ def test_threads_mixed_users_do_not_interfere(engine: PolicyEngine) -> None:
     def each(i: int) -> Outcome:
         n = names[i % len(names)]
         code = code_for_step(secrets[n], step, PARAMS)
-        return engine.authenticate_sync(request(n, f"{n}-pw,{code}"), verify).outcome
+        return authenticate_sync(engine, request(n, f"{n}-pw,{code}"), verify).outcome
 
     counter = iter(range(10_000))
     lock = threading.Lock()
@@ -195,11 +196,11 @@ def _process_main(url: str, key_file: str, secret: str, rounds: int, barrier: An
             clock.t = T0 + r * PARAMS.period
             code = code_for_step(secret, PARAMS.step_at(clock.t), PARAMS)
             barrier.wait(WAIT)
-            d = engine.authenticate_sync(request("alice", f"alice-pw,{code}"), verify)
+            d = authenticate_sync(engine, request("alice", f"alice-pw,{code}"), verify)
             results.put(("code", r, d.outcome.value, d.reason.value))
         barrier.wait(WAIT)
         for _ in range(PROCESS_FAILURES):
-            d = engine.authenticate_sync(request("bob", "wrong"), verify)
+            d = authenticate_sync(engine, request("bob", "wrong"), verify)
             results.put(("failure", -1, d.outcome.value, d.reason.value))
     finally:
         engine.store.close()

@@ -36,6 +36,7 @@ from policy.keys import KeyRing
 from policy.store import STATUSES, AuditFilter, Store, UserFilter
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
+from tests.sync_core import authenticate_sync
 
 DAY = 86400
 T0 = 1_700_000_010.0  # 10 s into a 30 s time step
@@ -80,7 +81,7 @@ class World:
 
     def auth(self, user: str, password: str, code: str | None = None,
              split: SplitMode = SplitMode.AUTO, separator: str = ",") -> Decision:
-        decision = self.engine.authenticate_sync(
+        decision = authenticate_sync(self.engine,
             AuthRequest(user, password, "radius", "vpn", split=split, separator=separator,
                         code=code), Directory())  # type: ignore[arg-type]
         self.engine.audit.flush()
@@ -211,7 +212,7 @@ def test_a_recovery_code_answers_a_challenge_in_any_spelling(world: World) -> No
     code = world.accounts.new_recovery_codes("alice").codes[3]
     first = world.auth("alice", "alice-pw")
     assert first.outcome is NEED_CODE
-    second = world.engine.authenticate_sync(AuthRequest(
+    second = authenticate_sync(world.engine, AuthRequest(
         "alice", "", "radius", "vpn", split=SplitMode.CHALLENGE,
         code=code.upper().replace("-", " "), verified_identity=first.identity),
         Directory())  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from backends.base import DirectoryUnavailable, Identity, group_names
 from policy.decision import AuthRequest, MfaMode, Outcome, Reason, SplitMode
 from policy.engine import Authenticator, GroupRequirement, PolicyEngine
 from policy.mail import OutboxEvents
+from tests.sync_core import authenticate_sync
 from tests.unit.test_engine import (
     DAY,
     AsyncFake,
@@ -298,7 +299,7 @@ def test_local_directory_groups(tmp_path: Path) -> None:
         users.set_password("dave", "dave-pw", ["staff"])
         harness.engine.group_requirement = GroupRequirement(("vpn-users",), 7)
         for name in ("carol", "dave"):
-            d = harness.engine.authenticate_sync(harness.request(name), users)
+            d = authenticate_sync(harness.engine, harness.request(name), users)
             assert d.accepted
         assert harness.record("carol").required and not harness.record("dave").required
     finally:

@@ -30,7 +30,7 @@ class StartupError(Exception):
 
 # What a reload (SIGHUP) swaps in for the next request, by section; every other
 # setting that changed is logged as needing a restart (listeners, the state
-# store, the directory connections...).
+# store...). [directory] is swapped whole (see DIRECTORY_DRAIN_SECONDS).
 RELOADABLE: dict[str, frozenset[str]] = {
     "radius": frozenset({"clients", "reply", "mode", "separator",
                          "require_message_authenticator"}),
@@ -40,7 +40,10 @@ RELOADABLE: dict[str, frozenset[str]] = {
     "portal": frozenset({"public_url"}),
     "totp": frozenset({"digits", "period", "window"}),
 }
-RESTART_SECTIONS = ("state", "directory", "http", "radius", "ldap", "portal", "totp")
+RESTART_SECTIONS = ("state", "http", "radius", "ldap", "portal", "totp")
+# [directory] reloads whole: a new directory for the next request; the old one is
+# closed this long after, when every request that was asking it has its answer.
+DIRECTORY_DRAIN_SECONDS = 120.0
 
 
 def needs_restart(running: Settings, new: Settings) -> list[str]:
@@ -168,19 +171,25 @@ class Service:
 
         return mail_events(self.settings, self.store, origin="a sign-in (require_groups)")
 
-    def _async_directory(self) -> Any:
+    def _async_directory(self, settings: Any = None) -> Any:
         """LDAP gets the Twisted-native client (no thread per request); the
-        local file runs its argon2 checks in the directory pool."""
-        if self.settings.directory.type == "ldap":
+        local file runs its argon2 checks in the directory pool (one pool,
+        kept across reloads)."""
+        d = settings or self.settings.directory
+        if d.type == "ldap":
             # Not ldap3 (the admin commands' client): serve never needs it.
             from backends.ldap_async import AsyncLdapDirectory
 
-            return AsyncLdapDirectory(ldap_options(self.settings.directory), self.reactor)
+            return AsyncLdapDirectory(ldap_options(d), self.reactor)
         from backends.threaded import ThreadedDirectory
 
-        self.directory_pool = self._pool("directory", 16)
-        return ThreadedDirectory(make_directory(self.settings.directory), self.reactor,
-                                 self.directory_pool)
+        if getattr(self, "directory_pool", None) is None:
+            self.directory_pool = self._pool("directory", 16)
+        return ThreadedDirectory(make_directory(d), self.reactor, self.directory_pool)
+
+    def _directory_lookup(self, name: str) -> Deferred[Any]:
+        """The directory of now (a reload may have swapped it)."""
+        return self.async_directory.lookup(name)  # type: ignore[no-any-return]
 
     def in_state_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.state_workers.submit(f, *args)
@@ -431,7 +440,7 @@ class Service:
         the LDAP exempt list and bind-cache windows, logging and the portal's
         public URL apply from the next request on; requests in flight finish
         as they started, open LDAP and portal sessions stay. Anything else
-        that changed (listen addresses, the state store, the directory...) is
+        that changed (listen addresses, the state store...) is
         logged as needing a restart."""
         from proxy import config as configmod
 
@@ -472,10 +481,15 @@ class Service:
         """Swap in what can be swapped. The only steps that can fail (building the
         RADIUS client table and encoding its reply attributes) come first and
         swap nothing until they have all succeeded; the rest are assignments."""
+        directory = None
+        if new.directory != self.settings.directory:  # built before anything is swapped
+            directory = (self._async_directory(new.directory), username_rules(new.directory))
         if self.radius is not None and new.radius is not None:
             from proxy.radius.clients import ClientTable
 
             self.radius.reconfigure(ClientTable(new.radius.clients), new.radius.reply)
+        if directory is not None:
+            self._swap_directory(*directory)
         if self.ldap is not None and new.ldap is not None:
             self._reload_ldap(new.ldap)
         engine = self.engine
@@ -494,6 +508,20 @@ class Service:
         engine.enrollment_help = new.policy.enrollment_help
         reconfigure_logging(new.log_level, new.log_format)
         self.settings = new
+
+    def _swap_directory(self, directory: Any, usernames: Any) -> None:
+        """Next requests ask the new directory; requests already under way finish
+        on the old one, which is closed once they have had every chance to
+        (DIRECTORY_DRAIN_SECONDS: longer than any directory timeout)."""
+        old, self.async_directory = self.async_directory, directory
+        self.authenticator.directory = directory
+        self.engine.usernames = usernames
+        closer = getattr(old, "close", None)
+        if closer is not None:
+            self.reactor.callLater(DIRECTORY_DRAIN_SECONDS, closer)
+        log.info("reload: the directory settings changed: next sign-ins use the new ones",
+                 extra={"event": "reload"})
+        self._probe_directory()
 
     def _reload_ldap(self, new: Any) -> None:
         import dataclasses
@@ -624,7 +652,7 @@ class Service:
             return self.mail_workers.submit(smtp.send, m, to, message)
 
         self.mail = MailSender(m, self.store, mail_context(self.settings),
-                               self.in_state_thread, self.async_directory.lookup, send,
+                               self.in_state_thread, self._directory_lookup, send,
                                time.time, MailMetrics(self.metrics))
         self._every(m.poll_seconds, self.mail.tick, now=True)
         log.info("mail via %s (%s), reminders %s", m.server, m.security,

@@ -390,6 +390,35 @@ def test_a_broken_config_on_sighup_keeps_the_old_one(two_clients: ProxyProcess) 
     assert m.value("mfa_proxy_config_last_reload_timestamp_seconds") > 0
 
 
+def test_sighup_swaps_the_directory_without_a_restart(tmp_path: Path, slapd: Slapd) -> None:
+    """[directory] reloads: a wrong service password is mended by SIGHUP, the LDAP
+    session bound before it stays bound, nothing waits for a restart."""
+    proxy = ProxyProcess.configure(
+        tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"}],
+        ldap={"upstream": slapd.url}, directory={"bind_password": "not-the-password"})
+    proxy.start(ready=False)  # the directory refuses the service account: not ready
+    try:
+        assert proxy.get("/readyz")[0] == 503
+        nas = pyrad_client(proxy, "vpn")
+        refused = pyrad_auth(nas, "erin", user_password("erin"))
+        assert refused.code == ACCESS_REJECT
+        rows = [json.loads(line) for line in
+                proxy.cli("audit", "--json", "--limit", "1").stdout.splitlines()]
+        assert rows[0]["reason"] == "directory_unavailable"
+        proxy.doc["directory"]["bind_password"] = slapd.svc_password
+        proxy.doc["directory"]["timeout"] = 4.0
+        proxy.write_config()
+        sighup_and_wait(proxy, "success")
+        assert pyrad_auth(nas, "erin", user_password("erin")).code == ACCESS_ACCEPT
+        wait_for(lambda: "the directory answers" in proxy.log_tail())
+        tail = proxy.log_tail()
+        assert "the directory settings changed: next sign-ins use the new ones" in tail
+        assert "wait for a restart" not in tail and "directory." not in tail
+        wait_for(lambda: proxy.get("/readyz")[0] == 200)
+    finally:
+        proxy.stop()
+
+
 def test_sighup_says_which_changes_need_a_restart(two_clients: ProxyProcess) -> None:
     proxy = two_clients
     proxy.doc["logging"] = {"level": "debug", "format": "json"}

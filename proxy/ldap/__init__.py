@@ -16,7 +16,6 @@ Modules: ``server`` (factory and per-connection protocol), ``upstream``
 ``dn`` (DN suffix rules: exempt, user_base, bind-cache windows),
 ``transport`` (low-latency writes), ``events``, ``config``. The wire format
 -- BER, messages, framing, result codes, TLS options -- is
-:mod:`backends.ldapwire`, shared with the directory client; ``ber`` and
-``tls`` here only re-export what server.py reads from it. Which entry a
+:mod:`backends.ldapwire`, shared with the directory client. Which entry a
 bind DN names, and whether both factors pass, is the core's business.
 """

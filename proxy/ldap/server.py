@@ -53,9 +53,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from backends.base import DirectoryUnavailable
+from backends.ldapwire import framing, messages, tls
+from backends.ldapwire.ber import BerError
+from backends.ldapwire.messages import ResultCode
 from policy.decision import AuthRequest, Decision, Reason, SplitMode
-from proxy.ldap import ber, tls, upstream
-from proxy.ldap.ber import ResultCode
+from proxy.ldap import upstream
 from proxy.ldap.bind import (
     INVALID_CREDENTIALS,
     UNAVAILABLE,
@@ -199,7 +201,7 @@ def _upstream_settings(config: LdapFrontendConfig) -> upstream.UpstreamSettings:
         tls=target.tls,
         start_tls=config.upstream_start_tls,
         tls_options=(
-            tls.upstream_options(target.host, config.ca_file, config.tls_verify)
+            tls.client_options(target.host, config.ca_file, config.tls_verify)
             if uses_tls
             else None
         ),
@@ -228,7 +230,8 @@ class _Refuse(Protocol):
             peer=peer,
             reason=self._reason,
         )
-        self.transport.write(ber.encode_notice_of_disconnection(ResultCode.BUSY, self._diagnostic))
+        notice = messages.encode_notice_of_disconnection(ResultCode.BUSY, self._diagnostic)
+        self.transport.write(notice)
         self.transport.loseConnection()
 
 
@@ -255,10 +258,10 @@ class LdapProxyProtocol(Protocol):
         self._clock = factory.reactor
         self._source = source  # the address counted against max_connections_per_source
         self._counted = False
-        self._framer = ber.MessageFramer(self.config.max_message_size)
+        self._framer = framing.MessageFramer(self.config.max_message_size)
         # Messages read but not yet handled (waiting for a bind or the upstream);
         # at most one read's worth: reading pauses while any wait.
-        self._queue: deque[tuple[bytes, ber.MessageHeader]] = deque()
+        self._queue: deque[tuple[bytes, messages.MessageHeader]] = deque()
         self._buffered = 0  # this connection's partial message, in factory.buffered_bytes
         self._busy = True  # until the upstream is ready; again during each bind
         self._paused = False
@@ -280,7 +283,7 @@ class LdapProxyProtocol(Protocol):
         self._injected: dict[int, _Injected] = {}  # our own requests, by message ID
         self._binding = False  # from reading a bind until its answer is written
         self._bind_id = -1  # the message ID of that bind
-        self._waiting_bind: tuple[bytes, ber.MessageHeader, float] | None = None
+        self._waiting_bind: tuple[bytes, messages.MessageHeader, float] | None = None
         self._wait_call: Any = None
         self._bound_once = False  # a bind has succeeded on this connection
         self._unbound_expired = False  # unbound_timeout passed during a bind
@@ -347,7 +350,7 @@ class LdapProxyProtocol(Protocol):
             )
         assert self.transport is not None
         if notify:
-            self.transport.write(ber.encode_notice_of_disconnection(code, diagnostic))
+            self.transport.write(messages.encode_notice_of_disconnection(code, diagnostic))
         self.transport.loseConnection()
         if self._upstream is not None:
             self._upstream.close()
@@ -363,15 +366,15 @@ class LdapProxyProtocol(Protocol):
             return
         self._last_activity = self._clock.seconds()
         try:
-            messages = self._framer.feed(data)
-        except ber.BerError as error:
+            received = self._framer.feed(data)
+        except BerError as error:
             self._drop_malformed(error)
             return
         # Every message of the segment is admitted (its ID checked and taken)
         # before any is handled: what counts as outstanding is what the client
         # had sent, not what the directory happened to answer in between.
-        admitted: list[tuple[bytes, ber.MessageHeader]] = []
-        for message in messages:
+        admitted: list[tuple[bytes, messages.MessageHeader]] = []
+        for message in received:
             header = self._admit(message)
             if header is None:
                 return
@@ -383,17 +386,17 @@ class LdapProxyProtocol(Protocol):
         if self._account_buffers():
             self._drain()
 
-    def _admit(self, message: bytes) -> ber.MessageHeader | None:
+    def _admit(self, message: bytes) -> messages.MessageHeader | None:
         """The envelope of a request just read, its ID now in use; None (and the
         session closed) when it is no request or its ID may not be used."""
         try:
-            header = ber.peek(message)
-        except ber.BerError as error:
+            header = messages.peek(message)
+        except BerError as error:
             self._drop_malformed(error)
             return None
         tag, message_id = header.op_tag, header.message_id
-        if tag not in ber.REQUESTS:
-            self._drop_malformed(ber.BerError(f"protocolOp {tag:#04x} is not a request"))
+        if tag not in messages.REQUESTS:
+            self._drop_malformed(BerError(f"protocolOp {tag:#04x} is not a request"))
             return None
         if message_id in self._in_use:
             self.abort_session(
@@ -402,12 +405,12 @@ class LdapProxyProtocol(Protocol):
                 dropped="message_id_reused",
             )
             return None
-        if not 0 < message_id <= ber.MAX_MESSAGE_ID:
+        if not 0 < message_id <= messages.MAX_MESSAGE_ID:
             self.abort_session(
                 ResultCode.PROTOCOL_ERROR, "message ID out of range", dropped="protocol_error"
             )
             return None
-        if tag in ber.FINAL_RESPONSE:  # unbind and abandon get no response
+        if tag in messages.FINAL_RESPONSE:  # unbind and abandon get no response
             self._in_use.add(message_id)
         return header
 
@@ -451,15 +454,15 @@ class LdapProxyProtocol(Protocol):
         self._busy = False
         self._drain()
 
-    def _dispatch(self, message: bytes, header: ber.MessageHeader) -> None:
+    def _dispatch(self, message: bytes, header: messages.MessageHeader) -> None:
         tag = header.op_tag
-        if tag == ber.BIND_REQUEST:
+        if tag == messages.BIND_REQUEST:
             self._bind_when_quiet(message, header)
-        elif tag == ber.UNBIND_REQUEST:
+        elif tag == messages.UNBIND_REQUEST:
             self._unbind(message)
-        elif tag == ber.EXTENDED_REQUEST and self._is_start_tls(message, header):
+        elif tag == messages.EXTENDED_REQUEST and self._is_start_tls(message, header):
             self._start_tls(header)
-        elif tag == ber.ABANDON_REQUEST:
+        elif tag == messages.ABANDON_REQUEST:
             if self._upstream_state is UpstreamState.READY:
                 self._forward(message, header)
         elif self.config.requires_bind and not self._authenticated:
@@ -469,24 +472,26 @@ class LdapProxyProtocol(Protocol):
         else:
             self._forward_when_reachable(message, header)
 
-    def _forward(self, message: bytes, header: ber.MessageHeader) -> None:
+    def _forward(self, message: bytes, header: messages.MessageHeader) -> None:
         assert self._upstream is not None
         tag = header.op_tag
-        if tag in ber.FINAL_RESPONSE:
+        if tag in messages.FINAL_RESPONSE:
             self._outstanding.add(header.message_id)
-        elif tag == ber.ABANDON_REQUEST:
+        elif tag == messages.ABANDON_REQUEST:
             try:
-                abandoned = ber.abandoned_message_id(message, header)
-            except ber.BerError as error:
+                abandoned = messages.abandoned_message_id(message, header)
+            except BerError as error:
                 self._drop_malformed(error)
                 return
             if abandoned in self._outstanding:  # not a bind, nor a request still queued
                 self._outstanding.discard(abandoned)
                 self._in_use.discard(abandoned)
         self._upstream.write(message)
-        self.events.forwarded(ber.OPERATION_NAMES[tag])
+        self.events.forwarded(messages.OPERATION_NAMES[tag])
 
-    def _forward_or_refuse(self, message: bytes, header: ber.MessageHeader, ready: bool) -> None:
+    def _forward_or_refuse(
+        self, message: bytes, header: messages.MessageHeader, ready: bool
+    ) -> None:
         if self._closing:
             return
         if ready:
@@ -494,16 +499,16 @@ class LdapProxyProtocol(Protocol):
         else:
             self._answer(header, ResultCode.UNAVAILABLE, UNAVAILABLE)
 
-    def _answer(self, header: ber.MessageHeader, code: int, diagnostic: str) -> None:
+    def _answer(self, header: messages.MessageHeader, code: int, diagnostic: str) -> None:
         """Answer a request locally, with the response type it expects."""
         self._in_use.discard(header.message_id)
-        response = ber.response_for(header.op_tag)
+        response = messages.response_for(header.op_tag)
         if response is not None:
-            self._write(ber.encode_result(header.message_id, response, code, diagnostic))
+            self._write(messages.encode_result(header.message_id, response, code, diagnostic))
 
-    def _refuse(self, header: ber.MessageHeader, reason: str, diagnostic: str) -> None:
+    def _refuse(self, header: messages.MessageHeader, reason: str, diagnostic: str) -> None:
         """An operation the proxy will not forward: 50, counted and logged."""
-        operation = ber.OPERATION_NAMES[header.op_tag]
+        operation = messages.OPERATION_NAMES[header.op_tag]
         self.events.refused(operation, reason)
         self.factory.log_limited(
             f"refused {reason} {self._peer}",
@@ -523,20 +528,20 @@ class LdapProxyProtocol(Protocol):
         assert self.transport is not None
         self.transport.loseConnection()
 
-    def _drop_malformed(self, error: ber.BerError) -> None:
+    def _drop_malformed(self, error: BerError) -> None:
         reason = "oversize" if error.oversize else "malformed"
         diagnostic = "message too large" if error.oversize else f"malformed message: {error}"
         self.abort_session(ResultCode.PROTOCOL_ERROR, diagnostic, dropped=reason)
 
     # ------------------------------------------------------------ StartTLS (client side)
 
-    def _is_start_tls(self, message: bytes, header: ber.MessageHeader) -> bool:
+    def _is_start_tls(self, message: bytes, header: messages.MessageHeader) -> bool:
         try:
-            return ber.extended_request_name(message, header) == ber.START_TLS_OID
-        except ber.BerError:
+            return messages.extended_request_name(message, header) == messages.START_TLS_OID
+        except BerError:
             return False  # forwarded: the directory answers what it makes of it
 
-    def _start_tls(self, header: ber.MessageHeader) -> None:
+    def _start_tls(self, header: messages.MessageHeader) -> None:
         """Answered here, never forwarded: the proxy terminates the client's TLS."""
         message_id = header.message_id
         if self._tls:
@@ -548,7 +553,9 @@ class LdapProxyProtocol(Protocol):
         else:
             code, diagnostic = ResultCode.SUCCESS, ""
         self._in_use.discard(message_id)
-        self._write(ber.encode_extended_response(message_id, code, diagnostic, ber.START_TLS_OID))
+        self._write(
+            messages.encode_extended_response(message_id, code, diagnostic, messages.START_TLS_OID)
+        )
         if code == ResultCode.SUCCESS:
             assert self.transport is not None
             self.transport.startTLS(self.factory.server_tls)
@@ -650,24 +657,24 @@ class LdapProxyProtocol(Protocol):
     def _is_ready(self, _: object = None) -> bool:
         return self._upstream_state is UpstreamState.READY
 
-    def _forward_when_reachable(self, message: bytes, header: ber.MessageHeader) -> None:
+    def _forward_when_reachable(self, message: bytes, header: messages.MessageHeader) -> None:
         self._busy = True  # later messages wait, so their order holds
         reached = self._reach_upstream()
         reached.addCallback(partial(self._forward_or_refuse, message, header))
         reached.addCallback(lambda _: self._resume())
         reached.addErrback(self._crashed)
 
-    def upstream_messages(self, messages: list[bytes]) -> None:
+    def upstream_messages(self, responses: list[bytes]) -> None:
         """Responses from the directory: relay them, except answers to our own requests."""
         self._last_activity = self._clock.seconds()
         injected = self._injected
         outstanding = self._outstanding
         in_use = self._in_use
         relay: list[bytes] = []
-        for message in messages:
+        for message in responses:
             try:
-                message_id, tag = ber.peek_id_and_tag(message)
-            except ber.BerError:
+                message_id, tag = messages.peek_id_and_tag(message)
+            except BerError:
                 self._upstream_broken("malformed_response")
                 return
             waiting = injected.get(message_id) if injected else None
@@ -680,10 +687,10 @@ class LdapProxyProtocol(Protocol):
                 del injected[message_id]
                 self._injected_answered(waiting, message)
                 continue
-            if tag == ber.BIND_RESPONSE:  # every bind upstream is one of ours
+            if tag == messages.BIND_RESPONSE:  # every bind upstream is one of ours
                 self._upstream_violation("a BindResponse the proxy did not wait for")
                 return
-            if tag in ber.FINAL_RESPONSES:
+            if tag in messages.FINAL_RESPONSES:
                 if message_id == 0:
                     self._upstream_notice_relayed = True  # Notice of Disconnection
                 outstanding.discard(message_id)
@@ -693,9 +700,9 @@ class LdapProxyProtocol(Protocol):
         if self._waiting_bind is not None and not outstanding:
             self._start_waiting_bind()
 
-    def _relay(self, messages: list[bytes]) -> None:
-        if messages and not self._closing:
-            write_sequence_now(self.transport, messages)
+    def _relay(self, responses: list[bytes]) -> None:
+        if responses and not self._closing:
+            write_sequence_now(self.transport, responses)
 
     def upstream_lost(self, reason: Failure) -> None:
         """The directory connection ended after it was ready: the session is gone."""
@@ -750,7 +757,7 @@ class LdapProxyProtocol(Protocol):
         if message_id in self._injected:
             return fail(DirectoryUnavailable("a bind is already in flight"))
         response: Deferred[bytes] = Deferred(canceller=partial(self._abandon_injected, message_id))
-        self._injected[message_id] = _Injected(response, ber.BIND_RESPONSE, anonymous)
+        self._injected[message_id] = _Injected(response, messages.BIND_RESPONSE, anonymous)
         self._upstream_maybe_bound = True  # invariant 4: until an anonymous bind succeeds
         self._upstream.write(message)
         return response
@@ -758,8 +765,8 @@ class LdapProxyProtocol(Protocol):
     def _injected_answered(self, waiting: _Injected, response: bytes) -> None:
         if waiting.anonymous:
             try:
-                succeeded = ber.decode_result(response).code == ResultCode.SUCCESS
-            except ber.BerError:
+                succeeded = messages.decode_result(response).code == ResultCode.SUCCESS
+            except BerError:
                 succeeded = False
             if succeeded:
                 self._upstream_maybe_bound = False
@@ -777,7 +784,7 @@ class LdapProxyProtocol(Protocol):
 
     # ------------------------------------------------------------ binds
 
-    def _bind_when_quiet(self, message: bytes, header: ber.MessageHeader) -> None:
+    def _bind_when_quiet(self, message: bytes, header: messages.MessageHeader) -> None:
         """Invariant 2: a bind starts once every forwarded operation has finished
         (RFC 4511 §4.2.1), and nothing read after it is handled before its answer."""
         self._busy = True
@@ -812,7 +819,7 @@ class LdapProxyProtocol(Protocol):
         self.events.bind("reject", "operations_outstanding", self._clock.seconds() - started)
         self._in_use.discard(header.message_id)
         self._write(
-            ber.encode_bind_response(
+            messages.encode_bind_response(
                 header.message_id, ResultCode.UNAVAILABLE, "earlier operations still outstanding"
             )
         )
@@ -822,10 +829,10 @@ class LdapProxyProtocol(Protocol):
             dropped="bind_wait_timeout",
         )
 
-    def _bind(self, message: bytes, header: ber.MessageHeader) -> None:
+    def _bind(self, message: bytes, header: messages.MessageHeader) -> None:
         try:
-            request = ber.decode_bind_request(message, header)
-        except ber.BerError as error:
+            request = messages.decode_bind_request(message, header)
+        except BerError as error:
             self._drop_malformed(error)
             return
         started = self._clock.seconds()
@@ -849,7 +856,7 @@ class LdapProxyProtocol(Protocol):
         decided.cancel()
 
     def _decide_bind(
-        self, message: bytes, request: ber.BindRequest
+        self, message: bytes, request: messages.BindRequest
     ) -> BindReply | Deferred[BindReply]:
         if request.version != 3:
             return refuse(ResultCode.PROTOCOL_ERROR, "only LDAPv3 is supported", "protocol_error")
@@ -906,14 +913,14 @@ class LdapProxyProtocol(Protocol):
         return self._reach_upstream().addCallback(step, *args)
 
     def _relay_bind(
-        self, message: bytes, request: ber.BindRequest, reason: str
+        self, message: bytes, request: messages.BindRequest, reason: str
     ) -> BindReply | Deferred[BindReply]:
         """Exempt and anonymous binds: the client's request and the directory's
         answer, both as they are."""
         return self._when_reachable(self._send_relayed_bind, message, request, reason)
 
     def _send_relayed_bind(
-        self, ready: bool, message: bytes, request: ber.BindRequest, reason: str
+        self, ready: bool, message: bytes, request: messages.BindRequest, reason: str
     ) -> BindReply | Deferred[BindReply]:
         if not ready:
             return refuse(ResultCode.UNAVAILABLE, UNAVAILABLE, Reason.DIRECTORY_UNAVAILABLE.value)
@@ -935,7 +942,9 @@ class LdapProxyProtocol(Protocol):
         )
         return BindReply(code, diagnostic, "reject", refused, raw=response)
 
-    def _mfa_bind(self, ready: bool, request: ber.BindRequest) -> BindReply | Deferred[BindReply]:
+    def _mfa_bind(
+        self, ready: bool, request: messages.BindRequest
+    ) -> BindReply | Deferred[BindReply]:
         """Both factors first, through the core; only then is this client's
         upstream session bound, as the entry the core resolved (never the DN as
         the client spelled it) and with the password the core checked."""
@@ -961,7 +970,7 @@ class LdapProxyProtocol(Protocol):
         decided = maybeDeferred(self.factory.authenticate, auth)
         return decided.addCallback(self._decided, request)
 
-    def _decided(self, decision: Decision, request: ber.BindRequest
+    def _decided(self, decision: Decision, request: messages.BindRequest
                  ) -> BindReply | Deferred[BindReply]:
         reply = reply_for_decision(decision)
         if not reply.success:
@@ -974,7 +983,7 @@ class LdapProxyProtocol(Protocol):
             return refuse(ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS,
                           "outside_user_base")
         raw = decision.password.encode("utf-8", "surrogateescape")
-        bind = ber.encode_bind_request(request.message_id, identity.dn, raw, request.controls)
+        bind = messages.encode_bind_request(request.message_id, identity.dn, raw, request.controls)
         self.events.forwarded("bind")
         sent = self._upstream_request(bind, request.message_id)
         return sent.addCallback(self._session_bound, reply)
@@ -1010,7 +1019,7 @@ class LdapProxyProtocol(Protocol):
             return reply
         if not self._upstream_maybe_bound:
             return reply  # nothing was ever bound on it, or the last reset held
-        anonymous = ber.encode_bind_request(message_id, "", b"")
+        anonymous = messages.encode_bind_request(message_id, "", b"")
         reset = self._upstream_request(anonymous, message_id, anonymous=True)
         return reset.addCallback(self._reset_done, reply).addErrback(self._reset_failed, reply)
 
@@ -1047,7 +1056,7 @@ class LdapProxyProtocol(Protocol):
         if reply.raw is not None:
             self._write(reply.raw)
         else:
-            self._write(ber.encode_bind_response(message_id, reply.code, reply.diagnostic))
+            self._write(messages.encode_bind_response(message_id, reply.code, reply.diagnostic))
         if self._close_after_reply:
             self.abort_session(ResultCode.UNAVAILABLE, "bind timed out", dropped="bind_timeout")
             return
@@ -1072,8 +1081,8 @@ def _stop_timer(result: object, timer: Any) -> object:
     return result
 
 
-def _result(response: bytes) -> ber.LdapResult:
+def _result(response: bytes) -> messages.LdapResult:
     try:
-        return ber.decode_result(response)
-    except ber.BerError as error:
+        return messages.decode_result(response)
+    except BerError as error:
         raise DirectoryUnavailable(f"malformed response from the directory: {error}") from None

@@ -11,8 +11,12 @@ Public API::
     ...
     factory.disconnect_all()          # on shutdown, then port.stopListening()
 
-Modules: ``server`` (factory and per-connection protocol), ``upstream``
-(the connection to the directory), ``bind`` (decision → BindResponse),
+Modules: ``server`` (the factory, and the per-connection protocol that
+carries out what ``session`` decides), ``session`` (one connection's state
+machine: events in, actions out, no I/O; the sequencing invariants),
+``upstream_session`` (the upstream session's bookkeeping), ``upstream`` (the
+connection to the directory), ``bind`` (the bind flow's steps: plan, core
+request, session bind, and the BindResponse for each outcome),
 ``dn`` (DN suffix rules: exempt, user_base, bind-cache windows),
 ``transport`` (low-latency writes), ``events``, ``config``. The wire format
 -- BER, messages, framing, result codes, TLS options -- is

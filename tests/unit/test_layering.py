@@ -64,3 +64,19 @@ def test_the_wire_format_comes_from_backends_ldapwire() -> None:
              for path in sorted((ROOT / folder).rglob("*.py")) if imports_a_gone_module(path)]
     assert users == []
     assert "backends.ldapwire.messages" in imported_modules("proxy/ldap")["proxy/ldap/server.py"]
+
+
+def test_the_ldap_session_logic_does_no_io() -> None:
+    # h11's rule: the session state machine takes events and returns actions; the
+    # Twisted protocol (server.py) and the connection (upstream.py) do the I/O.
+    imports = imported_modules("proxy/ldap")
+    io = ("twisted", "zope", "socket", "asyncio", "proxy.ldap.server", "proxy.ldap.upstream",
+          "proxy.ldap.transport", "proxy.metrics")
+    for path in ("proxy/ldap/session.py", "proxy/ldap/upstream_session.py", "proxy/ldap/bind.py"):
+        names = imports[path] - {"twisted.internet.defer"} if path.endswith("bind.py") else \
+            imports[path]
+        assert [n for n in sorted(names) if any(n == m or n.startswith(m + ".") for m in io)] \
+            == [], path
+    # bind.py only names the core's timeout and cancellation errors from Twisted
+    source = (ROOT / "proxy/ldap/bind.py").read_text()
+    assert "from twisted.internet.defer import CancelledError\n" in source

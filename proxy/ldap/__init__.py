@@ -11,12 +11,15 @@ Public API::
     ...
     factory.disconnect_all()          # on shutdown, then port.stopListening()
 
-Modules: ``server`` (factory and per-connection protocol), ``upstream``
-(the connection to the directory), ``bind`` (decision → BindResponse),
+Modules: ``server`` (the factory, and the per-connection protocol that
+carries out what ``session`` decides), ``session`` (one connection's state
+machine: events in, actions out, no I/O; the sequencing invariants),
+``upstream_session`` (the upstream session's bookkeeping), ``upstream`` (the
+connection to the directory), ``bind`` (the bind flow's steps: plan, core
+request, session bind, and the BindResponse for each outcome),
 ``dn`` (DN suffix rules: exempt, user_base, bind-cache windows),
 ``transport`` (low-latency writes), ``events``, ``config``. The wire format
 -- BER, messages, framing, result codes, TLS options -- is
-:mod:`backends.ldapwire`, shared with the directory client; ``ber`` and
-``tls`` here only re-export what server.py reads from it. Which entry a
+:mod:`backends.ldapwire`, shared with the directory client. Which entry a
 bind DN names, and whether both factors pass, is the core's business.
 """

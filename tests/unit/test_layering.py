@@ -40,16 +40,16 @@ def test_imports_go_one_way(package: str, forbidden: tuple[str, ...]) -> None:
     assert offenders(package, forbidden) == []
 
 
-SHIMS = ("proxy/ldap/ber.py", "proxy/ldap/tls.py")
+GONE = ("proxy.ldap.ber", "proxy.ldap.tls")  # the front-end's old copies of the wire format
 
 
-def imports_a_shim(path: Path) -> bool:
+def imports_a_gone_module(path: Path) -> bool:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            if any(a.name in ("proxy.ldap.ber", "proxy.ldap.tls") for a in node.names):
+            if any(a.name in GONE for a in node.names):
                 return True
         elif isinstance(node, ast.ImportFrom):
-            if node.module in ("proxy.ldap.ber", "proxy.ldap.tls"):
+            if node.module in GONE:
                 return True
             if node.module == "proxy.ldap" and {a.name for a in node.names} & {"ber", "tls"}:
                 return True
@@ -57,13 +57,26 @@ def imports_a_shim(path: Path) -> bool:
 
 
 def test_the_wire_format_comes_from_backends_ldapwire() -> None:
-    # proxy/ldap/ber.py and tls.py only re-export backends.ldapwire, for server.py alone.
-    for shim in SHIMS:
-        tree = ast.parse((ROOT / shim).read_text())
-        imports = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
-        assert all(isinstance(n, ast.ImportFrom) and (n.module or "").startswith(
-            "backends.ldapwire") for n in imports), shim
-        assert not [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    # One LDAP codec for both sides: the front-end keeps neither a copy nor a re-export.
+    for module in GONE:
+        assert not (ROOT / (module.replace(".", "/") + ".py")).exists(), module
     users = [str(path.relative_to(ROOT)) for folder in ("proxy", "backends", "tests", "bench")
-             for path in sorted((ROOT / folder).rglob("*.py")) if imports_a_shim(path)]
-    assert users == ["proxy/ldap/server.py"]
+             for path in sorted((ROOT / folder).rglob("*.py")) if imports_a_gone_module(path)]
+    assert users == []
+    assert "backends.ldapwire.messages" in imported_modules("proxy/ldap")["proxy/ldap/server.py"]
+
+
+def test_the_ldap_session_logic_does_no_io() -> None:
+    # h11's rule: the session state machine takes events and returns actions; the
+    # Twisted protocol (server.py) and the connection (upstream.py) do the I/O.
+    imports = imported_modules("proxy/ldap")
+    io = ("twisted", "zope", "socket", "asyncio", "proxy.ldap.server", "proxy.ldap.upstream",
+          "proxy.ldap.transport", "proxy.metrics")
+    for path in ("proxy/ldap/session.py", "proxy/ldap/upstream_session.py", "proxy/ldap/bind.py"):
+        names = imports[path] - {"twisted.internet.defer"} if path.endswith("bind.py") else \
+            imports[path]
+        assert [n for n in sorted(names) if any(n == m or n.startswith(m + ".") for m in io)] \
+            == [], path
+    # bind.py only names the core's timeout and cancellation errors from Twisted
+    source = (ROOT / "proxy/ldap/bind.py").read_text()
+    assert "from twisted.internet.defer import CancelledError\n" in source

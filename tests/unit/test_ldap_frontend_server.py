@@ -621,7 +621,7 @@ def test_abandon_is_forwarded_and_clears_the_outstanding_operation() -> None:
     assert len(h.directory.requests) == 2
     protocol = client.protocol
     assert isinstance(protocol, LdapProxyProtocol)
-    assert not protocol._outstanding
+    assert not protocol.session.outstanding
 
 
 def test_upstream_notice_of_disconnection_is_relayed_once() -> None:
@@ -1252,7 +1252,7 @@ def test_partial_messages_beyond_max_buffered_bytes_are_dropped() -> None:
     assert second.closed
     assert h.events[("dropped", "buffer_limit")] == 1
     assert isinstance(second.protocol, LdapProxyProtocol)
-    assert second.protocol._framer.buffered == 0  # nothing kept after the drop
+    assert second.protocol.session.buffered == 0  # nothing kept after the drop
     assert h.factory.buffered_bytes == len(big) - 1
     first.send(big[-1:])  # the first completes its message: its share is given back
     assert h.factory.buffered_bytes == 0
@@ -1267,7 +1267,7 @@ def test_a_dropped_or_closed_connection_gives_its_buffer_back() -> None:
     client.protocol.connectionLost(Failure(ConnectionError()))
     assert h.factory.buffered_bytes == 0
     assert isinstance(client.protocol, LdapProxyProtocol)
-    assert client.protocol._framer.buffered == 0
+    assert client.protocol.session.buffered == 0
     garbage = h.client()
     message = search(9, 2_000)
     garbage.send(message[:1_500])

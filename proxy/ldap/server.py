@@ -431,7 +431,7 @@ class LdapProxyProtocol(Protocol):
         elif abort:
             connection.abort()
         else:
-            connection.close()
+            connection.close(unbind=not self.session.client_unbound)
 
 
 _SEND_UPSTREAM = Do.SEND_UPSTREAM

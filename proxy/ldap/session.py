@@ -308,6 +308,9 @@ class LdapSession:
         self._tls = False
         self._peer = ""
         self._last_activity = 0.0
+        # The client's own UnbindRequest went upstream: the upstream connection then
+        # just closes (else the proxy unbinds it itself, see upstream.close).
+        self.client_unbound = False
 
     # ------------------------------------------------------------ what tests look at
 
@@ -533,6 +536,7 @@ class LdapSession:
         if self.upstream.ready:
             out.append((_SEND_UPSTREAM, message))
             self.events.forwarded("unbind")
+            self.client_unbound = True
         self._close(out, None, upstream=None)  # the upstream closes with the client's connection
 
     def _start_tls(self, out: list[Action], header: MessageHeader) -> None:

@@ -24,13 +24,18 @@ from backends.ldapwire.connect import OneConnection, client_endpoint
 from backends.ldapwire.framing import MessageFramer
 from backends.ldapwire.messages import (
     START_TLS_OID,
+    UNBIND,
     ResultCode,
     decode_result,
     encode_extended_request,
+    ldap_message,
 )
 from proxy.ldap.transport import write_now
 
 _START_TLS_MESSAGE_ID = 1  # nothing else is in flight before the upstream is ready
+# An UnbindRequest has no response (RFC 4511 §4.3), so its ID is never matched;
+# one no client is likely to have used, all the same.
+_UNBIND_MESSAGE_ID = 2**31 - 1
 
 
 class UpstreamFailed(DirectoryUnavailable):
@@ -78,8 +83,13 @@ class UpstreamConnection(Protocol):
     def write(self, data: bytes) -> None:
         write_now(self.transport, data)
 
-    def close(self) -> None:
+    def close(self, unbind: bool = True) -> None:
+        """The polite end (the client left, the proxy drains): an UnbindRequest
+        first when the session is up (unless the client's own went up already),
+        so the directory ends it as an unbind rather than a dropped connection."""
         if self.transport is not None:
+            if unbind and self._phase == "ready":
+                self.write(ldap_message(_UNBIND_MESSAGE_ID, UNBIND))
             self.transport.loseConnection()
 
     def abort(self) -> None:

@@ -31,6 +31,7 @@ from tests.unit.test_ldap_frontend_fakes import USERS, RealCore
 
 BASE = "dc=example,dc=org"
 ALICE = f"uid=alice,ou=people,{BASE}"
+PROXY_UNBIND_ID = 2**31 - 1  # proxy/ldap/upstream.py
 BOB = f"uid=bob,ou=people,{BASE}"
 SVC = f"cn=svc,ou=services,{BASE}"
 PASSWORDS = {ALICE: b"alice-pw", BOB: b"bob-pw", SVC: b"svc-secret"}
@@ -65,6 +66,9 @@ class FakeDirectory:
     binds: list[tuple[str, bytes]] = field(default_factory=list)
     held: list[tuple[UpstreamConnection, bytes]] = field(default_factory=list)
     connections: list[UpstreamConnection] = field(default_factory=list)
+    # The proxy's own UnbindRequest when it ends a session (kept out of requests,
+    # which are what the client's messages made the proxy send).
+    proxy_unbinds: int = 0
 
     def connect(
         self, reactor: Any, settings: UpstreamSettings, owner: UpstreamOwner
@@ -78,8 +82,11 @@ class FakeDirectory:
         return connection
 
     def received(self, connection: UpstreamConnection, message: bytes) -> None:
-        self.requests.append(message)
         header = messages.peek(message)
+        if header.op_tag == messages.UNBIND_REQUEST and header.message_id == PROXY_UNBIND_ID:
+            self.proxy_unbinds += 1
+            return
+        self.requests.append(message)
         if header.op_tag == messages.BIND_REQUEST:
             request = messages.decode_bind_request(message)
             self.binds.append((request.name, request.password or b""))
@@ -1495,3 +1502,27 @@ def test_random_bytes_never_crash_the_server(chunks: list[bytes]) -> None:
 @given(near_valid(), st.integers(min_value=1, max_value=40))
 def test_mutated_messages_never_crash_the_server(data: bytes, chunk: int) -> None:
     _assert_survives([data[i : i + chunk] for i in range(0, len(data), chunk)])
+
+
+def test_a_drain_unbinds_the_upstream_session_before_closing_it() -> None:
+    """SIGTERM's drain (disconnect_all): the client gets a Notice of Disconnection;
+    the directory gets an UnbindRequest, then the connection ends."""
+    h = make()
+    client = h.client()
+    client.bind(ALICE, h.core.good("alice"))
+    assert client.result().code == 0
+    wire = h.directory.connections[0].transport
+    h.factory.disconnect_all()
+    [notice] = client.responses()
+    assert messages.decode_result(notice).code == ResultCode.UNAVAILABLE
+    assert h.directory.proxy_unbinds == 1
+    assert wire.disconnecting and client.closed
+
+
+def test_a_client_unbind_is_not_followed_by_a_second_one() -> None:
+    h = make()
+    client = h.client()
+    client.send(messages.ldap_message(3, b"\x42\x00"))
+    client.protocol.connectionLost(Failure(ConnectionError()))
+    assert h.directory.requests == [messages.ldap_message(3, b"\x42\x00")]
+    assert h.directory.proxy_unbinds == 0

@@ -38,9 +38,14 @@ RELOADABLE: dict[str, frozenset[str]] = {
                        "max_connections", "max_connections_per_source", "idle_timeout",
                        "unbound_timeout", "bind_timeout"}),
     "portal": frozenset({"public_url"}),
+    # The SMTP server, sender, retries, templates... for the next mail; the poll
+    # interval is the loop's, set at start.
+    "mail": frozenset({"host", "port", "security", "username", "password", "from_header",
+                       "reminder_hours", "ca_file", "tls_verify", "timeout_seconds", "retry",
+                       "claim_seconds", "batch", "templates", "templates_dir"}),
     "totp": frozenset({"digits", "period", "window"}),
 }
-RESTART_SECTIONS = ("state", "http", "radius", "ldap", "portal", "totp")
+RESTART_SECTIONS = ("state", "http", "radius", "ldap", "portal", "totp", "mail")
 # [directory] reloads whole: a new directory for the next request; the old one is
 # closed this long after, when every request that was asking it has its answer.
 DIRECTORY_DRAIN_SECONDS = 120.0
@@ -506,6 +511,11 @@ class Service:
         if new.portal is not None and self.settings.portal is not None:
             engine.enrollment_url = new.portal.public_url
         engine.enrollment_help = new.policy.enrollment_help
+        mail = getattr(self, "mail", None)
+        if mail is not None and new.mail is not None:
+            from proxy.state import mail_context
+
+            mail.config, mail.context = new.mail, mail_context(new)
         reconfigure_logging(new.log_level, new.log_format)
         self.settings = new
 
@@ -649,7 +659,8 @@ class Service:
         self.mail_workers.start()
 
         def send(to: str, message: Any) -> Deferred[Any]:
-            return self.mail_workers.submit(smtp.send, m, to, message)
+            # The sender's config of now: a reload may have changed the server.
+            return self.mail_workers.submit(smtp.send, self.mail.config, to, message)
 
         self.mail = MailSender(m, self.store, mail_context(self.settings),
                                self.in_state_thread, self._directory_lookup, send,

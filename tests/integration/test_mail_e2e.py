@@ -382,3 +382,35 @@ def test_killed_between_claim_and_send_the_mail_is_sent_once_after_restart(
         smtp.stop()
         if proxy.alive:
             proxy.stop()
+
+
+def test_sighup_moves_the_mail_server_without_a_restart(slapd: Slapd, tmp_path: Path) -> None:
+    """[mail] reloads: the outbox waits on a server that is not there; the config names
+    another; SIGHUP; the next round sends there, with the new sender address."""
+    dead, live = free_port(), free_port()
+    smtp = SmtpServer(live)
+    smtp.start()
+    try:
+        proxy = ProxyProcess.configure(
+            tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"}],
+            overrides={"mail": mail_section(f"127.0.0.1:{dead}")})
+        with proxy.running():
+            proxy.cli("user", "require", "oscar")
+            wait_until(lambda: proxy.metrics().value("mfa_proxy_mail_failed_total",
+                                                     reason="unreachable") >= 1,
+                       what="a failed attempt on the dead server")
+            proxy.doc["mail"] = mail_section(f"127.0.0.1:{live}", **{
+                "from": "IT <it@example.org>"})
+            proxy.write_config()
+            reloads = proxy.metrics().value("mfa_proxy_config_reloads_total", result="success")
+            assert proxy.proc is not None
+            proxy.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: proxy.metrics().value("mfa_proxy_config_reloads_total",
+                                                     result="success") > reloads,
+                       what="the reload")
+            wait_until(lambda: smtp.to("oscar@example.org"), timeout=40,
+                       what=f"the invitation on the new server\n{proxy.log_tail()}")
+            assert smtp.envelopes[-1][0] == "it@example.org"
+            assert "wait for a restart" not in proxy.log_tail()
+    finally:
+        smtp.stop()

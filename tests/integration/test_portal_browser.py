@@ -101,12 +101,24 @@ def fill(driver: Any, name: str, value: str) -> None:
 
 def click(driver: Any, element_id: str) -> None:
     """Click a button that submits its form, and wait for the next page."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    page = driver.find_element(By.TAG_NAME, "html")
-    driver.find_element(By.ID, element_id).click()
+    for attempt in range(3):
+        # Chromium may still be swapping in the page the last step loaded: a node
+        # found a moment ago can be gone ("does not belong to the document").
+        try:
+            page = driver.find_element(By.TAG_NAME, "html")
+            driver.find_element(By.ID, element_id).click()
+            break
+        except (StaleElementReferenceException, WebDriverException) as e:
+            if attempt == 2 or ("does not belong to the document" not in str(e)
+                                and not isinstance(e, StaleElementReferenceException)):
+                raise
+            WebDriverWait(driver, 15).until(
+                lambda d: d.execute_script("return document.readyState") == "complete")
     WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
     WebDriverWait(driver, 15).until(
         lambda d: d.execute_script("return document.readyState") == "complete")

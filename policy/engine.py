@@ -447,11 +447,7 @@ class PolicyEngine:
             return self._accepted(p, identity, Reason.OK)
         if self._is_repeat(p, now):
             return self._accepted(p, identity, Reason.REPEAT)
-        current = self.store.get(p.username)
-        if current is not None and current.locked(now):
-            return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
-                                locked_until=current.locked_until)
-        return self._failure(p, Reason.REPLAYED_CODE, identity)
+        return self._locked_now(p) or self._failure(p, Reason.REPLAYED_CODE, identity)
 
     def _use_recovery_code(self, p: Prepared, identity: Identity, code: str,
                            now: float) -> Decision:
@@ -462,10 +458,9 @@ class PolicyEngine:
             digest = recovery.digest(self.recovery_key, p.username, code)
             if self.store.use_recovery_code(p.username, digest, now):
                 return self._accepted(p, identity, Reason.RECOVERY_CODE)
-            current = self.store.get(p.username)
-            if current is not None and current.locked(now):
-                return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
-                                    locked_until=current.locked_until)
+            locked = self._locked_now(p)
+            if locked is not None:
+                return locked
         return self._failure(p, Reason.BAD_CODE, identity)
 
     @property

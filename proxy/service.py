@@ -37,7 +37,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
     "ldap": frozenset({"exempt", "bind_cache_seconds", "bind_cache_rules", "mfa", "separator",
                        "max_connections", "max_connections_per_source", "idle_timeout",
                        "unbound_timeout", "bind_timeout"}),
-    "portal": frozenset({"public_url"}),
+    "portal": frozenset({"public_url", "session_minutes"}),
     # The SMTP server, sender, retries, templates... for the next mail; the poll
     # interval is the loop's, set at start.
     "mail": frozenset({"host", "port", "security", "username", "password", "from_header",
@@ -504,6 +504,8 @@ class Service:
         portal = getattr(self, "portal", None)
         if portal is not None:  # its set-ups make recovery codes, or not
             portal.accounts.recovery_codes = new.policy.recovery_codes
+            if new.portal is not None:  # sessions find their next deadline by it
+                portal.sessions.idle_seconds = new.portal.session_minutes * 60
         engine.totp = totp_params(new.totp)
         engine.log_accepts = new.log_decisions == "all"
         engine.repeat_windows = _repeat_windows(new)

@@ -391,11 +391,12 @@ def test_a_broken_config_on_sighup_keeps_the_old_one(two_clients: ProxyProcess) 
 
 
 def test_sighup_swaps_the_directory_without_a_restart(tmp_path: Path, slapd: Slapd) -> None:
-    """[directory] reloads: a wrong service password is mended by SIGHUP, the LDAP
-    session bound before it stays bound, nothing waits for a restart."""
+    """[directory] reloads (and the portal's session_minutes): a wrong service
+    password is mended by SIGHUP; nothing waits for a restart."""
     proxy = ProxyProcess.configure(
         tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"}],
-        ldap={"upstream": slapd.url}, directory={"bind_password": "not-the-password"})
+        ldap={"upstream": slapd.url}, directory={"bind_password": "not-the-password"},
+        portal={"session_minutes": 15})
     proxy.start(ready=False)  # the directory refuses the service account: not ready
     try:
         assert proxy.get("/readyz")[0] == 503
@@ -407,6 +408,7 @@ def test_sighup_swaps_the_directory_without_a_restart(tmp_path: Path, slapd: Sla
         assert rows[0]["reason"] == "directory_unavailable"
         proxy.doc["directory"]["bind_password"] = slapd.svc_password
         proxy.doc["directory"]["timeout"] = 4.0
+        proxy.doc["portal"]["session_minutes"] = 5  # swapped in too
         proxy.write_config()
         sighup_and_wait(proxy, "success")
         assert pyrad_auth(nas, "erin", user_password("erin")).code == ACCESS_ACCEPT

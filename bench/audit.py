@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from policy.store import AuditFilter, AuditRecord, Store
+from policy.schema import AuditFilter, AuditRecord
+from policy.store import Store
 
 
 def main(argv: list[str]) -> int:
@@ -34,20 +35,20 @@ def main(argv: list[str]) -> int:
             batch.append(AuditRecord(now - (args.rows - i) * 0.5, user, "radius", "vpn",
                                      "10.0.0.1", rng.choice(("accept", "reject")), "ok", 1.5))
             if len(batch) == 50_000:
-                store.audit(batch)
+                store.hot.audit(batch)
                 batch = []
-        store.audit(batch)
+        store.hot.audit(batch)
         print(f"wrote {args.rows} rows for {args.users} users in "
               f"{time.perf_counter() - started:.1f} s")
         where = AuditFilter(username="user00042", since=now - 7 * 86400)
         times = []
         for _ in range(5):
             t = time.perf_counter()
-            found = store.query_audit(where, 50)
+            found = store.admin.query_audit(where, 50)
             times.append(time.perf_counter() - t)
         one_user = min(times)
         t = time.perf_counter()
-        scan = store.query_audit(AuditFilter(reason="no-such-reason"), 50)
+        scan = store.admin.query_audit(AuditFilter(reason="no-such-reason"), 50)
         full_scan = time.perf_counter() - t
         print(f"one user, newest 50 of the last 7 days: {one_user * 1000:.2f} ms "
               f"({len(found)} rows)")

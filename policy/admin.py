@@ -32,16 +32,16 @@ from policy import recovery
 from policy.clock import Clock
 from policy.escaping import escape_controls
 from policy.keys import KeyRing
-from policy.store import (
+from policy.schema import (
     DAY,
     LOCKED_FOREVER,
     AuditRecord,
-    Store,
     UserFilter,
     UserRecord,
     UserRow,
     days_left,
 )
+from policy.store import Store
 from policy.totp import (
     NotATotpKey,
     TotpParams,
@@ -452,11 +452,11 @@ class Accounts:
         None: the user is already required and enrolled, and nothing changed.
         ``notify`` False: no invitation (``--no-mail``)."""
         period = self.period(days)
-        record = self.store.get(username)
+        record = self.store.admin.get(username)
         if record is not None and record.required and record.enrolled:
             return None
-        with self.store.transaction():
-            self.store.require(username, period.deadline)
+        with self.store.admin.transaction():
+            self.store.admin.require(username, period.deadline)
             self.events.required(username, period.deadline, notify=notify)
         return period
 
@@ -481,16 +481,16 @@ class Accounts:
             if name in seen:
                 continue
             seen.add(name)
-            record = self.store.get(name)
+            record = self.store.admin.get(name)
             if record is not None and record.required:
                 already.append(name)
             elif record is not None and record.enrolled:
                 skipped.append((name, SKIPPED_ENROLLED))
             else:
                 new.append(name)
-        with self.store.transaction():
+        with self.store.admin.transaction():
             for name in new:
-                self.store.require(name, period.deadline)
+                self.store.admin.require(name, period.deadline)
                 self.events.required(name, period.deadline, notify=notify)
         return GroupRequirement(period, tuple(new), tuple(already), tuple(skipped))
 
@@ -500,15 +500,15 @@ class Accounts:
         key keeps it unless ``force`` (:class:`AlreadyEnrolled`); a user not
         required yet is required (the period is moot: they are enrolled)."""
         key = parse_totp_key(totp_key) if totp_key else new_totp_key()
-        record = self.store.get(username)
+        record = self.store.admin.get(username)
         if record is not None and record.enrolled and not force:
             raise AlreadyEnrolled(username)
         keys = self.keys
         blob = keys.encrypt(key.encode(), username)
-        with self.store.transaction():
+        with self.store.admin.transaction():
             if record is None or not record.required:
-                self.store.require(username, self.period().deadline)
-            self.store.set_totp_key(username, blob, keys.current)
+                self.store.admin.require(username, self.period().deadline)
+            self.store.admin.set_totp_key(username, blob, keys.current)
             self.events.enrolled(username)
         return Enrollment(username, key, provisioning_uri(key, username, self.issuer,
                                                           self.totp))
@@ -516,29 +516,29 @@ class Accounts:
     def reset(self, username: str, days: int | None = None) -> Period:
         """Clear the key (a lost device) and open a new enrollment period."""
         period = self.period(days)
-        with self.store.transaction():
-            self.store.reset(username, period.deadline)
+        with self.store.admin.transaction():
+            self.store.admin.reset(username, period.deadline)
             self.events.reset(username, period.deadline)
         return period
 
     def extend(self, username: str, days: int) -> Period:
         """Extend or reopen the enrollment period: ``days`` counted from now."""
         period = self.period(days)
-        with self.store.transaction():
-            self.store.extend(username, period.deadline)
+        with self.store.admin.transaction():
+            self.store.admin.extend(username, period.deadline)
             self.events.extended(username, period.deadline)
         return period
 
     def unlock(self, username: str) -> None:
         """Clear the failure counter and any lockout."""
-        with self.store.transaction():
-            if self.store.unlock(username):
+        with self.store.admin.transaction():
+            if self.store.admin.unlock(username):
                 self.events.unlocked(username)
 
     def bypass(self, username: str, on: bool) -> None:
         """Password only for this user (``on``, until turned off), or not."""
-        with self.store.transaction():
-            self.store.set_bypass(username, on)
+        with self.store.admin.transaction():
+            self.store.admin.set_bypass(username, on)
             self.events.bypass_changed(username, on)
 
     def bypass_for(self, username: str, seconds: int) -> int:
@@ -546,16 +546,16 @@ class Accounts:
         until an admin says so: the sign-in core reads a bypass past its end as
         off (nothing has to run at that time). Returns the end (Unix time)."""
         until = int(self.clock()) + check_bypass_seconds(seconds)
-        with self.store.transaction():
-            self.store.set_bypass(username, True, until)
+        with self.store.admin.transaction():
+            self.store.admin.set_bypass(username, True, until)
             self.events.bypass_changed(username, True)
         return until
 
     def delete(self, username: str) -> None:
         """Forget the user: key, requirement, counters, recovery codes, clock offset,
         sessions (their audit rows stay). :class:`NoSuchUser` when there is nothing."""
-        with self.store.transaction():
-            if not self.store.delete_user(username):
+        with self.store.admin.transaction():
+            if not self.store.admin.delete_user(username):
                 raise NoSuchUser(username)
 
     # -- recovery codes and clock drift ---------------------------------------------------
@@ -566,13 +566,14 @@ class Accounts:
         they can be read."""
         if not self.recovery_codes:
             raise RecoveryCodesOff()
-        record = self.store.get(username)
+        record = self.store.admin.get(username)
         if record is None or not record.enrolled:
             raise NotEnrolled(username, "recovery codes stand in for its codes; `user "
                               "enroll` (or the portal) makes one first")
         codes = tuple(recovery.new_codes())
-        with self.store.transaction():
-            self.store.replace_recovery_codes(username, self._recovery_hashes(username, codes))
+        with self.store.admin.transaction():
+            hashes = self._recovery_hashes(username, codes)
+            self.store.admin.replace_recovery_codes(username, hashes)
         return RecoveryCodes(username, codes)
 
     def _recovery_hashes(self, username: str, codes: Iterable[str]) -> list[bytes]:
@@ -589,11 +590,11 @@ class Accounts:
         """Keep new recovery codes with a portal session (encrypted, bound to the
         user) until :meth:`take_for_display` shows them, once."""
         blob = self.keys.encrypt(json.dumps(list(codes)).encode(), _display_aad(username))
-        self.store.hold_session_display(session_id_hash, blob)
+        self.store.admin.hold_session_display(session_id_hash, blob)
 
     def take_for_display(self, session_id_hash: bytes, username: str) -> tuple[str, ...]:
         """The codes held for the session, if any, taken (a reload shows none)."""
-        blob = self.store.take_session_display(session_id_hash)
+        blob = self.store.admin.take_session_display(session_id_hash)
         if blob is None:
             return ()
         try:
@@ -608,7 +609,7 @@ class Accounts:
         one is: the core then looks for codes around now plus that offset, with
         the usual window. Both steps are marked used (the replay marker, on
         absolute steps, never moves back). :class:`ResyncFailed` when not found."""
-        record = self.store.get(username)
+        record = self.store.admin.get(username)
         if record is None or record.totp_key is None:
             raise NotEnrolled(username, "nothing to resynchronise")
         minutes = RESYNC_SECONDS // 60
@@ -627,14 +628,14 @@ class Accounts:
                 break
         else:
             raise ResyncFailed(username, minutes)
-        if not self.store.set_step_offset(username, record.totp_key, offset, last):
+        if not self.store.admin.set_step_offset(username, record.totp_key, offset, last):
             raise Refusal(f"{username}: the key changed meanwhile; nothing changed")
         return Resync(username, offset, offset * self.totp.period)
 
     def unrequire(self, username: str) -> None:
         """Remove the requirement; the key, if any, is kept."""
-        with self.store.transaction():
-            if self.store.unrequire(username):
+        with self.store.admin.transaction():
+            if self.store.admin.unrequire(username):
                 self.events.unrequired(username)
 
     # -- set-up by the user (the portal) ------------------------------------------------
@@ -644,18 +645,18 @@ class Accounts:
         older pending key. Nothing else changes: an active key keeps working and the
         status stays as it is until :meth:`confirm_setup` accepts a code from it."""
         now = self.clock()
-        record = self.store.get(username) or UserRecord(username)
+        record = self.store.admin.get(username) or UserRecord(username)
         self._check_may_set_up(record, now)
         key = new_totp_key()
         keys = self.keys
-        self.store.set_pending(username, keys.encrypt(key.encode(), username), keys.current,
+        self.store.admin.set_pending(username, keys.encrypt(key.encode(), username), keys.current,
                                int(now) + self.pending_key_seconds)
         return self._enrollment(username, key)
 
     def pending_setup(self, username: str) -> Enrollment | None:
         """The key being set up (to show it again), or None when there is none or
         it expired."""
-        pending = self.store.get_pending(username, self.clock())
+        pending = self.store.admin.get_pending(username, self.clock())
         if pending is None:
             return None
         key = self.keys.decrypt(pending.totp_key, username).decode()
@@ -668,35 +669,35 @@ class Accounts:
         cannot confirm. One audit row (protocol ``portal``) either way."""
         now = self.clock()
         result = self._confirm(username, code, now, source)
-        self.store.audit([AuditRecord(now, username, "portal", "portal", source,
+        self.store.hot.audit([AuditRecord(now, username, "portal", "portal", source,
                                       "accept" if result.confirmed else "reject",
                                       result.outcome.value)])
         return result
 
     def _confirm(self, username: str, code: str, now: float, source: str) -> Confirmation:
-        record = self.store.get(username) or UserRecord(username)
+        record = self.store.admin.get(username) or UserRecord(username)
         if record.locked(now):
             return Confirmation(SetupOutcome.LOCKED)
-        pending = self.store.get_pending(username, now)
+        pending = self.store.admin.get_pending(username, now)
         if pending is None:
             return Confirmation(SetupOutcome.NO_PENDING_KEY)
         key = self.keys.decrypt(pending.totp_key, username).decode()
         step = match_step(key, code.strip(), now, self.totp)
         if step is None:
-            failure = self.store.record_failure(username, now, self.max_failures,
+            failure = self.store.hot.record_failure(username, now, self.max_failures,
                                                 self.lockout_seconds)
-            self.store.repeat_forget(username)
+            self.store.hot.repeat_forget(username)
             return Confirmation(SetupOutcome.BAD_CODE, failure.lockout_started)
         codes = tuple(recovery.new_codes()) if self.recovery_codes else ()
-        with self.store.transaction():
-            activated = self.store.activate_pending(username, pending.totp_key, step, now)
+        with self.store.admin.transaction():
+            activated = self.store.admin.activate_pending(username, pending.totp_key, step, now)
             if activated:
                 if codes:  # the new key's own recovery codes, in the same transaction
-                    self.store.replace_recovery_codes(
+                    self.store.admin.replace_recovery_codes(
                         username, self._recovery_hashes(username, codes))
                 self.events.setup_confirmed(username, replaced=record.enrolled, source=source)
         if not activated:
-            current = self.store.get(username)
+            current = self.store.admin.get(username)
             if current is not None and current.locked(now):
                 return Confirmation(SetupOutcome.LOCKED)
             return Confirmation(SetupOutcome.NO_PENDING_KEY)  # replaced or expired meanwhile
@@ -716,10 +717,10 @@ class Accounts:
 
     def view(self, username: str) -> StatusView:
         """The status of ``username`` (a user the store has never seen: not required)."""
-        record = self.store.get(username)
+        record = self.store.admin.get(username)
         if record is None:
             return self._view(UserRecord(username), self.clock(), 0)
-        return self._view(record, self.clock(), self.store.recovery_codes_left(username))
+        return self._view(record, self.clock(), self.store.admin.recovery_codes_left(username))
 
     def list_views(self, also: Iterable[str] = (),
                    where: UserFilter | None = None) -> list[StatusView]:
@@ -729,10 +730,10 @@ class Accounts:
         works out each status (one query, whatever the number of users)."""
         now = self.clock()
         f = where or UserFilter()
-        views = self._row_views(self.store.list_user_rows(now, f), now)
+        views = self._row_views(self.store.admin.list_user_rows(now, f), now)
         extra = set(also)
         if extra and f.matches_default():
-            extra -= self.store.usernames()
+            extra -= self.store.admin.usernames()
             if extra:
                 views += [self._view(UserRecord(name), now, 0) for name in extra]
                 views.sort(key=lambda v: v.username)
@@ -805,8 +806,8 @@ class Accounts:
         one scan for many."""
         if len(names) > 500:
             wanted = set(names)
-            return {r.username: r for r in self.store.list_users() if r.username in wanted}
-        found = ((n, self.store.get(n)) for n in names)
+            return {r.username: r for r in self.store.admin.list_users() if r.username in wanted}
+        found = ((n, self.store.admin.get(n)) for n in names)
         return {n: r for n, r in found if r is not None}
 
     def parse_import(self, text: str,
@@ -877,8 +878,8 @@ class Accounts:
                          keys.current, now + (r.days or self.enrollment_days) * DAY)
                         for r in rows if r.totp_key]
         required = [(r.username, now + (r.days or 0) * DAY) for r in rows if not r.totp_key]
-        with self.store.transaction():
-            count = self.store.import_users(enrolled, required)
+        with self.store.admin.transaction():
+            count = self.store.admin.import_users(enrolled, required)
             self.events.imported([u for u, *_ in enrolled], required)
         return Imported(count, len(rows) - count)
 
@@ -891,14 +892,15 @@ class Accounts:
         version = ring.add_version()
         done = skipped = 0
         failed: list[str] = []
-        for batch in self.store.keys_to_rotate(version):
+        for batch in self.store.admin.keys_to_rotate(version):
             for name, blob in batch:
                 try:
                     plain = ring.decrypt(blob, name)
                 except Exception:  # a damaged row must not stop the others
                     failed.append(name)
                     continue
-                if self.store.replace_totp_key(name, blob, ring.encrypt(plain, name), version):
+                new = ring.encrypt(plain, name)
+                if self.store.admin.replace_totp_key(name, blob, new, version):
                     done += 1
                 else:
                     skipped += 1

@@ -63,7 +63,8 @@ from policy.decision import (
 )
 from policy.escaping import escape_controls
 from policy.keys import KeyRing
-from policy.store import DAY, LOCKED_FOREVER, AuditRecord, Store, UserRecord
+from policy.schema import DAY, LOCKED_FOREVER, AuditRecord, UserRecord
+from policy.store import Store
 from policy.totp import TotpParams, match_step
 from policy.usernames import MAX_USERNAME, InvalidUsername, UsernameRules
 
@@ -327,7 +328,7 @@ class PolicyEngine:
               ) -> Prepared | Decision:
         """Refuse a locked identity before the directory sees its password (no
         password oracle, no burning the directory's own lockout); read the password field."""
-        record = self.store.get(username) or UserRecord(username)
+        record = self.store.hot.get(username) or UserRecord(username)
         if record.locked(self.clock()):
             return self._finish(request, username, Outcome.REJECT, Reason.LOCKED_OUT,
                                 locked_until=record.locked_until)
@@ -363,8 +364,8 @@ class PolicyEngine:
         as stored. Not inside a group of hot-path steps: it writes through the
         admin connection (:meth:`Store.transaction`)."""
         deadline = self._group_deadline(self.clock())
-        with self.store.transaction():
-            started = self.store.require_new(p.username, deadline)
+        with self.store.admin.transaction():
+            started = self.store.admin.require_new(p.username, deadline)
             if started:
                 self.account_events.required(p.username, deadline,
                                              notify=not p.record.enrolled)
@@ -373,7 +374,7 @@ class PolicyEngine:
                      "enrollment period of %d day(s) from now", p.username,
                      self.group_requirement.enrollment_days,
                      extra={"event": "group_requirement"})
-        p.record = self.store.get(p.username) or p.record
+        p.record = self.store.hot.get(p.username) or p.record
         p.joins_group = False
 
     # -- phase 3: after the password -------------------------------------------------
@@ -396,7 +397,7 @@ class PolicyEngine:
     def _locked_now(self, p: Prepared) -> Decision | None:
         """LOCKED_OUT when the identity got locked since ``begin`` (p.record is
         then the state as it is now)."""
-        current = self.store.get(p.username)
+        current = self.store.hot.get(p.username)
         if current is not None:
             p.record = current
             if current.locked(self.clock()):
@@ -442,7 +443,7 @@ class PolicyEngine:
         if step is None:
             return self._failure(p, Reason.BAD_CODE, identity)
         # Conditional on the identity not being locked, atomically.
-        if self.store.accept_step(p.username, step, now):
+        if self.store.hot.accept_step(p.username, step, now):
             self._remember_success(p, now)
             return self._accepted(p, identity, Reason.OK)
         if self._is_repeat(p, now):
@@ -456,7 +457,7 @@ class PolicyEngine:
         a repeat window: it is single-use."""
         if self.recovery_codes:
             digest = recovery.digest(self.recovery_key, p.username, code)
-            if self.store.use_recovery_code(p.username, digest, now):
+            if self.store.hot.use_recovery_code(p.username, digest, now):
                 return self._accepted(p, identity, Reason.RECOVERY_CODE)
             locked = self._locked_now(p)
             if locked is not None:
@@ -480,11 +481,11 @@ class PolicyEngine:
     def _remember_success(self, p: Prepared, now: float) -> None:
         window = p.request.repeat_window_seconds
         if window > 0:
-            self.store.repeat_put(self._repeat_digest(p), p.username, now + window)
+            self.store.hot.repeat_put(self._repeat_digest(p), p.username, now + window)
 
     def _is_repeat(self, p: Prepared, now: float) -> bool:
         return (p.request.repeat_window_seconds > 0
-                and self.store.repeat_hit(self._repeat_digest(p), now))
+                and self.store.hot.repeat_hit(self._repeat_digest(p), now))
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -496,8 +497,8 @@ class PolicyEngine:
         if locked is not None:
             return locked
         if ((p.record.failures or p.record.locked_until is not None)
-                and not self.store.record_success(p.username, self.clock())):
-            current = self.store.get(p.username)
+                and not self.store.hot.record_success(p.username, self.clock())):
+            current = self.store.hot.get(p.username)
             if current is not None and current.locked(self.clock()):
                 return self._finish(p.request, p.username, Outcome.REJECT, Reason.LOCKED_OUT,
                                     locked_until=current.locked_until)
@@ -512,10 +513,10 @@ class PolicyEngine:
         return decision
 
     def _failure(self, p: Prepared, reason: Reason, identity: Identity | None = None) -> Decision:
-        result = self.store.record_failure(p.username, self.clock(), self.limits.max_failures,
+        result = self.store.hot.record_failure(p.username, self.clock(), self.limits.max_failures,
                                            self.limits.lockout_seconds)
         if self.repeat_windows:
-            self.store.repeat_forget(p.username)
+            self.store.hot.repeat_forget(p.username)
         if result.lockout_started:
             self.events.lockout()
             log.warning("lockout user=%s failures=%d until=%s request_id=%s", p.username,
@@ -589,7 +590,7 @@ class AuditQueue:
         with self._lock:
             batch, self._pending = self._pending, []
         try:
-            self.store.audit(batch)
+            self.store.hot.audit(batch)
         except Exception:
             with self._lock:
                 self._pending = batch + self._pending
@@ -909,7 +910,7 @@ class _SignIn:
     def _failed(self, failure: Any, step: str) -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
-        from policy.store import StoreError
+        from policy.schema import StoreError
 
         if isinstance(failure.value, SQLAlchemyError | StoreError):
             self.engine.events.state_error(step)

@@ -40,7 +40,8 @@ from policy.clock import Clock
 from policy.escaping import escape_controls
 
 if TYPE_CHECKING:  # the config loader reads templates without loading SQLAlchemy
-    from policy.store import QueuedMail, Store
+    from policy.schema import QueuedMail
+    from policy.store import Store
 
 DAY = 86400
 
@@ -79,12 +80,12 @@ class OutboxEvents(NoAccountEvents):
 
     def _queue(self, event: MailEvent, username: str, deadline: int | None = None,
                **detail: Any) -> None:
-        from policy.store import OutboxMail
+        from policy.schema import OutboxMail
 
-        self.store.enqueue_mail([OutboxMail(event.value, username, deadline,
+        self.store.admin.enqueue_mail([OutboxMail(event.value, username, deadline,
                                             json.dumps(detail, sort_keys=True))])
         if deadline is not None and deadline - self.clock() <= self.reminder_seconds:
-            self.store.mark_reminded(username, deadline)
+            self.store.admin.mark_reminded(username, deadline)
 
     def required(self, username: str, deadline: int, notify: bool = True) -> None:
         if notify:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from backends.base import Identity
 from policy.clock import Clock
-from policy.store import SessionData, Store
+from policy.schema import SessionData
+from policy.store import Store
 
 TOKEN_BYTES = 32  # 256 bits
 MAX_TOKEN_LENGTH = 128  # anything longer is not one of ours: not even hashed
@@ -88,19 +89,19 @@ class PortalSessions:
         now = int(self.clock())
         data = SessionData(token_hash(token), username, stage.value, _identity_json(identity),
                            mfa_verified, new_token(), now, now + self.idle_seconds)
-        self.store.create_session(data)
+        self.store.admin.create_session(data)
         return token, self._session(data)
 
     def find(self, token: str | None) -> PortalSession | None:
         """The live session this id opens (its idle timer restarts), or None."""
         if not token or len(token) > MAX_TOKEN_LENGTH:
             return None
-        data = self.store.touch_session(token_hash(token), self.clock(), self.idle_seconds)
+        data = self.store.admin.touch_session(token_hash(token), self.clock(), self.idle_seconds)
         return self._session(data) if data is not None else None
 
     def end(self, token: str | None) -> None:
         if token and len(token) <= MAX_TOKEN_LENGTH:
-            self.store.delete_session(token_hash(token))
+            self.store.admin.delete_session(token_hash(token))
 
     @staticmethod
     def _session(data: SessionData) -> PortalSession:

@@ -15,7 +15,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from policy.store import AuditFilter, AuditRow, Store
+from policy.schema import AuditFilter, AuditRow
+from policy.store import Store
 
 RESULTS = ("accept", "reject", "challenge")
 PROTOCOLS = ("radius", "ldap", "portal")
@@ -83,7 +84,7 @@ def text_line(row: AuditRow) -> str:
 
 def rows(store: Store, where: AuditFilter, limit: int | None) -> list[AuditRow]:
     """Newest first."""
-    return store.query_audit(where, limit)
+    return store.admin.query_audit(where, limit)
 
 
 def follow(store: Store, where: AuditFilter, initial: int, interval: float = 1.0,
@@ -92,12 +93,12 @@ def follow(store: Store, where: AuditFilter, initial: int, interval: float = 1.0
     """Batches of rows in the order they were written: first the newest
     ``initial`` matching rows (oldest of them first), then, every ``interval``
     seconds, the rows written since (``polls`` bounds the loop, for tests)."""
-    first = list(reversed(store.query_audit(where, initial))) if initial else []
+    first = list(reversed(store.admin.query_audit(where, initial))) if initial else []
     newest = max((r.id for r in first), default=0)
     if not first:
-        newest = store.last_audit_id()
+        newest = store.admin.last_audit_id()
     # Rows already there when we started are not news, shown or not.
-    seen = {r.id for r in store.query_audit(
+    seen = {r.id for r in store.admin.query_audit(
         replace(where, after_id=max(0, newest - FOLLOW_LOOKBACK)), None, oldest_first=True)}
     seen.update(r.id for r in first)
     yield first
@@ -106,7 +107,7 @@ def follow(store: Store, where: AuditFilter, initial: int, interval: float = 1.0
         sleep(interval)
         done += 1
         low = max(0, newest - FOLLOW_LOOKBACK)
-        found = [r for r in store.query_audit(replace(where, after_id=low), None,
+        found = [r for r in store.admin.query_audit(replace(where, after_id=low), None,
                                               oldest_first=True) if r.id not in seen]
         if found:
             seen.update(r.id for r in found)

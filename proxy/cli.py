@@ -111,7 +111,7 @@ class App:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from policy.store import StoreError
+            from policy.schema import StoreError
             from proxy.state import open_store
 
             try:
@@ -189,7 +189,7 @@ class App:
         try:
             found = self.directory.lookup(self.usernames.lookup_form(raw))
         except DirectoryError as e:
-            if self.store.get(name) is not None:
+            if self.store.admin.get(name) is not None:
                 return name
             raise Refused(f"cannot ask the directory about {name!r}: {e}") from None
         if found is not None:
@@ -197,7 +197,7 @@ class App:
                 return str(self.usernames.canonical(found.username))
             except InvalidUsername as e:
                 raise Refused(f"the directory's name for {raw!r} is unusable: {e}") from None
-        if self.store.get(name) is not None:
+        if self.store.admin.get(name) is not None:
             return name
         raise Refused(f"unknown user {name!r}: not in the directory or the state store")
 
@@ -371,7 +371,8 @@ def db() -> None:
 def db_upgrade(app: App) -> None:
     """Create or migrate the state database to the current schema."""
     from policy.migrations import current_revision
-    from policy.store import Store, StoreError
+    from policy.schema import StoreError
+    from policy.store import Store
 
     store = Store(app.settings.state.url)
     try:
@@ -394,7 +395,7 @@ def db_backup(app: App, file: str, force: bool) -> None:
     """Copy the state database to FILE while serve keeps running (SQLite's online
     backup). Keep it with a copy of the key file: the TOTP keys in it are
     encrypted under that file. PostgreSQL: use pg_dump (this says how)."""
-    from policy.store import StoreError
+    from policy.schema import StoreError
 
     settings = app.settings
     if not settings.state.url.startswith("sqlite"):
@@ -485,7 +486,7 @@ def _duration(option: str) -> Callable[[click.Context, click.Parameter, str | No
 def _status_word(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
-    from policy.store import STATUSES  # here: the other commands start without SQLAlchemy
+    from policy.schema import STATUSES  # here: the other commands start without SQLAlchemy
 
     if value not in STATUSES:
         raise click.BadParameter(f"{value!r} is not one of {', '.join(STATUSES)}",
@@ -529,7 +530,7 @@ def user_list(app: App, status: str | None, locked: bool, bypass_only: bool,
 
     The filters combine: every one given must hold.
     """
-    from policy.store import UserFilter
+    from policy.schema import UserFilter
 
     accounts = app.accounts
     where = UserFilter(status=status, locked=locked, bypass=bypass_only,
@@ -1051,7 +1052,7 @@ def audit(app: App, username: str | None, since: float | None, until: float | No
     reason, latency. --json gives one object per line with the keys time,
     user, protocol, client, source, result, reason, latency_ms.
     """
-    from policy.store import AuditFilter, StoreError
+    from policy.schema import AuditFilter, StoreError
     from proxy import audit as trail
 
     where = AuditFilter(username=app.audit_name(username) if username else None,
@@ -1129,10 +1130,10 @@ def mail_test(app: App, address: str) -> None:
 @pass_app
 def mail_queue(app: App, show_all: bool, as_json: bool) -> None:
     """Mails pending (waiting for serve, or for a retry) and failed (given up)."""
-    from policy.store import MAIL_STATUSES
+    from policy.schema import MAIL_STATUSES
 
     statuses = MAIL_STATUSES if show_all else ("pending", "failed")
-    mails = app.store.mail_queue(statuses)
+    mails = app.store.admin.mail_queue(statuses)
     rows = [{"id": q.id, "event": q.event, "user": q.username, "status": q.status,
              "queued": _iso(q.created_at), "attempts": q.attempts,
              "next_attempt": _iso(q.next_attempt_at) if q.status == "pending" else None,

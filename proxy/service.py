@@ -13,7 +13,7 @@ from twisted.python.threadpool import ThreadPool
 
 from policy.engine import Authenticator, GroupRequirement, Limits, PolicyEngine
 from policy.keys import KeyFileError, KeyRing
-from policy.store import StoreError
+from policy.schema import StoreError
 from proxy.config import Settings
 from proxy.directories import ldap_options, make_directory, username_rules
 from proxy.logs import serve_handler
@@ -142,7 +142,7 @@ class Service:
         # SQLite: the engine's steps that wait together share one transaction and
         # one commit (a commit costs more than the statement it ends). PostgreSQL
         # commits per step: grouped row locks of several threads could deadlock.
-        group = self.store.group if self.store.dialect == "sqlite" else None
+        group = self.store.hot.group if self.store.dialect == "sqlite" else None
         self.state_workers = BatchWorkers(self.reactor, threads, "state", group,
                                           (StoreError,))
         self.state_workers.start()
@@ -273,8 +273,9 @@ class Service:
         from proxy.metrics import ENROLLMENT_WINDOWS
 
         def count(now: float) -> tuple[dict[str, int], dict[int, int]]:
-            return (self.store.count_by_status(now),
-                    self.store.count_enrollment_ending(now, list(ENROLLMENT_WINDOWS.values())))
+            return (self.store.admin.count_by_status(now),
+                    self.store.admin.count_enrollment_ending(
+                        now, list(ENROLLMENT_WINDOWS.values())))
 
         d = self.report_workers.submit(count, time.time())
 
@@ -309,7 +310,8 @@ class Service:
         return d
 
     def _prune(self) -> Deferred[Any]:
-        d = self.in_state_thread(self.store.prune, time.time(), self.settings.policy.audit_days)
+        d = self.in_state_thread(self.store.admin.prune, time.time(),
+                                 self.settings.policy.audit_days)
         d.addErrback(lambda f: log.warning("prune failed: %s", f.getErrorMessage()))
         return d
 

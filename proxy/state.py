@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from policy.admin import AccountEvents, Accounts
 from policy.clock import Clock
 from policy.keys import KeyRing
-from policy.store import Store, StoreError
+from policy.schema import StoreError
+from policy.store import Store
 from policy.totp import TotpParams
 from proxy.config import Settings, StateSettings, TotpSettings
 from proxy.directories import username_rules

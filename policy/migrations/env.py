@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from policy.store import Base
+from policy.schema import Base
 
 engine = context.config.attributes["engine"]
 with engine.begin() as connection:

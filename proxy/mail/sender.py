@@ -5,7 +5,7 @@ Where each step runs: the store's work on the state thread (``run_state``),
 the directory look-up of the address on the directory's own client
 (``lookup``), SMTP in the mail thread pool (``send``): a slow or dead mail
 server holds up the mail pool only, never a sign-in. Each mail is claimed
-for ``claim_seconds`` under this sender's token (policy.store.claim_mail): a
+for ``claim_seconds`` under this sender's token (AdminStore.claim_mail): a
 mail is sent by one instance; if that instance dies before marking it, the
 claim runs out and another instance (or this one, restarted) sends it. So a
 mail is sent at least once, and twice only when the sender died (or lost its
@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from backends.base import DirectoryError, Identity
 from policy.clock import Clock
 from policy.mail import MailContext, MailEvent, render, valid_address, values_for
-from policy.store import QueuedMail, Store
+from policy.schema import QueuedMail
+from policy.store import Store
 from proxy.mail.config import MailConfig
 from proxy.mail.smtp import SendResult, build_message
 
@@ -82,18 +83,18 @@ class MailSender:
     async def _round(self) -> None:
         c, store = self.config, self.store
         if c.reminder_hours:
-            reminded = await self.run_state(store.queue_reminders, self.clock(),
+            reminded = await self.run_state(store.admin.queue_reminders, self.clock(),
                                             c.reminder_hours * 3600, MailEvent.REMINDER.value)
             if reminded:
                 log.info("%d reminder mail(s) queued", len(reminded))
         while True:
             claimed: list[QueuedMail] = await self.run_state(
-                store.claim_mail, self.clock(), c.claim_seconds, self.token, c.batch)
+                store.admin.claim_mail, self.clock(), c.claim_seconds, self.token, c.batch)
             for mail in claimed:
                 await self._deliver(mail)
             if len(claimed) < c.batch:
                 break
-        self.events.queue(await self.run_state(store.pending_mail_count))
+        self.events.queue(await self.run_state(store.admin.pending_mail_count))
 
     async def _deliver(self, mail: QueuedMail) -> None:
         try:
@@ -133,7 +134,7 @@ class MailSender:
         await self._failed(mail, result.reason, result.reply, result.permanent, address)
 
     async def _still_due(self, mail: QueuedMail) -> bool:
-        record = await self.run_state(self.store.get, mail.username)
+        record = await self.run_state(self.store.admin.get, mail.username)
         return bool(record is not None and record.required and not record.enrolled
                     and record.enrollment_deadline == mail.deadline
                     and (mail.deadline or 0) > self.clock())
@@ -153,9 +154,10 @@ class MailSender:
             return
         log.warning("mail not sent yet: %s to %s (mail %d, attempt %d): %s; next try in %d s",
                     mail.event, mail.username, mail.id, mail.attempts, why, retry_at - int(now))
-        await self.run_state(self.store.retry_mail, mail.id, self.token, retry_at, why, address)
+        await self.run_state(self.store.admin.retry_mail, mail.id, self.token, retry_at, why,
+                             address)
 
     async def _finish(self, mail: QueuedMail, status: str, why: str | None,
                       address: str | None = None) -> None:
-        await self.run_state(self.store.finish_mail, mail.id, self.token, status, self.clock(),
-                             why, address)
+        await self.run_state(self.store.admin.finish_mail, mail.id, self.token, status,
+                             self.clock(), why, address)

@@ -40,8 +40,8 @@ from policy.decision import (
     Reason,
     SplitMode,
 )
+from policy.schema import LOCKED_FOREVER
 from policy.sessions import LoginCsrf, PortalSession, PortalSessions, Stage
-from policy.store import LOCKED_FOREVER
 from proxy.portal import pages
 from proxy.portal.pages import Branding
 

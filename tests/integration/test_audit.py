@@ -16,7 +16,8 @@ import ldap3
 import pyotp
 import pytest
 
-from policy.store import AuditFilter, AuditRecord, Store
+from policy.schema import AuditFilter, AuditRecord
+from policy.store import Store
 from tests.integration.proxyproc import MFA_PROXY, ProxyProcess, pyrad_auth, pyrad_client
 from tests.integration.slapd import Slapd, user_dn, user_password
 
@@ -142,18 +143,19 @@ def test_the_same_queries_on_postgresql(postgres: Any) -> None:
     try:
         store.upgrade()
         t = time.time()
-        store.audit([AuditRecord(t - 10, "alice", "radius", "vpn", "10.0.0.1", "reject",
+        store.hot.audit([AuditRecord(t - 10, "alice", "radius", "vpn", "10.0.0.1", "reject",
                                  "bad_code", 2.5),
                      AuditRecord(t, "alice", "ldap", "ldap", "127.0.0.1", "accept", "ok", 1.0),
                      AuditRecord(t, "bob", "radius", "vpn", "10.0.0.2", "accept", "ok")])
-        rows = store.query_audit(AuditFilter(username="alice"))
+        rows = store.admin.query_audit(AuditFilter(username="alice"))
         assert [(r.record.protocol, r.record.latency_ms) for r in rows] == [
             ("ldap", 1.0), ("radius", 2.5)]
-        assert [r.record.username for r in store.query_audit(
+        assert [r.record.username for r in store.admin.query_audit(
             AuditFilter(result="accept", since=t - 1))] == ["bob", "alice"]
-        assert store.query_audit(AuditFilter(client="vpn", reason="ok"))[0].record.username \
+        assert store.admin.query_audit(AuditFilter(client="vpn", reason="ok"))[0].record.username \
             == "bob"
-        assert store.last_audit_id() == max(r.id for r in store.query_audit(AuditFilter()))
+        rows = store.admin.query_audit(AuditFilter())
+        assert store.admin.last_audit_id() == max(r.id for r in rows)
     finally:
         store.close()
 

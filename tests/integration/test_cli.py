@@ -31,7 +31,8 @@ from backends.local import LocalDirectory
 from policy.decision import AuthRequest, Outcome, Reason
 from policy.engine import Limits, PolicyEngine
 from policy.keys import KeyRing
-from policy.store import LOCKED_FOREVER, Store
+from policy.schema import LOCKED_FOREVER
+from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
 from tests.sync_core import authenticate_sync
@@ -318,7 +319,7 @@ def test_require_group_again_keeps_every_running_period(admin: Admin) -> None:
     expired; an enrolled member without a requirement is left alone."""
     admin.ok("user", "require", "alice", "--days", "30")
     store = admin.store()
-    store.extend("bob", int(time.time()) - 10)  # bob's period ran out
+    store.admin.extend("bob", int(time.time()) - 10)  # bob's period ran out
     store.close()
     admin.ok("user", "enroll", "carol")
     admin.ok("user", "unrequire", "carol")
@@ -356,7 +357,7 @@ def test_require_one_day_says_day(admin: Admin) -> None:
 def test_extend_reopens_from_now(admin: Admin) -> None:
     admin.ok("user", "require", "alice", "--days", "1")
     store = admin.store()
-    store.extend("alice", int(time.time()) - 10)  # the period ran out
+    store.admin.extend("alice", int(time.time()) - 10)  # the period ran out
     store.close()
     assert admin.show("alice")["status"] == "enrollment_expired"
     assert admin.authenticate("alice", "alice-pw").reason is Reason.ENROLLMENT_EXPIRED
@@ -533,8 +534,8 @@ def test_unlock(admin: Admin) -> None:
 def test_locked_until_an_admin_unlocks(admin: Admin) -> None:
     admin.ok("db", "upgrade")
     store = admin.store()
-    store.record_failure("bob", time.time(), 1, 0)
-    assert store.get("bob").locked_until == LOCKED_FOREVER  # type: ignore[union-attr]
+    store.hot.record_failure("bob", time.time(), 1, 0)
+    assert store.admin.get("bob").locked_until == LOCKED_FOREVER  # type: ignore[union-attr]
     store.close()
     view = admin.show("bob")
     assert (view["locked"], view["locked_until"]) == (True, None)
@@ -612,7 +613,7 @@ def test_import_bad_lines_loads_nothing(admin: Admin) -> None:
     assert "8 bad line(s); nothing imported" in lines[-1]
     assert r.out == ""
     store = admin.store()
-    assert store.list_users() == []
+    assert store.admin.list_users() == []
     store.close()
 
 
@@ -667,8 +668,8 @@ def test_import_100000_lines(admin: Admin) -> None:
     print(f"\nuser import: 100,000 lines in {took:.1f} s")  # a measure, never an assertion
     assert r.out == "imported 100000 key(s), 0 requirement(s)\n"
     store = admin.store()
-    assert store.count_by_status(time.time())["enrolled"] == 100_000
-    rec = store.get("user099999")
+    assert store.admin.count_by_status(time.time())["enrolled"] == 100_000
+    rec = store.admin.get("user099999")
     assert rec is not None and rec.enrolled and rec.required
     store.close()
 
@@ -682,14 +683,14 @@ def test_keys_rotate_re_encrypts_every_key(admin: Admin) -> None:
                                                        strict=True)))
     admin.ok("user", "import", str(f), "--allow-unknown")
     store = admin.store()
-    before = {r.username: r for r in store.list_users()}
+    before = {r.username: r for r in store.admin.list_users()}
     assert {r.key_version for r in before.values()} == {1}
 
     # mid-rotation a running instance reads old and new versions alike
     running = admin.keys()
     r = admin.ok("keys", "rotate")
     assert r.out == "key version 2: re-encrypted 3 key(s)\n"
-    after = {r.username: r for r in store.list_users()}
+    after = {r.username: r for r in store.admin.list_users()}
     assert {r.key_version for r in after.values()} == {2}
     for name, plain in zip(("alice", "bob", "dave"), SECRETS, strict=True):
         assert after[name].totp_key != before[name].totp_key

@@ -20,7 +20,7 @@ import pyotp
 import pytest
 
 from policy.decision import Outcome, Reason
-from policy.store import AuditRecord
+from policy.schema import AuditRecord
 from tests.integration.test_cli import CONFIG, Admin, admin, users_file  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
@@ -139,7 +139,7 @@ def test_delete_removes_the_state_and_keeps_the_audit_rows(admin: Admin) -> None
     admin.ok("user", "bypass", "alice", "--for", "1h")
     assert admin.authenticate("alice", "wrong").reason is Reason.BAD_PASSWORD
     store = admin.store()
-    store.audit([AuditRecord(time.time() - 60, "alice", "radius", "vpn", "127.0.0.1",
+    store.hot.audit([AuditRecord(time.time() - 60, "alice", "radius", "vpn", "127.0.0.1",
                              "accept", "ok")])
     store.close()
     r = admin.ok("user", "delete", "alice", real=True)
@@ -149,7 +149,7 @@ def test_delete_removes_the_state_and_keeps_the_audit_rows(admin: Admin) -> None
     assert (view["status"], view["enrolled"], view["failures"], view["bypass"],
             view["recovery_codes_left"]) == ("not_required", False, 0, False, 0)
     store = admin.store()
-    assert store.get("alice") is None
+    assert store.admin.get("alice") is None
     store.close()
     rows = [json.loads(line) for line in
             admin.ok("audit", "--user", "alice", "--json", real=True).out.splitlines()]
@@ -197,13 +197,13 @@ def test_list_filters_combine(admin: Admin) -> None:  # noqa: F811
 
 def test_ten_thousand_users_listed_and_filtered(admin: Admin) -> None:  # noqa: F811
     """The list is one query (no timing asserted here; see README "Performance")."""
-    from policy.store import DAY
+    from policy.schema import DAY
 
     store = admin.store()
     now = int(time.time())
     keys = admin.keys()
     blob = keys.encrypt(KEY.encode(), "x")
-    store.import_users([(f"u{i:05d}", blob, keys.current, now + DAY) for i in range(5000)],
+    store.admin.import_users([(f"u{i:05d}", blob, keys.current, now + DAY) for i in range(5000)],
                        [(f"u{i:05d}", now + (i % 10) * DAY - 3600) for i in range(5000, 10000)])
     store.close()
     started = time.monotonic()
@@ -304,7 +304,7 @@ def test_local_user_commands_need_the_local_directory(tmp_path: Path) -> None:
 
 
 def test_help_names_the_new_commands_and_options() -> None:
-    from policy.store import STATUSES
+    from policy.schema import STATUSES
     from tests.integration.test_cli import run_cli
 
     root = Path.cwd()

@@ -74,8 +74,8 @@ def request(username: str, secret: str) -> AuthRequest:
 
 def enroll(engine: PolicyEngine, username: str) -> str:
     secret = new_totp_key()
-    engine.store.require(username, int(T0) + 86400)
-    engine.store.set_totp_key(username, engine.keys.encrypt(secret.encode(), username),
+    engine.store.admin.require(username, int(T0) + 86400)
+    engine.store.admin.set_totp_key(username, engine.keys.encrypt(secret.encode(), username),
                             engine.keys.current)
     return secret
 
@@ -131,11 +131,11 @@ def test_threads_same_code_exactly_one_accept(engine: PolicyEngine) -> None:
 
 def test_threads_accept_step_exactly_one(engine: PolicyEngine) -> None:
     store = engine.store
-    store.set_totp_key("alice", b"blob", 1)
+    store.admin.set_totp_key("alice", b"blob", 1)
     for step in range(100, 100 + ROUNDS):
-        results = race(32, lambda s=step: store.accept_step("alice", s, T0))
+        results = race(32, lambda s=step: store.hot.accept_step("alice", s, T0))
         assert results.count(True) == 1, step
-    assert store.get("alice").last_step == 100 + ROUNDS - 1  # type: ignore[union-attr]
+    assert store.admin.get("alice").last_step == 100 + ROUNDS - 1  # type: ignore[union-attr]
 
 
 def test_threads_racing_failures_are_all_counted(engine: PolicyEngine) -> None:
@@ -147,18 +147,18 @@ def test_threads_racing_failures_are_all_counted(engine: PolicyEngine) -> None:
 
     results = race(8, ten_failures)
     assert all(r == [Reason.BAD_PASSWORD] * 10 for r in results)
-    assert engine.store.get("alice").failures == 80  # type: ignore[union-attr]
+    assert engine.store.admin.get("alice").failures == 80  # type: ignore[union-attr]
 
 
 def test_threads_racing_failures_lock_exactly_once(engine: PolicyEngine) -> None:
     store = engine.store
 
     def ten_failures() -> list[bool]:
-        return [store.record_failure("bob", T0, 50, 900).lockout_started for _ in range(10)]
+        return [store.hot.record_failure("bob", T0, 50, 900).lockout_started for _ in range(10)]
 
     started = [s for r in race(8, ten_failures) for s in r]
     assert started.count(True) == 1
-    rec = store.get("bob")
+    rec = store.admin.get("bob")
     assert rec is not None and rec.failures == 80 and rec.locked_until == int(T0) + 900
 
 
@@ -242,7 +242,7 @@ def test_processes_same_code_exactly_one_accept(url: str, tmp_path: Path) -> Non
     failures = [g for g in got if g[0] == "failure"]
     assert len(failures) == PROCESSES * PROCESS_FAILURES
     assert all(g[3] == "bad_password" for g in failures)
-    assert setup.store.get("bob").failures == PROCESSES * PROCESS_FAILURES  # type: ignore[union-attr]
-    assert setup.store.get("alice").last_step == (  # type: ignore[union-attr]
+    assert setup.store.admin.get("bob").failures == PROCESSES * PROCESS_FAILURES  # type: ignore[union-attr]
+    assert setup.store.admin.get("alice").last_step == (  # type: ignore[union-attr]
         PARAMS.step_at(T0) + PROCESS_ROUNDS - 1)
     setup.store.close()

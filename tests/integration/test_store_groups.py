@@ -24,13 +24,13 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_require_new_starts_a_period_only_for_a_user_not_required(store: Store) -> None:  # noqa: F811
-    assert store.require_new("alice", T0 + 100)  # no row yet: inserted
-    assert not store.require_new("alice", T0 + 200)  # required: left as it is
+    assert store.admin.require_new("alice", T0 + 100)  # no row yet: inserted
+    assert not store.admin.require_new("alice", T0 + 200)  # required: left as it is
     row = raw_row(store, "alice")
     assert (row["required"], row["enrollment_deadline"]) == (True, T0 + 100)
-    store.set_totp_key("bob", b"blob", 1)  # a row, not required
-    assert store.require_new("bob", T0 + 300)
-    record = store.get("bob")
+    store.admin.set_totp_key("bob", b"blob", 1)  # a row, not required
+    assert store.admin.require_new("bob", T0 + 300)
+    record = store.admin.get("bob")
     assert record is not None and record.required and record.totp_key == b"blob"
     assert record.enrollment_deadline == T0 + 300
 
@@ -45,8 +45,8 @@ def test_racing_calls_start_one_period(backend: str, url: str, tmp_path: Path) -
 
         def race(n: int) -> None:
             barrier.wait()
-            with stores[n].transaction():
-                if stores[n].require_new("carol", T0 + n):
+            with stores[n].admin.transaction():
+                if stores[n].admin.require_new("carol", T0 + n):
                     started.append(n)
 
         threads = [threading.Thread(target=race, args=(n,)) for n in range(len(stores))]
@@ -55,7 +55,7 @@ def test_racing_calls_start_one_period(backend: str, url: str, tmp_path: Path) -
         for t in threads:
             t.join(30)
         assert len(started) == 1
-        record = first.get("carol")
+        record = first.admin.get("carol")
         assert record is not None and record.enrollment_deadline == T0 + started[0]
     finally:
         for s in stores:

@@ -33,7 +33,8 @@ from policy.admin import (
     parse_totp_key,
 )
 from policy.keys import KeyRing
-from policy.store import LOCKED_FOREVER, Store
+from policy.schema import LOCKED_FOREVER
+from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
 
@@ -149,7 +150,7 @@ def test_a_period_outside_1_to_365_days_is_refused_and_changes_nothing(
             action()
         assert e.value.days == days
         assert isinstance(e.value, Refusal)
-    assert world.store.get("alice") is None
+    assert world.store.admin.get("alice") is None
     assert world.events.seen == []
     with pytest.raises(InvalidPeriod):
         check_period(days)
@@ -158,10 +159,10 @@ def test_a_period_outside_1_to_365_days_is_refused_and_changes_nothing(
 
 def test_require_leaves_a_required_and_enrolled_user_alone(world: World) -> None:
     world.accounts.enroll("alice")
-    before = world.store.get("alice")
+    before = world.store.admin.get("alice")
     world.events.seen.clear()
     assert world.accounts.require("alice", 30) is None
-    assert world.store.get("alice") == before
+    assert world.store.admin.get("alice") == before
     assert world.events.seen == []
 
 
@@ -195,7 +196,7 @@ def test_reset_clears_the_key_and_opens_a_period(world: World) -> None:
     world.clock.advance(DAY)
     period = world.accounts.reset("alice")
     assert period == Period(7, int(T0) + 8 * DAY)
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None and record.totp_key is None and record.required
     assert world.accounts.view("alice").status == "in_enrollment"
     assert world.events.seen[-1] == ("reset", "alice", int(T0) + 8 * DAY)
@@ -211,7 +212,7 @@ def test_enroll_makes_an_active_key_and_its_uri(world: World) -> None:
     assert unquote(parts.path) == "/Example Corp:alice"
     assert parse_qs(parts.query)["secret"] == [enrollment.totp_key]
     assert len(pyotp.parse_uri(enrollment.uri).byte_secret()) == 20  # 160 bits
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None and record.totp_key is not None
     assert world.keys.decrypt(record.totp_key, "alice") == enrollment.totp_key.encode()
     assert world.accounts.view("alice").status == "enrolled"
@@ -225,11 +226,11 @@ def test_enroll_imports_a_key_as_people_paste_it(world: World) -> None:
 
 def test_enroll_refuses_to_replace_a_key_without_force(world: World) -> None:
     first = world.accounts.enroll("alice", KEY)
-    before = world.store.get("alice")
+    before = world.store.admin.get("alice")
     with pytest.raises(AlreadyEnrolled) as e:
         world.accounts.enroll("alice")
     assert e.value.username == "alice"
-    assert world.store.get("alice") == before
+    assert world.store.admin.get("alice") == before
     again = world.accounts.enroll("alice", force=True)
     assert again.totp_key != first.totp_key
     assert world.events.seen == [("enrolled", "alice"), ("enrolled", "alice")]
@@ -238,7 +239,7 @@ def test_enroll_refuses_to_replace_a_key_without_force(world: World) -> None:
 def test_enroll_keeps_a_running_requirement(world: World) -> None:
     world.accounts.require("alice", 30)
     world.accounts.enroll("alice")
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None and record.enrollment_deadline == int(T0) + 30 * DAY
 
 
@@ -250,7 +251,7 @@ def test_enroll_refuses_a_bad_key_and_changes_nothing(world: World) -> None:
         assert e.value.reason.startswith(reason)
         with pytest.raises(InvalidTotpKey):
             parse_totp_key(bad)
-    assert world.store.get("alice") is None
+    assert world.store.admin.get("alice") is None
     assert world.events.seen == []
 
 
@@ -259,7 +260,7 @@ def test_enroll_refuses_a_bad_key_and_changes_nothing(world: World) -> None:
 
 def test_unlock_clears_failures_and_the_lock(world: World) -> None:
     for _ in range(3):
-        world.store.record_failure("alice", world.clock(), 3, 900)
+        world.store.hot.record_failure("alice", world.clock(), 3, 900)
     view = world.accounts.view("alice")
     assert (view.locked, view.failures, view.locked_until) == (True, 3, "2023-11-14T22:28:20Z")
     world.accounts.unlock("alice")
@@ -269,15 +270,15 @@ def test_unlock_clears_failures_and_the_lock(world: World) -> None:
 
 
 def test_a_lock_until_an_admin_unlocks_has_no_end_date(world: World) -> None:
-    world.store.record_failure("bob", world.clock(), 1, 0)
-    assert world.store.get("bob").locked_until == LOCKED_FOREVER  # type: ignore[union-attr]
+    world.store.hot.record_failure("bob", world.clock(), 1, 0)
+    assert world.store.admin.get("bob").locked_until == LOCKED_FOREVER  # type: ignore[union-attr]
     view = world.accounts.view("bob")
     assert (view.locked, view.locked_until) == (True, None)
 
 
 def test_a_lock_that_ran_out_shows_as_unlocked(world: World) -> None:
     for _ in range(3):
-        world.store.record_failure("alice", world.clock(), 3, 900)
+        world.store.hot.record_failure("alice", world.clock(), 3, 900)
     world.clock.advance(900)
     view = world.accounts.view("alice")
     assert (view.locked, view.locked_until, view.failures) == (False, None, 3)
@@ -286,7 +287,7 @@ def test_a_lock_that_ran_out_shows_as_unlocked(world: World) -> None:
 def test_unlock_and_unrequire_of_a_user_without_state_create_none(world: World) -> None:
     world.accounts.unlock("nobody")
     world.accounts.unrequire("nobody")
-    assert world.store.get("nobody") is None
+    assert world.store.admin.get("nobody") is None
     assert world.events.seen == []
 
 
@@ -318,7 +319,7 @@ def test_view_has_exactly_the_user_show_json_fields(world: World) -> None:
         "failures": 0, "bypass": False, "bypass_until": None, "recovery_codes_left": 0,
         "step_offset": 0}
     assert list(world.accounts.view("nobody").as_json()) == FIELDS
-    assert world.store.get("nobody") is None  # looking creates no state
+    assert world.store.admin.get("nobody") is None  # looking creates no state
 
 
 def test_list_views_are_the_stored_users_and_the_extra_names_sorted(world: World) -> None:
@@ -371,17 +372,17 @@ def test_import_reports_every_bad_line_and_loads_nothing(world: World) -> None:
         "line 6: no secret and no required_days: nothing to do",
     )
     assert str(e.value) == "5 bad line(s); nothing imported"
-    assert world.store.list_users() == []
+    assert world.store.admin.list_users() == []
     assert world.events.seen == []
 
 
 def test_import_deadlines(world: World) -> None:
     imported = world.accounts.import_csv(f"alice,{SECRETS[0]}\nbob,{SECRETS[1]},30\ncarol,,14\n")
     assert (imported.keys, imported.requirements) == (2, 1)
-    deadlines = {r.username: r.enrollment_deadline for r in world.store.list_users()}
+    deadlines = {r.username: r.enrollment_deadline for r in world.store.admin.list_users()}
     assert deadlines == {"alice": int(T0) + 7 * DAY, "bob": int(T0) + 30 * DAY,
                          "carol": int(T0) + 14 * DAY}
-    alice = world.store.get("alice")
+    alice = world.store.admin.get("alice")
     assert alice is not None and alice.totp_key is not None
     assert world.keys.decrypt(alice.totp_key, "alice") == SECRETS[0].encode()
     assert [v.status for v in world.accounts.list_views()] == [
@@ -395,14 +396,14 @@ def test_import_deadlines(world: World) -> None:
 
 def test_rotate_keys_re_encrypts_and_reports_damaged_rows(world: World) -> None:
     world.accounts.import_csv(f"alice,{SECRETS[0]}\nbob,{SECRETS[1]}\n")
-    good = world.store.get("bob")
+    good = world.store.admin.get("bob")
     assert good is not None and good.totp_key is not None
-    world.store.set_totp_key("carol", good.totp_key, 1)  # bob's ciphertext: not carol's
+    world.store.admin.set_totp_key("carol", good.totp_key, 1)  # bob's ciphertext: not carol's
     rotation = world.accounts.rotate_keys()
     assert (rotation.version, rotation.reencrypted, rotation.changed_meanwhile,
             rotation.undecryptable) == (2, 2, 0, ("carol",))
     for name, plain in (("alice", SECRETS[0]), ("bob", SECRETS[1])):
-        record = world.store.get(name)
+        record = world.store.admin.get(name)
         assert record is not None and record.totp_key is not None and record.key_version == 2
         assert world.keys.decrypt(record.totp_key, name) == plain.encode()
     assert world.accounts.rotate_keys().version == 3
@@ -453,9 +454,9 @@ def test_require_members_starts_periods_only_for_members_without_one(world: Worl
     assert done.newly_required == ("dave",)
     assert done.already_required == ("alice", "carol")
     assert done.skipped == (("bob", SKIPPED_ENROLLED), ("", SKIPPED_BAD_NAME))
-    alice = world.store.get("alice")
+    alice = world.store.admin.get("alice")
     assert alice is not None and alice.enrollment_deadline == int(T0) + 30 * DAY
-    bob = world.store.get("bob")
+    bob = world.store.admin.get("bob")
     assert bob is not None and not bob.required and bob.enrolled
     assert world.events.seen == [("required", "dave", int(T0) + 3 * DAY)]
 
@@ -481,10 +482,10 @@ def test_import_refuses_a_user_who_has_a_key_unless_forced(world: World) -> None
     assert e.value.problems == ("line 2: 'alice' already has a key (replacing it stops the "
                                 "authenticator the user has)",)
     assert (e.value.existing_keys, e.value.unknown_users) == (1, 0)
-    assert world.store.get("bob") is None
+    assert world.store.admin.get("bob") is None
     imported = world.accounts.import_csv(f"bob,{SECRETS[1]}\nalice,{SECRETS[2]}\n", force=True)
     assert (imported.keys, imported.requirements, imported.replaced) == (2, 0, 1)
-    alice = world.store.get("alice")
+    alice = world.store.admin.get("alice")
     assert alice is not None and alice.totp_key is not None
     assert world.keys.decrypt(alice.totp_key, "alice") == SECRETS[2].encode()
 
@@ -511,7 +512,7 @@ def test_import_never_restarts_a_running_period(world: World) -> None:
     world.accounts.require("alice", 30)
     imported = world.accounts.import_csv("alice,,3\nbob,,3\n")
     assert (imported.keys, imported.requirements, imported.unchanged) == (0, 1, 1)
-    alice = world.store.get("alice")
+    alice = world.store.admin.get("alice")
     assert alice is not None and alice.enrollment_deadline == int(T0) + 30 * DAY
     assert world.events.seen[-1] == ("imported", [], [("bob", int(T0) + 3 * DAY)])
 

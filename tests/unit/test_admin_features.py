@@ -33,7 +33,8 @@ from policy.admin import (
 from policy.decision import AuthRequest, Decision, Outcome, Reason, SplitMode
 from policy.engine import Limits, PolicyEngine, split_password
 from policy.keys import KeyRing
-from policy.store import STATUSES, AuditFilter, Store, UserFilter
+from policy.schema import STATUSES, AuditFilter, UserFilter
+from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
 from tests.sync_core import authenticate_sync
@@ -201,8 +202,8 @@ def test_a_recovery_code_works_once_in_place_of_a_code_in_append_mode(world: Wor
     assert world.accounts.view("alice").recovery_codes_left == 9
     again = world.auth("alice", f"alice-pw,{codes[0]}")
     assert (again.outcome, again.reason) == (REJECT, Reason.BAD_CODE)
-    assert world.store.get("alice").failures == 1  # type: ignore[union-attr]
-    audit = world.store.query_audit(AuditFilter(username="alice"), None, oldest_first=True)
+    assert world.store.admin.get("alice").failures == 1  # type: ignore[union-attr]
+    audit = world.store.admin.query_audit(AuditFilter(username="alice"), None, oldest_first=True)
     assert [(r.record.result, r.record.reason) for r in audit] == [
         ("accept", "recovery_code"), ("reject", "bad_code")]
 
@@ -222,9 +223,9 @@ def test_a_recovery_code_answers_a_challenge_in_any_spelling(world: World) -> No
 def test_a_recovery_code_is_no_time_step(world: World) -> None:
     world.enroll()
     code = world.accounts.new_recovery_codes("alice").codes[0]
-    before = world.store.get("alice")
+    before = world.store.admin.get("alice")
     assert world.auth("alice", f"alice-pw,{code}").accepted
-    after = world.store.get("alice")
+    after = world.store.admin.get("alice")
     assert before is not None and after is not None and after.last_step == before.last_step
     # the TOTP code of this very step still works (no replay marker moved)...
     assert world.auth("alice", f"alice-pw,{world.code()}").reason is Reason.OK
@@ -238,9 +239,9 @@ def test_a_recovery_code_clears_the_failure_count(world: World) -> None:
     code = world.accounts.new_recovery_codes("alice").codes[0]
     for _ in range(3):
         world.auth("alice", "alice-pw,000000")
-    assert world.store.get("alice").failures == 3  # type: ignore[union-attr]
+    assert world.store.admin.get("alice").failures == 3  # type: ignore[union-attr]
     assert world.auth("alice", f"alice-pw,{code}").accepted
-    assert world.store.get("alice").failures == 0  # type: ignore[union-attr]
+    assert world.store.admin.get("alice").failures == 0  # type: ignore[union-attr]
 
 
 def test_wrong_recovery_codes_are_bad_codes_and_lock(world: World) -> None:
@@ -355,14 +356,14 @@ def test_bypass_on_has_no_end_and_off_ends_a_timed_one(world: World) -> None:
     world.accounts.bypass_for("alice", 3600)
     world.accounts.bypass("alice", False)
     assert world.auth("alice", "alice-pw").outcome is NEED_CODE
-    assert world.store.get("alice").bypass_until is None  # type: ignore[union-attr]
+    assert world.store.admin.get("alice").bypass_until is None  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("seconds", [0, 59, MAX_BYPASS_SECONDS + 1])
 def test_a_bypass_lasts_a_minute_to_a_year(world: World, seconds: int) -> None:
     with pytest.raises(InvalidBypassDuration):
         world.accounts.bypass_for("alice", seconds)
-    assert world.store.get("alice") is None
+    assert world.store.admin.get("alice") is None
 
 
 # -- clock drift --------------------------------------------------------------------------
@@ -435,12 +436,12 @@ def test_delete_forgets_everything_but_the_audit_rows(world: World) -> None:
     world.accounts.bypass_for("alice", 3600)
     world.enroll("bob")
     world.accounts.delete("alice")
-    assert world.store.get("alice") is None
+    assert world.store.admin.get("alice") is None
     assert world.rows("SELECT count(*) FROM recovery_codes WHERE username = 'alice'") == [(0,)]
     assert world.accounts.view("alice").status == "not_required"
-    assert [r.record.reason for r in world.store.query_audit(AuditFilter(username="alice"))] \
+    assert [r.record.reason for r in world.store.admin.query_audit(AuditFilter(username="alice"))] \
         == ["bad_code"]
-    assert world.store.get("bob") is not None
+    assert world.store.admin.get("bob") is not None
     with pytest.raises(NoSuchUser):
         world.accounts.delete("alice")
     # signing in again: a user never required
@@ -458,7 +459,7 @@ def test_list_filters_combine_and_follow_the_status_rule(world: World) -> None:
     world.clock.advance(2 * DAY)                            # dave: expired; carol: 3 left
     world.accounts.require("bob", days=1)
     for _ in range(5):
-        world.store.record_failure("carol", world.clock(), 5, 900)
+        world.store.hot.record_failure("carol", world.clock(), 5, 900)
     world.accounts.bypass_for("bob", 3600)
 
     def names(**kw: object) -> list[str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from policy.store import AuditFilter, AuditRecord, Store
+from policy.schema import AuditFilter, AuditRecord
+from policy.store import Store
 from proxy.audit import JSON_KEYS, as_json, follow, json_line, parse_time, text_line
 
 NOW = 1_700_000_000.0
@@ -54,14 +55,14 @@ def rec(at: float, user: str = "alice", result: str = "accept", reason: str = "o
 
 
 def test_rows_newest_first_with_every_filter(store: Store) -> None:
-    store.audit([rec(NOW - 300, reason="bad_code", result="reject"),
+    store.hot.audit([rec(NOW - 300, reason="bad_code", result="reject"),
                  rec(NOW - 200, user="bob", protocol="ldap", client="ldap"),
                  rec(NOW - 100, result="challenge", reason="code_needed"),
                  rec(NOW, user="bob", protocol="portal", client="portal", latency=None)])
 
     def users(**where: object) -> list[tuple[str, float]]:
         return [(r.record.username, r.record.at)
-                for r in store.query_audit(AuditFilter(**where), None)]  # type: ignore[arg-type]
+                for r in store.admin.query_audit(AuditFilter(**where), None)]  # type: ignore[arg-type]
 
     assert users() == [("bob", NOW), ("alice", NOW - 100), ("bob", NOW - 200),
                        ("alice", NOW - 300)]
@@ -72,8 +73,8 @@ def test_rows_newest_first_with_every_filter(store: Store) -> None:
     assert users(protocol="ldap") == [("bob", NOW - 200)]
     assert users(client="portal") == [("bob", NOW)]
     assert users(username="bob", protocol="radius") == []
-    assert len(store.query_audit(AuditFilter(), 2)) == 2
-    (row,) = store.query_audit(AuditFilter(client="portal"))
+    assert len(store.admin.query_audit(AuditFilter(), 2)) == 2
+    (row,) = store.admin.query_audit(AuditFilter(client="portal"))
     assert row.record.latency_ms is None
 
 
@@ -89,8 +90,8 @@ def test_one_user_query_reads_the_user_time_index(store: Store) -> None:
 
 
 def test_json_has_the_contract_keys_and_text_one_line(store: Store) -> None:
-    store.audit([rec(NOW, user="eve\nFORGED", latency=3.14159)])
-    (row,) = store.query_audit(AuditFilter())
+    store.hot.audit([rec(NOW, user="eve\nFORGED", latency=3.14159)])
+    (row,) = store.admin.query_audit(AuditFilter())
     obj = json.loads(json_line(row))
     assert tuple(obj) == JSON_KEYS
     assert obj == as_json(row)
@@ -102,12 +103,12 @@ def test_json_has_the_contract_keys_and_text_one_line(store: Store) -> None:
 
 
 def test_follow_prints_the_last_rows_then_only_new_ones(store: Store) -> None:
-    store.audit([rec(NOW - i) for i in range(20, 0, -1)])
+    store.hot.audit([rec(NOW - i) for i in range(20, 0, -1)])
     polls: list[list[float]] = []
 
     def sleep(_seconds: float) -> None:
         if len(polls) == 1:
-            store.audit([rec(NOW + 1, user="bob"), rec(NOW + 2)])
+            store.hot.audit([rec(NOW + 1, user="bob"), rec(NOW + 2)])
 
     for batch in follow(store, AuditFilter(username="alice"), 3, sleep=sleep, polls=2):
         polls.append([r.record.at for r in batch])

@@ -27,7 +27,8 @@ from backends.base import (
 from policy.decision import AuthRequest, Decision, MfaMode, Outcome, Reason, SplitMode
 from policy.engine import Authenticator, Limits, PolicyEngine, split_password
 from policy.keys import KeyRing
-from policy.store import LOCKED_FOREVER, Store, UserRecord
+from policy.schema import LOCKED_FOREVER, UserRecord
+from policy.store import Store
 from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
 from tests.sync_core import authenticate_sync
@@ -151,11 +152,11 @@ class Harness:
                                              self.directory)
 
     def require(self, username: str = "alice", days: int = 7) -> None:
-        self.store.require(username, int(self.clock()) + days * DAY)
+        self.store.admin.require(username, int(self.clock()) + days * DAY)
 
     def enroll(self, username: str = "alice") -> str:
         secret = new_totp_key()
-        self.store.set_totp_key(username, self.keys.encrypt(secret.encode(), username),
+        self.store.admin.set_totp_key(username, self.keys.encrypt(secret.encode(), username),
                               self.keys.current)
         self.secrets[username] = secret
         return secret
@@ -168,7 +169,7 @@ class Harness:
         return f"{username}-pw,{self.code(username, offset)}"
 
     def record(self, username: str = "alice") -> UserRecord:
-        return self.store.get(username) or UserRecord(username)
+        return self.store.admin.get(username) or UserRecord(username)
 
     def next_step(self) -> None:
         self.clock.advance(PARAMS.period)
@@ -260,7 +261,7 @@ def test_enrollment_timeline(h: Harness) -> None:
     assert outcome(h.auth(password="wrong")) == (REJECT, Reason.BAD_PASSWORD)
 
     # an admin extends: from now
-    h.store.extend("alice", int(h.clock()) + 2 * DAY)
+    h.store.admin.extend("alice", int(h.clock()) + 2 * DAY)
     d = h.auth()
     assert outcome(d) == (ACCEPT, Reason.IN_ENROLLMENT)
     assert d.days_left == 2
@@ -311,7 +312,7 @@ def test_reset_clears_the_key_and_opens_a_new_period(h: Harness) -> None:
     h.require()
     old = h.enroll()
     assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
-    h.store.reset("alice", int(h.clock()) + 3 * DAY)
+    h.store.admin.reset("alice", int(h.clock()) + 3 * DAY)
     rec = h.record()
     assert rec.totp_key is None and rec.key_version is None and rec.last_step is None
     assert rec.required
@@ -330,12 +331,12 @@ def test_reset_clears_the_key_and_opens_a_new_period(h: Harness) -> None:
 def test_bypass(h: Harness) -> None:
     h.require()
     h.enroll()
-    h.store.set_bypass("alice", True)
+    h.store.admin.set_bypass("alice", True)
     for mfa in (MfaMode.ENROLLED, MfaMode.STRICT):
         assert outcome(h.auth(mfa=mfa)) == (ACCEPT, Reason.BYPASS)
         assert outcome(h.auth(mfa=mfa, split=SplitMode.APPEND)) == (ACCEPT, Reason.BYPASS)
     assert outcome(h.auth(password="wrong")) == (REJECT, Reason.BAD_PASSWORD)
-    h.store.set_bypass("alice", False)
+    h.store.admin.set_bypass("alice", False)
     assert outcome(h.auth()) == (NEED_CODE, Reason.CODE_NEEDED)
 
 
@@ -343,14 +344,14 @@ def test_bypass_lets_an_expired_enrollment_in(h: Harness) -> None:
     h.require(days=1)
     h.clock.advance(2 * DAY)
     assert outcome(h.auth()) == (REJECT, Reason.ENROLLMENT_EXPIRED)
-    h.store.set_bypass("alice", True)
+    h.store.admin.set_bypass("alice", True)
     assert outcome(h.auth()) == (ACCEPT, Reason.BYPASS)
 
 
 def test_unrequire_keeps_the_key(h: Harness) -> None:
     h.require()
     h.enroll()
-    assert h.store.unrequire("alice")
+    assert h.store.admin.unrequire("alice")
     rec = h.record()
     assert rec.enrolled and not rec.required
     assert rec.status(h.clock()) == "enrolled_not_required"
@@ -391,9 +392,9 @@ def put_in_state(h: Harness, state: str) -> None:
         h.require()
         h.enroll()
     if state == "enrolled_not_required":
-        h.store.unrequire("alice")
+        h.store.admin.unrequire("alice")
     if state == "bypass":
-        h.store.set_bypass("alice", True)
+        h.store.admin.set_bypass("alice", True)
     if state == "in_enrollment":
         h.require(days=7)
     if state == "enrollment_expired":
@@ -511,7 +512,7 @@ def test_replay_marker_is_per_user(h: Harness) -> None:
     h.require("bob")
     secret = h.enroll("alice")
     # bob happens to have the same key (an import gone wrong): his use is his own
-    h.store.set_totp_key("bob", h.keys.encrypt(secret.encode(), "bob"), h.keys.current)
+    h.store.admin.set_totp_key("bob", h.keys.encrypt(secret.encode(), "bob"), h.keys.current)
     h.secrets["bob"] = secret
     assert outcome(h.auth("alice", h.with_code("alice"))) == (ACCEPT, Reason.OK)
     assert outcome(h.auth("bob", h.with_code("bob"))) == (ACCEPT, Reason.OK)
@@ -638,7 +639,7 @@ def test_lockout_seconds_zero_locks_until_unlock(tmp_path: Path) -> None:
     assert h.record().locked_until == LOCKED_FOREVER
     h.clock.advance(10 * 365 * DAY)
     assert outcome(h.auth(password=h.with_code())) == (REJECT, Reason.LOCKED_OUT)
-    assert h.store.unlock("alice")
+    assert h.store.admin.unlock("alice")
     rec = h.record()
     assert rec.failures == 0 and rec.locked_until is None
     assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
@@ -649,14 +650,14 @@ def test_unlock_clears_the_lock_and_the_count(h: Harness) -> None:
     enrolled(h)
     for _ in range(5):
         h.auth(password="wrong")
-    assert h.store.unlock("alice")
+    assert h.store.admin.unlock("alice")
     assert outcome(h.auth(password=h.with_code())) == (ACCEPT, Reason.OK)
     for _ in range(4):
         assert not h.auth(password="wrong").lockout_started
 
 
 def test_unlock_of_a_user_without_state_is_false(h: Harness) -> None:
-    assert not h.store.unlock("nobody")
+    assert not h.store.admin.unlock("nobody")
 
 
 def test_password_and_code_failures_count_together(h: Harness) -> None:
@@ -697,7 +698,7 @@ def test_case_and_domain_variants_share_one_counter(h: Harness, forms: list[str]
     for name in forms:
         d = h.auth(name, password=h.with_code())
         assert outcome(d) == (REJECT, Reason.LOCKED_OUT), name
-    assert h.store.get("ALICE") is None  # no second row under another spelling
+    assert h.store.admin.get("ALICE") is None  # no second row under another spelling
 
 
 def test_each_user_has_their_own_counter(h: Harness) -> None:
@@ -712,7 +713,7 @@ def test_unknown_users_are_not_counted(h: Harness) -> None:
     for _ in range(10):
         d = h.auth("mallory", password="guess")
         assert outcome(d) == (REJECT, Reason.UNKNOWN_USER)
-    assert h.store.get("mallory") is None
+    assert h.store.admin.get("mallory") is None
 
 
 def test_empty_password_is_refused_without_asking_the_directory(h: Harness) -> None:
@@ -725,7 +726,7 @@ def test_empty_passwords_for_unknown_names_leave_no_state(h: Harness) -> None:
     """Anyone may send empty passwords for made-up names; they must not fill the store."""
     for i in range(5):
         assert outcome(h.auth(f"random{i}", password="")) == (REJECT, Reason.EMPTY_PASSWORD)
-    assert h.store.list_users() == []
+    assert h.store.admin.list_users() == []
 
 
 def test_directory_unavailable_is_not_counted(h: Harness) -> None:
@@ -745,7 +746,7 @@ def test_invalid_username_is_refused_without_asking_the_directory(h: Harness) ->
     for name in ("", "   ", "bad\x00name", "x" * 300):
         assert outcome(h.auth(name, password="pw")) == (REJECT, Reason.INVALID_USERNAME)
     assert h.directory.calls == []
-    assert h.store.list_users() == []
+    assert h.store.admin.list_users() == []
 
 
 def test_code_of_a_locked_user_is_not_spent(h: Harness) -> None:
@@ -756,7 +757,7 @@ def test_code_of_a_locked_user_is_not_spent(h: Harness) -> None:
         h.auth(password="wrong")
     code_field = h.with_code()
     assert outcome(h.auth(password=code_field)) == (REJECT, Reason.LOCKED_OUT)
-    assert h.store.unlock("alice")
+    assert h.store.admin.unlock("alice")
     assert outcome(h.auth(password=code_field)) == (ACCEPT, Reason.OK)
 
 
@@ -769,9 +770,9 @@ def test_keys_of_mixed_versions_work_mid_rotation(h: Harness) -> None:
     rotator = KeyRing(h.keys.path)
     assert rotator.add_version() == 2
     secret = new_totp_key()
-    h.store.set_totp_key("bob", rotator.encrypt(secret.encode(), "bob"), 2)
+    h.store.admin.set_totp_key("bob", rotator.encrypt(secret.encode(), "bob"), 2)
     h.secrets["bob"] = secret
-    assert {r.key_version for r in h.store.list_users()} == {1, 2}
+    assert {r.key_version for r in h.store.admin.list_users()} == {1, 2}
     assert outcome(h.auth("alice", h.with_code("alice"))) == (ACCEPT, Reason.OK)
     assert outcome(h.auth("bob", h.with_code("bob"))) == (ACCEPT, Reason.OK)
 
@@ -784,7 +785,7 @@ def test_a_key_moved_to_another_user_does_not_decrypt(h: Harness) -> None:
     h.enroll("alice")
     blob = h.record("alice").totp_key
     assert blob is not None
-    h.store.set_totp_key("bob", blob, h.keys.current)
+    h.store.admin.set_totp_key("bob", blob, h.keys.current)
     assert outcome(h.auth("bob", f"bob-pw,{h.code('alice')}")) == (
         REJECT, Reason.STATE_UNAVAILABLE)
 
@@ -798,7 +799,7 @@ def test_every_decision_is_audited(h: Harness) -> None:
     h.auth(password=h.with_code())
     h.auth("mallory", password="x")
     assert h.engine.audit.flush() == 3
-    rows = h.store.recent_audit()
+    rows = h.store.admin.recent_audit()
     assert [(r.username, r.result, r.reason) for r in reversed(rows)] == [
         ("alice", "reject", "bad_password"),
         ("alice", "accept", "ok"),
@@ -897,7 +898,7 @@ def test_authenticator_lookup_failure_is_unavailable_and_touches_no_state(h: Har
     h.directory.down = True
     d = fired(authenticator(h).authenticate(h.request(password="wrong")))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
-    assert h.store.get("alice") is None and h.directory.calls == []
+    assert h.store.admin.get("alice") is None and h.directory.calls == []
 
 
 def test_authenticator_bad_password_is_counted_on_the_entry(h: Harness) -> None:
@@ -911,7 +912,7 @@ def test_authenticator_state_store_failure_fails_closed(h: Harness,
     def broken(username: str) -> None:
         raise OperationalError("SELECT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(h.store, "get", broken)
+    monkeypatch.setattr(h.store.hot, "get", broken)
     d = fired(authenticator(h).authenticate(h.request()))
     assert outcome(d) == (REJECT, Reason.STATE_UNAVAILABLE)
     assert h.events.state_errors == ["begin"]
@@ -946,7 +947,7 @@ def test_authenticator_decide_failure_fails_closed_once(h: Harness,
     def broken(username: str, step: int, now: float) -> bool:
         raise OperationalError("UPDATE", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(h.store, "accept_step", broken)
+    monkeypatch.setattr(h.store.hot, "accept_step", broken)
     d = authenticator(h).authenticate(h.request(password=h.with_code()))
     assert outcome(fired(d)) == (REJECT, Reason.STATE_UNAVAILABLE)
     assert h.events.state_errors == ["decide"]
@@ -981,7 +982,7 @@ def test_every_spelling_the_directory_matches_is_one_identity(h: Harness) -> Non
         assert outcome(h.auth(spelling, password="alice-pw", split=SplitMode.APPEND)) == (
             REJECT, Reason.MISSING_CODE)
     assert h.record().failures == 5 and h.record().locked(h.clock())
-    assert [r.username for r in h.store.list_users()] == ["alice"]
+    assert [r.username for r in h.store.admin.list_users()] == ["alice"]
 
 
 def test_an_ldap_bind_dn_resolves_to_the_entry(h: Harness) -> None:
@@ -999,7 +1000,7 @@ def test_an_entry_without_a_usable_name_is_nobody(h: Harness) -> None:
                         lookup=lambda n: defer.succeed(Identity("ali\nce", "uid=x")))
     d = fired(authenticator(h, nameless).authenticate(h.request(password="alice-pw")))
     assert outcome(d) == (REJECT, Reason.UNKNOWN_USER)
-    assert h.store.list_users() == []
+    assert h.store.admin.list_users() == []
 
 
 def test_unknown_names_create_no_state_but_read_like_a_real_account(h: Harness) -> None:
@@ -1008,7 +1009,7 @@ def test_unknown_names_create_no_state_but_read_like_a_real_account(h: Harness) 
     assert [r.message for r in real] == [f.message for f in fake]
     assert real[-1].reason is Reason.LOCKED_OUT and fake[-1].reason is Reason.UNKNOWN_USER
     assert fake[-1].public_reason is Reason.LOCKED_OUT
-    assert [r.username for r in h.store.list_users()] == ["alice"]
+    assert [r.username for r in h.store.admin.list_users()] == ["alice"]
 
 
 def test_unknown_names_are_answered_after_a_wrong_password_s_usual_time(h: Harness) -> None:
@@ -1022,7 +1023,7 @@ def test_unknown_names_are_answered_after_a_wrong_password_s_usual_time(h: Harne
         h.clock.advance(0.5)
         directory.answer(ok=False)
         assert outcome(fired(pending)) == (REJECT, Reason.BAD_PASSWORD)
-        h.engine.store.unlock("alice")
+        h.engine.store.admin.unlock("alice")
     unknown = auth.authenticate(h.request("mallory", password="wrong"))
     assert not unknown.called
     reactor.advance(0.3)
@@ -1064,7 +1065,7 @@ def test_a_lock_that_came_meanwhile_refuses_the_right_password(h: Harness) -> No
     auth = authenticator(h, directory)
     pending = auth.authenticate(h.request(password="alice-pw"))
     for _ in range(5):
-        h.store.record_failure("alice", h.clock(), 5, 900)
+        h.store.hot.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
 
@@ -1088,7 +1089,7 @@ def test_the_gate_lets_waiting_attempts_through_in_order() -> None:
 
 def test_audit_queue_counts_what_it_drops_once(h: Harness) -> None:
     from policy.engine import AuditQueue
-    from policy.store import AuditRecord
+    from policy.schema import AuditRecord
 
     queue = AuditQueue(h.store, max_pending=2)
     for i in range(5):
@@ -1117,7 +1118,7 @@ def test_rejects_are_always_logged_accepts_only_when_asked(
     assert len(accepts) == (1 if log_accepts else 0)
     # the audit table has both, whatever the log says
     h.engine.audit.flush()
-    assert [r.result for r in h.store.recent_audit("alice")] == ["reject", "accept"]
+    assert [r.result for r in h.store.admin.recent_audit("alice")] == ["reject", "accept"]
 
 
 def test_plain_spellings_of_an_unknown_dn_share_one_counter(h: Harness) -> None:
@@ -1131,7 +1132,7 @@ def test_plain_spellings_of_an_unknown_dn_share_one_counter(h: Harness) -> None:
         request.bind_dn = request.username = spellings[i % 3]
         decisions.append(authenticate_sync(h.engine, request, h.directory))
     assert decisions[-1].public_reason is Reason.LOCKED_OUT
-    assert h.store.list_users() == []
+    assert h.store.admin.list_users() == []
 
 
 def test_a_lock_that_came_meanwhile_refuses_the_right_password_and_code(h: Harness) -> None:
@@ -1141,7 +1142,7 @@ def test_a_lock_that_came_meanwhile_refuses_the_right_password_and_code(h: Harne
     auth = authenticator(h, directory)
     pending = auth.authenticate(h.request(password=h.with_code()))
     for _ in range(5):
-        h.store.record_failure("alice", h.clock(), 5, 900)
+        h.store.hot.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
 
@@ -1152,7 +1153,7 @@ def test_a_lock_that_came_meanwhile_refuses_a_challenge(h: Harness) -> None:
     auth = authenticator(h, directory)
     pending = auth.authenticate(h.request(password="alice-pw", split=SplitMode.CHALLENGE))
     for _ in range(5):
-        h.store.record_failure("alice", h.clock(), 5, 900)
+        h.store.hot.record_failure("alice", h.clock(), 5, 900)
     directory.answer(ok=True)
     assert outcome(fired(pending)) == (REJECT, Reason.LOCKED_OUT)
 

@@ -131,11 +131,11 @@ def test_a_failed_group_search_is_directory_unavailable_and_touches_no_state(
     h.directory.groups_down = True
     d = auth(h, request(h, needs_groups=True))
     assert outcome(d) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
-    assert h.store.get("alice") is None and h.directory.calls == []  # no password tried
+    assert h.store.admin.get("alice") is None and h.directory.calls == []  # no password tried
     assert h.events.directory_calls[-1][1] == "directory_unavailable"
     requiring(h, "vpn users")  # require_groups needs the groups on every request
     assert outcome(auth(h, request(h))) == (REJECT, Reason.DIRECTORY_UNAVAILABLE)
-    assert h.store.get("alice") is None
+    assert h.store.admin.get("alice") is None
 
 
 def test_require_groups_makes_every_request_read_the_groups(h: Harness) -> None:
@@ -169,7 +169,7 @@ def test_a_non_member_is_untouched(h: Harness) -> None:
     requiring(h, "vpn users")
     h.directory.member_of["bob"] = ("cn=staff,ou=groups,dc=example,dc=org",)
     assert outcome(auth(h, request(h, "bob"))) == (ACCEPT, Reason.NOT_REQUIRED)
-    assert h.store.get("bob") is None or not h.store.get("bob").required  # type: ignore[union-attr]
+    assert h.store.admin.get("bob") is None or not h.store.admin.get("bob").required  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("name", ["vpn users", "VPN Users", VPN, VPN.upper(),
@@ -230,7 +230,7 @@ def test_a_member_with_a_key_but_no_requirement_needs_a_code_at_once(h: Harness)
     # the password field is read as password + code from the first sign-in on
     assert outcome(auth(h, request(h, split=SplitMode.APPEND))) == (REJECT, Reason.MISSING_CODE)
     assert h.record().required  # the password was right: required from now on
-    h.store.unrequire("alice")
+    h.store.admin.unrequire("alice")
     assert outcome(auth(h, request(h, password="wrong," + h.code()))) == (
         REJECT, Reason.BAD_PASSWORD)
     assert not h.record().required  # a wrong password stores no requirement
@@ -249,14 +249,14 @@ def test_a_challenge_round_does_not_require_twice(h: Harness, tmp_path: Path) ->
                          code=h.code(), verified_identity=first.identity)
     assert outcome(auth(h, second)) == (ACCEPT, Reason.OK)
     assert h.record().required
-    assert h.store.mail_queue() == []  # enrolled already: nothing to set up, no invitation
+    assert h.store.admin.mail_queue() == []  # enrolled already: nothing to set up, no invitation
 
 
 def test_bypass_and_mfa_off_still_store_the_requirement(h: Harness) -> None:
     requiring(h, "vpn users")
     h.directory.member_of["alice"] = (VPN,)
     h.directory.member_of["bob"] = (VPN,)
-    h.store.set_bypass("bob", True)
+    h.store.admin.set_bypass("bob", True)
     assert outcome(auth(h, request(h, mfa=MfaMode.OFF))) == (ACCEPT, Reason.MFA_OFF)
     assert outcome(auth(h, request(h, "bob"))) == (ACCEPT, Reason.BYPASS)
     assert h.record().required and h.record("bob").required
@@ -274,7 +274,7 @@ def test_the_required_mail_is_queued_once_with_the_requirement(h: Harness) -> No
     h.directory.member_of["alice"] = (VPN,)
     auth(h, request(h))
     auth(h, request(h))
-    [mail] = h.store.mail_queue()
+    [mail] = h.store.admin.mail_queue()
     assert (mail.event, mail.username) == ("required", "alice")
     assert mail.deadline == h.record().enrollment_deadline
 
@@ -333,17 +333,17 @@ def test_racing_first_sign_ins_create_one_requirement(h: Harness, tmp_path: Path
         other.join_group(theirs)  # type: ignore[arg-type]
         assert h.record().enrollment_deadline == deadline  # the first one's period stands
         assert theirs.record.enrollment_deadline == deadline  # type: ignore[union-attr]
-        assert len(h.store.mail_queue()) == 1
+        assert len(h.store.admin.mail_queue()) == 1
     finally:
         other_store.close()
 
 
 def test_require_new_is_conditional(h: Harness) -> None:
-    assert h.store.require_new("alice", 100)
-    assert not h.store.require_new("alice", 200)
+    assert h.store.admin.require_new("alice", 100)
+    assert not h.store.admin.require_new("alice", 200)
     assert h.record().enrollment_deadline == 100
-    h.store.unrequire("alice")
-    assert h.store.require_new("alice", 300)
+    h.store.admin.unrequire("alice")
+    assert h.store.admin.require_new("alice", 300)
     assert h.record().enrollment_deadline == 300
 
 

@@ -80,3 +80,22 @@ def test_the_ldap_session_logic_does_no_io() -> None:
     # bind.py only names the core's timeout and cancellation errors from Twisted
     source = (ROOT / "proxy/ldap/bind.py").read_text()
     assert "from twisted.internet.defer import CancelledError\n" in source
+
+
+STORE_MODULES = {"policy/schema.py", "policy/hot_store.py", "policy/admin_store.py",
+                 "policy/store.py"}
+# Names that read no table: errors to catch, and URL parsing (`db backup`, check-config).
+HARMLESS_SQLALCHEMY = {"sqlalchemy.exc", "sqlalchemy.engine"}
+
+
+def test_only_the_store_modules_write_sql() -> None:
+    # The sign-in path's statements (hot_store) and the admin's (admin_store) on one
+    # schema (schema): nothing else builds a query; the migrations are the schema's own.
+    writers = [f"{path} imports {name}"
+               for package in ("policy", "proxy", "backends")
+               for path, names in imported_modules(package).items()
+               for name in sorted(names)
+               if (name == "sqlalchemy" or name.startswith("sqlalchemy."))
+               and name not in HARMLESS_SQLALCHEMY and path not in STORE_MODULES
+               and not path.startswith("policy/migrations/")]
+    assert writers == []

@@ -21,7 +21,8 @@ from backends.base import AsyncDirectory, DirectoryUnavailable, Identity, Invali
 from policy.decision import AuthRequest, Decision
 from policy.engine import Authenticator, Limits, PolicyEngine
 from policy.keys import KeyRing
-from policy.store import DAY, Store
+from policy.schema import DAY
+from policy.store import Store
 from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
 from proxy.ldap.dn import parse_dn
@@ -122,8 +123,8 @@ class RealCore:
     def enroll(self, name: str) -> None:
         self.secrets[name] = new_totp_key()
         now = int(self.clock())
-        self.store.require(name, now + 7 * DAY)
-        self.store.set_totp_key(name, self.keys.encrypt(self.secrets[name].encode(), name),
+        self.store.admin.require(name, now + 7 * DAY)
+        self.store.admin.set_totp_key(name, self.keys.encrypt(self.secrets[name].encode(), name),
                               self.keys.current)
 
     def code(self, name: str = "alice") -> str:
@@ -137,17 +138,17 @@ class RealCore:
 
     def lock(self, name: str) -> None:
         for _ in range(self.engine.limits.max_failures):
-            self.store.record_failure(name, self.clock(), self.engine.limits.max_failures,
+            self.store.hot.record_failure(name, self.clock(), self.engine.limits.max_failures,
                                       self.engine.limits.lockout_seconds)
 
     def expire(self, name: str) -> None:
-        self.store.reset(name, int(self.clock()) - 1)
+        self.store.admin.reset(name, int(self.clock()) - 1)
 
     def enrolling(self, name: str, days: int) -> None:
-        self.store.reset(name, int(self.clock()) + days * DAY - 60)
+        self.store.admin.reset(name, int(self.clock()) + days * DAY - 60)
 
     def failures(self, name: str) -> int:
-        record = self.store.get(name)
+        record = self.store.admin.get(name)
         return record.failures if record else 0
 
     def close(self) -> None:

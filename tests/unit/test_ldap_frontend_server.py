@@ -406,8 +406,8 @@ def test_a_dn_that_names_no_entry_is_refused_and_leaves_no_state() -> None:
                "uid;x=alice,ou=people,dc=example,dc=org"):
         client.bind(dn, "whatever-pw")
         assert client.result().code == 49
-    assert h.core.store.list_users() == [] or {u.username for u in
-                                               h.core.store.list_users()} == set(USERS)
+    assert h.core.store.admin.list_users() == [] or {u.username for u in
+                                               h.core.store.admin.list_users()} == set(USERS)
     assert h.directory.binds == []
 
 
@@ -1403,7 +1403,7 @@ def test_bind_cache_is_the_core_s_repeat_window_with_an_audit_row_each_time() ->
     assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]
     assert h.events[("bind", "accept", Reason.REPEAT.value)] == 1
     h.core.engine.audit.flush()
-    assert [r.reason for r in h.core.store.recent_audit("alice")] == ["repeat", "ok"]
+    assert [r.reason for r in h.core.store.admin.recent_audit("alice")] == ["repeat", "ok"]
 
 
 def test_bind_cache_window_ends() -> None:

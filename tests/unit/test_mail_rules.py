@@ -24,7 +24,8 @@ from policy.mail import (
     render,
     values_for,
 )
-from policy.store import QueuedMail, Store
+from policy.schema import QueuedMail
+from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
 
@@ -47,7 +48,7 @@ class World:
     clock: FakeClock
 
     def queued(self) -> list[tuple[str, str, int | None]]:
-        return [(m.event, m.username, m.deadline) for m in self.store.mail_queue()]
+        return [(m.event, m.username, m.deadline) for m in self.store.admin.mail_queue()]
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_admin_changes_queue_their_mail(world: World) -> None:
 
 def test_enroll_by_an_admin_is_a_security_notice_from_the_command_line(world: World) -> None:
     world.accounts.enroll("alice")
-    [mail] = world.store.mail_queue()
+    [mail] = world.store.admin.mail_queue()
     assert (mail.event, mail.deadline) == ("enrolled", None)
     assert json.loads(mail.detail) == {"at": int(T0), "by": "admin",
                                        "source": "the command line"}
@@ -94,7 +95,7 @@ def test_a_key_set_up_in_the_portal_is_a_notice_with_the_client_address(world: W
     second = world.accounts.start_setup("alice")  # a reset by the user
     assert world.accounts.confirm_setup("alice", pyotp.TOTP(second.totp_key).at(world.clock()),
                                         "10.0.0.10").confirmed
-    events = [(m.event, json.loads(m.detail).get("source")) for m in world.store.mail_queue()]
+    events = [(m.event, json.loads(m.detail).get("source")) for m in world.store.admin.mail_queue()]
     assert events == [("required", None), ("enrolled", "10.0.0.9"),
                       ("user_reset", "10.0.0.10")]
 
@@ -115,7 +116,7 @@ def test_a_listener_that_fails_undoes_the_change(world: World, tmp_path: Path) -
                         UsernameRules(), world.clock, Broken(world.store, world.clock))
     with pytest.raises(RuntimeError):
         accounts.require("alice")
-    assert world.store.get("alice") is None and world.queued() == []
+    assert world.store.admin.get("alice") is None and world.queued() == []
 
 
 # -- reminders ----------------------------------------------------------------------------
@@ -126,9 +127,9 @@ def test_one_reminder_a_day_before_the_deadline_and_only_without_a_key(world: Wo
     world.accounts.require("bob", 7)
     world.accounts.enroll("bob", force=True)
     deadline = int(T0) + 7 * DAY
-    assert world.store.queue_reminders(T0 + 5 * DAY, DAY) == []
-    assert world.store.queue_reminders(T0 + 6 * DAY + 1, DAY) == [("alice", deadline)]
-    assert world.store.queue_reminders(T0 + 6 * DAY + 3600, DAY) == []
+    assert world.store.admin.queue_reminders(T0 + 5 * DAY, DAY) == []
+    assert world.store.admin.queue_reminders(T0 + 6 * DAY + 1, DAY) == [("alice", deadline)]
+    assert world.store.admin.queue_reminders(T0 + 6 * DAY + 3600, DAY) == []
     assert [e for e, *_ in world.queued()] == ["required", "required", "enrolled", "reminder"]
 
 
@@ -136,7 +137,7 @@ def test_a_period_that_starts_inside_the_reminder_time_gets_no_second_mail(
         world: World) -> None:
     world.accounts.require("alice", 1)  # its invitation already says "1 day"
     world.accounts.require("bob", 1, notify=False)  # no invitation: the reminder is the mail
-    assert world.store.queue_reminders(T0 + 60, DAY) == [("bob", int(T0) + DAY)]
+    assert world.store.admin.queue_reminders(T0 + 60, DAY) == [("bob", int(T0) + DAY)]
     assert [(e, u) for e, u, _ in world.queued()] == [("required", "alice"), ("reminder", "bob")]
 
 

@@ -102,9 +102,9 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def require(world: World, user: str, days: int, notify: bool = True) -> None:
-    with world.store.transaction():
+    with world.store.admin.transaction():
         deadline = int(world.clock()) + days * DAY
-        world.store.require(user, deadline)
+        world.store.admin.require(user, deadline)
         world.events.required(user, deadline, notify)
 
 
@@ -137,7 +137,7 @@ def test_temporary_failures_back_off_then_succeed(world: World) -> None:
     world.clock.t += 1
     world.tick()
     assert len(world.fakes.sent) == 1 and world.fakes.failed == ["temporary", "unreachable"]
-    [row] = world.store.mail_queue(("sent",))
+    [row] = world.store.admin.mail_queue(("sent",))
     assert row.attempts == 3
 
 
@@ -148,7 +148,7 @@ def test_a_mail_that_keeps_failing_is_given_up(world: World) -> None:
     for _ in range(60):  # 30 hours: past the day it may wait
         world.tick()
         world.clock.t += 1800
-    [row] = world.store.mail_queue(("failed",))
+    [row] = world.store.admin.mail_queue(("failed",))
     assert row.last_error is not None and row.last_error.startswith("gave up after")
     assert "gave_up" in world.fakes.failed and world.fakes.sent == []
 
@@ -160,7 +160,7 @@ def test_a_permanent_refusal_is_not_retried(world: World) -> None:
     world.tick()
     world.clock.t += 3600
     world.tick()
-    [row] = world.store.mail_queue(("failed",))
+    [row] = world.store.admin.mail_queue(("failed",))
     assert (row.attempts, row.last_error) == (1, "550 no such user")
 
 
@@ -169,7 +169,7 @@ def test_no_address_no_mail_and_counted(world: World) -> None:
     require(world, "bob", 7)
     world.tick()
     assert world.fakes.sent == [] and world.fakes.failed == ["no_address"]
-    [row] = world.store.mail_queue(("failed",))
+    [row] = world.store.admin.mail_queue(("failed",))
     assert row.last_error == "the directory entry has no mail address"
 
 
@@ -178,7 +178,7 @@ def test_a_directory_outage_is_retried(world: World) -> None:
     world.fakes.directory_down = True
     require(world, "alice", 7)
     world.tick()
-    assert world.fakes.failed == ["directory"] and world.store.pending_mail_count() == 1
+    assert world.fakes.failed == ["directory"] and world.store.admin.pending_mail_count() == 1
     world.fakes.directory_down = False
     world.clock.t += 60
     world.tick()
@@ -193,7 +193,7 @@ def test_the_reminder_goes_out_once_a_day_before_the_deadline(world: World) -> N
     world.tick()
     assert world.fakes.sent == []  # 2 days left: not yet
     world.clock.t += DAY + 60
-    world.store.set_totp_key("bob", b"key", 1)  # bob enrolled meanwhile: none for him
+    world.store.admin.set_totp_key("bob", b"key", 1)  # bob enrolled meanwhile: none for him
     for _ in range(3):
         world.tick()
         world.clock.t += 600
@@ -207,12 +207,12 @@ def test_a_reminder_that_is_no_longer_true_is_cancelled(world: World) -> None:
     world.fakes.directory_down = True  # the reminder is queued, not sent
     require(world, "alice", 1, notify=False)
     world.tick()
-    world.store.set_totp_key("alice", b"key", 1)  # enrolled before the retry
+    world.store.admin.set_totp_key("alice", b"key", 1)  # enrolled before the retry
     world.fakes.directory_down = False
     world.clock.t += 60
     world.tick()
     assert world.fakes.sent == []
-    [row] = world.store.mail_queue(("cancelled",))
+    [row] = world.store.admin.mail_queue(("cancelled",))
     assert row.event == "reminder"
 
 

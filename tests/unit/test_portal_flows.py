@@ -92,7 +92,7 @@ def test_start_setup_keeps_a_pending_key_and_changes_nothing_else(world: World) 
     setup = world.accounts.start_setup("alice")
     assert setup.uri.startswith("otpauth://totp/Example%20Corp:alice?secret=" + setup.totp_key)
     assert world.accounts.view("alice") == before  # still in enrollment, no key
-    assert world.store.get("alice").totp_key is None  # type: ignore[union-attr]
+    assert world.store.admin.get("alice").totp_key is None  # type: ignore[union-attr]
     assert world.accounts.pending_setup("alice") == setup
     assert [e[0] for e in world.events.seen] == ["required"]
 
@@ -116,12 +116,12 @@ def test_a_good_code_activates_the_pending_key(world: World) -> None:
     assert result.outcome is SetupOutcome.CONFIRMED
     view = world.accounts.view("alice")
     assert (view.status, view.enrolled, view.failures) == ("enrolled", True, 0)
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None and record.totp_key is not None
     assert world.keys.decrypt(record.totp_key, "alice").decode() == setup.totp_key
     assert world.accounts.pending_setup("alice") is None
     assert ("setup_confirmed", "alice", False, "10.0.0.9") in world.events.seen
-    audit = world.store.recent_audit("alice")
+    audit = world.store.admin.recent_audit("alice")
     assert [(a.protocol, a.result, a.reason, a.source) for a in audit] == [
         ("portal", "accept", "setup_confirmed", "10.0.0.9")]
 
@@ -131,11 +131,11 @@ def test_the_confirming_code_is_marked_used(world: World) -> None:
     setup = world.accounts.start_setup("alice")
     code = code_at(setup.totp_key, T0)
     assert world.accounts.confirm_setup("alice", code).confirmed
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None
     step = match_step(setup.totp_key, code, T0, TotpParams())
     assert record.last_step == step
-    assert not world.store.accept_step("alice", step, T0)  # what a replay would hit
+    assert not world.store.hot.accept_step("alice", step, T0)  # what a replay would hit
 
 
 def test_a_wrong_code_counts_as_a_failure_and_keeps_the_same_pending_key(world: World) -> None:
@@ -146,7 +146,7 @@ def test_a_wrong_code_counts_as_a_failure_and_keeps_the_same_pending_key(world: 
     view = world.accounts.view("alice")
     assert (view.status, view.failures, view.enrolled) == ("in_enrollment", 1, False)
     assert world.accounts.pending_setup("alice") == setup
-    assert world.store.recent_audit("alice")[0].reason == "bad_code"
+    assert world.store.admin.recent_audit("alice")[0].reason == "bad_code"
 
 
 def test_five_wrong_codes_lock_and_a_locked_user_cannot_confirm(world: World) -> None:
@@ -156,7 +156,7 @@ def test_five_wrong_codes_lock_and_a_locked_user_cannot_confirm(world: World) ->
     assert [r.lockout_started for r in results] == [False] * 4 + [True]
     good = world.accounts.confirm_setup("alice", code_at(setup.totp_key, T0))
     assert good.outcome is SetupOutcome.LOCKED
-    assert world.store.get("alice").totp_key is None  # type: ignore[union-attr]
+    assert world.store.admin.get("alice").totp_key is None  # type: ignore[union-attr]
     with pytest.raises(Locked):
         world.accounts.start_setup("alice")
     world.clock.advance(901)  # the lock has run out
@@ -166,13 +166,13 @@ def test_five_wrong_codes_lock_and_a_locked_user_cannot_confirm(world: World) ->
 def test_the_old_key_keeps_working_until_the_new_one_is_confirmed(world: World) -> None:
     old = world.accounts.enroll("alice")
     new = world.accounts.start_setup("alice")
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None and record.totp_key is not None
     assert world.keys.decrypt(record.totp_key, "alice").decode() == old.totp_key
     assert world.accounts.view("alice").status == "enrolled"
     world.clock.advance(30)
     assert world.accounts.confirm_setup("alice", code_at(new.totp_key, world.clock())).confirmed
-    record = world.store.get("alice")
+    record = world.store.admin.get("alice")
     assert record is not None and record.totp_key is not None
     assert world.keys.decrypt(record.totp_key, "alice").decode() == new.totp_key
     assert ("setup_confirmed", "alice", True, "") in world.events.seen  # a reset by the user
@@ -199,11 +199,11 @@ def test_activation_is_conditional_on_the_pending_key_it_verified(world: World) 
     """The one UPDATE … WHERE: a pending key replaced between the check and the
     activation is not activated (nor is the newer one)."""
     first = world.accounts.start_setup("alice")
-    blob = world.store.get_pending("alice", T0)
+    blob = world.store.admin.get_pending("alice", T0)
     assert blob is not None
     world.accounts.start_setup("alice")
-    assert not world.store.activate_pending("alice", blob.totp_key, 1, T0)
-    assert world.store.get("alice").totp_key is None  # type: ignore[union-attr]
+    assert not world.store.admin.activate_pending("alice", blob.totp_key, 1, T0)
+    assert world.store.admin.get("alice").totp_key is None  # type: ignore[union-attr]
     assert first.totp_key
 
 
@@ -213,7 +213,7 @@ def test_an_abandoned_pending_key_expires(world: World) -> None:
     assert world.accounts.pending_setup("alice") is None
     result = world.accounts.confirm_setup("alice", code_at(setup.totp_key, world.clock()))
     assert result.outcome is SetupOutcome.NO_PENDING_KEY
-    world.store.prune(world.clock(), 90)
+    world.store.admin.prune(world.clock(), 90)
     with closing(sqlite3.connect(world.path)) as db:
         assert db.execute("SELECT pending_totp_key FROM users").fetchone() == (None,)
 
@@ -300,7 +300,7 @@ def test_each_session_has_its_own_csrf_token(sessions: PortalSessions) -> None:
 def test_expired_sessions_are_pruned(world: World, sessions: PortalSessions) -> None:
     sessions.start("alice", Stage.SIGNED_IN, ALICE, False)
     world.clock.advance(16 * 60)
-    world.store.prune(world.clock(), 90)
+    world.store.admin.prune(world.clock(), 90)
     with closing(sqlite3.connect(world.path)) as db:
         assert db.execute("SELECT count(*) FROM portal_sessions").fetchone() == (0,)
 

@@ -167,16 +167,16 @@ def test_login_without_a_valid_csrf_token_changes_nothing(world: World) -> None:
     assert b.post("/login", {"username": "alice", "password": "wrong"}).status == 403
     assert world.h.record("alice").failures == 0
     world.h.engine.audit.flush()
-    assert world.h.store.recent_audit("alice") == []
+    assert world.h.store.admin.recent_audit("alice") == []
 
 
 def test_setup_without_a_valid_csrf_token_makes_no_pending_key(world: World) -> None:
     world.h.require("alice")
     b = signed_in(world)
     assert b.post("/setup/start", {}, csrf=False).status == 403
-    assert world.h.store.get_pending("alice", world.h.clock()) is None
+    assert world.h.store.admin.get_pending("alice", world.h.clock()) is None
     assert b.post("/setup/start", {}).status == 303
-    pending = world.h.store.get_pending("alice", world.h.clock())
+    pending = world.h.store.admin.get_pending("alice", world.h.clock())
     assert pending is not None
     assert b.post("/setup", {"code": "123456"}, csrf=False).status == 403
     assert world.h.record("alice").failures == 0  # a refused form is not a wrong code
@@ -211,11 +211,11 @@ def test_an_enrolled_user_signs_in_with_a_code(world: World) -> None:
 def test_a_bypass_user_with_a_key_cannot_replace_it_with_the_password_alone(
         world: World) -> None:
     world.h.enroll("alice")
-    world.h.store.set_bypass("alice", True)
+    world.h.store.admin.set_bypass("alice", True)
     b = signed_in(world)
     assert 'id="reset-mfa"' not in b.get("/").body
     assert b.post("/setup/start", {}).status == 403
-    assert world.h.store.get_pending("alice", world.h.clock()) is None
+    assert world.h.store.admin.get_pending("alice", world.h.clock()) is None
 
 
 @pytest.mark.parametrize("chunked", [False, True])

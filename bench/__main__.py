@@ -1,4 +1,4 @@
-"""``python -m bench radius|ldap [options]`` (what ``scripts/bench`` runs)."""
+"""``python -m bench radius|ldap|audit|admin [options]`` (what ``scripts/bench`` runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: scripts/bench radius|ldap|audit [options]   (scripts/bench radius --help, "
+        print("usage: scripts/bench radius|ldap|audit|admin [options]   (scripts/bench radius --help, "
               "scripts/bench ldap --help)")
         return 0 if argv else 2
     if argv[0] == "radius":
@@ -18,11 +18,15 @@ def main(argv: list[str]) -> int:
         from bench.audit import main as audit
 
         return audit(argv[1:])
+    if argv[0] == "admin":
+        from bench.admin import main as admin
+
+        return admin(argv[1:])
     if argv[0] == "ldap":
         from bench.ldap import main as ldap
 
         return ldap(argv[1:])
-    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap, audit)",
+    print(f"scripts/bench: unknown benchmark {argv[0]!r} (known: radius, ldap, audit, admin)",
           file=sys.stderr)
     return 2
 

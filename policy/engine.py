@@ -50,7 +50,7 @@ from backends.base import (
     group_names,
 )
 from policy import recovery
-from policy.admin import AccountEvents, NoAccountEvents
+from policy.account_events import AccountEvents, NoAccountEvents
 from policy.clock import Clock
 from policy.decision import (
     AuthRequest,

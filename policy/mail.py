@@ -17,7 +17,7 @@ The mails (PRODUCT.md, "Mail events"):
   what to do if it was not them.
 
 :class:`OutboxMail` rows are written by :class:`OutboxEvents`, the
-:class:`policy.admin.AccountEvents` listener, inside the transaction of the
+:class:`policy.account_events.AccountEvents` listener, inside the transaction of the
 change (``Accounts`` opens it): a change is never stored without its mail,
 nor a mail without its change.
 """
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from policy.admin import NoAccountEvents
+from policy.account_events import NoAccountEvents
 from policy.clock import Clock
 from policy.escaping import escape_controls
 
@@ -64,7 +64,7 @@ PLACEHOLDERS = ("username", "deadline", "days", "public_url", "issuer", "when", 
 
 
 class OutboxEvents(NoAccountEvents):
-    """:class:`policy.admin.AccountEvents` → mails in the outbox, in the change's
+    """:class:`policy.account_events.AccountEvents` → mails in the outbox, in the change's
     transaction.
 
     ``origin``: where admin actions come from, for the security notice ("the

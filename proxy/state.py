@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from policy.admin import AccountEvents, Accounts
+from policy.account_events import AccountEvents
+from policy.admin import Accounts
 from policy.clock import Clock
 from policy.keys import KeyRing
 from policy.schema import StoreError

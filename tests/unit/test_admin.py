@@ -16,10 +16,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pyotp
 import pytest
 
+from policy.account_events import AccountEvents
 from policy.admin import (
     SKIPPED_BAD_NAME,
     SKIPPED_ENROLLED,
-    AccountEvents,
     Accounts,
     AlreadyEnrolled,
     Enrollment,

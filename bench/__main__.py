@@ -7,8 +7,8 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: scripts/bench radius|ldap|audit|admin [options]   (scripts/bench radius --help, "
-              "scripts/bench ldap --help)")
+        print("usage: scripts/bench radius|ldap|audit|admin [options]   "
+              "(scripts/bench radius --help, scripts/bench ldap --help)")
         return 0 if argv else 2
     if argv[0] == "radius":
         from bench.radius import main as radius

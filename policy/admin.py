@@ -572,7 +572,7 @@ class Accounts:
         key = new_totp_key()
         keys = self.keys
         self.store.admin.set_pending(username, keys.encrypt(key.encode(), username), keys.current,
-                               int(now) + self.pending_key_seconds)
+                                     int(now) + self.pending_key_seconds)
         return self._enrollment(username, key)
 
     def pending_setup(self, username: str) -> Enrollment | None:
@@ -592,8 +592,8 @@ class Accounts:
         now = self.clock()
         result = self._confirm(username, code, now, source)
         self.store.hot.audit([AuditRecord(now, username, "portal", "portal", source,
-                                      "accept" if result.confirmed else "reject",
-                                      result.outcome.value)])
+                                          "accept" if result.confirmed else "reject",
+                                          result.outcome.value)])
         return result
 
     def _confirm(self, username: str, code: str, now: float, source: str) -> Confirmation:
@@ -607,7 +607,7 @@ class Accounts:
         step = match_step(key, code.strip(), now, self.totp)
         if step is None:
             failure = self.store.hot.record_failure(username, now, self.max_failures,
-                                                self.lockout_seconds)
+                                                    self.lockout_seconds)
             self.store.hot.repeat_forget(username)
             return Confirmation(SetupOutcome.BAD_CODE, failure.lockout_started)
         codes = tuple(recovery.new_codes()) if self.recovery_codes else ()

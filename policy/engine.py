@@ -514,7 +514,7 @@ class PolicyEngine:
 
     def _failure(self, p: Prepared, reason: Reason, identity: Identity | None = None) -> Decision:
         result = self.store.hot.record_failure(p.username, self.clock(), self.limits.max_failures,
-                                           self.limits.lockout_seconds)
+                                               self.limits.lockout_seconds)
         if self.repeat_windows:
             self.store.hot.repeat_forget(p.username)
         if result.lockout_started:

@@ -173,9 +173,9 @@ class HotStore:
         ``record_failure`` ...) in one transaction with one commit: on SQLite a
         commit costs more than the UPDATE it ends (~25 of ~34 µs). Results read
         inside must not be acted on before the block has left without an error:
-        on any error everything in it is rolled back. Only the hot-path methods
-        may run inside (the admin methods use their own connection, which would
-        wait for this transaction's lock)."""
+        on any error everything in it is rolled back. Only this store's methods
+        run inside: the admin store refuses to (its own connection would wait
+        for this transaction's lock), and its refusal rolls the group back."""
         try:
             conn = self._thread_connection()
         except Exception as e:

@@ -83,7 +83,7 @@ class OutboxEvents(NoAccountEvents):
         from policy.schema import OutboxMail
 
         self.store.admin.enqueue_mail([OutboxMail(event.value, username, deadline,
-                                            json.dumps(detail, sort_keys=True))])
+                                                  json.dumps(detail, sort_keys=True))])
         if deadline is not None and deadline - self.clock() <= self.reminder_seconds:
             self.store.admin.mark_reminded(username, deadline)
 

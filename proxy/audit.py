@@ -108,7 +108,7 @@ def follow(store: Store, where: AuditFilter, initial: int, interval: float = 1.0
         done += 1
         low = max(0, newest - FOLLOW_LOOKBACK)
         found = [r for r in store.admin.query_audit(replace(where, after_id=low), None,
-                                              oldest_first=True) if r.id not in seen]
+                                                    oldest_first=True) if r.id not in seen]
         if found:
             seen.update(r.id for r in found)
             newest = max(newest, *(r.id for r in found))

@@ -144,7 +144,7 @@ def test_the_same_queries_on_postgresql(postgres: Any) -> None:
         store.upgrade()
         t = time.time()
         store.hot.audit([AuditRecord(t - 10, "alice", "radius", "vpn", "10.0.0.1", "reject",
-                                 "bad_code", 2.5),
+                                     "bad_code", 2.5),
                      AuditRecord(t, "alice", "ldap", "ldap", "127.0.0.1", "accept", "ok", 1.0),
                      AuditRecord(t, "bob", "radius", "vpn", "10.0.0.2", "accept", "ok")])
         rows = store.admin.query_audit(AuditFilter(username="alice"))

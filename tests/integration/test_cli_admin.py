@@ -140,7 +140,7 @@ def test_delete_removes_the_state_and_keeps_the_audit_rows(admin: Admin) -> None
     assert admin.authenticate("alice", "wrong").reason is Reason.BAD_PASSWORD
     store = admin.store()
     store.hot.audit([AuditRecord(time.time() - 60, "alice", "radius", "vpn", "127.0.0.1",
-                             "accept", "ok")])
+                                 "accept", "ok")])
     store.close()
     r = admin.ok("user", "delete", "alice", real=True)
     assert r.out == ("alice: MFA state deleted (key, requirement, counters, recovery codes); "
@@ -203,8 +203,9 @@ def test_ten_thousand_users_listed_and_filtered(admin: Admin) -> None:  # noqa: 
     now = int(time.time())
     keys = admin.keys()
     blob = keys.encrypt(KEY.encode(), "x")
-    store.admin.import_users([(f"u{i:05d}", blob, keys.current, now + DAY) for i in range(5000)],
-                       [(f"u{i:05d}", now + (i % 10) * DAY - 3600) for i in range(5000, 10000)])
+    store.admin.import_users(
+        [(f"u{i:05d}", blob, keys.current, now + DAY) for i in range(5000)],
+        [(f"u{i:05d}", now + (i % 10) * DAY - 3600) for i in range(5000, 10000)])
     store.close()
     started = time.monotonic()
     views = admin.ok("user", "list", "--json", real=True).json

@@ -22,6 +22,7 @@ from policy.keys import KeyRing
 from policy.store import Store
 from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
+from tests.clock import ManualClock
 from tests.sync_core import authenticate_sync
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,14 +35,6 @@ PROCESSES = 3
 PROCESS_ROUNDS = 6
 PROCESS_FAILURES = 20
 WAIT = 60.0  # seconds: a bound on every barrier and join, never an expectation
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Directory:
@@ -94,7 +87,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def engine(url: str, tmp_path: Path) -> Iterator[PolicyEngine]:
-    e = make_engine(url, tmp_path / "secret.key", Clock())
+    e = make_engine(url, tmp_path / "secret.key", ManualClock(T0))
     yield e
     e.store.close()
 
@@ -118,7 +111,7 @@ def race(n: int, f: Callable[[], Any]) -> list[Any]:
 def test_threads_same_code_exactly_one_accept(engine: PolicyEngine) -> None:
     secret = enroll(engine, "alice")
     clock = engine.clock
-    assert isinstance(clock, Clock)
+    assert isinstance(clock, ManualClock)
     for r in range(ROUNDS):
         clock.t = T0 + r * PARAMS.period
         code = code_for_step(secret, PARAMS.step_at(clock.t), PARAMS)
@@ -189,7 +182,7 @@ def test_threads_mixed_users_do_not_interfere(engine: PolicyEngine) -> None:
 def _process_main(url: str, key_file: str, secret: str, rounds: int, barrier: Any,
                   results: Any) -> None:
     """One proxy instance: every round, wait for the others, then present the code."""
-    clock = Clock()
+    clock = ManualClock(T0)
     engine = make_engine(url, Path(key_file), clock)
     try:
         for r in range(rounds):
@@ -208,7 +201,7 @@ def _process_main(url: str, key_file: str, secret: str, rounds: int, barrier: An
 
 def test_processes_same_code_exactly_one_accept(url: str, tmp_path: Path) -> None:
     key_file = tmp_path / "secret.key"
-    setup = make_engine(url, key_file, Clock())
+    setup = make_engine(url, key_file, ManualClock(T0))
     secret = enroll(setup, "alice")
 
     ctx = multiprocessing.get_context("spawn")  # no threads or pools inherited

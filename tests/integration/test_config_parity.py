@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import STATE_AND_LOCAL_DIRECTORY, http_section, radius_section
 from tests.integration.proxyproc import free_tcp_port
 from tests.integration.slapd import make_ca, make_server_cert
 
@@ -29,26 +30,8 @@ WAIT = 120.0  # a bound, never an expectation
 def base(root: Path) -> str:
     users = root / "users.toml"
     users.write_text("")
-    return f"""\
-[state]
-url = "sqlite:///var/state.db"
-key_file = "var/secret.key"
-
-[directory]
-type = "local"
-users_file = "users.toml"
-
-[radius]
-listen = ["127.0.0.1:{free_tcp_port()}"]
-
-[[radius.clients]]
-name = "vpn"
-address = "127.0.0.0/8"
-secret = "a-long-enough-radius-secret"
-
-[http]
-listen = "127.0.0.1:{free_tcp_port()}"
-"""
+    return (STATE_AND_LOCAL_DIRECTORY + radius_section(free_tcp_port())
+            + http_section(free_tcp_port()))
 
 
 LDAP = """\

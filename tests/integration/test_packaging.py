@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import STATE_AND_LOCAL_DIRECTORY, http_section, radius_section
 from tests.integration.test_serve import free_tcp_port, free_udp_pair, get
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(600)]
@@ -148,25 +149,9 @@ def test_the_install_does_not_use_the_checkout(installed: Install) -> None:
 def minimal_config(folder: Path, radius: int, http: int) -> Path:
     folder.mkdir()
     config = folder / "mfa-proxy.toml"
-    config.write_text(f"""\
-[state]
-url = "sqlite:///var/state.db"
-key_file = "var/secret.key"
-
-[directory]
-type = "local"
-users_file = "users.toml"
-
-[radius]
-listen = ["127.0.0.1:{radius}"]
-
-[[radius.clients]]
-name = "nas"
-address = "127.0.0.1/32"
-secret = "{NAS_SECRET}"
-
-[http]
-listen = "127.0.0.1:{http}"
+    config.write_text(STATE_AND_LOCAL_DIRECTORY
+                      + radius_section(radius, NAS_SECRET, "nas", "127.0.0.1/32")
+                      + http_section(http) + f"""
 
 # the mail templates are package data: check-config and serve load them
 [mail]

@@ -19,6 +19,7 @@ from policy.schema import (
     UserRecord,
 )
 from policy.store import Store
+from tests.clock import ManualClock
 from tests.pg import Postgres
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,14 +27,6 @@ pytestmark = pytest.mark.timeout(60)
 T0 = 1_700_000_000
 DAY = 86400
 PLAIN = b"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = float(T0)
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -60,12 +53,12 @@ def pg_store_url(postgres_url: str) -> str:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-def store(backend: str, clock: Clock, request: pytest.FixtureRequest,
+def store(backend: str, clock: ManualClock, request: pytest.FixtureRequest,
           tmp_path: Path) -> Iterator[Store]:
     if backend == "sqlite":
         s = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
@@ -135,7 +128,7 @@ def test_unknown_user_has_no_record(store: Store) -> None:
     assert store.admin.list_users() == []
 
 
-def test_require_then_status(store: Store, clock: Clock) -> None:
+def test_require_then_status(store: Store, clock: ManualClock) -> None:
     store.admin.require("alice", T0 + 7 * DAY)
     rec = store.admin.get("alice")
     assert rec == UserRecord("alice", required=True, enrollment_deadline=T0 + 7 * DAY)
@@ -197,7 +190,7 @@ def test_bypass(store: Store) -> None:
     assert not store.admin.get("alice").bypass  # type: ignore[union-attr]
 
 
-def test_updated_at_follows_the_clock(store: Store, clock: Clock) -> None:
+def test_updated_at_follows_the_clock(store: Store, clock: ManualClock) -> None:
     store.admin.require("alice", T0 + DAY)
     clock.t += 500
     store.admin.set_bypass("alice", True)
@@ -414,7 +407,7 @@ def test_import_is_all_or_nothing(store: Store) -> None:
 
 def test_audit_rows_and_prune(store: Store) -> None:
     store.hot.audit([AuditRecord(T0 - 100 * DAY, "old", "radius", "vpn", "10.0.0.1", "reject",
-                             "bad_password"),
+                                 "bad_password"),
                  AuditRecord(T0, "alice", "ldap", "ldap", "127.0.0.1", "accept", "ok")])
     store.hot.audit([])
     assert [r.username for r in store.admin.recent_audit()] == ["alice", "old"]
@@ -431,7 +424,7 @@ def test_audit_rows_hold_control_characters_escaped_and_nothing_else_changed(
     are written as visible escapes; backslashes and other text stay as sent."""
     sent = "alice\nFORGED\r\x1b[2J\x00\u2028\u0085 DOM\\x é"
     store.hot.audit([AuditRecord(T0, sent, "radius", "vpn\n", "10.0.0.1", "reject",
-                             "invalid_username")])
+                                 "invalid_username")])
     escaped = "alice\\nFORGED\\r\\x1b[2J\\x00\\u2028\\x85 DOM\\x é"
     (row,) = store.admin.recent_audit()
     assert row.username == escaped
@@ -569,7 +562,7 @@ def test_a_transaction_commits_the_change_and_its_mail_together(store: Store) ->
 
 
 def test_claim_takes_each_mail_once_until_the_lease_runs_out(store: Store,
-                                                            clock: Clock) -> None:
+                                                            clock: ManualClock) -> None:
     from policy.schema import OutboxMail
 
     store.admin.enqueue_mail([OutboxMail("required", f"u{i}", T0 + DAY) for i in range(3)])
@@ -590,7 +583,7 @@ def test_claim_takes_each_mail_once_until_the_lease_runs_out(store: Store,
     assert [m.status for m in store.admin.mail_queue(("sent",))] == ["sent"]
 
 
-def test_reminders_are_queued_once_per_period(store: Store, clock: Clock) -> None:
+def test_reminders_are_queued_once_per_period(store: Store, clock: ManualClock) -> None:
     store.admin.require("alice", T0 + 10 * 3600)   # within 24 h
     store.admin.require("bob", T0 + 3 * DAY)       # not yet
     store.admin.require("carol", T0 + 3600)
@@ -613,7 +606,7 @@ def test_two_instances_claim_and_remind_each_exactly_once(pg_store_url: str) -> 
 
     from policy.schema import OutboxMail
 
-    stores = [Store(pg_store_url, Clock()) for _ in range(4)]
+    stores = [Store(pg_store_url, ManualClock(T0)) for _ in range(4)]
     try:
         with stores[0].engine.begin() as c:
             c.execute(text("TRUNCATE users, audit, repeat_cache, mail_outbox"))
@@ -656,7 +649,7 @@ def test_one_recovery_code_is_used_once_however_many_race(backend: str, url: str
     same moment: the conditional DELETE lets exactly one of them through."""
     import threading
 
-    stores = [Store(url, Clock()) for _ in range(4)]
+    stores = [Store(url, ManualClock(T0)) for _ in range(4)]
     try:
         stores[0].upgrade()
         stores[0].admin.set_totp_key("alice", b"key", 1)
@@ -773,7 +766,7 @@ def test_migration_0006_keeps_the_users_of_0005(url: str) -> None:
 
     from policy.migrations import _config
 
-    store = Store(url, Clock())
+    store = Store(url, ManualClock(T0))
     try:
         command.upgrade(_config(store.engine), "0005")
         with store.engine.begin() as c:

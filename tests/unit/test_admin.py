@@ -37,6 +37,7 @@ from policy.schema import LOCKED_FOREVER
 from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
+from tests.clock import ManualClock
 
 DAY = 86400
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -44,17 +45,6 @@ KEY = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 FIELDS = ["username", "status", "required", "enrolled", "enrollment_deadline", "days_left",
           "locked", "locked_until", "failures", "bypass", "bypass_until", "recovery_codes_left",
           "step_offset"]
-
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @dataclass
@@ -97,13 +87,13 @@ class World:
     accounts: Accounts
     store: Store
     keys: KeyRing
-    clock: FakeClock
+    clock: ManualClock
     events: Recorder
 
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
     store.upgrade()
     keys = KeyRing(tmp_path / "secret.key")

@@ -37,23 +37,13 @@ from policy.schema import STATUSES, AuditFilter, UserFilter
 from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
+from tests.clock import ManualClock
 from tests.sync_core import authenticate_sync
 
 DAY = 86400
 T0 = 1_700_000_010.0  # 10 s into a 30 s time step
 KEY = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 ACCEPT, REJECT, NEED_CODE = Outcome.ACCEPT, Outcome.REJECT, Outcome.NEED_CODE
-
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Directory:
@@ -75,7 +65,7 @@ class Directory:
 class World:
     store: Store
     keys: KeyRing
-    clock: FakeClock
+    clock: ManualClock
     accounts: Accounts
     engine: PolicyEngine
     path: Path
@@ -100,7 +90,7 @@ class World:
 
 
 def make_world(tmp_path: Path, recovery_codes: bool = True) -> World:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     path = tmp_path / "state.db"
     store = Store(f"sqlite:///{path}", clock)
     store.upgrade()

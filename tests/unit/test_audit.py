@@ -56,9 +56,9 @@ def rec(at: float, user: str = "alice", result: str = "accept", reason: str = "o
 
 def test_rows_newest_first_with_every_filter(store: Store) -> None:
     store.hot.audit([rec(NOW - 300, reason="bad_code", result="reject"),
-                 rec(NOW - 200, user="bob", protocol="ldap", client="ldap"),
-                 rec(NOW - 100, result="challenge", reason="code_needed"),
-                 rec(NOW, user="bob", protocol="portal", client="portal", latency=None)])
+                     rec(NOW - 200, user="bob", protocol="ldap", client="ldap"),
+                     rec(NOW - 100, result="challenge", reason="code_needed"),
+                     rec(NOW, user="bob", protocol="portal", client="portal", latency=None)])
 
     def users(**where: object) -> list[tuple[str, float]]:
         return [(r.record.username, r.record.at)

@@ -17,29 +17,13 @@ from proxy.config import (
     parse_address,
 )
 from proxy.data import config_text, example_names
+from tests.configs import STATE_AND_LOCAL_DIRECTORY, radius_section
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "conf" / "mfa-proxy.toml"
 
-BASE = """\
-[state]
-url = "sqlite:///var/state.db"
-key_file = "var/secret.key"
-
-[directory]
-type = "local"
-users_file = "users.toml"
-"""
-
-RADIUS = """
-[radius]
-listen = ["127.0.0.1:18120"]
-
-[[radius.clients]]
-name = "vpn"
-address = "127.0.0.0/8"
-secret = "a-long-enough-radius-secret"
-"""
+BASE = STATE_AND_LOCAL_DIRECTORY
+RADIUS = radius_section(18120)
 
 
 def write(tmp_path: Path, text: str, name: str = "mfa-proxy.toml") -> Path:

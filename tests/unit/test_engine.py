@@ -31,6 +31,7 @@ from policy.schema import LOCKED_FOREVER, UserRecord
 from policy.store import Store
 from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
+from tests.clock import ManualClock
 from tests.sync_core import authenticate_sync
 
 DAY = 86400
@@ -38,17 +39,6 @@ T0 = 1_700_000_015.0  # 5 s into a 30 s time step
 PARAMS = TotpParams(digits=6, period=30, window=1)
 
 ACCEPT, REJECT, NEED_CODE = Outcome.ACCEPT, Outcome.REJECT, Outcome.NEED_CODE
-
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class FakeDirectory:
@@ -132,7 +122,7 @@ class Harness:
     engine: PolicyEngine
     store: Store
     keys: KeyRing
-    clock: FakeClock
+    clock: ManualClock
     directory: FakeDirectory
     events: Events
     secrets: dict[str, str] = field(default_factory=dict)
@@ -177,7 +167,7 @@ class Harness:
 
 def make_harness(tmp_path: Path, limits: Limits | None = None) -> Harness:
     limits = limits or Limits(max_failures=5, lockout_seconds=900)
-    clock = FakeClock()
+    clock = ManualClock(T0)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
     store.upgrade()
     keys = KeyRing(tmp_path / "secret.key")

@@ -16,6 +16,7 @@ from backends.ldap import (
     rdn_value,
     user_search_filter,
 )
+from tests.clock import ManualClock
 
 
 @pytest.mark.parametrize(
@@ -102,25 +103,17 @@ def test_placeholder_outside_a_value() -> None:
     assert len(problems) == 1 and problems[0].startswith("user_filter:")
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_endpoints_down_urls_go_last_until_they_expire() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     endpoints = Endpoints(["ldap://a", "ldap://b", "ldap://c"], down_seconds=5, clock=clock)
     a, b, c = endpoints.all
     endpoints.mark_down(a, "refused")
     assert endpoints.in_order() == [b, c, a]
     assert endpoints.preferred() is b
-    clock.now += 1
+    clock.t += 1
     endpoints.mark_down(b, "timeout")
     assert endpoints.in_order() == [c, a, b]  # the one back soonest is tried first
-    clock.now += 4.5
+    clock.t += 4.5
     assert endpoints.in_order() == [a, c, b]
     endpoints.mark_up(b)
     assert endpoints.in_order() == [a, b, c]

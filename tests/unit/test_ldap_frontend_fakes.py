@@ -26,6 +26,7 @@ from policy.store import Store
 from policy.totp import TotpParams, code_for_step, new_totp_key
 from policy.usernames import UsernameRules
 from proxy.ldap.dn import parse_dn
+from tests.clock import ManualClock
 
 BASE = "dc=example,dc=org"
 PEOPLE = f"ou=people,{BASE}"
@@ -38,14 +39,6 @@ PARAMS = TotpParams(window=10)
 
 def user_dn(name: str) -> str:
     return f"uid={name},{PEOPLE}"
-
-
-class ManualClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class MemoryDirectory:
@@ -95,7 +88,7 @@ class RealCore:
     def __init__(self, directory: AsyncDirectory | None = None,
                  enrolled: tuple[str, ...] = USERS, max_failures: int = 5) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="realcore-"))
-        self.clock = ManualClock()
+        self.clock = ManualClock(T0)
         self.directory: Any = directory or MemoryDirectory()
         self.store = Store(f"sqlite:///{self.root / 'state.db'}", self.clock)
         self.store.upgrade()
@@ -139,7 +132,7 @@ class RealCore:
     def lock(self, name: str) -> None:
         for _ in range(self.engine.limits.max_failures):
             self.store.hot.record_failure(name, self.clock(), self.engine.limits.max_failures,
-                                      self.engine.limits.lockout_seconds)
+                                          self.engine.limits.lockout_seconds)
 
     def expire(self, name: str) -> None:
         self.store.admin.reset(name, int(self.clock()) - 1)

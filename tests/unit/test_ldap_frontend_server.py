@@ -26,10 +26,10 @@ from proxy.ldap.config import BindCacheRule, LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory, LdapProxyProtocol
 from proxy.ldap.upstream import UpstreamConnection, UpstreamOwner, UpstreamSettings
+from tests.ldap_messages import BASE, UNKNOWN_OID, abandon, entry, search, whoami
 from tests.unit.test_ldap_frontend_ber import near_valid
 from tests.unit.test_ldap_frontend_fakes import USERS, RealCore
 
-BASE = "dc=example,dc=org"
 ALICE = f"uid=alice,ou=people,{BASE}"
 PROXY_UNBIND_ID = 2**31 - 1  # proxy/ldap/upstream.py
 BOB = f"uid=bob,ou=people,{BASE}"
@@ -131,31 +131,6 @@ class FakeDirectory:
 
     def bind_passwords(self) -> list[bytes]:
         return [password for _, password in self.binds]
-
-
-def entry(message_id: int, number: int) -> bytes:
-    attributes = ber.tlv(
-        0x30,
-        ber.tlv(0x30, ber.tlv(0x04, b"cn") + ber.tlv(0x31, ber.tlv(0x04, b"user%d" % number))),
-    )
-    body = ber.tlv(0x04, b"uid=user%d,%s" % (number, BASE.encode())) + attributes
-    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_RESULT_ENTRY, body))
-
-
-def search(message_id: int, size: int = 0) -> bytes:
-    """A subtree search under BASE; ``size``: padded with attribute names to about that."""
-    attributes = b"".join(ber.tlv(0x04, b"a" * 50) for _ in range(size // 52))
-    body = (
-        ber.tlv(0x04, BASE.encode())
-        + ber.integer(2, ber.ENUMERATED)
-        + ber.integer(0, ber.ENUMERATED)
-        + ber.integer(0)
-        + ber.integer(0)
-        + b"\x01\x01\x00"
-        + ber.tlv(0x87, b"objectClass")
-        + ber.tlv(0x30, attributes)
-    )
-    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_REQUEST, body))
 
 
 # ---------------------------------------------------------------- harness
@@ -407,7 +382,7 @@ def test_a_dn_that_names_no_entry_is_refused_and_leaves_no_state() -> None:
         client.bind(dn, "whatever-pw")
         assert client.result().code == 49
     assert h.core.store.admin.list_users() == [] or {u.username for u in
-                                               h.core.store.admin.list_users()} == set(USERS)
+                                                     h.core.store.admin.list_users()} == set(USERS)
     assert h.directory.binds == []
 
 
@@ -712,13 +687,6 @@ def test_operations_after_a_failed_first_bind_are_refused_by_default(password: s
 # ---------------------------------------------------------------- message IDs and sequencing
 
 
-UNKNOWN_OID = b"1.3.6.1.4.1.99999.1"
-
-
-def whoami_request(message_id: int) -> bytes:
-    return messages.encode_extended_request(message_id, messages.WHO_AM_I_OID)
-
-
 def assert_closed_for_reuse(h: Harness, client: Client) -> None:
     notice = client.responses()[-1]
     assert messages.peek(notice).message_id == 0
@@ -748,7 +716,7 @@ def test_attack_whoami_and_wrong_password_bind_with_one_id() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     wrong = b"wrong,123456"
-    client.send(whoami_request(7) + messages.encode_bind_request(7, ALICE, wrong))
+    client.send(whoami(7) + messages.encode_bind_request(7, ALICE, wrong))
     assert_closed_for_reuse(h, client)
     assert h.directory.binds == []
 
@@ -756,7 +724,7 @@ def test_attack_whoami_and_wrong_password_bind_with_one_id() -> None:
 def test_reusing_the_id_of_a_bind_in_progress_closes_the_session() -> None:
     h = make(directory=FakeDirectory(auto=False))
     client = h.client()
-    client.send(messages.encode_bind_request(3, ALICE, h.core.good().encode()) + whoami_request(3))
+    client.send(messages.encode_bind_request(3, ALICE, h.core.good().encode()) + whoami(3))
     assert_closed_for_reuse(h, client)
 
 
@@ -828,7 +796,7 @@ def test_a_bind_waits_for_outstanding_operations() -> None:
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     credential = h.core.good().encode()
-    client.send(search(2) + whoami_request(3) + messages.encode_bind_request(4, ALICE, credential))
+    client.send(search(2) + whoami(3) + messages.encode_bind_request(4, ALICE, credential))
     assert h.directory.binds == []  # two operations still running
     connection, first = h.directory.held.pop(0)
     h.directory.answer(connection, first)
@@ -860,7 +828,7 @@ def test_nothing_is_forwarded_between_the_upstream_bind_and_the_bind_answer() ->
     h = make(require_bind=False, directory=FakeDirectory(auto=False))
     client = h.client()
     credential = h.core.good().encode()
-    client.send(messages.encode_bind_request(2, ALICE, credential) + search(3) + whoami_request(4))
+    client.send(messages.encode_bind_request(2, ALICE, credential) + search(3) + whoami(4))
     assert h.directory.bind_passwords() == [b"alice-pw"]  # both factors passed: the session
     assert len(h.directory.requests) == 1  # and nothing else yet
     assert client.responses() == []
@@ -880,7 +848,7 @@ def test_a_failed_bind_after_a_success_holds_everything_until_the_reset() -> Non
     h.directory.release()
     client.responses()
     client.send(
-        messages.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami_request(7)
+        messages.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami(7)
     )
     assert h.directory.bind_passwords() == [b"alice-pw", b""]  # the reset, nothing else
     requests = len(h.directory.requests)
@@ -1041,11 +1009,11 @@ def seq_message(kind: str, message_id: int, target: int) -> bytes:
     if kind == "search":
         return search(message_id)
     if kind == "whoami":
-        return whoami_request(message_id)
+        return whoami(message_id)
     if kind == "unknown_extended":
         return messages.encode_extended_request(message_id, UNKNOWN_OID)
     if kind == "abandon":
-        return messages.ldap_message(message_id, ber.integer(target, messages.ABANDON_REQUEST))
+        return abandon(message_id, target)
     credential = seq_core().good() if kind == "bind_good" else SEQ_BINDS[kind]
     return messages.encode_bind_request(message_id, ALICE, credential.encode())
 

@@ -35,55 +35,24 @@ from proxy.ldap.session import (
     Timer,
 )
 from proxy.ldap.upstream_session import RECONNECT_BACKOFF, Bound, Link, SessionBug
+from tests.ldap_messages import (
+    UNKNOWN_OID,
+    abandon,
+    bind,
+    bind_response,
+    done,
+    entry,
+    search,
+    whoami,
+)
 from tests.unit.test_ldap_frontend_fakes import RealCore, user_dn
 
 ALICE = user_dn("alice")
 BOB = user_dn("bob")
 SVC = "cn=svc,ou=services,dc=example,dc=org"
-UNKNOWN_OID = b"1.3.6.1.4.1.99999.1"
 
 
 # ---------------------------------------------------------------- messages
-
-
-def bind(message_id: int, name: str, password: str | bytes) -> bytes:
-    raw = password.encode() if isinstance(password, str) else password
-    return messages.encode_bind_request(message_id, name, raw)
-
-
-def search(message_id: int) -> bytes:
-    body = (
-        ber.tlv(0x04, b"dc=example,dc=org")
-        + ber.integer(2, ber.ENUMERATED)
-        + ber.integer(0, ber.ENUMERATED)
-        + ber.integer(0)
-        + ber.integer(0)
-        + b"\x01\x01\x00"
-        + ber.tlv(0x87, b"objectClass")
-        + ber.tlv(0x30, b"")
-    )
-    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_REQUEST, body))
-
-
-def whoami(message_id: int) -> bytes:
-    return messages.encode_extended_request(message_id, messages.WHO_AM_I_OID)
-
-
-def abandon(message_id: int, target: int) -> bytes:
-    return messages.ldap_message(message_id, ber.integer(target, messages.ABANDON_REQUEST))
-
-
-def done(message_id: int, code: int = 0) -> bytes:
-    return messages.encode_result(message_id, messages.SEARCH_RESULT_DONE, code)
-
-
-def entry(message_id: int) -> bytes:
-    body = ber.tlv(0x04, b"uid=x,dc=example,dc=org") + ber.tlv(0x30, b"")
-    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_RESULT_ENTRY, body))
-
-
-def bind_response(message_id: int, code: int = 0) -> bytes:
-    return messages.encode_bind_response(message_id, code)
 
 
 def ids_and_tags(data: list[bytes]) -> list[tuple[int, int]]:

@@ -28,24 +28,17 @@ from policy.schema import QueuedMail
 from policy.store import Store
 from policy.totp import TotpParams
 from policy.usernames import UsernameRules
+from tests.clock import ManualClock
 
 DAY = 86400
 T0 = 1_700_000_010.0  # 2023-11-14T22:13:30Z
-
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
 class World:
     accounts: Accounts
     store: Store
-    clock: FakeClock
+    clock: ManualClock
 
     def queued(self) -> list[tuple[str, str, int | None]]:
         return [(m.event, m.username, m.deadline) for m in self.store.admin.mail_queue()]
@@ -53,7 +46,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
     store.upgrade()
     events = OutboxEvents(store, clock, reminder_seconds=DAY, origin="the command line")

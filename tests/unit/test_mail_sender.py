@@ -20,17 +20,10 @@ from proxy.mail.config import MailConfig
 from proxy.mail.sender import MailSender
 from proxy.mail.smtp import SendResult
 from proxy.mail.templates import load_templates
+from tests.clock import ManualClock
 
 DAY = 86400
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = T0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
@@ -64,7 +57,7 @@ class Fakes:
 @dataclass
 class World:
     store: Store
-    clock: FakeClock
+    clock: ManualClock
     fakes: Fakes
     sender: MailSender
     events: OutboxEvents
@@ -76,7 +69,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
     store.upgrade()
     fakes = Fakes()

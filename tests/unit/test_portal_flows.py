@@ -27,20 +27,10 @@ from policy.sessions import LoginCsrf, PortalSessions, Stage, token_hash
 from policy.store import Store
 from policy.totp import TotpParams, match_step
 from policy.usernames import UsernameRules
+from tests.clock import ManualClock
 
 DAY = 86400
 T0 = 1_700_000_010.0  # 10 s into a 30 s time step
-
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @dataclass
@@ -56,14 +46,14 @@ class World:
     accounts: Accounts
     store: Store
     keys: KeyRing
-    clock: FakeClock
+    clock: ManualClock
     events: Events
     path: Path
 
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}", clock)
     store.upgrade()
     keys = KeyRing(tmp_path / "secret.key")

@@ -12,14 +12,7 @@ from proxy.radius.duplicates import (
     Seen,
     duplicate_key,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 def key(n: int = 1, client: str = "vpn") -> DuplicateKey:
@@ -27,7 +20,7 @@ def key(n: int = 1, client: str = "vpn") -> DuplicateKey:
 
 
 def test_first_copy_is_new_then_in_progress_then_answered() -> None:
-    cache = DuplicateCache(window=30, clock=FakeClock())
+    cache = DuplicateCache(window=30, clock=ManualClock(1000.0))
     assert cache.begin(key()) is Seen.NEW
     assert cache.begin(key()) is Seen.IN_PROGRESS
     cache.complete(key(), b"answer")
@@ -36,7 +29,7 @@ def test_first_copy_is_new_then_in_progress_then_answered() -> None:
 
 
 def test_key_is_client_identifier_and_authenticator() -> None:
-    cache = DuplicateCache(clock=FakeClock())
+    cache = DuplicateCache(clock=ManualClock(1000.0))
     cache.begin(key())
     assert cache.begin(key(client="vpn2")) is Seen.NEW
     other_authenticator = duplicate_key("vpn", 1, bytes(16))
@@ -45,29 +38,29 @@ def test_key_is_client_identifier_and_authenticator() -> None:
 
 
 def test_answers_expire_after_the_window() -> None:
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     cache = DuplicateCache(window=30, clock=clock)
     cache.begin(key())
-    clock.now += 5
+    clock.t += 5
     cache.complete(key(), b"answer")
-    clock.now += 29.9
+    clock.t += 29.9
     assert cache.begin(key()) == b"answer"
-    clock.now += 0.2
+    clock.t += 0.2
     assert cache.begin(key()) is Seen.NEW  # decided afresh: a new attempt
 
 
 def test_an_undecided_entry_does_not_block_forever() -> None:
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     cache = DuplicateCache(window=5, clock=clock)
     cache.begin(key())
-    clock.now += MIN_IN_PROGRESS_SECONDS - 1
+    clock.t += MIN_IN_PROGRESS_SECONDS - 1
     assert cache.begin(key()) is Seen.IN_PROGRESS
-    clock.now += 2
+    clock.t += 2
     assert cache.begin(key()) is Seen.NEW
 
 
 def test_window_zero_still_guards_the_decision_but_caches_nothing() -> None:
-    cache = DuplicateCache(window=0, clock=FakeClock())
+    cache = DuplicateCache(window=0, clock=ManualClock(1000.0))
     cache.begin(key())
     assert cache.begin(key()) is Seen.IN_PROGRESS
     cache.complete(key(), b"answer")
@@ -76,14 +69,14 @@ def test_window_zero_still_guards_the_decision_but_caches_nothing() -> None:
 
 
 def test_forget_lets_a_retransmission_be_decided() -> None:
-    cache = DuplicateCache(clock=FakeClock())
+    cache = DuplicateCache(clock=ManualClock(1000.0))
     cache.begin(key())
     cache.forget(key())
     assert cache.begin(key()) is Seen.NEW
 
 
 def test_size_is_bounded_oldest_first() -> None:
-    cache = DuplicateCache(max_entries=100, clock=FakeClock())
+    cache = DuplicateCache(max_entries=100, clock=ManualClock(1000.0))
     for n in range(250):
         cache.begin(key(n))
         cache.complete(key(n), b"%d" % n)
@@ -93,12 +86,12 @@ def test_size_is_bounded_oldest_first() -> None:
 
 
 def test_expired_entries_are_purged() -> None:
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     cache = DuplicateCache(window=30, clock=clock)
     for n in range(50):
         cache.begin(key(n))
         cache.complete(key(n), b"x")
-    clock.now += 31
+    clock.t += 31
     cache.begin(key(1000))
     assert len(cache) == 1
 

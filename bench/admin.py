@@ -5,7 +5,8 @@ state of N users (10,000 by default), as an operator runs them: each a fresh
 The baseline measured in the same run is ``mfa-proxy --version`` (the interpreter
 and the CLI starting, nothing read): each command is reported as its time and as
 its time over the baseline's, so the machine's speed mostly cancels out. The
-state is SQLite in a temporary folder with the local users file (empty: the
+state is SQLite in a temporary folder (its ./conf/mfa-proxy.toml, found as an operator's would be)
+with the local users file (empty: the
 users are imported with ``--allow-unknown``), every user enrolled and a tenth of
 them also locked. A figure, never a pass/fail test.
 """
@@ -53,8 +54,9 @@ def run(folder: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[st
 
 
 def prepare(folder: Path, users: int) -> None:
-    (folder / "mfa-proxy.toml").write_text(CONFIG)
-    (folder / "users.toml").write_text("")
+    (folder / "conf").mkdir()
+    (folder / "conf" / "mfa-proxy.toml").write_text(CONFIG)
+    (folder / "conf" / "users.toml").write_text("")
     rows = []
     for n in range(users):
         name = f"user{n:05d}"
@@ -66,7 +68,7 @@ def prepare(folder: Path, users: int) -> None:
     # A tenth locked, so that --locked has something to find.
     from policy.store import Store
 
-    store = Store(f"sqlite:///{folder / 'var' / 'state.db'}")
+    store = Store(f"sqlite:///{folder / 'conf' / 'var' / 'state.db'}")
     now = time.time()
     try:
         for n in range(0, users, 10):

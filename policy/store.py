@@ -13,6 +13,7 @@ Only these modules write SQL.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import suppress
 
@@ -34,8 +35,24 @@ class Store:
         self.url = url
         self.engine = make_engine(url, background_checkpoints)
         self.dialect = self.engine.dialect.name
-        self.hot = HotStore(self.engine)
-        self.admin = AdminStore(self.engine, clock, self.hot.in_group)
+        self._hot: HotStore | None = None
+        self._hot_lock = threading.Lock()
+        self.admin = AdminStore(self.engine, clock, self._in_hot_group)
+
+    @property
+    def hot(self) -> HotStore:
+        """Built on first use: compiling its statements costs an admin command that
+        never signs anyone in (most of them) ~10 ms."""
+        hot = self._hot
+        if hot is None:
+            with self._hot_lock:
+                if self._hot is None:
+                    self._hot = HotStore(self.engine)
+                hot = self._hot
+        return hot
+
+    def _in_hot_group(self) -> bool:
+        return self._hot is not None and self._hot.in_group()
 
     def upgrade(self) -> None:
         from policy.migrations import SchemaTooNew, upgrade_to_head
@@ -115,5 +132,6 @@ class Store:
             raise StoreError(f"state store unavailable: {type(e).__name__}") from e
 
     def close(self) -> None:
-        self.hot.close()
+        if self._hot is not None:
+            self._hot.close()
         self.engine.dispose()

@@ -229,7 +229,7 @@ def test_unknown_user_is_refused(admin: Admin) -> None:
         assert r.code == 1, args
         assert "unknown user 'mallory'" in r.err, args
         assert r.out == ""
-    assert admin.store().get("mallory") is None
+    assert admin.store().admin.get("mallory") is None
 
 
 def test_exit_statuses_of_the_installed_program(admin: Admin) -> None:
@@ -290,7 +290,7 @@ def test_require_days_out_of_range_is_refused(admin: Admin, days: str) -> None:
     r = admin.run("user", "require", "alice", "--days", days)
     assert r.code == 1
     assert f"--days must be between 1 and 365, got {days}" in r.err
-    assert admin.store().get("alice") is None
+    assert admin.store().admin.get("alice") is None
 
 
 def test_bad_usage_is_exit_2(admin: Admin) -> None:
@@ -442,7 +442,7 @@ def test_enroll_refuses_a_bad_secret(admin: Admin) -> None:
     r = admin.run("user", "enroll", "alice", "--secret", "not-base32!")
     assert r.code == 1
     assert "--secret: not base32" in r.err
-    assert admin.store().get("alice") is None
+    assert admin.store().admin.get("alice") is None
 
 
 @pytest.fixture
@@ -489,7 +489,7 @@ def test_enroll_png_refuses_a_symlink_and_enrolls_nothing(admin: Admin) -> None:
     r = admin.run("user", "enroll", "alice", "--png", str(link))
     assert r.code == 1 and "symbolic link" in r.err
     assert target.read_bytes() == b"theirs" and link.is_symlink()
-    assert admin.store().get("alice") is None  # refused before the key was made
+    assert admin.store().admin.get("alice") is None  # refused before the key was made
 
 
 def test_reset_clears_the_key(admin: Admin) -> None:
@@ -498,7 +498,7 @@ def test_reset_clears_the_key(admin: Admin) -> None:
     assert r.out == "alice: key cleared; enrollment period 3 days\n"
     view = admin.show("alice")
     assert (view["status"], view["enrolled"], view["days_left"]) == ("in_enrollment", False, 3)
-    rec = admin.store().get("alice")
+    rec = admin.store().admin.get("alice")
     assert rec is not None and rec.totp_key is None
     assert admin.run("user", "reset", "alice", "--days", "400").code == 1
 

@@ -29,6 +29,7 @@ from backends.ldapwire import ber, messages
 from backends.ldapwire.ber import BerError
 from backends.ldapwire.framing import MessageFramer
 from backends.ldapwire.messages import ResultCode
+from tests.ldap_messages import search
 
 # ---------------------------------------------------------------- helpers
 
@@ -73,22 +74,6 @@ def decoded(data: bytes) -> LDAPMessage:
     message, rest = decoder.decode(data, asn1Spec=LDAPMessage())
     assert rest == b""
     return message
-
-
-def search(message_id: int, size: int = 0) -> bytes:
-    """A SearchRequest (hand-built), padded with an attribute list to reach about ``size`` bytes."""
-    attributes = b"".join(ber.tlv(0x04, b"a" * 50) for _ in range(size // 52))
-    body = (
-        ber.tlv(0x04, b"dc=example,dc=org")
-        + ber.integer(2, ber.ENUMERATED)
-        + ber.integer(0, ber.ENUMERATED)
-        + ber.integer(0)
-        + ber.integer(0)
-        + b"\x01\x01\x00"
-        + ber.tlv(0x87, b"objectClass")
-        + ber.tlv(0x30, attributes)
-    )
-    return messages.ldap_message(message_id, ber.tlv(messages.SEARCH_REQUEST, body))
 
 
 # ---------------------------------------------------------------- framing

@@ -307,7 +307,7 @@ def test_a_hung_mail_server_delays_no_sign_in_and_the_mail_waits(slapd: Slapd,
         proxy = ProxyProcess.configure(
             tmp_path, slapd, clients=[{"name": "vpn", "address": "127.0.0.1/32"}],
             overrides={"mail": mail_section(f"127.0.0.1:{port}", timeout_seconds=10.0,
-                                            claim_seconds=20)})
+                                            claim_seconds=30)})
         secret = pyotp.random_base32()
         proxy.cli("user", "enroll", "walter", "--secret", secret)
         with proxy.running():

@@ -306,3 +306,32 @@ def test_recovery_codes_off_refuses_them_on_every_protocol(slapd: Slapd, tmp_pat
         assert ldap.returncode == LDAP_INVALID_CREDENTIALS
         view = proxy.user(user)
         assert (view["recovery_codes_left"], view["failures"]) == (10, 2)
+
+
+# -- import against the directory -----------------------------------------------------------
+
+
+def test_an_import_asks_the_directory_about_every_line(world: World) -> None:
+    """Against the real slapd: 150 lines looked up several at a time (the CLI asks
+    ahead, one look-up per service connection), each user keyed by the entry's
+    own name whatever the spelling; one unknown name refuses the whole file."""
+    names = numbered(1001, 150)
+    spelled = [n.upper() if i % 2 else f"EXAMPLE\\{n}" for i, n in enumerate(names)]
+    rows = [f"{s},{totp_key(n)}" for s, n in zip(spelled, names, strict=True)]
+    csv = world.proxy.workdir / "import-directory.csv"
+    csv.write_text("\n".join(rows[:70] + ["nosuchuser99,JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"]
+                             + rows[70:]) + "\n")
+    refused = world.proxy.cli("user", "import", str(csv), check=False)
+    assert refused.returncode == 1
+    assert "line 71: 'nosuchuser99'" in refused.stderr and "--allow-unknown" in refused.stderr
+    assert re.findall(r"^line \d+", refused.stderr, re.M) == ["line 71"]
+    assert world.proxy.user(names[0])["status"] == "not_required"  # nothing was loaded
+
+    csv.write_text("\n".join(rows) + "\n")
+    done = world.proxy.cli("user", "import", str(csv))
+    assert "imported 150 key(s)" in done.stdout
+    for name in (names[0], names[1], names[-1]):
+        assert world.proxy.user(name)["enrolled"] is True
+    listed = json.loads(world.proxy.cli("user", "list", "--json").stdout)
+    assert {v["username"] for v in listed} >= set(names)
+    assert not [v for v in listed if v["username"].startswith(("USER", "EXAMPLE"))]

@@ -11,7 +11,7 @@ from typing import Protocol
 
 class AccountEvents(Protocol):
     """What changed, told inside the change's own store transaction
-    (:meth:`Store.transaction`), never for a refusal.
+    (:meth:`AdminStore.transaction`), never for a refusal.
 
     Whatever a listener writes to the store commits with the change or not at
     all; a listener that raises undoes the change. This is where mail hooks in

@@ -362,7 +362,7 @@ class PolicyEngine:
         instance, an admin), with the 'required' notice in the same transaction
         (none for a user who has a key already); ``p.record`` is then the state
         as stored. Not inside a group of hot-path steps: it writes through the
-        admin connection (:meth:`Store.transaction`)."""
+        admin store (:meth:`AdminStore.transaction`), which refuses to run in one."""
         deadline = self._group_deadline(self.clock())
         with self.store.admin.transaction():
             started = self.store.admin.require_new(p.username, deadline)

@@ -8,7 +8,7 @@ The mails (PRODUCT.md, "Mail events"):
   admin's ``user require``, not with ``--no-mail``);
 - ``reminder``: ``reminder_hours`` before the deadline, once per period, only
   while the user has no key (queued by the sender's scan, see
-  :meth:`policy.store.Store.queue_reminders`);
+  :meth:`policy.admin_store.AdminStore.queue_reminders`);
 - ``extended`` / ``reset``: an admin extended or reset the period: the new
   deadline;
 - ``enrolled`` / ``user_reset``: a security notice when a new key becomes

@@ -1,7 +1,7 @@
 """Reading the audit table for `mfa-proxy audit`: times, rows as text or JSON, --follow.
 
 Every decision leaves one row (policy/engine.py); this module only reads
-them back, through the store's one query (:meth:`policy.store.Store.query_audit`).
+them back, through the store's one query (:meth:`policy.admin_store.AdminStore.query_audit`).
 No Twisted here: the command starts in a few tens of milliseconds.
 """
 

@@ -142,9 +142,10 @@ level = "{log_level}"
     return ProxyConfig(path, radius_port, http_port, nas_secret, ldap_port)
 
 
-def run_cli(args: list[str], log: Path, timeout: float) -> str:
+def run_cli(args: list[str], log: Path, timeout: float,
+            env: dict[str, str] | None = None) -> str:
     result = subprocess.run([mfa_proxy_command(), *args], capture_output=True, text=True,
-                            timeout=timeout, check=False)
+                            timeout=timeout, check=False, env=env)
     with open(log, "a") as f:
         f.write(f"$ mfa-proxy {' '.join(args)}\n{result.stdout}{result.stderr}\n")
     if result.returncode != 0:
@@ -153,10 +154,11 @@ def run_cli(args: list[str], log: Path, timeout: float) -> str:
     return result.stdout
 
 
-def enroll_users(config: ProxyConfig, users: int, workdir: Path) -> float:
+def enroll_users(config: ProxyConfig, users: int, workdir: Path,
+                 env: dict[str, str] | None = None) -> float:
     """``mfa-proxy check-config`` then ``user import`` of every bench user's key."""
     log = workdir / "cli.log"
-    run_cli(["check-config", "-c", str(config.path)], log, 120)
+    run_cli(["check-config", "-c", str(config.path)], log, 120, env)
     csv_path = workdir / "users.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -164,17 +166,18 @@ def enroll_users(config: ProxyConfig, users: int, workdir: Path) -> float:
         for i in range(1, users + 1):
             w.writerow([uid(i), totp_secret(uid(i))])
     t0 = time.monotonic()
-    out = run_cli(["user", "import", str(csv_path), "-c", str(config.path)], log, 1800)
+    out = run_cli(["user", "import", str(csv_path), "-c", str(config.path)], log, 1800, env)
     took = time.monotonic() - t0
     say(f"proxy: {out.strip()} in {took:.1f} s")
     csv_path.unlink()
     return took
 
 
-def start(config: ProxyConfig, workdir: Path) -> Managed:
-    """``mfa-proxy serve`` as our child; returns once /readyz says ready."""
+def start(config: ProxyConfig, workdir: Path, env: dict[str, str] | None = None) -> Managed:
+    """``mfa-proxy serve`` as our child; returns once /readyz says ready. ``env``: the
+    child's environment (another source tree on PYTHONPATH, for a same-run baseline)."""
     proc = Managed.start("mfa-proxy", [mfa_proxy_command(), "serve", "-c", str(config.path)],
-                         workdir / "mfa-proxy.log", cwd=workdir)
+                         workdir / "mfa-proxy.log", env=env, cwd=workdir)
     try:
         wait_until(lambda: http_get(config.http_port, "/readyz")[0] == 200, 60,
                    "mfa-proxy /readyz", proc, interval=0.2)

@@ -64,7 +64,7 @@ class ProxyConfig:
 
 
 def write_config(workdir: Path, ldap_url: str, log_level: str = "info", radius: bool = True,
-                 ldap: bool = False, groups: str = "") -> ProxyConfig:
+                 ldap: bool = False, groups: str = "", cpus: str = "") -> ProxyConfig:
     """The config file; ``radius``/``ldap``: which front-ends it has (loopback, free ports);
     ``groups``: see the module's docstring."""
     radius_port = free_udp_pair() if radius else 0
@@ -105,6 +105,7 @@ separator = ","
 bind_cache_seconds = 0        # every bind takes a fresh code: no cache in the path
 max_connections_per_source = 1000   # the load generator is one address, at up to 512 connections
 """ if ldap else ""
+    service = f"\n[service]\ncpu_affinity = [{cpus}]\n" if cpus else ""
     benches = " and ".join(n for n, on in (("radius", radius), ("ldap", ldap)) if on)
     path = workdir / "mfa-proxy.toml"
     path.write_text(f"""\
@@ -138,7 +139,7 @@ listen = "127.0.0.1:{http_port}"
 
 [logging]
 level = "{log_level}"
-""")
+{service}""")
     return ProxyConfig(path, radius_port, http_port, nas_secret, ldap_port)
 
 

@@ -134,6 +134,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="another mfa-proxy source tree (e.g. `git archive` of an older "
                          "commit): one more row, its `mfa-proxy serve` run with PYTHONPATH=DIR, "
                          "levels interleaved with (b) and reported as a ratio to it")
+    ap.add_argument("--proxy-cpus", default="", metavar="N[,N...]",
+                    help="[service] cpu_affinity of the mfa-proxy rows (not of the baseline "
+                         "row): serve's threads on these CPUs only")
     a = bench_defaults(ap, ap.parse_args(argv), max_level=1024)
     if a.baseline_tree and not (Path(a.baseline_tree) / "proxy" / "cli.py").is_file():
         ap.error(f"--baseline-tree: no mfa-proxy source tree at {a.baseline_tree}")
@@ -278,7 +281,8 @@ def start_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace
     if groups == "baseline":
         env = {**os.environ, "PYTHONPATH": str(Path(a.baseline_tree).resolve())}
     config = proxy.write_config(pdir, directory.url, a.log_level,
-                                groups="" if groups == "baseline" else groups)
+                                groups="" if groups == "baseline" else groups,
+                                cpus="" if groups == "baseline" else a.proxy_cpus)
     import_s = proxy.enroll_users(config, directory.users, pdir, env)
     server = proxy.start(config, pdir, env)
     procs.append(server)

@@ -64,7 +64,7 @@ class ProxyConfig:
 
 
 def write_config(workdir: Path, ldap_url: str, log_level: str = "info", radius: bool = True,
-                 ldap: bool = False, groups: str = "") -> ProxyConfig:
+                 ldap: bool = False, groups: str = "", cpus: str = "") -> ProxyConfig:
     """The config file; ``radius``/``ldap``: which front-ends it has (loopback, free ports);
     ``groups``: see the module's docstring."""
     radius_port = free_udp_pair() if radius else 0
@@ -105,6 +105,7 @@ separator = ","
 bind_cache_seconds = 0        # every bind takes a fresh code: no cache in the path
 max_connections_per_source = 1000   # the load generator is one address, at up to 512 connections
 """ if ldap else ""
+    service = f"\n[service]\ncpu_affinity = [{cpus}]\n" if cpus else ""
     benches = " and ".join(n for n, on in (("radius", radius), ("ldap", ldap)) if on)
     path = workdir / "mfa-proxy.toml"
     path.write_text(f"""\
@@ -138,13 +139,14 @@ listen = "127.0.0.1:{http_port}"
 
 [logging]
 level = "{log_level}"
-""")
+{service}""")
     return ProxyConfig(path, radius_port, http_port, nas_secret, ldap_port)
 
 
-def run_cli(args: list[str], log: Path, timeout: float) -> str:
+def run_cli(args: list[str], log: Path, timeout: float,
+            env: dict[str, str] | None = None) -> str:
     result = subprocess.run([mfa_proxy_command(), *args], capture_output=True, text=True,
-                            timeout=timeout, check=False)
+                            timeout=timeout, check=False, env=env)
     with open(log, "a") as f:
         f.write(f"$ mfa-proxy {' '.join(args)}\n{result.stdout}{result.stderr}\n")
     if result.returncode != 0:
@@ -153,10 +155,11 @@ def run_cli(args: list[str], log: Path, timeout: float) -> str:
     return result.stdout
 
 
-def enroll_users(config: ProxyConfig, users: int, workdir: Path) -> float:
+def enroll_users(config: ProxyConfig, users: int, workdir: Path,
+                 env: dict[str, str] | None = None) -> float:
     """``mfa-proxy check-config`` then ``user import`` of every bench user's key."""
     log = workdir / "cli.log"
-    run_cli(["check-config", "-c", str(config.path)], log, 120)
+    run_cli(["check-config", "-c", str(config.path)], log, 120, env)
     csv_path = workdir / "users.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -164,17 +167,18 @@ def enroll_users(config: ProxyConfig, users: int, workdir: Path) -> float:
         for i in range(1, users + 1):
             w.writerow([uid(i), totp_secret(uid(i))])
     t0 = time.monotonic()
-    out = run_cli(["user", "import", str(csv_path), "-c", str(config.path)], log, 1800)
+    out = run_cli(["user", "import", str(csv_path), "-c", str(config.path)], log, 1800, env)
     took = time.monotonic() - t0
     say(f"proxy: {out.strip()} in {took:.1f} s")
     csv_path.unlink()
     return took
 
 
-def start(config: ProxyConfig, workdir: Path) -> Managed:
-    """``mfa-proxy serve`` as our child; returns once /readyz says ready."""
+def start(config: ProxyConfig, workdir: Path, env: dict[str, str] | None = None) -> Managed:
+    """``mfa-proxy serve`` as our child; returns once /readyz says ready. ``env``: the
+    child's environment (another source tree on PYTHONPATH, for a same-run baseline)."""
     proc = Managed.start("mfa-proxy", [mfa_proxy_command(), "serve", "-c", str(config.path)],
-                         workdir / "mfa-proxy.log", cwd=workdir)
+                         workdir / "mfa-proxy.log", env=env, cwd=workdir)
     try:
         wait_until(lambda: http_get(config.http_port, "/readyz")[0] == 200, 60,
                    "mfa-proxy /readyz", proc, interval=0.2)

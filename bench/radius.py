@@ -130,7 +130,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="extra mfa-proxy rows with [directory] group_base set: 'unused' "
                          "(no rule uses groups; default), 'all' (and one with a reply rule "
                          "by group), 'none'")
-    return bench_defaults(ap, ap.parse_args(argv), max_level=1024)
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="another mfa-proxy source tree (e.g. `git archive` of an older "
+                         "commit): one more row, its `mfa-proxy serve` run with PYTHONPATH=DIR, "
+                         "levels interleaved with (b) and reported as a ratio to it")
+    ap.add_argument("--proxy-cpus", default="", metavar="N[,N...]",
+                    help="[service] cpu_affinity of the mfa-proxy rows (not of the baseline "
+                         "row): serve's threads on these CPUs only")
+    a = bench_defaults(ap, ap.parse_args(argv), max_level=1024)
+    if a.baseline_tree and not (Path(a.baseline_tree) / "proxy" / "cli.py").is_file():
+        ap.error(f"--baseline-tree: no mfa-proxy source tree at {a.baseline_tree}")
+    return a
 
 
 # ---------------------------------------------------------------- one server, every level
@@ -216,7 +226,8 @@ def ceiling(directory: slapd.Directory, a: argparse.Namespace) -> dict[str, Any]
 
 
 GROUP_ROWS = {"none": (), "unused": ("unused",), "all": ("unused", "rule")}
-GROUP_LABELS = {"unused": "mfa-proxy +group_base", "rule": "mfa-proxy +reply rule"}
+GROUP_LABELS = {"unused": "mfa-proxy +group_base", "rule": "mfa-proxy +reply rule",
+                "baseline": "mfa-proxy baseline"}  # baseline: --baseline-tree, no group_base
 
 
 @dataclass
@@ -247,7 +258,9 @@ def run_with_group_rows(directory: slapd.Directory, workdir: Path, a: argparse.N
     """(b) and the group rows, every server started first, then each level run on
     each server in turn -- the order reversed at every level, so a load that drifts
     over the run (other work on the machine) weighs on every row alike."""
-    runs = [start_proxy(directory, workdir, a, procs, g) for g in ("", *GROUP_ROWS[a.group_rows])]
+    baseline = ("baseline",) if a.baseline_tree else ()
+    runs = [start_proxy(directory, workdir, a, procs, g)
+            for g in ("", *baseline, *GROUP_ROWS[a.group_rows])]
     for i, c in enumerate(a.levels):
         for run in (runs if i % 2 == 0 else runs[::-1]):
             summary = one_level(run.target, run.pool, run.codes, a, run.server, c, run.levels,
@@ -264,9 +277,14 @@ def start_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace
                 procs: list[Managed], groups: str = "") -> ProxyRun:
     pdir = workdir / (f"proxy-groups-{groups}" if groups else "proxy")
     pdir.mkdir()
-    config = proxy.write_config(pdir, directory.url, a.log_level, groups=groups)
-    import_s = proxy.enroll_users(config, directory.users, pdir)
-    server = proxy.start(config, pdir)
+    env = None
+    if groups == "baseline":
+        env = {**os.environ, "PYTHONPATH": str(Path(a.baseline_tree).resolve())}
+    config = proxy.write_config(pdir, directory.url, a.log_level,
+                                groups="" if groups == "baseline" else groups,
+                                cpus="" if groups == "baseline" else a.proxy_cpus)
+    import_s = proxy.enroll_users(config, directory.users, pdir, env)
+    server = proxy.start(config, pdir, env)
     procs.append(server)
     server.remember_children()
     say(f"proxy: serving, pid {server.pid}, RADIUS 127.0.0.1:{config.radius_port}")
@@ -433,7 +451,7 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> str:
                 f"proxy µs/req {fmt(ratio(cpu.get('mfa-proxy'), base.get('mfa-proxy')), 2)}x, "
                 f"slapd µs/req {fmt(ratio(cpu.get('slapd'), base.get('slapd')), 2)}x "
                 f"(other cores {fmt(lv['other_cores'], 2)} vs {fmt(px[c]['other_cores'], 2)})")
-    if group_runs:
+    if any(g != "baseline" for g in res.get("proxy_groups", {})):
         out.append(f"  +group_base: [directory] group_base set ({slapd.GROUPS} groups, "
                    "member indexed eq, users without memberOf), no rule uses groups: no "
                    "group search; +reply rule: a [[radius.reply]] rule by group, a group "
@@ -621,7 +639,7 @@ def main(argv: list[str]) -> int:
     def measure(directory: slapd.Directory, workdir: Path, procs: list[Managed],
                 res: dict[str, Any]) -> None:
         res["ceiling"] = ceiling(directory, a)
-        if GROUP_ROWS[a.group_rows]:
+        if GROUP_ROWS[a.group_rows] or a.baseline_tree:
             res["proxy"], res["proxy_groups"] = run_with_group_rows(directory, workdir, a,
                                                                     procs)
         else:

@@ -148,6 +148,11 @@ class ServiceSettings:
     # SIGTERM/SIGINT: how long in-flight decisions may take to finish before the
     # process exits anyway (/readyz is 503 from the signal on).
     shutdown_grace_seconds: float = 10.0
+    # Linux: the CPUs serve's threads run on (empty: wherever the OS puts them).
+    # The reactor and the state thread share one GIL, so the process runs Python
+    # on one core at a time; kept on one CPU, each hand-over of the GIL between
+    # them stays on that core instead of crossing to the other one.
+    cpu_affinity: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -870,7 +875,29 @@ def _cache_rule(r: _Reader) -> BindCacheRule | None:
 
 def _service(r: _Reader) -> ServiceSettings:
     return ServiceSettings(shutdown_grace_seconds=r.float("shutdown_grace_seconds", 10.0, 0.0,
-                                                          3600.0))
+                                                          3600.0),
+                           cpu_affinity=_cpus(r, "cpu_affinity"))
+
+
+def _cpus(r: _Reader, name: str) -> tuple[int, ...]:
+    """CPU numbers this process may run on (os.sched_getaffinity), checked here so
+    check-config refuses what serve could not apply."""
+    value = r._get(name, (list,), "a list of CPU numbers", [])
+    if not value:
+        return ()
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
+        r.problem(name, f"expected CPU numbers (integers from 0), got {value!r}")
+        return ()
+    if not hasattr(os, "sched_setaffinity"):
+        r.problem(name, "setting the CPU affinity is not supported on this platform")
+        return ()
+    allowed = os.sched_getaffinity(0)
+    outside = sorted(set(value) - allowed)
+    if outside:
+        r.problem(name, f"CPU {outside[0]} is not one this process may run on "
+                        f"(allowed: {', '.join(map(str, sorted(allowed)))})")
+        return ()
+    return tuple(sorted(set(value)))
 
 
 def _http(r: _Reader) -> HttpSettings:

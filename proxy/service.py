@@ -44,8 +44,9 @@ RELOADABLE: dict[str, frozenset[str]] = {
                        "reminder_hours", "ca_file", "tls_verify", "timeout_seconds", "retry",
                        "claim_seconds", "batch", "templates", "templates_dir"}),
     "totp": frozenset({"digits", "period", "window"}),
+    "service": frozenset({"shutdown_grace_seconds"}),  # read when a drain starts
 }
-RESTART_SECTIONS = ("state", "http", "radius", "ldap", "portal", "totp", "mail")
+RESTART_SECTIONS = ("state", "http", "radius", "ldap", "portal", "totp", "mail", "service")
 # [directory] reloads whole: a new directory for the next request; the old one is
 # closed this long after, when every request that was asking it has its answer.
 DIRECTORY_DRAIN_SECONDS = 120.0
@@ -742,10 +743,29 @@ def reconfigure_logging(level: str, fmt: str) -> None:
             handler.setFormatter(serve_handler(fmt).formatter)
 
 
+def pin_threads(cpus: tuple[int, ...]) -> None:
+    """Every thread of this process on ``cpus`` (``[service] cpu_affinity``); the
+    threads started later inherit it from the one that starts them."""
+    import os
+    from contextlib import suppress
+
+    try:
+        tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tasks = [0]
+    for task in tasks:
+        with suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(task, cpus)
+
+
 def run(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_format)
     for warning in settings.warnings:
         log.warning("config warning: %s", warning)
+    if settings.service.cpu_affinity:
+        pin_threads(settings.service.cpu_affinity)
+        log.info("running on CPU(s) %s ([service] cpu_affinity)",
+                 ", ".join(map(str, settings.service.cpu_affinity)))
     from twisted.internet import reactor
 
     service = Service(settings, reactor)

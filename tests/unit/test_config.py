@@ -977,3 +977,47 @@ def test_a_missing_dictionary_is_refused(tmp_path: Path) -> None:
     text = (BASE + RADIUS).replace("[radius]\n", '[radius]\ndictionary = "nowhere"\n')
     [line] = checked_problems(tmp_path, text)
     assert line.startswith("radius.dictionary: cannot load the RADIUS dictionary:")
+
+
+# -- [service] cpu_affinity ----------------------------------------------------------------
+
+
+def test_cpu_affinity_takes_cpus_this_process_may_run_on(tmp_path: Path) -> None:
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    s = load(write(tmp_path, BASE + f"\n[service]\ncpu_affinity = [{cpu}, {cpu}]\n"))
+    assert s.service.cpu_affinity == (cpu,)
+    assert load(write(tmp_path, BASE)).service.cpu_affinity == ()
+
+
+@pytest.mark.parametrize("value", ["[-1]", '["0"]', "[true]", "0", "[100000]"])
+def test_cpu_affinity_refuses_what_could_not_be_applied(tmp_path: Path, value: str) -> None:
+    found = problems(tmp_path, BASE + f"\n[service]\ncpu_affinity = {value}\n")
+    assert len(found) == 1 and "cpu_affinity" in found[0]
+
+
+def test_pin_threads_moves_running_threads_and_later_ones_inherit() -> None:
+    import os
+    import threading
+
+    from proxy.service import pin_threads
+
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    stop = threading.Event()
+    running = threading.Thread(target=stop.wait)
+    running.start()
+    try:
+        pin_threads((cpu,))
+        assert running.native_id is not None
+        assert os.sched_getaffinity(running.native_id) == {cpu}
+        seen: list[set[int]] = []
+        later = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        later.start()
+        later.join()
+        assert seen == [{cpu}]
+    finally:
+        stop.set()
+        running.join()
+        pin_threads(tuple(before))

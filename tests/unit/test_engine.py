@@ -285,6 +285,37 @@ def test_challenge_answer_is_the_code_field(h: Harness) -> None:
     assert len(h.directory.calls) == calls  # the password is not asked again
 
 
+def test_a_challenge_answer_takes_one_trip_to_the_state_thread(h: Harness) -> None:
+    """No directory call sits between begin and decide in a second round: one state
+    step (two would double its thread hand-overs), and still every check of decide."""
+    h.require()
+    h.enroll()
+    first = h.auth(split=SplitMode.CHALLENGE)
+    steps: list[str] = []
+
+    def run_blocking(f: Any, *args: Any) -> defer.Deferred[Any]:
+        steps.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+
+    auth = Authenticator(h.engine, AsyncFake(h.directory), run_blocking, clock=h.clock)
+
+    def answer(code: str) -> Decision:
+        req = AuthRequest("alice", "", "radius", "vpn", split=SplitMode.CHALLENGE, code=code,
+                          verified_identity=first.identity)
+        got: list[Decision] = []
+        auth.authenticate(req).addCallback(got.append)
+        return got[0]
+
+    assert outcome(answer(h.code())) == (ACCEPT, Reason.OK)
+    assert steps == ["begin_and_decide"]
+    assert outcome(answer(h.code())) == (REJECT, Reason.REPLAYED_CODE)
+    window = {h.code(offset=o) for o in (-1, 0, 1)}
+    wrong = next(c for c in ("000000", "111111", "222222", "333333") if c not in window)
+    assert outcome(answer(wrong)) == (REJECT, Reason.BAD_CODE)
+    assert steps == ["begin_and_decide"] * 3
+    assert h.record().failures == 2
+
+
 def test_password_field_is_not_split_for_a_user_who_needs_no_code(h: Harness) -> None:
     h.directory.passwords["alice"] = "pass,123456"
     assert outcome(h.auth(password="pass,123456")) == (ACCEPT, Reason.NOT_REQUIRED)

@@ -35,11 +35,18 @@ def test_rules_can_keep_case_domain_and_realm() -> None:
 
 @pytest.mark.parametrize("raw", [
     "", "   ", "EXAMPLE\\", "@example.org", "ali\x00ce", "ali\nce", "alice\u200b",
-    "x" * (MAX_USERNAME + 1),
+    "x" * (MAX_USERNAME + 1), "ali\x85ce", "ali\ue000ce", "ali\U000e0001ce", "ali\u0378ce",
 ])
 def test_invalid_usernames(raw: str) -> None:
     with pytest.raises(InvalidUsername):
         RULES.normalize(raw)
+
+
+def test_separators_that_are_no_control_characters_are_kept() -> None:
+    """Z* characters fail str.isprintable() like C* ones (the fast path's test):
+    they still take the per-character look, which lets them through."""
+    assert RULES.canonical("ali\u00a0ce") == "ali ce"  # NFKC: no-break space -> space
+    assert RULES.canonical("ali\u2028ce") == "ali\u2028ce"
 
 
 def test_longest_username_is_accepted() -> None:

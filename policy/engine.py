@@ -509,11 +509,8 @@ class PolicyEngine:
 
     def _accepted(self, p: Prepared, identity: Identity, reason: Reason,
                   days_left: int | None = None) -> Decision:
-        decision = self._finish(p.request, p.username, Outcome.ACCEPT, reason, identity,
-                                days_left=days_left)
-        if p.request.verified_identity is None:
-            decision.password = p.password
-        return decision
+        return self._finish(p.request, p.username, Outcome.ACCEPT, reason, identity,
+                            days_left=days_left)
 
     def _failure(self, p: Prepared, reason: Reason, identity: Identity | None = None) -> Decision:
         result = self.store.hot.record_failure(p.username, self.clock(), self.limits.max_failures,

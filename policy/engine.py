@@ -656,7 +656,10 @@ class LatencyMimic:
 class Authenticator:
     """The reactor-facing entry point: ``authenticate(request) -> Deferred[Decision]``.
 
-    Every front-end calls it the same way. The directory is asynchronous;
+    Every front-end calls it the same way, but one that checks the password
+    itself (the LDAP front-end: its upstream session bind) calls
+    ``start(request)`` and finishes the :class:`PasswordCheck` it may get. The
+    directory is asynchronous;
     the engine's state steps run in ``run_blocking`` (the state thread);
     anything unexpected becomes a reject. ``call_later`` (the reactor's)
     delays the answers to unknown names. ``run_alone``: the state thread for

@@ -1111,8 +1111,9 @@ def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, 
     an ID twice at once, never runs an operation as anyone but who the client was
     last told it is (so never as alice after a failed bind, nor between the
     proxy's bind and its answer), a WhoAmI answers as of the last bind sent
-    before it, a bind succeeds only with password and code, and the session
-    closes exactly when an ID still in use is reused."""
+    before it, a bind succeeds only with password and code, the session
+    closes exactly when an ID still in use is reused, and the core holds no
+    identity's turn once the session closed or everything was answered."""
     directory = TrackingDirectory()
     h = make(seq_core(), require_bind=False, directory=directory)
     client = h.client()

@@ -356,6 +356,7 @@ class AsyncLdapDirectory:
         # entry DN -> groups found by a group search (made only when a rule needs them)
         self.group_cache = _GroupCache(options.group_cache_seconds, reactor.seconds)
         self._time_limit = max(1, int(options.timeout))
+        self._any_entry = compile_filter("(objectClass=*)", ())  # a bind DN's base read
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
                                            self._user_attributes(), size_limit=2)
@@ -486,8 +487,9 @@ class AsyncLdapDirectory:
         if cached is not None:
             return cached
         try:
-            request = self._template(dn, SCOPE_BASE, "(objectClass=*)", (),
-                                     [self.options.username_attribute], size_limit=1).encode()
+            request = SearchTemplate.build(dn, SCOPE_BASE, self._any_entry,
+                                           [self.options.username_attribute], 1,
+                                           self._time_limit).encode()
         except (UnicodeError, FilterTemplateError, BerError):
             return None
         self.stats.searches += 1

@@ -10,7 +10,7 @@ import enum
 import itertools
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backends.base import Identity
@@ -122,9 +122,6 @@ class Decision:
     # What the client is told when it differs from ``reason``: an unknown name
     # is answered exactly like a locked account once it has been guessed at as often.
     public_reason: Reason | None = None
-    # The password part of the password field, on an accept where the directory checked it
-    # (the LDAP front-end binds its upstream session with it, after the decision).
-    password: str = field(default="", repr=False)
 
     @property
     def accepted(self) -> bool:

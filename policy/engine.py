@@ -8,7 +8,10 @@
    reach the directory before the lock).
 3. **begin**: the identity's lock and MFA state, before its password is
    tried; the one reading of the password field (password, code).
-4. **password**: the directory binds as the entry.
+4. **password**: the directory binds as the entry -- or, through
+   :meth:`Authenticator.start`, the front-end does (the LDAP front-end's own
+   upstream bind is the check): it gets a :class:`PasswordCheck` and hands the
+   directory's verdict back with :meth:`PasswordCheck.finish`.
 5. **decide**: code, counters, audit -- on the state as it is then, the
    accept conditional on the identity not being locked.
 
@@ -517,11 +520,8 @@ class PolicyEngine:
 
     def _accepted(self, p: Prepared, identity: Identity, reason: Reason,
                   days_left: int | None = None) -> Decision:
-        decision = self._finish(p.request, p.username, Outcome.ACCEPT, reason, identity,
-                                days_left=days_left)
-        if p.request.verified_identity is None:
-            decision.password = p.password
-        return decision
+        return self._finish(p.request, p.username, Outcome.ACCEPT, reason, identity,
+                            days_left=days_left)
 
     def _failure(self, p: Prepared, reason: Reason, identity: Identity | None = None) -> Decision:
         result = self.store.hot.record_failure(p.username, self.clock(), self.limits.max_failures,
@@ -667,7 +667,10 @@ class LatencyMimic:
 class Authenticator:
     """The reactor-facing entry point: ``authenticate(request) -> Deferred[Decision]``.
 
-    Every front-end calls it the same way. The directory is asynchronous;
+    Every front-end calls it the same way, but one that checks the password
+    itself (the LDAP front-end: its upstream session bind) calls
+    ``start(request)`` and finishes the :class:`PasswordCheck` it may get. The
+    directory is asynchronous;
     the engine's state steps run in ``run_blocking`` (the state thread);
     anything unexpected becomes a reject. ``call_later`` (the reactor's)
     delays the answers to unknown names. ``run_alone``: the state thread for
@@ -697,6 +700,73 @@ class Authenticator:
         _SignIn(self, request, result).resolve()
         return result
 
+    def start(self, request: AuthRequest) -> Deferred[Decision | PasswordCheck]:
+        """Phases 1 to 3 as :meth:`authenticate` runs them; where the core would
+        check the password, a :class:`PasswordCheck` for the caller to make
+        (the identity's turn at the gate is held until it ends). A decision
+        that needs no password check (unknown, locked, empty password, ...)
+        comes as it is."""
+        from twisted.internet.defer import Deferred
+
+        result: Deferred[Decision | PasswordCheck] = Deferred()
+        if not request.received_at:
+            request.received_at = time.monotonic()
+        if not request.request_id:
+            request.request_id = new_request_id()
+        _SignIn(self, request, result, hands_over=True).resolve()
+        return result
+
+
+# :meth:`Authenticator.start` as a front-end is given it.
+StartSignIn = Callable[[AuthRequest], "Deferred[Decision | PasswordCheck]"]
+
+
+class PasswordCheck:
+    """The password check of a started sign-in, made by its front-end: bind as
+    ``identity.dn`` with ``password`` (the password part of the field), then
+    exactly one of :meth:`finish` (the directory's verdict) or :meth:`abandon`
+    (no verdict: a timeout, the connection gone). Until then the identity's
+    turn at the gate is held: the next attempt for it waits."""
+
+    __slots__ = ("_checked_at", "_sign_in", "decided", "identity", "password")
+
+    def __init__(self, sign_in: _SignIn, identity: Identity, password: str,
+                 checked_at: float) -> None:
+        self._sign_in: _SignIn | None = sign_in
+        self.identity, self.password, self._checked_at = identity, password, checked_at
+        # The decision, once finish's or abandon's comes (finish returns it). Callbacks
+        # added here must return what they are given.
+        self.decided: Deferred[Decision] = sign_in.result
+
+    @property
+    def ended(self) -> bool:
+        return self._sign_in is None
+
+    def finish(self, verdict: Identity | DirectoryError) -> Deferred[Decision]:
+        """The directory's verdict (the entry: the password is right;
+        InvalidCredentials: it is not, counted; DirectoryUnavailable: no answer,
+        not counted) and the rest of the sign-in: groups, code, counters, audit."""
+        sign_in = self._end()
+        if isinstance(verdict, Identity):
+            sign_in._password_ok(verdict, self._checked_at)
+        else:
+            sign_in._password_refused(verdict, self._checked_at)
+        return self.decided
+
+    def abandon(self) -> None:
+        """No verdict will come: the attempt ends as a reject audited like a
+        directory outage (nothing counted on the identity), and the identity's
+        turn is given back. Nothing once the check has ended."""
+        sign_in, self._sign_in = self._sign_in, None
+        if sign_in is not None:
+            sign_in._abandoned()
+
+    def _end(self) -> _SignIn:
+        sign_in, self._sign_in = self._sign_in, None
+        if sign_in is None:
+            raise RuntimeError("this password check has ended already")
+        return sign_in
+
 
 class _SignIn:
     """One request through the phases; each method hands on to the next.
@@ -707,12 +777,14 @@ class _SignIn:
     the next attempt for the identity through the gate.
     """
 
-    __slots__ = ("auth", "engine", "gated", "identity", "name", "prepared", "request",
-                 "result", "started", "username")
+    __slots__ = ("auth", "engine", "gated", "hands_over", "identity", "name", "prepared",
+                 "request", "result", "started", "username")
 
     def __init__(self, auth: Authenticator, request: AuthRequest,
-                 result: Deferred[Decision]) -> None:
+                 result: Deferred[Any], hands_over: bool = False) -> None:
         self.auth, self.engine, self.request, self.result = auth, auth.engine, request, result
+        # Authenticator.start: the password check is the caller's (a PasswordCheck).
+        self.hands_over = hands_over
         self.name = request.username
         self.username = ""  # canonical, once resolved
         self.identity: Identity | None = None
@@ -811,6 +883,9 @@ class _SignIn:
         # -- 4. the password
         assert self.identity is not None
         checked_at = self.auth.clock()
+        if self.hands_over:
+            self._hand_over(prepared, checked_at)
+            return
         try:
             d = self.auth.directory.check_password(self.identity, prepared.password)
         except Exception as e:
@@ -879,10 +954,31 @@ class _SignIn:
                                       Reason.DIRECTORY_UNAVAILABLE))
 
     def _password_failed(self, failure: Any, checked_at: float) -> None:
-        error = _directory_error(failure.value)
+        self._password_refused(failure.value, checked_at)
+
+    def _password_refused(self, error: BaseException, checked_at: float) -> None:
+        error = _directory_error(error)
         reason = error.reason if isinstance(error, DirectoryUnavailable) else None
         self.auth.engine.events.directory(self.auth.clock() - checked_at, reason)
         self._run(self._decide, error)
+
+    # -- 4'. the password, checked by the caller of Authenticator.start -----------
+
+    def _hand_over(self, prepared: Prepared, checked_at: float) -> None:
+        """Fire start's Deferred with the check; the decision goes to a new one."""
+        from twisted.internet.defer import Deferred
+
+        assert self.identity is not None
+        started, self.result = self.result, Deferred()
+        check = PasswordCheck(self, self.identity, prepared.password, checked_at)
+        if started.called:  # cancelled: nobody will make the check
+            check.abandon()
+            return
+        started.callback(check)
+
+    def _abandoned(self) -> None:
+        self._done(self.engine.refuse(self.request, self.username,
+                                      Reason.DIRECTORY_UNAVAILABLE))
 
     # -- 5. decide ----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.threadpool import ThreadPool
 
-from policy.engine import Authenticator, GroupRequirement, Limits, PolicyEngine
+from policy.engine import Authenticator, GroupRequirement, Limits, PasswordCheck, PolicyEngine
 from policy.keys import KeyFileError, KeyRing
 from policy.schema import StoreError
 from proxy.config import Settings
@@ -208,6 +208,22 @@ class Service:
         d.addBoth(self._answered)
         return d
 
+    def start_sign_in(self, request: Any) -> Deferred[Any]:
+        """The core's phased entry point (the LDAP front-end makes the password
+        check itself), counted in flight until the sign-in ends: at once for a
+        decision, else once its password check is finished or abandoned."""
+        self.in_flight += 1
+        d: Deferred[Any] = self.authenticator.start(request)
+        d.addCallbacks(self._started, self._answered)
+        return d
+
+    def _started(self, answer: Any) -> Any:
+        if isinstance(answer, PasswordCheck):
+            answer.decided.addBoth(self._answered)
+        else:
+            self._answered(answer)
+        return answer
+
     def _answered(self, result: Any) -> Any:
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle is not None:
@@ -386,7 +402,7 @@ class Service:
 
         config = lset  # parsed by the config loader into the front-end's own type
         try:
-            factory = LdapProxyFactory(config, self.authenticate,
+            factory = LdapProxyFactory(config, self.start_sign_in,
                                        events=LdapMetrics(self.metrics), reactor=self.reactor)
         except ValueError as e:
             raise StartupError(f"ldap: {e}") from None

@@ -6,7 +6,7 @@ Public API::
     from proxy.ldap.events import LdapEvents, NullLdapEvents
     from proxy.ldap.server import LdapProxyFactory
 
-    factory = LdapProxyFactory(config, authenticate, events=events, reactor=reactor)
+    factory = LdapProxyFactory(config, authenticator.start, events=events, reactor=reactor)
     ports = factory.listen()          # every [ldap] listen / ldaps_listen address
     ...
     factory.disconnect_all()          # on shutdown, then port.stopListening()
@@ -16,7 +16,8 @@ carries out what ``session`` decides), ``session`` (one connection's state
 machine: events in, actions out, no I/O; the sequencing invariants),
 ``upstream_session`` (the upstream session's bookkeeping), ``upstream`` (the
 connection to the directory), ``bind`` (the bind flow's steps: plan, core
-request, session bind, and the BindResponse for each outcome),
+request, the session bind that is the password check, its verdict, and the
+BindResponse for each outcome),
 ``dn`` (DN suffix rules: exempt, user_base, bind-cache windows),
 ``transport`` (low-latency writes), ``events``, ``config``. The wire format
 -- BER, messages, framing, result codes, TLS options -- is

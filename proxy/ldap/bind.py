@@ -11,25 +11,35 @@ expired" say more, because the user needs to know to call an admin.
 The flow of one bind::
 
     plan_bind(request)        → a refusal here, Relay(reason), or MFA_BIND
-    MFA_BIND: core_request()  → the core's Decision (or a failure: reply_for_error)
-              reply_for_decision(decision); accepted: entry_bind() → the upstream
-              bind as the resolved entry with decision.password
-              reply_for_session_bind(result, accepted)
+    MFA_BIND: core_request()  → the core's start: a Decision (answered at once:
+                                reply_for_decision; a failure: reply_for_error),
+                                or a PasswordCheck (the identity's turn held)
+              entry_bind(check) → the upstream session bind as the resolved
+                                entry with the password part: the password check
+              password_verdict(result) → the core's finish(verdict): code,
+                                counters, audit → reply_for_decision(decision)
+              (a reject after a successful bind: the session reset first)
     Relay:    the client's bind upstream as it is → reply_for_relayed_bind(result)
+
+One bind as the user per sign-in: the directory checks the password on the
+session the client goes on to use, never on a second connection too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 
-from backends.base import DirectoryUnavailable, InvalidCredentials
+from backends.base import DirectoryError, DirectoryUnavailable, Identity, InvalidCredentials
 from backends.ldapwire.messages import BindRequest, LdapResult, ResultCode
 from policy.decision import AuthRequest, Decision, Reason, SplitMode
 from proxy.ldap.config import LdapFrontendConfig
+
+if TYPE_CHECKING:
+    from policy.engine import PasswordCheck
 
 INVALID_CREDENTIALS = "invalid credentials"
 LOCKED = "locked"
@@ -222,34 +232,36 @@ def core_request(
 
 @dataclass(frozen=True, slots=True)
 class EntryBind:
-    """The upstream bind after both factors passed: as the entry the core
-    resolved (never the DN as the client spelled it), with the password it checked."""
+    """The upstream session bind that checks the password: as the entry the core
+    resolved (never the DN as the client spelled it), with the password part of
+    the field (the code split off by the core)."""
 
     dn: str
     password: bytes
 
 
-def entry_bind(decision: Decision, rules: BindRules) -> EntryBind | BindReply | None:
-    """For an accepted decision: the session bind to make, a refusal (an entry
-    outside ``user_base``), or None when the core gave no entry to bind as (a bug)."""
-    identity = decision.identity
-    if identity is None or not identity.dn or not decision.password:
+def entry_bind(check: PasswordCheck, rules: BindRules) -> EntryBind | BindReply | None:
+    """The session bind a password check is, a refusal (an entry outside
+    ``user_base``), or None when the core gave no entry to bind as (a bug)."""
+    identity = check.identity
+    if not identity.dn or not check.password:
         return None
     if rules.outside_user_base(identity.dn, unparsable_is_outside=True):
         return OUTSIDE_USER_BASE
-    return EntryBind(identity.dn, decision.password.encode("utf-8", "surrogateescape"))
+    return EntryBind(identity.dn, check.password.encode("utf-8", "surrogateescape"))
 
 
-def reply_for_session_bind(result: LdapResult | None, accepted: BindReply) -> BindReply:
-    """The directory's answer to the session bind: the core's accept only if it
-    succeeded (None: a malformed answer, the directory's fault)."""
+def password_verdict(result: LdapResult | None, identity: Identity) -> Identity | DirectoryError:
+    """The directory's answer to the session bind, as the core's verdict: the
+    entry (the password is right), InvalidCredentials (a refusal: counted), or
+    DirectoryUnavailable (anything else, a malformed answer included: not counted)."""
     if result is None:
-        return DIRECTORY_DOWN
+        return DirectoryUnavailable("malformed BindResponse")
     if result.code == ResultCode.SUCCESS:
-        return accepted
+        return identity
     if result.code in UPSTREAM_REFUSALS:
-        return refuse(ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS, "bad_password")
-    return DIRECTORY_DOWN
+        return InvalidCredentials(identity.username)
+    return DirectoryUnavailable(f"bind answered {result.code}")
 
 
 def reply_for_relayed_bind(

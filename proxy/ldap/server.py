@@ -2,14 +2,15 @@
 forwards everything else, byte for byte, to the real directory.
 
 Shape (after twisted.names.server and h11): :class:`LdapProxyFactory` owns
-what every connection shares — settings, the core's ``authenticate``, TLS
+what every connection shares — settings, the core's ``start``, TLS
 options, the bind rules (exempt DNs, ``user_base``, bind-cache windows),
 events, the per-address and buffer limits — and builds one thin
 :class:`LdapProxyProtocol` per client. The protocol decides nothing: it feeds
 what happens (bytes from the client, messages from its own upstream
-connection, the core's decision, a timer) into its
+connection, the core's answers, a timer) into its
 :class:`~proxy.ldap.session.LdapSession` and carries out the actions that
-come back (write to either side, ask the core, connect, start TLS, close).
+come back (write to either side, ask the core -- start, then finish or
+abandon the password check it hands back --, connect, start TLS, close).
 The sequencing invariants (RFC 4511 message IDs, a bind waits for quiet and
 holds what follows it, only a BindResponse answers the proxy's own bind, a
 possibly bound session is reset before a failed bind is answered) are
@@ -37,7 +38,8 @@ from twisted.python.failure import Failure
 
 from backends.ldapwire import tls
 from backends.ldapwire.messages import ResultCode, encode_notice_of_disconnection
-from policy.decision import Authenticate, AuthRequest, Decision
+from policy.decision import AuthRequest, Decision
+from policy.engine import PasswordCheck, StartSignIn
 from proxy.ldap import upstream
 from proxy.ldap.bind import is_expected_error
 from proxy.ldap.config import LdapFrontendConfig, parse_listen, parse_upstream
@@ -64,7 +66,7 @@ class LdapProxyFactory(ServerFactory):
     def __init__(
         self,
         config: LdapFrontendConfig,
-        authenticate: Authenticate,
+        start_sign_in: StartSignIn,
         events: LdapEvents | None = None,
         reactor: Any = None,
         connect_upstream: UpstreamConnector = upstream.connect,
@@ -77,7 +79,7 @@ class LdapProxyFactory(ServerFactory):
 
             reactor = default_reactor
         self.config = config
-        self.authenticate = authenticate
+        self.start_sign_in = start_sign_in
         self.events: LdapEvents = events or NullLdapEvents()
         self.reactor = reactor
         self.connect_upstream = connect_upstream
@@ -218,7 +220,10 @@ class LdapProxyProtocol(Protocol):
         self._source = source  # the address counted against max_connections_per_source
         self._counted = False
         self._upstream: upstream.UpstreamConnection | None = None
-        self._core_call: Deferred[Decision] | None = None
+        # The core's answer waited for: start's (cancelled when no longer wanted),
+        # or finish's (only forgotten: the core ends the sign-in either way).
+        self._core_call: Deferred[Any] | None = None
+        self._core_finishing = False
         self._timers: dict[Timer, Any] = {}  # IDelayedCall
         self._backlog: list[Action] = []  # actions that came while others ran
         self._running = False
@@ -331,10 +336,14 @@ class LdapProxyProtocol(Protocol):
             self.transport.resumeProducing()
         elif do is Do.ASK_CORE:
             self._ask_core(argument)
+        elif do is Do.FINISH_CHECK:
+            self._finish_check(*argument)
+        elif do is Do.ABANDON_CHECK:
+            argument.abandon()
         elif do is Do.CANCEL_CORE:
             call, self._core_call = self._core_call, None
-            if call is not None:
-                call.cancel()
+            if call is not None and not self._core_finishing:
+                call.cancel()  # the core abandons the check it would have handed back
         elif do is Do.CONNECT_UPSTREAM:
             self._connect_upstream()
         elif do is Do.CLOSE_UPSTREAM:
@@ -364,17 +373,28 @@ class LdapProxyProtocol(Protocol):
     # ------------------------------------------------------------ the core
 
     def _ask_core(self, request: AuthRequest) -> None:
-        call = maybeDeferred(self.factory.authenticate, request)
-        self._core_call = call
-        call.addCallbacks(self._core_decided, self._core_failed,
+        self._call_core(maybeDeferred(self.factory.start_sign_in, request), finishing=False)
+
+    def _finish_check(self, check: PasswordCheck, verdict: Any) -> None:
+        self._call_core(maybeDeferred(check.finish, verdict), finishing=True)
+
+    def _call_core(self, call: Deferred[Any], finishing: bool) -> None:
+        self._core_call, self._core_finishing = call, finishing
+        call.addCallbacks(self._core_answered, self._core_failed,
                           callbackArgs=(call,), errbackArgs=(call,))
 
-    def _core_decided(self, decision: Decision, call: Deferred[Decision]) -> None:
-        if call is self._core_call:  # else cancelled: the bind was answered without it
-            self._core_call = None
-            self._feed(self.session.core_decided, decision)
+    def _core_answered(self, answer: Decision | PasswordCheck, call: Deferred[Any]) -> None:
+        if call is not self._core_call:  # no longer wanted: the bind was answered without it
+            if isinstance(answer, PasswordCheck):
+                answer.abandon()  # never keep an identity's turn
+            return
+        self._core_call = None
+        if isinstance(answer, PasswordCheck):
+            self._feed(self.session.core_check, answer)
+        else:
+            self._feed(self.session.core_decided, answer)
 
-    def _core_failed(self, failure: Failure, call: Deferred[Decision]) -> None:
+    def _core_failed(self, failure: Failure, call: Deferred[Any]) -> None:
         if call is not self._core_call:
             return
         self._core_call = None

@@ -3,7 +3,7 @@
 After h11's ``_state.py``: :class:`State` names where a session is, and
 :data:`TRANSITIONS` is every move it may make; :class:`LdapSession` takes
 events (bytes read from the client, messages read from the directory, the
-core's decision, a timer, the upstream ready or lost) and returns what to do
+core's answers, a timer, the upstream ready or lost) and returns what to do
 about them as a list of :data:`Action` — ``(Do.X, argument)`` tuples the
 Twisted protocol (:mod:`proxy.ldap.server`) carries out in order. It never
 touches a socket, a reactor or a Deferred, so a test can drive every
@@ -26,11 +26,12 @@ Sequencing — the invariants this module keeps (RFC 4511 §4.1.1.1, §4.2.1):
    nothing the client sent after it is handled before the client has the
    bind's answer: no client operation reaches the directory between the
    proxy's upstream bind and that answer.
-3. The proxy's own upstream requests (the user's bind, a relayed bind, the
-   anonymous reset) are answered only by a response with their message ID
-   AND their type, a BindResponse. Any other response with that ID while
-   one is in flight, or a BindResponse the proxy did not wait for, is a
-   directory protocol violation: both connections close.
+3. The proxy's own upstream requests (the user's bind, which is the
+   password check of an MFA bind; a relayed bind; the anonymous reset) are
+   answered only by a response with their message ID AND their type, a
+   BindResponse. Any other response with that ID while one is in flight,
+   or a BindResponse the proxy did not wait for, is a directory protocol
+   violation: both connections close.
 4. The upstream session counts as possibly bound from the moment any bind
    is sent on it until an anonymous bind on it succeeds. A bind that does
    not succeed (for any reason, the front-end's own refusals included)
@@ -38,6 +39,10 @@ Sequencing — the invariants this module keeps (RFC 4511 §4.1.1.1, §4.2.1):
    bind has reset it; if the reset fails, the client gets no bind answer:
    both connections close. A bind that times out (the core or the
    directory may still act on it) gets 52, and both connections close.
+5. The core's turn for an identity (its gate, see :mod:`policy.engine`) is
+   held from the core's :class:`~policy.engine.PasswordCheck` until the check
+   is finished or abandoned; every path out of the states that hold one
+   (an answer, a timeout, either connection lost, a bug) ends it.
 
 How they are kept: (1) ``_admit`` takes every ID as it is read, and only a
 final answer (relayed, answered here, or abandoned) frees it; (2) a bind
@@ -47,7 +52,17 @@ paused; (3) :class:`~proxy.ldap.upstream_session.UpstreamSession` records the
 proxy's own bind in flight, and ``upstream_messages`` takes only a
 BindResponse with its ID for the answer; (4) ``UpstreamSession.bound`` is
 MAYBE from any bind sent until an anonymous bind succeeds, and ``_settle``
-sends the reset before a failed answer while it is.
+sends the reset before a failed answer while it is; (5) ``_Bind.check`` is
+the check held, and each way out of BIND_UPSTREAM finishes it (the upstream
+bind's answer) or abandons it (``_bind_timed_out``, ``_close``).
+
+An MFA bind (:mod:`proxy.ldap.bind` has its steps): the core's ``start``
+decides what needs no password check (locked, unknown, ...) and is answered
+at once; otherwise it hands back a password check, made as the client's
+upstream session bind as the resolved entry (the one bind as the user per
+sign-in); its BindResponse is the verdict the core's ``finish`` decides the
+code, counters and audit on. A reject after that bind succeeded (a wrong
+code) is answered after the reset (invariant 4).
 
 The moves (:data:`TRANSITIONS`, by :class:`Step`)::
 
@@ -56,9 +71,11 @@ The moves (:data:`TRANSITIONS`, by :class:`Step`)::
     READY                  --bind read--------->  BIND_WAITING_FOR_QUIET
     BIND_WAITING_FOR_QUIET --quiet------------->  BIND_DECIDING
     BIND_DECIDING          --needs upstream---->  BIND_REACHING --upstream settled--> BIND_DECIDING
-    BIND_DECIDING          --bind sent--------->  BIND_UPSTREAM
-    BIND_DECIDING, BIND_UPSTREAM --reset sent-->  RESETTING
-    BIND_DECIDING, BIND_UPSTREAM, RESETTING --answered--> READY
+    BIND_DECIDING          --bind sent--------->  BIND_UPSTREAM   (a relayed bind, or the
+                                                  password check the core handed back)
+    BIND_UPSTREAM          --verdict----------->  BIND_FINISHING  (the core decides the rest)
+    BIND_DECIDING, BIND_UPSTREAM, BIND_FINISHING --reset sent-->  RESETTING
+    BIND_DECIDING, BIND_UPSTREAM, BIND_FINISHING, RESETTING --answered--> READY
     every state but CLOSED --close------------->  CLOSED
 
 Requests are dispatched only in READY; in every other state what the client
@@ -70,7 +87,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backends.ldapwire.ber import BerError
 from backends.ldapwire.framing import MessageFramer
@@ -109,18 +126,22 @@ from proxy.ldap.bind import (
     UNAVAILABLE,
     BindReply,
     BindRules,
+    EntryBind,
     Relay,
     core_request,
     entry_bind,
+    password_verdict,
     plan_bind,
     reply_for_decision,
     reply_for_error,
     reply_for_relayed_bind,
-    reply_for_session_bind,
 )
 from proxy.ldap.config import LdapFrontendConfig
 from proxy.ldap.events import LdapEvents
 from proxy.ldap.upstream_session import Bound, Link, SessionBug, UpstreamSession
+
+if TYPE_CHECKING:
+    from policy.engine import PasswordCheck
 
 # ------------------------------------------------------------------ states
 
@@ -130,9 +151,10 @@ class State(enum.Enum):
     READY = "ready"  # requests are handled as they are read: forwarded, or answered here
     REACHING = "reaching"  # a request waits while a down upstream is tried again
     BIND_WAITING_FOR_QUIET = "bind_waiting_for_quiet"  # for forwarded operations to finish
-    BIND_DECIDING = "bind_deciding"  # the front-end's checks, then the core, decide the bind
+    BIND_DECIDING = "bind_deciding"  # the front-end's checks, then the core's start
     BIND_REACHING = "bind_reaching"  # the bind needs a down upstream, which is tried again
-    BIND_UPSTREAM = "bind_upstream"  # the proxy's own bind (entry or relayed) is at the directory
+    BIND_UPSTREAM = "bind_upstream"  # the proxy's own bind (the password check, or relayed)
+    BIND_FINISHING = "bind_finishing"  # the core's finish: code, counters, audit
     RESETTING = "resetting"  # the anonymous bind before a failed bind's answer (invariant 4)
     CLOSED = "closed"
 
@@ -145,6 +167,7 @@ class Step(enum.Enum):
     BIND_READ = "bind_read"  # a bind is dispatched
     QUIET = "quiet"  # no forwarded operation is outstanding: the bind starts
     BIND_SENT = "bind_sent"  # the proxy's own bind went upstream
+    VERDICT = "verdict"  # the directory answered the password check
     RESET_SENT = "reset_sent"  # the anonymous reset went upstream
     ANSWERED = "answered"  # the client has the bind's answer
     CLOSE = "close"
@@ -155,6 +178,7 @@ _BIND_STATES = (
     State.BIND_DECIDING,
     State.BIND_REACHING,
     State.BIND_UPSTREAM,
+    State.BIND_FINISHING,
     State.RESETTING,
 )
 
@@ -173,7 +197,12 @@ TRANSITIONS: dict[State, dict[Step, State]] = {
         Step.ANSWERED: State.READY,
     },
     State.BIND_REACHING: {Step.UPSTREAM_SETTLED: State.BIND_DECIDING},
-    State.BIND_UPSTREAM: {Step.RESET_SENT: State.RESETTING, Step.ANSWERED: State.READY},
+    State.BIND_UPSTREAM: {
+        Step.VERDICT: State.BIND_FINISHING,
+        Step.RESET_SENT: State.RESETTING,
+        Step.ANSWERED: State.READY,
+    },
+    State.BIND_FINISHING: {Step.RESET_SENT: State.RESETTING, Step.ANSWERED: State.READY},
     State.RESETTING: {Step.ANSWERED: State.READY},
     State.CLOSED: {},
 }
@@ -195,8 +224,11 @@ class Do(enum.Enum):
     CONNECT_UPSTREAM = "connect_upstream"  # None: answer with upstream_ready/unreachable
     CLOSE_UPSTREAM = "close_upstream"  # bool: abort (drop at once) rather than close
     CLOSE_CLIENT = "close_client"  # None: after what was sent before it
-    ASK_CORE = "ask_core"  # AuthRequest: answer with core_decided/core_failed
-    CANCEL_CORE = "cancel_core"  # None: the decision is no longer wanted
+    ASK_CORE = "ask_core"  # AuthRequest: the core's start; answer with core_decided
+    #   (a decision), core_check (a PasswordCheck) or core_failed
+    FINISH_CHECK = "finish_check"  # (PasswordCheck, verdict): answer with core_decided/core_failed
+    ABANDON_CHECK = "abandon_check"  # PasswordCheck: no verdict will come (nothing to answer)
+    CANCEL_CORE = "cancel_core"  # None: the answer asked for is no longer wanted
     START_TIMER = "start_timer"  # (Timer, seconds): answer with timer_fired(timer)
     CANCEL_TIMER = "cancel_timer"  # Timer
     LOG = "log"  # LogLine
@@ -209,7 +241,7 @@ class Timer(enum.Enum):
     IDLE = "idle"  # idle_timeout: no traffic while nothing is outstanding
     UNBOUND = "unbound"  # unbound_timeout: no successful bind since connecting
     BIND_WAIT = "bind_wait"  # bind_timeout: a bind waiting for operations to finish
-    BIND = "bind"  # bind_timeout: a bind's decision, session bind and reset together
+    BIND = "bind"  # bind_timeout: a bind's start, password check, finish and reset together
 
 
 class LogLine:
@@ -242,7 +274,7 @@ class _FirstBind(enum.Enum):
 class _Bind:
     """The client's bind in progress (one at a time: invariant 2)."""
 
-    __slots__ = ("accepted", "header", "message", "read_at", "relay", "reply", "request",
+    __slots__ = ("check", "header", "message", "read_at", "relay", "reply", "request",
                  "started")
 
     def __init__(self, message: bytes, header: MessageHeader, read_at: float) -> None:
@@ -250,7 +282,7 @@ class _Bind:
         self.started = read_at  # when its decision began (the bind metric's seconds)
         self.request: BindRequest | None = None
         self.relay: Relay | None = None  # a relayed bind at the directory
-        self.accepted: BindReply | None = None  # the core's accept, while the session bind runs
+        self.check: PasswordCheck | None = None  # the core's, while its upstream bind runs
         self.reply: BindReply | None = None  # the answer, while the reset runs
 
     @property
@@ -263,6 +295,8 @@ _LINK_READY = Link.READY
 _READY = State.READY
 _CLOSED = State.CLOSED
 _WAITING_FOR_QUIET = State.BIND_WAITING_FOR_QUIET
+# Where the core's answer is waited for (and, once closed, still counted when it comes).
+_CORE_ANSWERS = (State.BIND_DECIDING, State.BIND_FINISHING, State.CLOSED)
 
 
 class LdapSession:
@@ -766,7 +800,7 @@ class LdapSession:
             out.append((Do.CONNECT_UPSTREAM, None))
         else:
             self._bind_reachable(out, False)
-        # The decision, the session bind and the reset together: bind_timeout
+        # The core, the password check and the reset together: bind_timeout
         # (not for a bind answered already, nor for the next one the answer let in).
         if self._bind is bind and self.state in _BIND_STATES and self.config.bind_timeout > 0:
             self._start_timer(out, Timer.BIND, self.config.bind_timeout)
@@ -789,39 +823,59 @@ class LdapSession:
                         core_request(bind.request, self.config, self._peer, window)))
 
     def core_decided(self, decision: Decision) -> list[Action]:
-        """The core's decision on the bind in BIND_DECIDING (or on one whose
-        session closed meanwhile: only counted)."""
+        """The core's decision: start's, without a password check (BIND_DECIDING),
+        or finish's (BIND_FINISHING); on a bind whose session closed meanwhile,
+        only counted."""
         out: list[Action] = []
         bind = self._bind
-        if bind is None or self.state not in (State.BIND_DECIDING, _CLOSED):
+        state = self.state
+        if bind is None or state not in _CORE_ANSWERS:
             return out
         reply = reply_for_decision(decision)
-        if not reply.success:
-            self._settle(out, reply)
+        if reply.success and state is not State.BIND_FINISHING:
+            if state is _CLOSED:
+                reply = DIRECTORY_DOWN  # the session it was for is gone
+            else:  # the upstream session is not bound as the entry
+                out.append((Do.LOG, LogLine(
+                    "error", "core accepted an LDAP bind without its password check")))
+                reply = INTERNAL_ERROR
+        self._settle(out, reply)
+        return out
+
+    def core_check(self, check: PasswordCheck) -> list[Action]:
+        """The core's start handed back the password check: the upstream session
+        bind as the resolved entry is that check (invariant 5: from here on the
+        check is finished or abandoned, whatever happens)."""
+        out: list[Action] = []
+        bind = self._bind
+        if bind is None or self.state is not State.BIND_DECIDING:
+            # Nobody waits for it (the session closed, or a bug): give the turn back.
+            out.append((Do.ABANDON_CHECK, check))
+            if bind is not None and self.state is _CLOSED:
+                self._settle(out, DIRECTORY_DOWN)  # counted, never sent
             return out
-        entry = entry_bind(decision, self.rules)
-        if entry is None:
-            out.append((Do.LOG, LogLine("error",
-                                        "core accepted an LDAP bind without an entry to bind as")))
-            self._settle(out, INTERNAL_ERROR)
-        elif isinstance(entry, BindReply):
-            self._settle(out, entry)
-        elif self.state is _CLOSED:
-            self._settle(out, DIRECTORY_DOWN)  # the session it was for is gone
-        else:
-            assert bind.request is not None
-            self.events.forwarded("bind")
-            bind.accepted = reply
-            sent = self.upstream.bind_as(bind.message_id, entry.dn, entry.password,
-                                         bind.request.controls)
-            self._go(Step.BIND_SENT)
-            out.append((_SEND_UPSTREAM, sent))
+        entry = entry_bind(check, self.rules)
+        if not isinstance(entry, EntryBind) or not self.upstream.ready:
+            out.append((Do.ABANDON_CHECK, check))
+            if entry is None:
+                out.append((Do.LOG, LogLine(
+                    "error", "core handed back an LDAP password check without an entry")))
+                self._settle(out, INTERNAL_ERROR)
+            else:  # outside user_base, or the upstream gone
+                self._settle(out, entry if isinstance(entry, BindReply) else DIRECTORY_DOWN)
+            return out
+        assert bind.request is not None
+        bind.check = check
+        sent = self.upstream.bind_as(bind.message_id, entry.dn, entry.password,
+                                     bind.request.controls)
+        self._go(Step.BIND_SENT)
+        out.append((_SEND_UPSTREAM, sent))
         return out
 
     def core_failed(self, error: BaseException) -> list[Action]:
         """The core's Deferred failed (the Twisted side logs one that is a bug)."""
         out: list[Action] = []
-        if self._bind is None or self.state not in (State.BIND_DECIDING, _CLOSED):
+        if self._bind is None or self.state not in _CORE_ANSWERS:
             return out
         self._settle(out, reply_for_error(error) or INTERNAL_ERROR)
         return out
@@ -843,14 +897,10 @@ class LdapSession:
             self._settle(out, reply_for_relayed_bind(result, response, bind.relay.reason,
                                                      bind.request.is_anonymous))
         else:
-            assert bind.accepted is not None
-            if result is not None and result.code != ResultCode.SUCCESS:
-                # The directory took this password a moment ago on the core's own bind.
-                out.append((Do.LOG, LogLine(
-                    "warn", "session bind refused after the core accepted: {code} {diagnostic}",
-                    code=result.code, diagnostic=result.diagnostic,
-                )))
-            self._settle(out, reply_for_session_bind(result, bind.accepted))
+            check, bind.check = bind.check, None
+            assert check is not None
+            self._go(Step.VERDICT)
+            out.append((Do.FINISH_CHECK, (check, password_verdict(result, check.identity))))
 
     def _settle(self, out: list[Action], reply: BindReply) -> None:
         """Invariant 4: make the upstream session match the answer before giving it."""
@@ -934,11 +984,23 @@ class LdapSession:
             self.upstream.abandon()
             self._settle(out, TIMED_OUT)
         elif state is State.BIND_UPSTREAM:
+            self._abandon_check(out)
+            self.upstream.abandon()
+            self._settle(out, TIMED_OUT)
+        elif state is State.BIND_FINISHING:
+            out.append((Do.CANCEL_CORE, None))  # the core still ends its turn itself
             self.upstream.abandon()
             self._settle(out, TIMED_OUT)
         elif state is State.RESETTING:
             self.upstream.abandon()
             self._reset_failed(out, "timed out")
+
+    def _abandon_check(self, out: list[Action]) -> None:
+        """Invariant 5: the password check held ends without a verdict."""
+        bind = self._bind
+        if bind is not None and bind.check is not None:
+            out.append((Do.ABANDON_CHECK, bind.check))
+            bind.check = None
 
     # ------------------------------------------------------------ closing
 
@@ -969,7 +1031,8 @@ class LdapSession:
         self._release_buffers()
         self._waiting = None
         bind = self._bind
-        if bind is not None and state is not State.BIND_DECIDING:  # (a decision still counts)
+        if bind is not None and state not in _CORE_ANSWERS:  # (the core's answer still counts)
+            self._abandon_check(out)
             self._bind = None
             if state is State.RESETTING and bind.reply is not None:
                 self._count_bind(bind, bind.reply)

@@ -300,7 +300,8 @@ class Slapd:
     svc_dn: str = SVC_DN
     svc_password: str = SVC_PASSWORD
     # slapd's -d level: "0" (nothing), or "stats" to log every operation in slapd.log
-    # (a test that proves which searches the proxy sends reads it: searches()).
+    # (a test that proves which searches or binds the proxy sends reads it:
+    # searches(), binds()).
     debug: str = "0"
     _process: SlapdProcess | None = field(default=None, repr=False)
 
@@ -335,10 +336,23 @@ class Slapd:
     def searches(self, since: int = 0) -> list[str]:
         """The SRCH lines of slapd.log from byte ``since`` on (with ``debug="stats"``):
         ``base="..." scope=2 deref=0 filter="(...)"``, one per search received."""
+        return [line.split(" SRCH ", 1)[1] for line in self._log_lines(since)
+                if " SRCH base=" in line]
+
+    def binds(self, since: int = 0) -> list[str]:
+        """The DNs of the binds slapd received from byte ``since`` of slapd.log on
+        (with ``debug="stats"``), one per BindRequest ("" for an anonymous one),
+        whatever their result."""
+        found = []
+        for line in self._log_lines(since):
+            if " BIND dn=\"" in line and " method=" in line:  # the request's line
+                found.append(line.split(' BIND dn="', 1)[1].rsplit('" method=', 1)[0])
+        return found
+
+    def _log_lines(self, since: int) -> list[str]:
         with open(self.workdir / "slapd.log", "rb") as f:
             f.seek(since)
-            text = f.read().decode(errors="replace")
-        return [line.split(" SRCH ", 1)[1] for line in text.splitlines() if " SRCH base=" in line]
+            return f.read().decode(errors="replace").splitlines()
 
     def log_size(self) -> int:
         """Where slapd.log ends now (for :meth:`searches`)."""

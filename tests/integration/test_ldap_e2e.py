@@ -50,6 +50,7 @@ from tests.integration.slapd import (
     free_port,
     make_ca,
     make_server_cert,
+    start_slapd,
     user_dn,
     user_password,
 )
@@ -440,6 +441,35 @@ def strict_proxy(slapd: Slapd, codes: Codes,
     process.stop_cleanly()
 
 
+@dataclass
+class CountedProxy:
+    process: ProxyProcess
+    slapd: Slapd
+    codes: Codes
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CountedProxy]:
+    """A proxy in front of a slapd of its own that logs every operation
+    (``debug="stats"``): what one sign-in costs the directory, counted."""
+    slapd = start_slapd(tmp_path_factory.mktemp("slapd-stats"), debug="stats")
+    try:
+        root = tmp_path_factory.mktemp("e2e-counted")
+        process = start_proxy(root, slapd, radius=False)
+        try:
+            codes = Codes()  # (its own keys: the main proxy's codes are not touched)
+            rows = [f"{user},{codes.new_totp_key(user)}" for user in ("alice", "bob")]
+            (root / "users.csv").write_text("username,secret\n" + "\n".join(rows) + "\n")
+            process.ok("user", "import", str(root / "users.csv"), real=True)
+            yield CountedProxy(process, slapd, codes)
+        except BaseException:
+            process.stop()
+            raise
+        process.stop_cleanly()
+    finally:
+        slapd.stop()
+
+
 # ---------------------------------------------------------------- clients
 
 
@@ -519,6 +549,24 @@ def test_bind_with_password_and_code_whoami_shows_the_dn(
     assert_whoami(result, dn)
     view = proxy.show("alice")
     assert view["status"] == "enrolled" and view["failures"] == 0 and not view["locked"]
+
+
+def test_a_sign_in_is_one_bind_as_the_user_on_the_session_the_client_uses(
+        counted: CountedProxy) -> None:
+    """The password check is the client's upstream session bind itself: the
+    directory sees one bind as the user per sign-in (and the core's look-up of
+    the entry), never a second one on the core's own connection."""
+    dn, slapd = user_dn("alice"), counted.slapd
+    since = slapd.log_size()
+    assert_whoami(whoami(counted.process.url, dn, f"alice-pw,{counted.codes.fresh('alice')}"),
+                  dn)  # (WhoAmI is answered by the session: bound as alice)
+    assert slapd.binds(since).count(dn) == 1
+    assert [b for b in slapd.binds(since) if b not in (dn, slapd.svc_dn, "")] == []
+    assert slapd.searches(since)  # the look-up of the entry
+    since = slapd.log_size()  # a wrong code: the same one bind, then the reset
+    assert_refused(whoami(counted.process.url, dn, f"alice-pw,{counted.codes.wrong('alice')}"),
+                   49, "invalid credentials")
+    assert slapd.binds(since).count(dn) == 1 and "" in slapd.binds(since)
 
 
 def test_wrong_code_or_wrong_password_is_49_and_reads_the_same(

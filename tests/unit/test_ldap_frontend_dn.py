@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from proxy.ldap.config import (
     BindCacheRule,
@@ -10,7 +14,7 @@ from proxy.ldap.config import (
     parse_listen,
     parse_upstream,
 )
-from proxy.ldap.dn import DnSuffixMap, normalize_dn, parse_dn
+from proxy.ldap.dn import DnSuffixMap, _parse_any, normalize_dn, parse_dn
 
 
 @pytest.mark.parametrize(
@@ -122,3 +126,21 @@ def test_config_problems_name_the_key() -> None:
         "ldap.bind_cache_rules",
     ):
         assert any(p.startswith(key + ":") for p in problems), key
+
+
+def _parsed_or_refused(parse: Any, name: str) -> Any:
+    try:
+        return parse(name)
+    except ValueError:
+        return ValueError
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="uidcnoOUDC=, \t#<>ab09.\\\"+;é", max_size=40)
+       | st.from_regex(r"\A[ \t]*(uid|UID|cn|ou|dc|0\.9\.2342\.19200300\.100\.1\.1)[ \t]*="
+                       r"[a-zA-Z0-9 \t=<>#.]*(,[ \t]*(ou|dc)[ \t]*=[a-z0-9 \t]*)*,?[ \t]*\Z"))
+@example("uid=\talice\t,ou=people")
+@example("uid=alice, ,dc=org")
+@example(" UID = Alice ,OU=People ")
+def test_the_plain_dn_fast_path_reads_what_the_full_parser_reads(name: str) -> None:
+    assert _parsed_or_refused(parse_dn, name) == _parsed_or_refused(_parse_any, name)

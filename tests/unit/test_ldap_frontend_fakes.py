@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 
 from backends.base import AsyncDirectory, DirectoryUnavailable, Identity, InvalidCredentials
 from policy.decision import AuthRequest, Decision
-from policy.engine import Authenticator, Limits, PolicyEngine
+from policy.engine import Authenticator, Limits, PasswordCheck, PolicyEngine
 from policy.keys import KeyRing
 from policy.schema import DAY
 from policy.store import Store
@@ -81,9 +81,12 @@ class MemoryDirectory:
 
 
 class RealCore:
-    """The front-end's ``authenticate``: the real engine, users enrolled and
-    required. ``good(user)`` is the password and a fresh valid code (the
-    core's clock then moves one time step, so the next one is fresh too)."""
+    """The front-end's ``start_sign_in``: the real engine's
+    :meth:`Authenticator.start`, users enrolled and required. ``good(user)`` is
+    the password and a fresh valid code (the core's clock then moves one time
+    step, so the next one is fresh too). The LDAP front-end checks passwords
+    with its own upstream bind, so ``directory`` only resolves entries for it
+    (its ``checks`` stay empty)."""
 
     def __init__(self, directory: AsyncDirectory | None = None,
                  enrolled: tuple[str, ...] = USERS, max_failures: int = 5) -> None:
@@ -99,17 +102,29 @@ class RealCore:
                                            lambda f, *a: maybeDeferred(f, *a), clock=self.clock)
         self.secrets: dict[str, str] = {}
         self.requests: list[AuthRequest] = []
-        self.hold: Deferred[None] | None = None  # when set, the next decision waits for it
+        self.hold: Deferred[None] | None = None  # when set, start's next answer waits for it
+        self.checks: list[PasswordCheck] = []  # every password check start handed out
         for name in enrolled:
             self.enroll(name)
 
-    def __call__(self, request: AuthRequest) -> Deferred[Decision]:
+    def __call__(self, request: AuthRequest) -> Deferred[Decision | PasswordCheck]:
         self.requests.append(request)
-        decided = self.authenticator.authenticate(request)
+        started = self.authenticator.start(request)
+        started.addCallback(self._handed_out)
         if self.hold is not None:
             hold, self.hold = self.hold, None
-            return decided.addCallback(lambda d: hold.addCallback(lambda _: d))
-        return decided
+            return started.addCallback(lambda d: hold.addCallback(lambda _: d))
+        return started
+
+    def _handed_out(self, answer: Decision | PasswordCheck) -> Decision | PasswordCheck:
+        if isinstance(answer, PasswordCheck):
+            self.checks.append(answer)
+        return answer
+
+    @property
+    def turns_held(self) -> int:
+        """Identities whose turn at the gate is taken (0 once every sign-in ended)."""
+        return len(self.authenticator.gate)
 
     # -- state, through the store as the admin commands write it
 

@@ -28,7 +28,7 @@ from proxy.ldap.server import LdapProxyFactory, LdapProxyProtocol
 from proxy.ldap.upstream import UpstreamConnection, UpstreamOwner, UpstreamSettings
 from tests.ldap_messages import BASE, UNKNOWN_OID, abandon, entry, search, whoami
 from tests.unit.test_ldap_frontend_ber import near_valid
-from tests.unit.test_ldap_frontend_fakes import USERS, RealCore
+from tests.unit.test_ldap_frontend_fakes import USERS, MemoryDirectory, RealCore
 
 ALICE = f"uid=alice,ou=people,{BASE}"
 PROXY_UNBIND_ID = 2**31 - 1  # proxy/ldap/upstream.py
@@ -227,8 +227,8 @@ def test_bind_with_password_and_code_binds_upstream_with_the_password_only() -> 
     credential = h.core.good()
     client.bind(ALICE, credential)
     assert client.result().code == ResultCode.SUCCESS
-    assert h.directory.binds == [(ALICE, b"alice-pw")]
-    assert h.core.directory.checks == [("alice", "alice-pw")]
+    assert h.directory.binds == [(ALICE, b"alice-pw")]  # the one bind as alice: the check
+    assert h.core.directory.checks == []  # the core bound nowhere itself
     (request,) = h.core.requests
     assert (request.username, request.bind_dn, request.password, request.separator) == (
         ALICE, ALICE, credential, ",")
@@ -244,18 +244,23 @@ def test_the_session_is_bound_as_the_entry_not_as_the_client_spelled_it() -> Non
     assert h.directory.binds == [(ALICE, b"alice-pw")]
 
 
-@pytest.mark.parametrize(
-    "password", ["alice-pw,654321", "alice-pw", "alice-pw,", "wrong,123456"]
-)
-def test_refused_binds_all_read_the_same_and_never_bind_the_session(password: str) -> None:
-    h = make()
+@pytest.mark.parametrize(("password", "checked"), [
+    ("alice-pw,654321", b"alice-pw"), ("alice-pw", b"alice-pw"), ("alice-pw,", b"alice-pw,"),
+    ("wrong,123456", b"wrong")])
+def test_refused_binds_all_read_the_same_and_leave_the_session_anonymous(
+        password: str, checked: bytes) -> None:
+    h = make(directory=FakeDirectory(auto=False))
     client = h.client()
     client.bind(ALICE, password)
+    assert h.directory.binds == [(ALICE, checked)]  # the password check: the code split off
+    h.directory.release()
+    assert h.directory.binds == [(ALICE, checked), ("", b"")]  # then the reset
+    assert client.responses() == []  # the answer waits for it
+    h.directory.release()
     result = client.result()
     # the core's text, the same for a bad password and a bad or missing code
     assert (result.code, result.diagnostic) == (49, CREDENTIALS)
-    assert h.directory.binds == []  # the session never saw the password alone
-    assert h.core.failures("alice") == 1
+    assert h.core.failures("alice") == 1 and h.core.turns_held == 0
 
 
 def test_a_failed_bind_after_a_success_resets_the_session_before_answering() -> None:
@@ -264,8 +269,10 @@ def test_a_failed_bind_after_a_success_resets_the_session_before_answering() -> 
     client.bind(ALICE, h.core.good())
     h.directory.release()
     assert client.result().code == 0
-    client.bind(ALICE, "alice-pw,000000")  # wrong code: alice is still bound upstream
-    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # an anonymous reset
+    client.bind(ALICE, "alice-pw,000000")  # wrong code
+    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]  # the password check
+    h.directory.release()  # the password is right: the session is alice's until the reset
+    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw", b""]
     assert client.responses() == []  # no answer until the reset is done
     h.directory.release()
     assert client.result().code == 49
@@ -281,18 +288,18 @@ def test_after_a_session_bind_every_failure_is_followed_by_one_reset() -> None:
     assert client.result().code == 0
     client.bind(ALICE, "nope,123456")
     assert client.result().code == 49
-    assert h.directory.bind_passwords() == [b"alice-pw", b""]
+    assert h.directory.bind_passwords() == [b"alice-pw", b"nope", b""]
     client.bind(ALICE, "")  # refused locally (53): the reset held, no second one
     assert client.result().code == 53
-    assert h.directory.bind_passwords() == [b"alice-pw", b""]
+    assert h.directory.bind_passwords() == [b"alice-pw", b"nope", b""]
 
 
-def test_a_refusal_on_a_fresh_connection_needs_no_reset() -> None:
+def test_a_refusal_before_any_upstream_bind_needs_no_reset() -> None:
     h = make()
     client = h.client()
     client.bind(ALICE, "")
     assert client.result().code == 53
-    client.bind(ALICE, "nope,123456")  # the core refuses: nothing went upstream
+    client.bind(f"uid=nobody,ou=people,{BASE}", "nope,123456")  # refused before any check
     assert client.result().code == 49
     assert h.directory.binds == []
 
@@ -320,7 +327,7 @@ def test_a_new_bind_after_success_that_fails_leaves_the_session_anonymous() -> N
     client.responses()
     client.bind(BOB, "wrong,123456")
     assert client.result().code == 49
-    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # alice's session reset
+    assert h.directory.bind_passwords() == [b"alice-pw", b"wrong", b""]  # then reset
 
 
 def test_failed_bind_after_a_success_resets_even_a_local_refusal() -> None:
@@ -350,7 +357,7 @@ def test_expired_enrollment() -> None:
     client.bind(ALICE, "alice-pw")
     result = client.result()
     assert result.code == 49 and result.diagnostic.startswith("enrollment expired")
-    assert h.directory.binds == []
+    assert h.directory.binds == [(ALICE, b"alice-pw"), ("", b"")]  # checked, then reset
 
 
 def test_user_in_enrollment_passes_with_password_and_is_told_the_days_left() -> None:
@@ -395,15 +402,35 @@ def test_directory_unavailable_during_the_check_answers_52() -> None:
     assert h.core.failures("alice") == 0
 
 
-def test_session_bind_refused_after_the_core_accepted_is_not_success() -> None:
+def test_the_directory_s_answer_to_the_password_check_is_the_verdict() -> None:
     h = make(directory=FakeDirectory(bind_results={b"alice-pw": 49}))
     client = h.client()
     client.bind(ALICE, h.core.good())
     assert client.result().code == 49
+    assert h.core.failures("alice") == 1  # a refusal counts
     h = make(directory=FakeDirectory(bind_results={b"alice-pw": 52}))
     client = h.client()
     client.bind(ALICE, h.core.good())
     assert client.result().code == 52
+    assert h.core.failures("alice") == 0  # the directory's trouble does not
+    h.core.engine.audit.flush()
+    assert [r.reason for r in h.core.store.admin.recent_audit("alice")] == [
+        "directory_unavailable"]
+
+
+def test_the_client_gone_mid_check_gives_the_identity_s_turn_back() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.bind(ALICE, h.core.good())
+    assert h.directory.binds == [(ALICE, b"alice-pw")] and h.core.turns_held == 1
+    client.protocol.connectionLost(Failure(ConnectionError()))
+    assert h.core.turns_held == 0
+    h.core.engine.audit.flush()
+    assert [r.reason for r in h.core.store.admin.recent_audit("alice")] == [
+        "directory_unavailable"]
+    again = h.client()  # alice's next attempt is not kept waiting
+    again.bind(ALICE, h.core.good())
+    assert h.directory.binds[-1] == (ALICE, b"alice-pw")
 
 
 def test_bind_controls_are_kept_on_the_upstream_bind() -> None:
@@ -850,7 +877,9 @@ def test_a_failed_bind_after_a_success_holds_everything_until_the_reset() -> Non
     client.send(
         messages.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami(7)
     )
-    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # the reset, nothing else
+    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]  # the check only
+    h.directory.release()
+    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw", b""]  # the reset
     requests = len(h.directory.requests)
     assert client.responses() == []
     h.directory.release()  # the reset holds: the client hears 49, then the rest goes
@@ -898,16 +927,51 @@ def test_a_late_accept_after_the_answer_binds_nothing() -> None:
         pending.append(Deferred())
         return pending[-1]
 
-    h.factory.authenticate = slow_core
+    h.factory.start_sign_in = slow_core
     client = h.client()
     client.bind(ALICE, "alice-pw,123456")
     h.clock.advance(5)
     assert messages.decode_result(client.responses()[0]).code == 52
     assert client.closed  # a timed-out bind ends the session
-    late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE),
-                    password="alice-pw")
+    late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE))
     pending[0].callback(late)  # ignored: it was cancelled
     assert h.directory.binds == []
+
+
+class HeldLookups(MemoryDirectory):
+    """The core's look-ups wait until ``release()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[Identity | None], str]] = []
+
+    def lookup(self, username: str) -> Deferred[Identity | None]:
+        d: Deferred[Identity | None] = Deferred()
+        self.held.append((d, username))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, username in held:
+            MemoryDirectory.lookup(self, username).chainDeferred(d)
+
+
+def test_a_password_check_the_core_hands_back_after_a_timeout_is_given_back() -> None:
+    core = RealCore(HeldLookups())
+    _cores.append(core)
+    h = make(core, bind_timeout=5)
+    client = h.client()
+    client.bind(ALICE, h.core.good())
+    h.clock.advance(5)  # start is cancelled while the entry is looked up
+    assert messages.decode_result(client.responses()[0]).code == 52 and client.closed
+    assert core.turns_held == 0  # not at the gate yet
+    core.directory.release()  # the core goes on: its check finds nobody waiting
+    assert core.turns_held == 0  # ... and is abandoned, never handed out
+    assert core.checks == []
+    assert h.directory.binds == []
+    core.engine.audit.flush()
+    assert [r.reason for r in core.store.admin.recent_audit("alice")] == [
+        "directory_unavailable"]
 
 
 # ---------------------------------------------------------------- sequencing, as a property
@@ -1047,8 +1111,9 @@ def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, 
     an ID twice at once, never runs an operation as anyone but who the client was
     last told it is (so never as alice after a failed bind, nor between the
     proxy's bind and its answer), a WhoAmI answers as of the last bind sent
-    before it, a bind succeeds only with password and code, and the session
-    closes exactly when an ID still in use is reused."""
+    before it, a bind succeeds only with password and code, the session
+    closes exactly when an ID still in use is reused, and the core holds no
+    identity's turn once the session closed or everything was answered."""
     directory = TrackingDirectory()
     h = make(seq_core(), require_bind=False, directory=directory)
     client = h.client()
@@ -1108,6 +1173,7 @@ def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, 
         assert directory.violations == []
         assert h.events[("dropped", "internal_error")] == 0
         if client.closed:
+            assert seq_core().turns_held == 0  # a password check held was given back
             return
     for _ in range(20):  # let everything finish
         directory.release_some([0] * 100)
@@ -1115,6 +1181,7 @@ def test_sequencing_invariants_hold_for_any_interleaving(steps: list[tuple[str, 
     assert directory.violations == []
     assert h.events[("dropped", "internal_error")] == 0
     assert directory.identity == told()
+    assert seq_core().turns_held == 0
 
 
 # ---------------------------------------------------------------- limits and errors
@@ -1208,7 +1275,9 @@ def test_unbound_timeout_waits_for_a_bind_in_progress() -> None:
     h.clock.advance(2)
     assert not ok.closed and not refused.closed  # their binds are still running
     h.directory.release()
-    hold.callback(None)
+    hold.callback(None)  # bob's password check goes upstream, then the reset
+    while h.directory.held:
+        h.directory.release()
     assert ok.result().code == 0 and not ok.closed
     bind_response, notice = refused.responses()
     assert messages.decode_result(bind_response).code == 49
@@ -1367,8 +1436,9 @@ def test_bind_cache_is_the_core_s_repeat_window_with_an_audit_row_each_time() ->
     credential = h.core.good()
     assert codes(h.client(), credential, credential) == [0, 0]
     assert len(h.core.requests) == 2  # each bind is a decision, cached or not
-    assert h.core.directory.checks == [("alice", "alice-pw")] * 2  # the password each time
+    # the password checked each time, by the session bind alone
     assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]
+    assert h.core.directory.checks == []
     assert h.events[("bind", "accept", Reason.REPEAT.value)] == 1
     h.core.engine.audit.flush()
     assert [r.reason for r in h.core.store.admin.recent_audit("alice")] == ["repeat", "ok"]
@@ -1407,7 +1477,7 @@ def test_bind_cache_hit_with_a_changed_password_is_refused() -> None:
     credential = h.core.good()
     client = h.client()
     assert codes(client, credential) == [0]
-    h.core.directory.passwords["alice"] = "changed-pw"  # changed in the directory
+    h.directory.bind_results[b"alice-pw"] = 49  # changed in the directory
     assert codes(client, credential) == [49]
 
 

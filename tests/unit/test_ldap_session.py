@@ -20,7 +20,7 @@ from backends.base import DirectoryUnavailable, Identity
 from backends.ldapwire import ber, messages
 from backends.ldapwire.messages import ResultCode
 from policy.decision import AuthRequest, Decision, Outcome, Reason
-from policy.engine import CREDENTIALS
+from policy.engine import CREDENTIALS, PasswordCheck
 from proxy.ldap.config import LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory
@@ -45,7 +45,7 @@ from tests.ldap_messages import (
     search,
     whoami,
 )
-from tests.unit.test_ldap_frontend_fakes import RealCore, user_dn
+from tests.unit.test_ldap_frontend_fakes import MemoryDirectory, RealCore, user_dn
 
 ALICE = user_dn("alice")
 BOB = user_dn("bob")
@@ -70,10 +70,16 @@ def is_notice(message: bytes) -> bool:
 class Driver:
     """Feeds one LdapSession and carries out its actions on plain lists: what
     went to the directory, what the client got, the core requests waiting,
-    the timers running (by deadline), and how each side was closed."""
+    the timers running (by deadline), and how each side was closed.
+
+    The core's part, as the Twisted side plays it: ASK_CORE waits in ``asks``
+    until ``decide()`` runs the core's start on it; FINISH_CHECK and
+    ABANDON_CHECK reach the core at once; finish's decision is fed back at the
+    end of the event that asked for it (``auto_finish``), or waits in
+    ``finishing`` until ``finish()``; CANCEL_CORE forgets what was asked."""
 
     def __init__(self, core: RealCore | None = None, start_tls: bool = False,
-                 **settings: Any) -> None:
+                 auto_finish: bool = True, **settings: Any) -> None:
         self.config = replace(
             LdapFrontendConfig(exempt=(SVC,), idle_timeout=0, unbound_timeout=0), **settings
         )
@@ -92,6 +98,10 @@ class Driver:
         self.upstream: list[bytes] = []  # everything sent to the directory, in order
         self.client: list[bytes] = []  # everything the client got, not yet read()
         self.asks: list[AuthRequest] = []  # core requests not yet decided
+        self.auto_finish = auto_finish
+        self.finishing: list[Any] = []  # finish's decisions (or failures) not yet fed back
+        self.finished = 0  # password checks finished, and abandoned
+        self.abandoned = 0
         self.timers: dict[Timer, float] = {}
         self.logs: list[LogLine] = []
         self.client_closed = False
@@ -121,9 +131,17 @@ class Driver:
                 del self.timers[argument]
             elif do is Do.ASK_CORE:
                 self.asks.append(argument)
+            elif do is Do.FINISH_CHECK:
+                check, verdict = argument
+                self.finished += 1
+                self.finishing.append(fired(check.finish(verdict)))
+            elif do is Do.ABANDON_CHECK:
+                self.abandoned += 1
+                argument.abandon()
             elif do is Do.CANCEL_CORE:
                 self.core_cancelled += 1
                 self.asks.clear()
+                self.finishing.clear()
             elif do is Do.CONNECT_UPSTREAM:
                 self.connects += 1
             elif do is Do.CLOSE_UPSTREAM:
@@ -139,7 +157,16 @@ class Driver:
                 self.tls_started = True
             elif do is Do.LOG:
                 self.logs.append(argument)
+        if self.auto_finish and self.finishing and not self._feeding:
+            self._feeding = True
+            try:
+                while self.finishing:
+                    self.finish()
+            finally:
+                self._feeding = False
         return actions
+
+    _feeding = False
 
     def sibling(self) -> Driver:
         """Another session of the same factory (shared rules and buffer budget)."""
@@ -167,11 +194,18 @@ class Driver:
         return self.run(self.session.upstream_messages(list(responses)))
 
     def decide(self) -> list[Action]:
-        """The real core decides the oldest request waiting."""
-        request = self.asks.pop(0)
-        outcome: list[Any] = []
-        self.core(request).addBoth(outcome.append)
-        (result,) = outcome
+        """The real core's start on the oldest request waiting: a decision, or
+        the password check the session then binds upstream for."""
+        result = fired(self.core(self.asks.pop(0)))
+        if isinstance(result, Failure):
+            return self.run(self.session.core_failed(result.value))
+        if isinstance(result, PasswordCheck):
+            return self.run(self.session.core_check(result))
+        return self.run(self.session.core_decided(result))
+
+    def finish(self) -> list[Action]:
+        """Finish's oldest decision, fed back."""
+        result = self.finishing.pop(0)
         if isinstance(result, Failure):
             return self.run(self.session.core_failed(result.value))
         return self.run(self.session.core_decided(result))
@@ -220,6 +254,14 @@ class Driver:
 
 def make(core: RealCore | None = None, **settings: Any) -> Driver:
     return Driver(core, **settings)
+
+
+def fired(d: Any) -> Any:
+    """What a Deferred the synchronous core returned fired with."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the core did not answer at once"
+    return results[0]
 
 
 _cores: list[RealCore] = []
@@ -458,6 +500,8 @@ def test_requests_after_a_failed_bind_wait_for_the_reset_too() -> None:
     d = bound_as_alice(require_bind=False)
     d.send(bind(5, ALICE, "alice-pw,000000"), search(6))
     d.decide()
+    assert d.upstream_binds()[-1] == (5, ALICE, b"alice-pw")  # the password check
+    d.answer(bind_response(5))  # the password is right, the code is not
     assert d.state is State.RESETTING
     assert d.upstream_binds()[-1] == (5, "", b"")  # the reset reuses the bind's ID
     assert d.upstream[-1] != search(6) and d.client == []
@@ -495,6 +539,8 @@ def test_a_wrong_type_answer_to_the_reset_closes_both_without_an_answer() -> Non
     d = bound_as_alice()
     d.send(bind(7, ALICE, "alice-pw,000000"))
     d.decide()
+    d.answer(bind_response(7))  # the password check
+    assert d.state is State.RESETTING
     d.answer(done(7))
     assert d.closed_for("upstream_protocol_violation")
     assert [is_notice(m) for m in d.client] == [True]
@@ -542,15 +588,55 @@ def test_a_failed_bind_on_a_possibly_bound_session_is_answered_after_the_reset()
     d = bound_as_alice()
     d.send(bind(5, ALICE, "alice-pw,000000"))  # wrong code
     d.decide()
+    d.answer(bind_response(5))  # the password check passed: bound as alice
     assert d.state is State.RESETTING and d.client == []
     assert d.upstream_binds()[-1] == (5, "", b"")
     d.answer(bind_response(5))  # the reset held
     result = d.result()
     assert (result.code, result.diagnostic) == (49, CREDENTIALS)  # the core's one text
     assert d.session.upstream.bound is Bound.ANONYMOUS and not d.session.authenticated
-    d.send(bind(6, ALICE, "nope,123456"))  # anonymous again: no second reset
+    assert d.core.failures("alice") == 1
+
+
+def test_a_wrong_password_is_the_directory_s_refusal_counted_by_the_core() -> None:
+    d = make().start()
+    d.send(bind(2, ALICE, "nope," + d.core.code()))
     d.decide()
-    assert d.result().code == 49 and d.upstream_binds()[-1] == (5, "", b"")
+    assert d.upstream_binds() == [(2, ALICE, b"nope")]  # the one check, on the session
+    assert d.core.directory.checks == []  # the core binds nowhere itself
+    d.answer(bind_response(2, ResultCode.INVALID_CREDENTIALS))
+    assert d.state is State.RESETTING  # a refused bind may have left it as it was
+    d.answer(bind_response(2))
+    assert d.result() == (49, "", CREDENTIALS)
+    assert d.core.failures("alice") == 1 and d.core.turns_held == 0
+    assert d.events[("bind", "reject", "bad_password")] == 1
+
+
+@pytest.mark.parametrize("answer", [bind_response(2, ResultCode.BUSY),
+                                    b"\x30\x05\x02\x01\x02\x61\x00"])  # malformed
+def test_another_answer_to_the_password_check_is_the_directory_s_failure(answer: bytes) -> None:
+    d = make().start()
+    d.send(bind(2, ALICE, d.core.good()))
+    d.decide()
+    d.answer(answer)
+    d.answer(bind_response(2))  # the reset
+    assert d.result() == (52, "", "directory unavailable: try again in a moment")
+    assert d.core.failures("alice") == 0 and d.core.turns_held == 0
+    assert d.events[("bind", "reject", "directory_unavailable")] == 1
+
+
+def test_the_password_check_is_one_upstream_bind_as_the_resolved_entry() -> None:
+    d = make().start()
+    d.send(bind(2, "UID=Alice, OU=People, DC=example, DC=org", d.core.good()))
+    d.decide()
+    (check,) = d.core.checks
+    assert (check.identity.dn, check.password) == (ALICE, "alice-pw")
+    assert d.upstream_binds() == [(2, ALICE, b"alice-pw")]  # the entry's DN, no code
+    assert d.state is State.BIND_UPSTREAM and d.core.turns_held == 1  # alice's turn is held
+    d.answer(bind_response(2))
+    assert d.result().code == 0 and d.session.authenticated
+    assert check.ended and d.core.turns_held == 0 and d.finished == 1
+    assert d.core.directory.checks == []
 
 
 def test_a_local_refusal_on_a_possibly_bound_session_resets_too() -> None:
@@ -563,12 +649,18 @@ def test_a_local_refusal_on_a_possibly_bound_session_resets_too() -> None:
     assert d.result().code == 53
 
 
-def test_a_refusal_on_a_fresh_session_needs_no_reset() -> None:
+def test_a_refusal_the_core_decides_before_the_password_check_binds_nothing() -> None:
     d = make().start()
-    d.send(bind(2, ALICE, "nope,123456"))
+    d.core.lock("alice")
+    d.send(bind(2, ALICE, d.core.good()))
     d.decide()
-    assert d.result().code == 49
+    assert d.result() == (49, "", "locked after too many failed attempts, until "
+                          "2023-11-14T22:28:35Z")
+    d.send(bind(3, user_dn("mallory"), "guess,123456"))  # no such entry
+    d.decide()
+    assert d.result() == (49, "", CREDENTIALS)
     assert d.upstream == [] and d.session.upstream.bound is Bound.ANONYMOUS
+    assert d.core.checks == [] and d.core.turns_held == 0
 
 
 @pytest.mark.parametrize("answer", [bind_response(5, 52), b"\x30\x05\x02\x01\x05\x61\x00"])
@@ -576,23 +668,13 @@ def test_a_failed_reset_closes_both_and_the_bind_gets_no_answer(answer: bytes) -
     d = bound_as_alice()
     d.send(bind(5, ALICE, "alice-pw,000000"))
     d.decide()
+    d.answer(bind_response(5))  # the password check
     d.answer(answer)
     assert d.closed_for("reset_failed")
     assert [is_notice(m) for m in d.client] == [True]
     assert d.upstream_closed is False
     assert d.events[("upstream_error", "reset_failed")] == 1
     assert d.events[("bind", "reject", "bad_code")] == 1
-
-
-def test_the_session_bind_refused_after_the_core_accepted_resets_and_refuses() -> None:
-    d = make().start()
-    d.send(bind(2, ALICE, d.core.good()))
-    d.decide()
-    d.answer(bind_response(2, 49))  # the directory changed its mind
-    assert d.state is State.RESETTING  # the refused bind may have bound nothing, or not
-    d.answer(bind_response(2))
-    assert d.result().code == 49
-    assert any(line.level == "warn" for line in d.logs)
 
 
 def test_a_relayed_exempt_bind_is_the_client_s_bytes_and_the_directory_s_answer() -> None:
@@ -622,33 +704,53 @@ def test_a_refused_exempt_bind_resets_the_session_it_may_have_bound() -> None:
 def test_bind_timeout_while_the_core_decides() -> None:
     d = make(bind_timeout=5).start()
     d.send(bind(2, ALICE, d.core.good()))
+    (request,) = d.asks
     d.advance(5)
     assert d.core_cancelled == 1
     bind_answer = d.client[0]
     assert messages.decode_result(bind_answer) == (52, "", "timed out")
     assert d.closed_for("bind_timeout")
     assert d.session.upstream.bound is Bound.UNKNOWN
-    late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE),
-                    password="alice-pw")
+    late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE))
     assert d.run(d.session.core_decided(late)) == []  # nothing binds behind the client's back
+    check = fired(d.core(request))  # a password check that comes late: given back
+    assert d.run(d.session.core_check(check)) == [(Do.ABANDON_CHECK, check)]
+    assert check.ended and d.core.turns_held == 0
     assert d.upstream == []
 
 
-def test_bind_timeout_while_the_session_bind_is_at_the_directory() -> None:
+def test_bind_timeout_while_the_password_check_is_at_the_directory() -> None:
     d = make(bind_timeout=5).start()
     d.send(bind(2, ALICE, d.core.good()))
     d.decide()
+    assert d.core.turns_held == 1
     d.advance(5)
     assert messages.decode_result(d.client[0]).code == 52
     assert d.closed_for("bind_timeout")
     assert d.events[("bind", "reject", "directory_unavailable")] == 1
+    assert d.abandoned == 1 and d.core.turns_held == 0  # the core's turn given back
+    assert d.core.failures("alice") == 0
     assert d.answer(bind_response(2)) == []  # a late answer: the session is gone
+
+
+def test_bind_timeout_while_the_core_finishes() -> None:
+    d = make(bind_timeout=5, auto_finish=False).start()
+    d.send(bind(2, ALICE, d.core.good()))
+    d.decide()
+    d.answer(bind_response(2))
+    assert d.state is State.BIND_FINISHING and d.finished == 1
+    d.advance(5)
+    assert d.core_cancelled == 1 and d.finishing == []  # its decision is not waited for
+    assert messages.decode_result(d.client[0]) == (52, "", "timed out")
+    assert d.closed_for("bind_timeout")
+    assert d.core.turns_held == 0 and d.abandoned == 0
 
 
 def test_bind_timeout_during_the_reset_closes_without_an_answer() -> None:
     d = bound_as_alice(bind_timeout=5)
     d.send(bind(5, ALICE, "alice-pw,000000"))
     d.decide()
+    d.answer(bind_response(5))  # the password check
     d.advance(5)
     assert d.closed_for("reset_failed")
     assert [is_notice(m) for m in d.client] == [True]
@@ -686,6 +788,7 @@ def test_upstream_lost_mid_bind_closes_both_and_counts_the_bind() -> None:
     d.send(bind(2, ALICE, d.core.good()))
     d.decide()
     d.run(d.session.upstream_lost("connection_lost"))
+    assert d.abandoned == 1 and d.core.turns_held == 0
     assert d.closed_for("upstream_lost")
     assert messages.decode_result(d.client[-1]) == (52, "", "directory connection lost")
     assert d.events[("upstream_error", "connection_lost")] == 1
@@ -697,6 +800,8 @@ def test_upstream_lost_during_the_reset_counts_the_answer_it_would_have_had() ->
     d = bound_as_alice()
     d.send(bind(5, ALICE, "nope,123456"))
     d.decide()
+    d.answer(bind_response(5, ResultCode.INVALID_CREDENTIALS))
+    assert d.state is State.RESETTING
     d.run(d.session.upstream_lost("connection_lost"))
     assert d.closed_for("upstream_lost")
     assert d.events[("bind", "reject", "bad_password")] == 1
@@ -712,23 +817,34 @@ def test_the_directory_s_own_notice_is_relayed_instead_of_ours() -> None:
 
 def test_a_decision_after_the_client_left_is_counted_and_sends_nothing() -> None:
     d = make().start()
-    d.send(bind(2, ALICE, "alice-pw,000000"))
+    d.send(bind(2, user_dn("mallory"), "guess,000000"))
     d.run(d.session.connection_lost())
     assert d.session.closed and not d.client_closed  # nothing to close: it is gone
     d.decide()
-    assert d.events[("bind", "reject", "bad_code")] == 1
+    assert d.events[("bind", "reject", "unknown_user")] == 1
     assert d.upstream == [] and d.client == []
     d.send(bind(3, ALICE, d.core.good()))
     assert d.asks == []  # a closed session reads nothing
 
 
-def test_an_accept_after_the_client_left_binds_nothing() -> None:
+def test_a_password_check_after_the_client_left_binds_nothing_and_is_given_back() -> None:
     d = make().start()
     d.send(bind(2, ALICE, d.core.good()))
     d.run(d.session.connection_lost())
     d.decide()
-    assert d.upstream == []
+    assert d.upstream == [] and d.abandoned == 1 and d.core.turns_held == 0
     assert d.events[("bind", "reject", "directory_unavailable")] == 1
+
+
+def test_the_client_gone_while_the_core_finishes_counts_its_decision() -> None:
+    d = make(auto_finish=False).start()
+    d.send(bind(2, ALICE, d.core.good()))
+    d.decide()
+    d.answer(bind_response(2))
+    d.run(d.session.connection_lost())
+    assert d.session.closed and d.core.turns_held == 0
+    d.finish()  # an accept for a session that is gone: counted as the directory's loss
+    assert d.events[("bind", "reject", "directory_unavailable")] == 1 and d.client == []
 
 
 def test_a_core_failure_is_the_directory_s_52() -> None:
@@ -759,16 +875,38 @@ def test_an_accept_without_an_entry_is_an_internal_error() -> None:
     assert d.upstream == []
 
 
-def test_an_entry_outside_user_base_is_refused() -> None:
-    d = make(user_base="ou=people,dc=example,dc=org").start()
+class ElsewhereDirectory(MemoryDirectory):
+    """Resolves every name to an entry with the DN ``dn``."""
+
+    def __init__(self, dn: str) -> None:
+        super().__init__()
+        self.dn = dn
+
+    def lookup(self, username: str) -> Any:
+        return super().lookup(username).addCallback(
+            lambda found: found and replace(found, dn=self.dn))
+
+
+def test_an_entry_outside_user_base_is_refused_without_its_password_check() -> None:
+    core = RealCore(ElsewhereDirectory("uid=alice,ou=admins,dc=example,dc=org"))
+    _cores.append(core)
+    d = make(core, user_base="ou=people,dc=example,dc=org").start()
     d.send(bind(2, "alice@example.org", d.core.good()))  # not a DN: the core resolves it
-    d.asks.clear()
-    elsewhere = Decision(Outcome.ACCEPT, Reason.OK, "alice",
-                         Identity("alice", "uid=alice,ou=admins,dc=example,dc=org"),
-                         password="alice-pw")
-    d.run(d.session.core_decided(elsewhere))
+    d.decide()
     assert d.result().code == 49 and d.upstream == []
     assert d.events[("bind", "reject", "outside_user_base")] == 1
+    assert d.abandoned == 1 and d.core.turns_held == 0 and d.core.failures("alice") == 0
+
+
+def test_a_password_check_without_a_dn_is_an_internal_error() -> None:
+    core = RealCore(ElsewhereDirectory(""))
+    _cores.append(core)
+    d = make(core).start()
+    d.send(bind(2, "alice@example.org", d.core.good()))
+    d.decide()
+    assert d.result().code == ResultCode.OTHER and d.upstream == []
+    assert [line.level for line in d.logs] == ["error"]
+    assert d.abandoned == 1 and d.core.turns_held == 0
 
 
 # ---------------------------------------------------------------- the rest of the protocol
@@ -837,6 +975,8 @@ def test_unbound_timeout_waits_for_the_bind_in_progress_and_its_answer() -> None
     d.advance(2)
     assert not d.session.closed  # decided by the bind's answer
     d.decide()
+    d.answer(bind_response(2))  # the password check
+    d.answer(bind_response(2))  # the reset
     bind_answer, notice = d.client
     assert messages.decode_result(bind_answer).code == 49 and is_notice(notice)
     assert d.events[("dropped", "unbound_timeout")] == 1
@@ -924,14 +1064,18 @@ class SessionModel(RuleBasedStateMachine):
     with one ID. Checked after every event: the session closes exactly when
     the client reuses an ID in use (or sends ID 0), and when the directory
     answers what was not asked; its IDs in use are the client's; once closed
-    it does nothing more and holds nothing."""
+    it does nothing more (but give back a password check that comes late) and
+    holds nothing; the core's turn for alice is held
+    only while her password check is at the directory, and never once the
+    session has closed (the core's start and finish answer when the model
+    says, possibly late)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.connect()
 
     def connect(self) -> None:
-        self.d = Driver(model_core(), require_bind=False, bind_timeout=30)
+        self.d = Driver(model_core(), require_bind=False, bind_timeout=30, auto_finish=False)
         self.d.start()
         self.seen = 0  # actions already followed
         self.identity = ""  # as whom the directory's session is bound
@@ -941,13 +1085,22 @@ class SessionModel(RuleBasedStateMachine):
         self.client_in_use: set[int] = set()  # sent, final answer not yet received
         self.next_id = 10
 
+    def teardown(self) -> None:
+        """The example ends: the client leaves (the core is shared by every example,
+        so a password check still at the directory is given back)."""
+        self.d.run(self.d.session.connection_lost())
+        while self.d.finishing:
+            self.d.finish()
+        assert self.d.core.turns_held == 0
+
     # -- following what the session did, action by action
 
     def follow(self, was_closed: bool) -> None:
         actions = self.d.actions[self.seen:]
         self.seen = len(self.d.actions)
-        if was_closed:
-            assert actions == [], "a closed session acted"
+        if was_closed:  # nothing, but give back a password check the core hands it late
+            assert [do for do, _ in actions if do is not Do.ABANDON_CHECK] == [], \
+                "a closed session acted"
         for do, argument in actions:
             if do is Do.SEND_UPSTREAM:
                 self.directory_got(argument)
@@ -1083,6 +1236,13 @@ class SessionModel(RuleBasedStateMachine):
         self.d.decide()
         self.follow(was_closed)
 
+    @precondition(lambda self: bool(self.d.finishing))
+    @rule()
+    def core_finishes(self) -> None:
+        was_closed = self.d.session.closed
+        self.d.finish()
+        self.follow(was_closed)
+
     @rule(seconds=CHANCE.map(lambda i: 31.0 if i == RARE else 1.0 + i % 3))
     def time_passes(self, seconds: float) -> None:
         was_closed = self.d.session.closed
@@ -1144,6 +1304,15 @@ class SessionModel(RuleBasedStateMachine):
             assert self.d.timers == {} and session.queued == 0 and session.buffered == 0
         else:
             assert self.d.paused == session.paused == (session.queued > 0)
+
+    @invariant()
+    def the_core_s_turn_is_held_only_for_a_password_check_at_the_directory(self) -> None:
+        core = self.d.core
+        held = sum(not check.ended for check in core.checks)
+        assert core.turns_held == held
+        checking = self.d.session.state is State.BIND_UPSTREAM and any(
+            kind == "bind" and name == ALICE for kind, name, _ in self.at_directory.values())
+        assert held == (1 if checking else 0)
 
 
 TestSessionModel = SessionModel.TestCase

@@ -1,0 +1,203 @@
+"""The core's phased entry point for a front-end that checks the password itself
+(the LDAP front-end's own upstream bind): ``Authenticator.start`` resolves,
+waits its turn at the identity's gate and begins, then hands back a
+:class:`PasswordCheck`; ``finish(verdict)`` decides as ``authenticate`` would
+have after the directory's answer, ``abandon()`` ends the attempt with no
+verdict. Every path gives the identity's turn back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from backends.base import DirectoryUnavailable, Identity, InvalidCredentials
+from policy.decision import Decision, Outcome, Reason
+from policy.engine import Authenticator, GroupRequirement, PasswordCheck
+from tests.unit.test_engine import (
+    AsyncFake,
+    Harness,
+    Scripted,
+    authenticator,
+    enrolled,
+    fired,
+    make_harness,
+    outcome,
+)
+
+ALICE_DN = "uid=alice,ou=people,dc=example,dc=org"
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = make_harness(tmp_path)
+    yield harness
+    harness.store.close()
+
+
+def started(auth: Authenticator, h: Harness, password: str | None = None,
+            **kw: Any) -> PasswordCheck:
+    answer = fired(auth.start(h.request(password=password, **kw)))
+    assert isinstance(answer, PasswordCheck), answer
+    return answer
+
+
+def reasons_audited(h: Harness) -> list[str]:
+    h.engine.audit.flush()
+    return [r.reason for r in reversed(h.store.admin.recent_audit("alice"))]
+
+
+def test_start_hands_back_the_check_and_holds_the_identity_s_turn(h: Harness) -> None:
+    enrolled(h)
+    auth = authenticator(h)
+    check = started(auth, h, h.with_code())
+    assert (check.identity.username, check.identity.dn, check.password) == (
+        "alice", ALICE_DN, "alice-pw")  # the entry, and the password without its code
+    assert h.directory.calls == []  # the core checked no password itself
+    assert len(auth.gate) == 1 and not check.ended
+    waiting = auth.start(h.request("ALICE", password="alice-pw"))  # the same identity
+    assert not waiting.called  # waits for the first attempt to end
+    decision = fired(check.finish(check.identity))
+    assert outcome(decision) == (Outcome.ACCEPT, Reason.OK) and check.ended
+    second = fired(waiting)  # now its turn
+    assert isinstance(second, PasswordCheck) and len(auth.gate) == 1
+    second.abandon()
+    assert len(auth.gate) == 0
+    assert reasons_audited(h) == ["ok", "directory_unavailable"]
+
+
+def test_finish_decides_the_code_as_authenticate_does(h: Harness) -> None:
+    enrolled(h)
+    auth = authenticator(h)
+    check = started(auth, h, "alice-pw,000000")
+    assert outcome(fired(check.finish(check.identity))) == (Outcome.REJECT, Reason.BAD_CODE)
+    assert h.record().failures == 1 and len(auth.gate) == 0
+
+
+def test_a_refused_password_is_counted_and_teaches_the_latency_mimic(h: Harness) -> None:
+    auth = authenticator(h)
+    before = auth.mimic.average
+    check = started(auth, h, "wrong")
+    h.clock.advance(0.5)  # the front-end's bind takes this long
+    decision = fired(check.finish(InvalidCredentials("alice")))
+    assert outcome(decision) == (Outcome.REJECT, Reason.BAD_PASSWORD)
+    assert h.record().failures == 1 and len(auth.gate) == 0
+    assert h.events.directory_calls[-1] == (0.5, None)  # the check's latency, no error
+    assert auth.mimic.average > before  # unknown names now wait about as long
+
+
+def test_a_directory_failure_is_not_counted(h: Harness) -> None:
+    auth = authenticator(h)
+    check = started(auth, h)
+    decision = fired(check.finish(DirectoryUnavailable("bind answered 51")))
+    assert outcome(decision) == (Outcome.REJECT, Reason.DIRECTORY_UNAVAILABLE)
+    assert h.record().failures == 0 and len(auth.gate) == 0
+    assert h.events.directory_calls[-1] == (0.0, "directory_unavailable")
+
+
+def test_abandon_is_a_reject_audited_like_a_directory_outage(h: Harness) -> None:
+    enrolled(h)
+    auth = authenticator(h)
+    before = auth.mimic.average
+    check = started(auth, h, h.with_code())
+    decisions: list[Decision] = []
+    check.decided.addCallback(decisions.append)
+    check.abandon()
+    assert [outcome(d) for d in decisions] == [(Outcome.REJECT, Reason.DIRECTORY_UNAVAILABLE)]
+    assert check.ended and len(auth.gate) == 0
+    assert h.record().failures == 0 and auth.mimic.average == before
+    assert reasons_audited(h) == ["directory_unavailable"]
+    # the next attempt for the identity goes through at once
+    assert isinstance(fired(auth.start(h.request(password=h.with_code()))), PasswordCheck)
+
+
+def test_exactly_one_of_finish_and_abandon(h: Harness) -> None:
+    auth = authenticator(h)
+    check = started(auth, h)
+    fired(check.finish(check.identity))
+    check.abandon()  # nothing: it has ended
+    with pytest.raises(RuntimeError):
+        check.finish(check.identity)
+    abandoned = started(auth, h)
+    abandoned.abandon()
+    abandoned.abandon()
+    with pytest.raises(RuntimeError):
+        abandoned.finish(abandoned.identity)
+    assert len(auth.gate) == 0
+    assert reasons_audited(h) == ["not_required", "directory_unavailable"]  # one row each
+
+
+def test_what_needs_no_password_check_is_decided_at_once(h: Harness) -> None:
+    enrolled(h)
+    auth = authenticator(h)
+    empty = fired(auth.start(h.request(password=f",{h.code()}")))
+    assert isinstance(empty, Decision) and empty.reason is Reason.EMPTY_PASSWORD
+    unknown = fired(auth.start(h.request("mallory", password="guess")))
+    assert isinstance(unknown, Decision) and unknown.reason is Reason.UNKNOWN_USER
+    for _ in range(5):
+        fired(started(auth, h, "wrong").finish(InvalidCredentials("alice")))
+    locked = fired(auth.start(h.request(password=h.with_code())))
+    assert isinstance(locked, Decision) and locked.reason is Reason.LOCKED_OUT
+    assert len(auth.gate) == 0 and h.directory.calls == []
+
+
+def test_a_start_cancelled_before_its_check_abandons_it(h: Harness) -> None:
+    held: list[defer.Deferred[Identity | None]] = []
+
+    def slow_lookup(name: str) -> defer.Deferred[Identity | None]:
+        held.append(defer.Deferred())
+        return held[-1]
+
+    auth = authenticator(h, Scripted(h.directory, lookup=slow_lookup))
+    pending = auth.start(h.request())
+    pending.addErrback(lambda f: f.trap(defer.CancelledError))
+    pending.cancel()  # the front-end gave up (its bind timed out)
+    held.pop().callback(h.directory.lookup("alice"))  # the core goes on
+    assert len(auth.gate) == 0  # the check nobody will make was abandoned
+    assert reasons_audited(h) == ["directory_unavailable"]
+
+
+def test_the_lockout_holds_under_concurrent_starts(h: Harness) -> None:
+    auth = authenticator(h)
+    attempts = [auth.start(h.request(password="wrong")) for _ in range(10)]
+    checked = 0
+    for attempt in attempts:
+        answer = fired(attempt)  # each only once the one before it has ended
+        if isinstance(answer, PasswordCheck):
+            assert len(auth.gate) == 1
+            checked += 1
+            fired(answer.finish(InvalidCredentials("alice")))
+        else:
+            assert answer.reason is Reason.LOCKED_OUT
+    assert checked == 5 and h.record().locked(h.clock()) and len(auth.gate) == 0
+
+
+def test_finish_searches_the_groups_a_rule_needs(h: Harness) -> None:
+    searched: list[Identity] = []
+
+    def groups(identity: Identity) -> defer.Deferred[Identity]:
+        searched.append(identity)
+        return defer.succeed(replace(identity, groups=("cn=vpn",), groups_complete=True))
+
+    h.engine.group_requirement = GroupRequirement(("vpn",))
+    directory = Scripted(h.directory, groups=groups,
+                         lookup=lambda n: defer.succeed(replace(
+                             h.directory.lookup(n), groups=(), groups_complete=False)))
+    auth = authenticator(h, directory)
+    check = started(auth, h)  # resolved with its groups searched (the requirement needs them)
+    assert len(searched) == 1
+    bound_as = replace(check.identity, groups=(), groups_complete=False)  # a refreshed entry
+    decision = fired(check.finish(bound_as))
+    assert len(searched) == 2  # searched again for the entry the password was checked on
+    assert decision.accepted and h.record().required  # the group's requirement was stored
+
+
+def test_authenticate_is_unchanged_beside_start(h: Harness) -> None:
+    auth = authenticator(h, AsyncFake(h.directory))
+    assert outcome(fired(auth.authenticate(h.request()))) == (Outcome.ACCEPT,
+                                                              Reason.NOT_REQUIRED)
+    assert h.directory.calls == [("alice", "alice-pw")]  # the core's own check

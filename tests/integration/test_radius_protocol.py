@@ -88,7 +88,7 @@ class Core(RealCore):
         def keep(decision: Decision) -> Decision:
             self.decisions.append(decision)
             return decision
-        return super().__call__(request).addCallback(keep)
+        return self.authenticate(request).addCallback(keep)
 
     def count(self, username: str) -> int:
         return sum(1 for r in list(self.requests) if r.username == username)

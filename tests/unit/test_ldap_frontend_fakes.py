@@ -116,6 +116,12 @@ class RealCore:
             return started.addCallback(lambda d: hold.addCallback(lambda _: d))
         return started
 
+    def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
+        """The whole decision, the core checking the password itself (what the
+        RADIUS front-end and the portal call)."""
+        self.requests.append(request)
+        return self.authenticator.authenticate(request)
+
     def _handed_out(self, answer: Decision | PasswordCheck) -> Decision | PasswordCheck:
         if isinstance(answer, PasswordCheck):
             self.checks.append(answer)

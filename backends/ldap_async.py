@@ -38,6 +38,7 @@ Errors and results are those of :class:`backends.ldap.LdapDirectory`.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
@@ -93,6 +94,15 @@ DN_NAMES_NOBODY = frozenset({
     ResultCode.ALIAS_DEREFERENCING_PROBLEM,
 })
 _START_TLS = extended_request(START_TLS_OID)
+# A DN with nothing a directory would have to resolve: RDNs of one plain
+# attribute=value each, no spaces at all (see AsyncLdapDirectory._lookup_dn_by_name).
+_PLAIN_RDN = r"[A-Za-z][A-Za-z0-9-]*=[A-Za-z0-9._-]+"
+_PLAIN_DN = re.compile(f"{_PLAIN_RDN}(?:,{_PLAIN_RDN})*")
+
+
+def _plain_dn_key(dn: str) -> str:
+    """A DN as the two-search path compares the entry's with the name's: case aside."""
+    return dn.casefold()
 
 
 class _GroupCache:
@@ -480,12 +490,41 @@ class AsyncLdapDirectory:
         accepts: case, aliases, options, escapes, Unicode forms), then look it up
         by its own name: only when that finds this very entry is it an identity.
         So a DN outside ``user_base``, the rootdn, or one of two entries sharing
-        a name is nobody."""
+        a name is nobody. A plain DN that spells its entry as the directory does
+        takes one search instead of the two (:meth:`_lookup_dn_by_name`)."""
         if not dn:
             return None
         cached = self.dn_cache.get(dn)
         if cached is not None:
             return cached
+        identity = await self._lookup_dn_by_name(dn)
+        if identity is None:
+            identity = await self._lookup_dn_reading_it(dn)
+        if identity is not None:
+            self.dn_cache.put(dn, replace(identity, from_cache=True))
+        return identity
+
+    async def _lookup_dn_by_name(self, dn: str) -> Identity | None:
+        """The common bind DN in one search: plain (ASCII letters, digits, ``.``,
+        ``_``, ``-``; no spaces, escapes or multi-valued RDNs), its first RDN the
+        username attribute. That value is looked up as a name; the entry found is
+        this DN's only when the directory's own name for it is exactly that value
+        and its DN is this one (case aside, as the two-search path compares
+        them): then reading the DN and looking its name up would find this same
+        entry. Anything else is None here, and the two searches decide."""
+        if not _PLAIN_DN.fullmatch(dn):
+            return None
+        attribute, _, rest = dn.partition("=")
+        value = rest.split(",", 1)[0].strip()
+        if attribute.strip().casefold() != self.options.username_attribute.casefold():
+            return None
+        identity = await self.lookup(value)
+        if (identity is None or identity.username != value
+                or _plain_dn_key(identity.dn or "") != _plain_dn_key(dn)):
+            return None
+        return identity
+
+    async def _lookup_dn_reading_it(self, dn: str) -> Identity | None:
         try:
             request = SearchTemplate.build(dn, SCOPE_BASE, self._any_entry,
                                            [self.options.username_attribute], 1,
@@ -510,7 +549,6 @@ class AsyncLdapDirectory:
             if identity is not None:
                 log.warn("bind DN {dn!r} is not the entry its name finds", dn=entry.dn)
             return None
-        self.dn_cache.put(dn, replace(identity, from_cache=True))
         return identity
 
     async def _find_user(self, username: str) -> Identity | None:

@@ -569,6 +569,25 @@ def test_a_sign_in_is_one_bind_as_the_user_on_the_session_the_client_uses(
     assert slapd.binds(since).count(dn) == 1 and "" in slapd.binds(since)
 
 
+def test_a_plain_bind_dn_is_one_search_and_a_spelling_to_resolve_is_read_first(
+        counted: CountedProxy) -> None:
+    """The DN a client usually sends (plain, spelled as the entry is): the core
+    looks its uid up and compares DNs, one search; a spelling the directory has to
+    resolve (here spaces after the commas) is read at its DN first, then looked up
+    by its name (from the look-up cache now): both land on the entry."""
+    slapd, codes, url = counted.slapd, counted.codes, counted.process.url
+    dn = user_dn("bob")
+    since = slapd.log_size()
+    assert_whoami(whoami(url, dn, f"bob-pw,{codes.fresh('bob')}"), dn)
+    searches = slapd.searches(since)
+    assert len(searches) == 1 and "scope=2" in searches[0] and "(uid=bob)" in searches[0]
+    since = slapd.log_size()
+    spaced = dn.replace(",", ", ")
+    assert_whoami(whoami(url, spaced, f"bob-pw,{codes.fresh('bob')}"), dn)
+    searches = slapd.searches(since)
+    assert len(searches) == 1 and "scope=0" in searches[0]  # the base read of that DN
+
+
 def test_wrong_code_or_wrong_password_is_49_and_reads_the_same(
         proxy: ProxyProcess, codes: Codes) -> None:
     dn = user_dn("bob")

@@ -174,6 +174,10 @@ class AsyncDirectory(Protocol):
 
     def check_password(self, identity: Identity, password: str) -> Deferred[Identity]: ...
 
+    def forget(self, name: str) -> None:
+        """The next ``lookup`` of this name, or ``lookup_dn`` of this DN, asks the
+        directory itself: an entry from the cache was refused, and may be stale."""
+
     def groups(self, identity: Identity) -> Deferred[Identity]:
         """The identity with all its groups: as it is when ``groups_complete``,
         else after the group search (which may be served from a short cache);

@@ -410,6 +410,11 @@ class AsyncLdapDirectory:
         attempt.bind(identity)
         return attempt.result
 
+    def forget(self, name: str) -> None:
+        """Drop the cached entry of a name or a bind DN (the next look-up searches)."""
+        self.cache.forget(name)
+        self.dn_cache.forget(name)
+
     def verify(self, username: str, password: str) -> Deferred[Identity]:
         """lookup, then check_password (the core calls the two apart)."""
         return self._run(self._verify(username, password))

@@ -33,6 +33,9 @@ class ThreadedDirectory:
         return deferToThreadPool(self.reactor, self.pool, self.directory.check_password,
                                  identity, password)
 
+    def forget(self, name: str) -> None:
+        """Nothing is cached here."""
+
     def groups(self, identity: Identity) -> Deferred[Identity]:
         """A synchronous directory's look-ups carry every group already."""
         return succeed(identity)

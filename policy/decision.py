@@ -64,6 +64,7 @@ class Reason(enum.StrEnum):
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     STATE_UNAVAILABLE = "state_unavailable"
     INVALID_USERNAME = "invalid_username"
+    OUTSIDE_USER_BASE = "outside_user_base"  # an entry the front-end is not for ([ldap] user_base)
     BUSY = "busy"  # too many attempts for one identity waiting at once
 
 

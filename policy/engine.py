@@ -749,17 +749,19 @@ class PasswordCheck:
         sign_in = self._end()
         if isinstance(verdict, Identity):
             sign_in._password_ok(verdict, self._checked_at)
+        elif isinstance(verdict, InvalidCredentials) and self.identity.from_cache:
+            sign_in._refused_from_cache(verdict, self._checked_at)
         else:
             sign_in._password_refused(verdict, self._checked_at)
         return self.decided
 
-    def abandon(self) -> None:
-        """No verdict will come: the attempt ends as a reject audited like a
-        directory outage (nothing counted on the identity), and the identity's
-        turn is given back. Nothing once the check has ended."""
+    def abandon(self, reason: Reason = Reason.DIRECTORY_UNAVAILABLE) -> None:
+        """No verdict will come: the attempt ends as a reject for ``reason``
+        (by default audited like a directory outage), nothing counted on the
+        identity, and its turn is given back. Nothing once the check has ended."""
         sign_in, self._sign_in = self._sign_in, None
         if sign_in is not None:
-            sign_in._abandoned()
+            sign_in._abandoned(reason)
 
     def _end(self) -> _SignIn:
         sign_in, self._sign_in = self._sign_in, None
@@ -976,9 +978,41 @@ class _SignIn:
             return
         started.callback(check)
 
-    def _abandoned(self) -> None:
-        self._done(self.engine.refuse(self.request, self.username,
-                                      Reason.DIRECTORY_UNAVAILABLE))
+    def _abandoned(self, reason: Reason) -> None:
+        self._done(self.engine.refuse(self.request, self.username, reason))
+
+    def _refused_from_cache(self, refused: InvalidCredentials, checked_at: float) -> None:
+        """The caller's bind refused an entry the look-up cache gave: it may be
+        stale (deleted, renamed, moved since). It is looked up again, and only
+        the same entry found again makes this a wrong password (counted); an
+        entry gone or moved was nobody's (answered as an unknown name). The
+        core's own check does the same in the directory (and binds again there)."""
+        self.auth.engine.events.directory(self.auth.clock() - checked_at, None)
+        identity, directory, request = self.identity, self.auth.directory, self.request
+        assert identity is not None
+        self.started = self.auth.clock()
+        try:
+            directory.forget(self.name)
+            directory.forget(identity.username)
+            if request.bind_dn is not None:
+                found = directory.lookup_dn(request.bind_dn)
+            else:
+                found = directory.lookup(self.name)
+        except Exception as e:  # a directory that raises instead of failing its Deferred
+            self._lookup_failed(e)
+            return
+        found.addCallbacks(self._continue, self._lookup_failed_async,
+                           callbackArgs=(lambda fresh: self._looked_again(fresh, refused),))
+
+    def _looked_again(self, fresh: Identity | None, refused: InvalidCredentials) -> None:
+        self._timed(None)
+        identity = self.identity
+        assert identity is not None
+        if (fresh is not None and fresh.dn == identity.dn
+                and self.engine.canonical(fresh) == self.username):
+            self._decide(refused)
+        else:
+            self._unknown()
 
     # -- 5. decide ----------------------------------------------------------------
 

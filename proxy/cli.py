@@ -910,7 +910,8 @@ def directory_name(app: App, prefetch: Sequence[str] = ()) -> Callable[[str], st
             return None
 
     names = list(dict.fromkeys(prefetch))
-    workers = getattr(getattr(app.settings.directory, "ldap", None), "pool_size", 1)
+    ldap = app.settings.directory.ldap
+    workers = ldap.pool_size if ldap is not None else 1  # the local file: one at a time
     if len(names) > 1 and workers > 1:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -131,7 +131,8 @@ def reply_for_error(error: BaseException | None) -> BindReply | None:
 DIRECTORY_DOWN = refuse(ResultCode.UNAVAILABLE, UNAVAILABLE, Reason.DIRECTORY_UNAVAILABLE.value)
 TIMED_OUT = refuse(ResultCode.UNAVAILABLE, "timed out", Reason.DIRECTORY_UNAVAILABLE.value)
 INTERNAL_ERROR = refuse(ResultCode.OTHER, "internal error", "internal_error")
-OUTSIDE_USER_BASE = refuse(ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS, "outside_user_base")
+OUTSIDE_USER_BASE = refuse(ResultCode.INVALID_CREDENTIALS, INVALID_CREDENTIALS,
+                           Reason.OUTSIDE_USER_BASE.value)
 SASL_REFUSED = refuse(
     ResultCode.AUTH_METHOD_NOT_SUPPORTED,
     "SASL binds are not supported: use a simple bind with password and code",

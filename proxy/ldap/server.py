@@ -339,7 +339,8 @@ class LdapProxyProtocol(Protocol):
         elif do is Do.FINISH_CHECK:
             self._finish_check(*argument)
         elif do is Do.ABANDON_CHECK:
-            argument.abandon()
+            check, reason = argument
+            check.abandon(reason)
         elif do is Do.CANCEL_CORE:
             call, self._core_call = self._core_call, None
             if call is not None and not self._core_finishing:

@@ -117,11 +117,12 @@ from backends.ldapwire.messages import (
     peek_id_and_tag,
     response_for,
 )
-from policy.decision import Decision
+from policy.decision import Decision, Reason
 from proxy.ldap.bind import (
     DIRECTORY_DOWN,
     INTERNAL_ERROR,
     MFA_BIND,
+    OUTSIDE_USER_BASE,
     TIMED_OUT,
     UNAVAILABLE,
     BindReply,
@@ -227,7 +228,7 @@ class Do(enum.Enum):
     ASK_CORE = "ask_core"  # AuthRequest: the core's start; answer with core_decided
     #   (a decision), core_check (a PasswordCheck) or core_failed
     FINISH_CHECK = "finish_check"  # (PasswordCheck, verdict): answer with core_decided/core_failed
-    ABANDON_CHECK = "abandon_check"  # PasswordCheck: no verdict will come (nothing to answer)
+    ABANDON_CHECK = "abandon_check"  # (PasswordCheck, Reason): no verdict will come
     CANCEL_CORE = "cancel_core"  # None: the answer asked for is no longer wanted
     START_TIMER = "start_timer"  # (Timer, seconds): answer with timer_fired(timer)
     CANCEL_TIMER = "cancel_timer"  # Timer
@@ -850,13 +851,16 @@ class LdapSession:
         bind = self._bind
         if bind is None or self.state is not State.BIND_DECIDING:
             # Nobody waits for it (the session closed, or a bug): give the turn back.
-            out.append((Do.ABANDON_CHECK, check))
+            out.append((Do.ABANDON_CHECK, (check, Reason.DIRECTORY_UNAVAILABLE)))
             if bind is not None and self.state is _CLOSED:
                 self._settle(out, DIRECTORY_DOWN)  # counted, never sent
             return out
         entry = entry_bind(check, self.rules)
         if not isinstance(entry, EntryBind) or not self.upstream.ready:
-            out.append((Do.ABANDON_CHECK, check))
+            # An entry this front-end does not serve is nobody's here: audited as such.
+            reason = (Reason.OUTSIDE_USER_BASE if entry is OUTSIDE_USER_BASE
+                      else Reason.DIRECTORY_UNAVAILABLE)
+            out.append((Do.ABANDON_CHECK, (check, reason)))
             if entry is None:
                 out.append((Do.LOG, LogLine(
                     "error", "core handed back an LDAP password check without an entry")))
@@ -999,7 +1003,7 @@ class LdapSession:
         """Invariant 5: the password check held ends without a verdict."""
         bind = self._bind
         if bind is not None and bind.check is not None:
-            out.append((Do.ABANDON_CHECK, bind.check))
+            out.append((Do.ABANDON_CHECK, (bind.check, Reason.DIRECTORY_UNAVAILABLE)))
             bind.check = None
 
     # ------------------------------------------------------------ closing

@@ -882,3 +882,26 @@ def test_a_flood_of_idle_and_partial_connections_leaves_room_for_others(
 
     wait_for("every flood connection gone, and its memory with it", settled)
     bind_and_search(proxy, "127.0.0.2")
+
+
+def test_an_entry_deleted_while_cached_is_nobody_and_counts_no_failure(
+    slapd_fresh: Slapd, start_proxy: Any, tmp_path: pathlib.Path
+) -> None:
+    """The look-up cache still has the entry: the session bind is refused, the
+    core looks again, finds nobody, and counts nothing on the old identity."""
+    proxy = start_proxy(slapd_fresh)
+    admin = ("-x", "-H", slapd_fresh.url, "-D", slapd_fresh.admin_dn,
+             "-w", slapd_fresh.admin_password)
+    dn = f"uid=ghost,ou=people,{BASE_DN}"
+    ldif = tmp_path / "ghost.ldif"
+    ldif.write_text(f"dn: {dn}\nobjectClass: inetOrgPerson\nuid: ghost\ncn: Ghost\nsn: G\n"
+                    "userPassword: ghost-pw\n")
+    assert run("ldapadd", *admin, "-f", str(ldif)).returncode == 0
+    proxy.core.enroll("ghost")
+    assert whoami(proxy.url, dn, proxy.core.good("ghost")).returncode == 0  # cached now
+    assert run("ldapdelete", *admin, dn).returncode == 0
+    refused = whoami(proxy.url, dn, proxy.core.good("ghost"))
+    assert refused.returncode == 49, refused.stderr
+    assert proxy.events[("bind", "reject", "unknown_user")] == 1
+    assert proxy.events[("bind", "reject", "bad_password")] == 0
+    assert proxy.core.failures("ghost") == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,33 @@ class MemoryDirectory:
             return fail(InvalidCredentials(identity.username))
         return succeed(identity)
 
+    def forget(self, name: str) -> None:
+        """Nothing is cached here (see :class:`CachingDirectory`)."""
+
     def ping(self) -> Deferred[None]:
         return succeed(None)
+
+
+class CachingDirectory(MemoryDirectory):
+    """Entries as a look-up cache hands them out (``from_cache``) until the core
+    asks for a name to be forgotten; ``deleted`` entries are gone from the
+    directory, though a cache would still have them."""
+
+    def __init__(self, users: tuple[str, ...] = USERS) -> None:
+        super().__init__(users)
+        self.deleted: set[str] = set()
+        self.forgotten: list[str] = []
+
+    def lookup(self, username: str) -> Deferred[Identity | None]:
+        fresh = self.forgotten and username.casefold() in self.forgotten
+        name = username.casefold()
+        if fresh and name in self.deleted:
+            return succeed(None)
+        return super().lookup(username).addCallback(
+            lambda found: found and replace(found, from_cache=not fresh))
+
+    def forget(self, name: str) -> None:
+        self.forgotten.append(name.casefold())
 
 
 class RealCore:

@@ -45,7 +45,7 @@ from tests.ldap_messages import (
     search,
     whoami,
 )
-from tests.unit.test_ldap_frontend_fakes import MemoryDirectory, RealCore, user_dn
+from tests.unit.test_ldap_frontend_fakes import CachingDirectory, MemoryDirectory, RealCore, user_dn
 
 ALICE = user_dn("alice")
 BOB = user_dn("bob")
@@ -102,6 +102,7 @@ class Driver:
         self.finishing: list[Any] = []  # finish's decisions (or failures) not yet fed back
         self.finished = 0  # password checks finished, and abandoned
         self.abandoned = 0
+        self.abandon_reasons: list[Reason] = []
         self.timers: dict[Timer, float] = {}
         self.logs: list[LogLine] = []
         self.client_closed = False
@@ -136,8 +137,10 @@ class Driver:
                 self.finished += 1
                 self.finishing.append(fired(check.finish(verdict)))
             elif do is Do.ABANDON_CHECK:
+                check, reason = argument
                 self.abandoned += 1
-                argument.abandon()
+                self.abandon_reasons.append(reason)
+                check.abandon(reason)
             elif do is Do.CANCEL_CORE:
                 self.core_cancelled += 1
                 self.asks.clear()
@@ -714,7 +717,8 @@ def test_bind_timeout_while_the_core_decides() -> None:
     late = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE))
     assert d.run(d.session.core_decided(late)) == []  # nothing binds behind the client's back
     check = fired(d.core(request))  # a password check that comes late: given back
-    assert d.run(d.session.core_check(check)) == [(Do.ABANDON_CHECK, check)]
+    assert d.run(d.session.core_check(check)) == [
+        (Do.ABANDON_CHECK, (check, Reason.DIRECTORY_UNAVAILABLE))]
     assert check.ended and d.core.turns_held == 0
     assert d.upstream == []
 
@@ -896,6 +900,35 @@ def test_an_entry_outside_user_base_is_refused_without_its_password_check() -> N
     assert d.result().code == 49 and d.upstream == []
     assert d.events[("bind", "reject", "outside_user_base")] == 1
     assert d.abandoned == 1 and d.core.turns_held == 0 and d.core.failures("alice") == 0
+    assert d.abandon_reasons == [Reason.OUTSIDE_USER_BASE]  # audited as what it is
+
+
+def test_a_cached_entry_refused_and_found_again_is_a_wrong_password() -> None:
+    core = RealCore(CachingDirectory())
+    _cores.append(core)
+    d = make(core).start()
+    d.send(bind(2, ALICE, "nope," + core.code()))
+    d.decide()
+    assert d.core.checks[0].identity.from_cache
+    d.answer(bind_response(2, ResultCode.INVALID_CREDENTIALS))
+    d.answer(bind_response(2))  # the reset
+    assert d.result() == (49, "", CREDENTIALS)
+    assert core.directory.forgotten[0] == ALICE.casefold()  # looked up again, not from the cache
+    assert core.failures("alice") == 1 and core.turns_held == 0
+
+
+def test_a_cached_entry_deleted_since_is_nobody_and_counts_nothing() -> None:
+    core = RealCore(CachingDirectory())
+    _cores.append(core)
+    d = make(core).start()
+    d.send(bind(2, ALICE, core.good()))  # the right code: a deleted entry's bind fails anyway
+    d.decide()
+    core.directory.deleted.add("alice")  # gone from the directory, still in the cache
+    d.answer(bind_response(2, ResultCode.INVALID_CREDENTIALS))
+    d.answer(bind_response(2))
+    assert d.result() == (49, "", CREDENTIALS)  # what a wrong password reads
+    assert core.failures("alice") == 0 and core.turns_held == 0
+    assert d.events[("bind", "reject", "unknown_user")] == 1
 
 
 def test_a_password_check_without_a_dn_is_an_internal_error() -> None:

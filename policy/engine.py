@@ -137,6 +137,12 @@ class Prepared:
     # A member of a require_groups group not required yet: ``record`` is as if
     # required; the requirement is stored once the password is right.
     joins_group: bool = False
+    # begin(..., ahead=True): whether the second factor checks out as far as the
+    # state can tell before the password (with a right one, decide would accept),
+    # and the code's time step, matched then once for both (``step_matched``).
+    second_factor_ok: bool = True
+    step: int | None = None
+    step_matched: bool = False
 
 
 # What a user is told (RADIUS Reply-Message, LDAP diagnostic), built here so every
@@ -327,10 +333,15 @@ class PolicyEngine:
 
     # -- phase 2: the entry's state, before its password is tried ---------------------
 
-    def begin(self, request: AuthRequest, identity: Identity, username: str
-              ) -> Prepared | Decision:
+    def begin(self, request: AuthRequest, identity: Identity, username: str,
+              ahead: bool = False) -> Prepared | Decision:
         """Refuse a locked identity before the directory sees its password (no
-        password oracle, no burning the directory's own lockout); read the password field."""
+        password oracle, no burning the directory's own lockout); read the password field.
+
+        ``ahead``: the password check will bind a session the caller then uses
+        (the LDAP front-end's own upstream session), so the second factor is
+        checked first, without using anything up (``Prepared.second_factor_ok``):
+        such a session is bound only when both factors check out."""
         record = self.store.hot.get(username) or UserRecord(username)
         if record.locked(self.clock()):
             return self._finish(request, username, Outcome.REJECT, Reason.LOCKED_OUT,
@@ -347,8 +358,11 @@ class PolicyEngine:
         if not password and request.verified_identity is None:
             # Never sent to a directory (it would bind anonymously), never counted.
             return self._finish(request, username, Outcome.REJECT, Reason.EMPTY_PASSWORD)
-        return Prepared(request, username, identity, record, password, code, needs_code,
-                        joins_group)
+        prepared = Prepared(request, username, identity, record, password, code, needs_code,
+                            joins_group)
+        if ahead:
+            prepared.second_factor_ok = self._second_factor_holds(prepared, self.clock())
+        return prepared
 
     def begin_and_decide(self, request: AuthRequest, identity: Identity, username: str
                          ) -> Prepared | Decision:
@@ -419,25 +433,62 @@ class PolicyEngine:
                                     locked_until=current.locked_until)
         return None
 
-    def _second_factor(self, p: Prepared, identity: Identity, now: float) -> Decision:
+    @staticmethod
+    def _second_factor_rule(p: Prepared, now: float) -> Reason:
+        """What decides once the password is right: CODE_NEEDED (the code does),
+        a password-only accept (MFA_OFF, BYPASS, IN_ENROLLMENT, NOT_REQUIRED) or a
+        refusal (ENROLLMENT_EXPIRED, NOT_ENROLLED)."""
         rec, mfa = p.record, p.request.mfa
         if mfa is MfaMode.OFF:
-            return self._success(p, identity, Reason.MFA_OFF)
+            return Reason.MFA_OFF
         if rec.bypassed(now):
-            return self._success(p, identity, Reason.BYPASS)
+            return Reason.BYPASS
         if p.needs_code:
-            return self._check_code(p, identity, now)
+            return Reason.CODE_NEEDED
         status = rec.status(now)
         if status == "enrollment_expired":
-            return self._finish(p.request, p.username, Outcome.REJECT,
-                                Reason.ENROLLMENT_EXPIRED, identity)
+            return Reason.ENROLLMENT_EXPIRED
         if mfa is MfaMode.STRICT:
-            return self._finish(p.request, p.username, Outcome.REJECT, Reason.NOT_ENROLLED,
-                                identity)
+            return Reason.NOT_ENROLLED
         if status == "in_enrollment":
-            days = rec.days_left(now)
-            return self._success(p, identity, Reason.IN_ENROLLMENT, days)
-        return self._success(p, identity, Reason.NOT_REQUIRED)
+            return Reason.IN_ENROLLMENT
+        return Reason.NOT_REQUIRED
+
+    def _second_factor(self, p: Prepared, identity: Identity, now: float) -> Decision:
+        rule = self._second_factor_rule(p, now)
+        if rule is Reason.CODE_NEEDED:
+            return self._check_code(p, identity, now)
+        if rule in _REFUSING_RULES:
+            return self._finish(p.request, p.username, Outcome.REJECT, rule, identity)
+        if rule is Reason.IN_ENROLLMENT:
+            return self._success(p, identity, rule, p.record.days_left(now))
+        return self._success(p, identity, rule)
+
+    def _second_factor_holds(self, p: Prepared, now: float) -> bool:
+        """Before the password: would a right one be accepted? A read of what
+        :meth:`_second_factor` would use -- nothing is used up, no failure
+        counted (decide does that once the password is checked). A challenge is
+        not an accept."""
+        rule = self._second_factor_rule(p, now)
+        if rule is not Reason.CODE_NEEDED:
+            return rule not in _REFUSING_RULES
+        if p.code is None:
+            return False
+        recovery_code = recovery.normalize(p.code)
+        if recovery_code is not None:
+            return bool(self.recovery_codes) and self.store.hot.holds_recovery_code(
+                p.username, recovery.digest(self.recovery_key, p.username, recovery_code))
+        p.step, p.step_matched = self._match_step(p, p.code, now), True
+        if p.step is not None and (p.record.last_step is None or p.step > p.record.last_step):
+            return True
+        return self._is_repeat(p, now)
+
+    def _match_step(self, p: Prepared, code: str, now: float) -> int | None:
+        assert p.record.totp_key is not None
+        key = self.keys.decrypt(p.record.totp_key, p.username).decode()
+        # A resynchronised user's codes are looked for around their own clock;
+        # the step found is absolute, and so is the replay marker.
+        return match_step(key, code, now + p.record.step_offset * self.totp.period, self.totp)
 
     def _check_code(self, p: Prepared, identity: Identity, now: float) -> Decision:
         if p.code is None:
@@ -448,12 +499,7 @@ class PolicyEngine:
         recovery_code = recovery.normalize(p.code)
         if recovery_code is not None:  # never a TOTP code: no time step, no replay marker
             return self._use_recovery_code(p, identity, recovery_code, now)
-        assert p.record.totp_key is not None
-        key = self.keys.decrypt(p.record.totp_key, p.username).decode()
-        # A resynchronised user's codes are looked for around their own clock;
-        # the step found is absolute, and so is the replay marker.
-        step = match_step(key, p.code, now + p.record.step_offset * self.totp.period,
-                          self.totp)
+        step = p.step if p.step_matched else self._match_step(p, p.code, now)
         if step is None:
             return self._failure(p, Reason.BAD_CODE, identity)
         # Conditional on the identity not being locked, atomically.
@@ -571,6 +617,10 @@ class PolicyEngine:
     def fail_closed(self, request: AuthRequest, reason: Reason) -> Decision:
         """A decision when the engine itself could not run (state store down, a bug)."""
         return Decision(Outcome.REJECT, reason, escape_controls(request.username[:MAX_USERNAME]))
+
+
+# Second-factor rules that refuse a right password.
+_REFUSING_RULES = frozenset({Reason.ENROLLMENT_EXPIRED, Reason.NOT_ENROLLED})
 
 
 class AuditQueue:
@@ -872,7 +922,7 @@ class _SignIn:
                        identity, self.username)
             return
         self._step("begin", self.engine.begin, self._begun, self.request, identity,
-                   self.username)
+                   self.username, self.hands_over)
 
     def _begun(self, prepared: Prepared | Decision) -> None:
         if isinstance(prepared, Decision):
@@ -885,9 +935,14 @@ class _SignIn:
         # -- 4. the password
         assert self.identity is not None
         checked_at = self.auth.clock()
-        if self.hands_over:
+        if self.hands_over and prepared.second_factor_ok:
             self._hand_over(prepared, checked_at)
             return
+        # The core checks the password itself -- and, for a caller that binds its own
+        # session to check it, whenever the second factor fails whatever the password
+        # (a wrong, missing or used code, an expired enrollment): that session is never
+        # bound on a password alone. One bind either way: the answer, what is counted
+        # and the time taken read the same.
         try:
             d = self.auth.directory.check_password(self.identity, prepared.password)
         except Exception as e:

@@ -97,6 +97,8 @@ class HotStore:
         q_recovery = rc.delete().where(rc.c.username == bindparam("u"),
                                        rc.c.code_hash == bindparam("h"), ~exists(locked_now))
         r: Table = RepeatEntry.__table__  # type: ignore[assignment]
+        q_recovery_held = select(rc.c.username).where(rc.c.username == bindparam("u"),
+                                                      rc.c.code_hash == bindparam("h"))
         q_repeat_hit = select(r.c.key).where(r.c.key == bindparam("k"),
                                                    r.c.expires_at > bindparam("t"))
         q_repeat_put = insert_for(self.dialect, RepeatEntry).values(
@@ -114,6 +116,7 @@ class HotStore:
         self._q_fail, self._q_lock = RawStatement(q_fail, d), RawStatement(q_lock, d)
         self._q_accept, self._q_success = RawStatement(q_accept, d), RawStatement(q_success, d)
         self._q_recovery = RawStatement(q_recovery, d)
+        self._q_recovery_held = RawStatement(q_recovery_held, d)
         self._q_repeat_hit = RawStatement(q_repeat_hit, d)
         self._q_repeat_put = RawStatement(q_repeat_put, d)
         self._q_repeat_forget = RawStatement(q_repeat_forget, d)
@@ -228,6 +231,11 @@ class HotStore:
                 return False
             self._q_success.run(cur, u=username, t=t)
         return True
+
+    def holds_recovery_code(self, username: str, code_hash: bytes) -> bool:
+        """Whether the user has this recovery code, unused (a read: nothing used)."""
+        with self._raw() as cur:
+            return self._q_recovery_held.run(cur, u=username, h=code_hash).fetchone() is not None
 
     def accept_step(self, username: str, step: int, now: float) -> bool:
         """Move the replay marker to ``step``; False when it is already there or

@@ -349,6 +349,20 @@ class Slapd:
                 found.append(line.split(' BIND dn="', 1)[1].rsplit('" method=', 1)[0])
         return found
 
+    def bind_connections(self, since: int = 0) -> list[tuple[str, str]]:
+        """(connection, DN) of each bind of :meth:`binds`, e.g. ``("conn=1004", dn)``."""
+        found = []
+        for line in self._log_lines(since):
+            if " BIND dn=\"" in line and " method=" in line:
+                conn = next((w for w in line.split() if w.startswith("conn=")), "")
+                found.append((conn, line.split(' BIND dn="', 1)[1].rsplit('" method=', 1)[0]))
+        return found
+
+    def connections_opened(self, since: int = 0) -> set[str]:
+        """The connections slapd accepted from byte ``since`` of slapd.log on."""
+        return {next(w for w in line.split() if w.startswith("conn="))
+                for line in self._log_lines(since) if " ACCEPT from " in line}
+
     def _log_lines(self, since: int) -> list[str]:
         with open(self.workdir / "slapd.log", "rb") as f:
             f.seek(since)

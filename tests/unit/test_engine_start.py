@@ -16,7 +16,7 @@ import pytest
 from twisted.internet import defer
 
 from backends.base import DirectoryUnavailable, Identity, InvalidCredentials
-from policy.decision import Decision, Outcome, Reason
+from policy.decision import Decision, Outcome, Reason, SplitMode
 from policy.engine import Authenticator, GroupRequirement, PasswordCheck
 from tests.unit.test_engine import (
     AsyncFake,
@@ -59,7 +59,8 @@ def test_start_hands_back_the_check_and_holds_the_identity_s_turn(h: Harness) ->
         "alice", ALICE_DN, "alice-pw")  # the entry, and the password without its code
     assert h.directory.calls == []  # the core checked no password itself
     assert len(auth.gate) == 1 and not check.ended
-    waiting = auth.start(h.request("ALICE", password="alice-pw"))  # the same identity
+    h.next_step()
+    waiting = auth.start(h.request("ALICE", password=h.with_code()))  # the same identity
     assert not waiting.called  # waits for the first attempt to end
     decision = fired(check.finish(check.identity))
     assert outcome(decision) == (Outcome.ACCEPT, Reason.OK) and check.ended
@@ -70,12 +71,104 @@ def test_start_hands_back_the_check_and_holds_the_identity_s_turn(h: Harness) ->
     assert reasons_audited(h) == ["ok", "directory_unavailable"]
 
 
-def test_finish_decides_the_code_as_authenticate_does(h: Harness) -> None:
+def wrong_code(h: Harness) -> str:
+    near = {h.code(offset=k) for k in (-1, 0, 1)}
+    return next(c for c in ("000000", "999999", "123456") if c not in near)
+
+
+@pytest.mark.parametrize(("field", "reason"), [
+    ("alice-pw,{wrong}", Reason.BAD_CODE),
+    ("wrong,{wrong}", Reason.BAD_PASSWORD),  # which factor failed reads the same to the client
+    ("alice-pw", Reason.MISSING_CODE),
+    ("wrong", Reason.BAD_PASSWORD),
+])
+def test_a_second_factor_that_fails_is_decided_without_handing_the_check_over(
+        h: Harness, field: str, reason: Reason) -> None:
+    """The caller would bind its own session to check the password: that session
+    is never bound when the second factor fails whatever the password. The core
+    checks the password itself (one bind, as the caller's would have been) and
+    decides; the same failure is counted, the same answer given."""
     enrolled(h)
     auth = authenticator(h)
-    check = started(auth, h, "alice-pw,000000")
-    assert outcome(fired(check.finish(check.identity))) == (Outcome.REJECT, Reason.BAD_CODE)
+    answer = fired(auth.start(h.request(password=field.format(wrong=wrong_code(h)),
+                                        split=SplitMode.APPEND)))  # as the LDAP front-end
+    assert isinstance(answer, Decision) and outcome(answer) == (Outcome.REJECT, reason)
+    assert h.directory.calls == [("alice", field.split(",")[0])]  # the core's own check
     assert h.record().failures == 1 and len(auth.gate) == 0
+    assert answer.message == "invalid credentials: wrong password or verification code"
+
+
+def test_a_used_code_is_decided_by_the_core_and_the_right_one_handed_over(h: Harness) -> None:
+    enrolled(h)
+    auth = authenticator(h)
+    field = h.with_code()
+    first = started(auth, h, field)
+    assert outcome(fired(first.finish(first.identity))) == (Outcome.ACCEPT, Reason.OK)
+    again = fired(auth.start(h.request(password=field)))  # the same code: a replay
+    assert isinstance(again, Decision)
+    assert outcome(again) == (Outcome.REJECT, Reason.REPLAYED_CODE)
+    assert h.directory.calls == [("alice", "alice-pw")]  # checked by the core, not handed over
+
+
+def test_the_code_s_step_found_before_the_password_is_the_one_decide_uses(
+        h: Harness) -> None:
+    """Matched once, at begin: a clock that moves past the code's window while the
+    caller's bind runs does not turn a right code into a wrong one after the
+    session was bound (nor the other way round)."""
+    enrolled(h)
+    auth = authenticator(h)
+    check = started(auth, h, h.with_code(offset=-1))  # the oldest step the window allows
+    h.next_step()  # the bind took long: that step is out of the window now
+    assert outcome(fired(check.finish(check.identity))) == (Outcome.ACCEPT, Reason.OK)
+
+
+def test_an_expired_enrollment_is_decided_by_the_core(h: Harness) -> None:
+    h.store.admin.require("alice", int(h.clock()) - 1)
+    auth = authenticator(h)
+    answer = fired(auth.start(h.request()))
+    assert isinstance(answer, Decision)
+    assert outcome(answer) == (Outcome.REJECT, Reason.ENROLLMENT_EXPIRED)
+    assert h.directory.calls == [("alice", "alice-pw")]
+
+
+def test_a_password_only_user_is_handed_over(h: Harness) -> None:
+    h.require()  # in enrollment, no key yet: the password alone passes
+    auth = authenticator(h)
+    check = started(auth, h)
+    decision = fired(check.finish(check.identity))
+    assert outcome(decision) == (Outcome.ACCEPT, Reason.IN_ENROLLMENT)
+    assert h.directory.calls == []
+
+
+def test_a_recovery_code_is_handed_over_when_held_and_decided_by_the_core_when_not(
+        h: Harness) -> None:
+    from policy import recovery
+
+    enrolled(h)
+    code = recovery.new_codes()[0]
+    normal = recovery.normalize(code)
+    assert normal is not None
+    h.store.admin.replace_recovery_codes(
+        "alice", [recovery.digest(h.engine.recovery_key, "alice", normal)])
+    auth = authenticator(h)
+    check = started(auth, h, f"alice-pw,{code}")
+    assert h.store.admin.recovery_codes_left("alice") == 1  # looked at, not used, yet
+    decision = fired(check.finish(check.identity))
+    assert outcome(decision) == (Outcome.ACCEPT, Reason.RECOVERY_CODE)
+    used = fired(auth.start(h.request(password=f"alice-pw,{code}")))  # single use
+    assert isinstance(used, Decision) and outcome(used) == (Outcome.REJECT, Reason.BAD_CODE)
+    assert h.directory.calls == [("alice", "alice-pw")]
+
+
+def test_a_repeat_within_the_window_is_handed_over(h: Harness) -> None:
+    enrolled(h)
+    auth = authenticator(h)
+    field = h.with_code()
+    first = started(auth, h, field, repeat=30)
+    assert outcome(fired(first.finish(first.identity))) == (Outcome.ACCEPT, Reason.OK)
+    again = started(auth, h, field, repeat=30)  # a repeat would be accepted: bind for it
+    assert outcome(fired(again.finish(again.identity))) == (Outcome.ACCEPT, Reason.REPEAT)
+    assert h.directory.calls == []
 
 
 def test_a_refused_password_is_counted_and_teaches_the_latency_mimic(h: Harness) -> None:
@@ -138,8 +231,8 @@ def test_what_needs_no_password_check_is_decided_at_once(h: Harness) -> None:
     assert isinstance(empty, Decision) and empty.reason is Reason.EMPTY_PASSWORD
     unknown = fired(auth.start(h.request("mallory", password="guess")))
     assert isinstance(unknown, Decision) and unknown.reason is Reason.UNKNOWN_USER
-    for _ in range(5):
-        fired(started(auth, h, "wrong").finish(InvalidCredentials("alice")))
+    for _ in range(5):  # a right code: the caller's bind checks the password
+        fired(started(auth, h, f"wrong,{h.code()}").finish(InvalidCredentials("alice")))
     locked = fired(auth.start(h.request(password=h.with_code())))
     assert isinstance(locked, Decision) and locked.reason is Reason.LOCKED_OUT
     assert len(auth.gate) == 0 and h.directory.calls == []

@@ -111,8 +111,9 @@ class RealCore:
     :meth:`Authenticator.start`, users enrolled and required. ``good(user)`` is
     the password and a fresh valid code (the core's clock then moves one time
     step, so the next one is fresh too). The LDAP front-end checks passwords
-    with its own upstream bind, so ``directory`` only resolves entries for it
-    (its ``checks`` stay empty)."""
+    with its own upstream bind when the second factor checks out, so
+    ``directory`` mostly resolves entries for it (its ``checks`` record the
+    core's own binds: a wrong or missing code)."""
 
     def __init__(self, directory: AsyncDirectory | None = None,
                  enrolled: tuple[str, ...] = USERS, max_failures: int = 5) -> None:
@@ -175,6 +176,10 @@ class RealCore:
 
     def good(self, name: str = "alice") -> str:
         return f"{name}-pw,{self.code(name)}"
+
+    def use_elsewhere(self, name: str = "alice") -> None:
+        """Another instance accepts the latest code handed out (a replay marker at its step)."""
+        assert self.store.hot.accept_step(name, PARAMS.step_at(self.clock()), self.clock())
 
     def lock(self, name: str) -> None:
         for _ in range(self.engine.limits.max_failures):

@@ -245,22 +245,34 @@ def test_the_session_is_bound_as_the_entry_not_as_the_client_spelled_it() -> Non
 
 
 @pytest.mark.parametrize(("password", "checked"), [
-    ("alice-pw,654321", b"alice-pw"), ("alice-pw", b"alice-pw"), ("alice-pw,", b"alice-pw,"),
-    ("wrong,123456", b"wrong")])
-def test_refused_binds_all_read_the_same_and_leave_the_session_anonymous(
-        password: str, checked: bytes) -> None:
+    ("alice-pw,654321", "alice-pw"), ("alice-pw", "alice-pw"), ("alice-pw,", "alice-pw,"),
+    ("wrong,123456", "wrong")])
+def test_a_failing_code_never_binds_the_session_and_reads_as_a_wrong_password(
+        password: str, checked: str) -> None:
     h = make(directory=FakeDirectory(auto=False))
     client = h.client()
     client.bind(ALICE, password)
-    assert h.directory.binds == [(ALICE, checked)]  # the password check: the code split off
-    h.directory.release()
-    assert h.directory.binds == [(ALICE, checked), ("", b"")]  # then the reset
-    assert client.responses() == []  # the answer waits for it
-    h.directory.release()
+    assert h.directory.binds == []  # the session is never bound on the password alone
+    assert h.core.directory.checks == [("alice", checked)]  # the core's own check
     result = client.result()
     # the core's text, the same for a bad password and a bad or missing code
     assert (result.code, result.diagnostic) == (49, CREDENTIALS)
     assert h.core.failures("alice") == 1 and h.core.turns_held == 0
+
+
+def test_a_wrong_password_with_a_right_code_is_the_session_bind_then_a_reset() -> None:
+    h = make(directory=FakeDirectory(auto=False))
+    client = h.client()
+    client.bind(ALICE, "wrong," + h.core.code())
+    assert h.directory.binds == [(ALICE, b"wrong")]  # the password check: the code split off
+    h.directory.release()
+    assert h.directory.binds == [(ALICE, b"wrong"), ("", b"")]  # then the reset
+    assert client.responses() == []  # the answer waits for it
+    h.directory.release()
+    result = client.result()
+    assert (result.code, result.diagnostic) == (49, CREDENTIALS)
+    assert h.core.failures("alice") == 1 and h.core.turns_held == 0
+    assert h.core.directory.checks == []
 
 
 def test_a_failed_bind_after_a_success_resets_the_session_before_answering() -> None:
@@ -269,10 +281,8 @@ def test_a_failed_bind_after_a_success_resets_the_session_before_answering() -> 
     client.bind(ALICE, h.core.good())
     h.directory.release()
     assert client.result().code == 0
-    client.bind(ALICE, "alice-pw,000000")  # wrong code
-    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]  # the password check
-    h.directory.release()  # the password is right: the session is alice's until the reset
-    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw", b""]
+    client.bind(ALICE, "alice-pw,000000")  # wrong code: the core checks the password
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # alice's until the reset
     assert client.responses() == []  # no answer until the reset is done
     h.directory.release()
     assert client.result().code == 49
@@ -286,7 +296,7 @@ def test_after_a_session_bind_every_failure_is_followed_by_one_reset() -> None:
     client = h.client()
     client.bind(ALICE, h.core.good())
     assert client.result().code == 0
-    client.bind(ALICE, "nope,123456")
+    client.bind(ALICE, "nope," + h.core.code())
     assert client.result().code == 49
     assert h.directory.bind_passwords() == [b"alice-pw", b"nope", b""]
     client.bind(ALICE, "")  # refused locally (53): the reset held, no second one
@@ -325,7 +335,7 @@ def test_a_new_bind_after_success_that_fails_leaves_the_session_anonymous() -> N
     client = h.client()
     client.bind(ALICE, h.core.good())
     client.responses()
-    client.bind(BOB, "wrong,123456")
+    client.bind(BOB, "wrong," + h.core.code("bob"))
     assert client.result().code == 49
     assert h.directory.bind_passwords() == [b"alice-pw", b"wrong", b""]  # then reset
 
@@ -357,7 +367,8 @@ def test_expired_enrollment() -> None:
     client.bind(ALICE, "alice-pw")
     result = client.result()
     assert result.code == 49 and result.diagnostic.startswith("enrollment expired")
-    assert h.directory.binds == [(ALICE, b"alice-pw"), ("", b"")]  # checked, then reset
+    assert h.directory.binds == []  # refused whatever the password: the core checked it
+    assert h.core.directory.checks == [("alice", "alice-pw")]
 
 
 def test_user_in_enrollment_passes_with_password_and_is_told_the_days_left() -> None:
@@ -877,9 +888,7 @@ def test_a_failed_bind_after_a_success_holds_everything_until_the_reset() -> Non
     client.send(
         messages.encode_bind_request(5, ALICE, b"alice-pw,000000") + search(6) + whoami(7)
     )
-    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw"]  # the check only
-    h.directory.release()
-    assert h.directory.bind_passwords() == [b"alice-pw", b"alice-pw", b""]  # the reset
+    assert h.directory.bind_passwords() == [b"alice-pw", b""]  # the reset only
     requests = len(h.directory.requests)
     assert client.responses() == []
     h.directory.release()  # the reset holds: the client hears 49, then the rest goes

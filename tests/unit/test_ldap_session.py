@@ -502,9 +502,7 @@ def test_nothing_read_after_a_bind_reaches_the_directory_before_its_answer() -> 
 def test_requests_after_a_failed_bind_wait_for_the_reset_too() -> None:
     d = bound_as_alice(require_bind=False)
     d.send(bind(5, ALICE, "alice-pw,000000"), search(6))
-    d.decide()
-    assert d.upstream_binds()[-1] == (5, ALICE, b"alice-pw")  # the password check
-    d.answer(bind_response(5))  # the password is right, the code is not
+    d.decide()  # the code is wrong: the core checked the password itself
     assert d.state is State.RESETTING
     assert d.upstream_binds()[-1] == (5, "", b"")  # the reset reuses the bind's ID
     assert d.upstream[-1] != search(6) and d.client == []
@@ -542,7 +540,6 @@ def test_a_wrong_type_answer_to_the_reset_closes_both_without_an_answer() -> Non
     d = bound_as_alice()
     d.send(bind(7, ALICE, "alice-pw,000000"))
     d.decide()
-    d.answer(bind_response(7))  # the password check
     assert d.state is State.RESETTING
     d.answer(done(7))
     assert d.closed_for("upstream_protocol_violation")
@@ -587,12 +584,43 @@ def test_a_malformed_response_drops_the_upstream() -> None:
 # -------------------------------------------------------- invariant 4: reset before a failed answer
 
 
+def test_a_wrong_code_never_binds_the_session_as_the_user() -> None:
+    """The second factor fails whatever the password: the core checks the password
+    itself and the session is never bound on it (nothing to reset either)."""
+    d = make().start()
+    d.send(bind(2, ALICE, "alice-pw,000000"))
+    d.decide()
+    assert d.upstream == [] and d.core.checks == []
+    assert d.core.directory.checks == [("alice", "alice-pw")]  # the core's one bind
+    assert d.result() == (49, "", CREDENTIALS)
+    assert d.core.failures("alice") == 1 and d.core.turns_held == 0
+    assert d.events[("bind", "reject", "bad_code")] == 1
+
+
+def test_a_code_used_elsewhere_while_the_session_bind_ran_is_reset_before_the_answer() -> None:
+    """Both factors checked out before the bind, but another instance took the
+    code meanwhile: finish refuses, and the session bound by the check is made
+    anonymous before the client hears it."""
+    d = make().start()
+    d.send(bind(2, ALICE, d.core.good()))
+    d.decide()
+    assert d.upstream_binds() == [(2, ALICE, b"alice-pw")]
+    d.core.use_elsewhere("alice")
+    d.answer(bind_response(2))  # the password is right: bound as alice
+    assert d.state is State.RESETTING and d.client == []
+    assert d.upstream_binds()[-1] == (2, "", b"")
+    d.answer(bind_response(2))
+    result = d.result()
+    assert result.code == 49 and "used already" in result.diagnostic
+    assert d.session.upstream.bound is Bound.ANONYMOUS and not d.session.authenticated
+    assert d.events[("bind", "reject", "replayed_code")] == 1
+
+
 def test_a_failed_bind_on_a_possibly_bound_session_is_answered_after_the_reset() -> None:
     d = bound_as_alice()
-    d.send(bind(5, ALICE, "alice-pw,000000"))  # wrong code
+    d.send(bind(5, ALICE, "alice-pw,000000"))  # wrong code: decided by the core at once
     d.decide()
-    d.answer(bind_response(5))  # the password check passed: bound as alice
-    assert d.state is State.RESETTING and d.client == []
+    assert d.state is State.RESETTING and d.client == []  # still bound as alice from before
     assert d.upstream_binds()[-1] == (5, "", b"")
     d.answer(bind_response(5))  # the reset held
     result = d.result()
@@ -671,8 +699,7 @@ def test_a_failed_reset_closes_both_and_the_bind_gets_no_answer(answer: bytes) -
     d = bound_as_alice()
     d.send(bind(5, ALICE, "alice-pw,000000"))
     d.decide()
-    d.answer(bind_response(5))  # the password check
-    d.answer(answer)
+    d.answer(answer)  # to the reset
     assert d.closed_for("reset_failed")
     assert [is_notice(m) for m in d.client] == [True]
     assert d.upstream_closed is False
@@ -754,7 +781,7 @@ def test_bind_timeout_during_the_reset_closes_without_an_answer() -> None:
     d = bound_as_alice(bind_timeout=5)
     d.send(bind(5, ALICE, "alice-pw,000000"))
     d.decide()
-    d.answer(bind_response(5))  # the password check
+    assert d.state is State.RESETTING
     d.advance(5)
     assert d.closed_for("reset_failed")
     assert [is_notice(m) for m in d.client] == [True]
@@ -802,7 +829,7 @@ def test_upstream_lost_mid_bind_closes_both_and_counts_the_bind() -> None:
 
 def test_upstream_lost_during_the_reset_counts_the_answer_it_would_have_had() -> None:
     d = bound_as_alice()
-    d.send(bind(5, ALICE, "nope,123456"))
+    d.send(bind(5, ALICE, "nope," + d.core.code()))  # a right code: the session bind checks
     d.decide()
     d.answer(bind_response(5, ResultCode.INVALID_CREDENTIALS))
     assert d.state is State.RESETTING
@@ -1004,11 +1031,11 @@ def test_idle_timeout_waits_for_outstanding_operations() -> None:
 def test_unbound_timeout_waits_for_the_bind_in_progress_and_its_answer() -> None:
     d = make(unbound_timeout=10).start()
     d.advance(9)
-    d.send(bind(2, ALICE, "alice-pw,000000"))
+    d.send(bind(2, ALICE, "nope," + d.core.code()))
     d.advance(2)
     assert not d.session.closed  # decided by the bind's answer
     d.decide()
-    d.answer(bind_response(2))  # the password check
+    d.answer(bind_response(2, ResultCode.INVALID_CREDENTIALS))  # the password check
     d.answer(bind_response(2))  # the reset
     bind_answer, notice = d.client
     assert messages.decode_result(bind_answer).code == 49 and is_notice(notice)

@@ -779,9 +779,16 @@ def run(settings: Settings) -> int:
     for warning in settings.warnings:
         log.warning("config warning: %s", warning)
     if settings.service.cpu_affinity:
-        pin_threads(settings.service.cpu_affinity)
-        log.info("running on CPU(s) %s ([service] cpu_affinity)",
-                 ", ".join(map(str, settings.service.cpu_affinity)))
+        cpus = ", ".join(map(str, settings.service.cpu_affinity))
+        try:
+            pin_threads(settings.service.cpu_affinity)
+        except OSError as e:  # a seccomp filter (systemd's SystemCallFilter=~@resources)
+            log.warning("[service] cpu_affinity: cannot run on CPU(s) %s (%s); running on "
+                        "every CPU allowed. Under systemd set CPUAffinity=%s in the unit "
+                        "instead (its system call filter refuses sched_setaffinity)",
+                        cpus, e.strerror or e, cpus.replace(", ", " "))
+        else:
+            log.info("running on CPU(s) %s ([service] cpu_affinity)", cpus)
     from twisted.internet import reactor
 
     service = Service(settings, reactor)

@@ -1021,3 +1021,34 @@ def test_pin_threads_moves_running_threads_and_later_ones_inherit() -> None:
         stop.set()
         running.join()
         pin_threads(tuple(before))
+
+
+def test_cpu_affinity_that_cannot_be_applied_is_a_warning_and_serve_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Under the shipped systemd unit the seccomp filter answers sched_setaffinity
+    with EPERM: serve says how to pin there and runs unpinned, it does not crash."""
+    import errno
+
+    from proxy import service
+
+    def refused(cpus: tuple[int, ...]) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    class Stop(Exception):
+        pass
+
+    def no_service(*args: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(service, "pin_threads", refused)
+    monkeypatch.setattr(service, "Service", no_service)
+    monkeypatch.setattr(service, "setup_logging", lambda *a: None)
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    settings = load(write(tmp_path, BASE + f"\n[service]\ncpu_affinity = [{cpu}]\n"))
+    with caplog.at_level("WARNING"), pytest.raises(Stop):
+        service.run(settings)
+    (line,) = [r.getMessage() for r in caplog.records if "cpu_affinity" in r.getMessage()]
+    assert "Operation not permitted" in line and "CPUAffinity=" in line

@@ -43,6 +43,8 @@ from tests.integration.test_identity_attacks import (
     ALICE_PW,
     FAILURE_REASONS,
     MAX_FAILURES,
+    PERIOD,
+    WINDOW,
     Codes,
     LdapClient,
     LdapResult,
@@ -365,3 +367,43 @@ def test_captured_request_replayed_from_new_ports_is_answered_from_the_duplicate
     if len(rows) != 1:
         problems.append(f"{len(rows)} decisions for one request:\n  {trail(rows)}")
     assert not problems, "\n".join(problems)
+
+
+def test_one_code_raced_over_ldap_on_two_instances_is_accepted_once_and_no_session_stays_bound(
+        slapd: Slapd, tmp_path: Path) -> None:
+    """Eight LDAP sessions, four on each of two instances sharing one state, bind as
+    alice with her password and the same fresh code at once. Each instance finds
+    the code unused before the password check, so several sessions are bound by
+    that check; one accept wins the code (one conditional UPDATE), and every other
+    session is reset to anonymous before its 49: after the race, WhoAmI on each
+    refused session says anonymous."""
+    # require_bind off: WhoAmI on a refused session goes to slapd, which says who it is.
+    a = configure_target(slapd, tmp_path / "a", ldap={"require_bind": False})
+    b = ProxyProcess.configure(
+        tmp_path / "b", slapd, clients=[{"name": "nas", "address": "127.0.0.1/32"}],
+        ldap={"upstream": slapd.url, "exempt": [], "mfa": "enrolled", "separator": ",",
+              "require_bind": False},
+        state_url=a.state_url, key_file=a.key_file,
+        overrides={"policy": {"max_failures": MAX_FAILURES, "lockout_seconds": 900},
+                   "totp": {"period": PERIOD, "window": WINDOW}})
+    codes_of_alice = Codes(totp_key(ALICE), window=WINDOW)
+    with a.running(), b.running():
+        for _ in range(3):  # rounds: whether two checks overlap is the scheduler's call
+            field = f"{ALICE_PW},{codes_of_alice.fresh()}"
+            jobs, connections = [], []
+            for proxy in (a, b):
+                more_jobs, more = ldap_jobs(proxy, user_dn(ALICE), [field] * 4)
+                jobs += more_jobs
+                connections += more
+            try:
+                codes = [r.code for r in answered(race(jobs))]
+                assert sorted(codes) == [0] + [49] * 7, codes
+                seen = [(result.code, authz)
+                        for result, authz in (c.whoami() for c in connections)]
+            finally:
+                for c in connections:
+                    c.close()
+            winner = codes.index(0)
+            assert seen[winner] == (0, f"dn:{user_dn(ALICE)}")
+            assert [s for i, s in enumerate(seen) if i != winner] == [(0, "")] * 7, seen
+            a.cli("user", "unlock", ALICE)  # seven replays are seven failures: a lock

@@ -1042,10 +1042,20 @@ class _SignIn:
         the same entry found again makes this a wrong password (counted); an
         entry gone or moved was nobody's (answered as an unknown name). The
         core's own check does the same in the directory (and binds again there)."""
-        self.auth.engine.events.directory(self.auth.clock() - checked_at, None)
+        clock, events = self.auth.clock, self.engine.events
+        events.directory(clock() - checked_at, None)
         identity, directory, request = self.identity, self.auth.directory, self.request
         assert identity is not None
-        self.started = self.auth.clock()
+        asked = clock()
+
+        def failed(error: BaseException) -> None:
+            events.directory(clock() - asked, _directory_error(error).reason)
+            self._done(self.engine.refuse(request, self.username, Reason.DIRECTORY_UNAVAILABLE))
+
+        def found_again(fresh: Identity | None) -> None:
+            events.directory(clock() - asked, None)
+            self._looked_again(fresh, refused)
+
         try:
             directory.forget(self.name)
             directory.forget(identity.username)
@@ -1054,13 +1064,12 @@ class _SignIn:
             else:
                 found = directory.lookup(self.name)
         except Exception as e:  # a directory that raises instead of failing its Deferred
-            self._lookup_failed(e)
+            failed(e)
             return
-        found.addCallbacks(self._continue, self._lookup_failed_async,
-                           callbackArgs=(lambda fresh: self._looked_again(fresh, refused),))
+        found.addCallbacks(self._continue, lambda f: failed(f.value),
+                           callbackArgs=(found_again,))
 
     def _looked_again(self, fresh: Identity | None, refused: InvalidCredentials) -> None:
-        self._timed(None)
         identity = self.identity
         assert identity is not None
         if (fresh is not None and fresh.dn == identity.dn

@@ -294,3 +294,48 @@ def test_authenticate_is_unchanged_beside_start(h: Harness) -> None:
     assert outcome(fired(auth.authenticate(h.request()))) == (Outcome.ACCEPT,
                                                               Reason.NOT_REQUIRED)
     assert h.directory.calls == [("alice", "alice-pw")]  # the core's own check
+
+
+def test_a_refused_cached_entry_is_looked_up_again_and_the_mimic_sees_the_whole_attempt(
+        h: Harness) -> None:
+    """The front-end's bind refused an entry the look-up cache gave: forgotten,
+    looked up again; the same entry found again is a wrong password (counted),
+    and the latency the unknown-name mimic learns is the whole attempt's."""
+    forgotten: list[str] = []
+    lookups: list[str] = []
+
+    def lookup(name: str) -> defer.Deferred[Identity | None]:
+        lookups.append(name)
+        found = h.directory.lookup(name)
+        return defer.succeed(replace(found, from_cache=len(lookups) == 1))
+
+    directory = Scripted(h.directory, lookup=lookup, forget=forgotten.append)
+    auth = authenticator(h, directory)
+    auth.mimic.average = 0.0
+    check = started(auth, h, "wrong")
+    assert check.identity.from_cache
+    h.clock.advance(0.4)  # the front-end's bind
+    decision = fired(check.finish(InvalidCredentials("alice")))
+    assert outcome(decision) == (Outcome.REJECT, Reason.BAD_PASSWORD)
+    assert forgotten == ["alice", "alice"] and lookups == ["alice", "alice"]
+    assert h.record().failures == 1 and len(auth.gate) == 0
+    assert auth.mimic.average == pytest.approx(0.1 * 0.4)  # from the start, not the re-look
+
+
+def test_a_refused_cached_entry_whose_directory_is_down_now_counts_nothing(
+        h: Harness) -> None:
+    calls = 0
+
+    def lookup(name: str) -> defer.Deferred[Identity | None]:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return defer.fail(DirectoryUnavailable("connection refused"))
+        return defer.succeed(replace(h.directory.lookup(name), from_cache=True))
+
+    auth = authenticator(h, Scripted(h.directory, lookup=lookup, forget=lambda name: None))
+    check = started(auth, h, "wrong")
+    decision = fired(check.finish(InvalidCredentials("alice")))
+    assert outcome(decision) == (Outcome.REJECT, Reason.DIRECTORY_UNAVAILABLE)
+    assert h.record().failures == 0 and len(auth.gate) == 0
+    assert h.events.directory_calls[-1][1] == "directory_unavailable"

@@ -506,7 +506,9 @@ class PolicyEngine:
         if self.store.hot.accept_step(p.username, step, now):
             self._remember_success(p, now)
             return self._accepted(p, identity, Reason.OK)
-        if self._is_repeat(p, now):
+        # (Not for a check made without the caller's session: begin found no repeat,
+        # and one that came meanwhile from another instance must not accept it.)
+        if p.second_factor_ok and self._is_repeat(p, now):
             return self._accepted(p, identity, Reason.REPEAT)
         return self._locked_now(p) or self._failure(p, Reason.REPLAYED_CODE, identity)
 
@@ -775,15 +777,25 @@ class PasswordCheck:
     """The password check of a started sign-in, made by its front-end: bind as
     ``identity.dn`` with ``password`` (the password part of the field), then
     exactly one of :meth:`finish` (the directory's verdict) or :meth:`abandon`
-    (no verdict: a timeout, the connection gone). Until then the identity's
-    turn at the gate is held: the next attempt for it waits."""
+    (no verdict: a timeout, the connection gone) -- or, when ``binds_session``
+    is False, :meth:`check_here` instead of the bind and finish. Until then the
+    identity's turn at the gate is held: the next attempt for it waits.
 
-    __slots__ = ("_checked_at", "_sign_in", "decided", "identity", "password")
+    ``binds_session``: the second factor checked out (``begin`` looked, without
+    using it up), so a bind that passes may stand as the user's session. When
+    it is False the attempt fails whatever the password (a wrong, missing or
+    used code, an expired enrollment): a session must not be bound on it, and
+    :meth:`check_here` has the core check the password on its own connection
+    and decide -- one bind, the same answer and count as the session's would
+    have been."""
+
+    __slots__ = ("_checked_at", "_sign_in", "binds_session", "decided", "identity", "password")
 
     def __init__(self, sign_in: _SignIn, identity: Identity, password: str,
-                 checked_at: float) -> None:
+                 checked_at: float, binds_session: bool = True) -> None:
         self._sign_in: _SignIn | None = sign_in
         self.identity, self.password, self._checked_at = identity, password, checked_at
+        self.binds_session = binds_session
         # The decision, once finish's or abandon's comes (finish returns it). Callbacks
         # added here must return what they are given.
         self.decided: Deferred[Decision] = sign_in.result
@@ -803,6 +815,12 @@ class PasswordCheck:
             sign_in._refused_from_cache(verdict, self._checked_at)
         else:
             sign_in._password_refused(verdict, self._checked_at)
+        return self.decided
+
+    def check_here(self) -> Deferred[Decision]:
+        """The core checks the password itself (its own directory connection) and
+        decides: for a check that must not bind the caller's session."""
+        self._end()._check_password(self._checked_at)
         return self.decided
 
     def abandon(self, reason: Reason = Reason.DIRECTORY_UNAVAILABLE) -> None:
@@ -935,16 +953,16 @@ class _SignIn:
         # -- 4. the password
         assert self.identity is not None
         checked_at = self.auth.clock()
-        if self.hands_over and prepared.second_factor_ok:
+        if self.hands_over:
             self._hand_over(prepared, checked_at)
             return
-        # The core checks the password itself -- and, for a caller that binds its own
-        # session to check it, whenever the second factor fails whatever the password
-        # (a wrong, missing or used code, an expired enrollment): that session is never
-        # bound on a password alone. One bind either way: the answer, what is counted
-        # and the time taken read the same.
+        self._check_password(checked_at)
+
+    def _check_password(self, checked_at: float) -> None:
+        """The core's own password check (a bind on its directory connection)."""
+        assert self.identity is not None and self.prepared is not None
         try:
-            d = self.auth.directory.check_password(self.identity, prepared.password)
+            d = self.auth.directory.check_password(self.identity, self.prepared.password)
         except Exception as e:
             self._decide(_directory_error(e))
             return
@@ -1027,7 +1045,8 @@ class _SignIn:
 
         assert self.identity is not None
         started, self.result = self.result, Deferred()
-        check = PasswordCheck(self, self.identity, prepared.password, checked_at)
+        check = PasswordCheck(self, self.identity, prepared.password, checked_at,
+                              binds_session=prepared.second_factor_ok)
         if started.called:  # cancelled: nobody will make the check
             check.abandon()
             return

@@ -338,6 +338,8 @@ class LdapProxyProtocol(Protocol):
             self._ask_core(argument)
         elif do is Do.FINISH_CHECK:
             self._finish_check(*argument)
+        elif do is Do.CHECK_IN_CORE:
+            self._call_core(maybeDeferred(argument.check_here), finishing=True)
         elif do is Do.ABANDON_CHECK:
             check, reason = argument
             check.abandon(reason)

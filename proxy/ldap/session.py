@@ -79,6 +79,8 @@ The moves (:data:`TRANSITIONS`, by :class:`Step`)::
     BIND_DECIDING          --bind sent--------->  BIND_UPSTREAM   (a relayed bind, or the
                                                   password check the core handed back)
     BIND_UPSTREAM          --verdict----------->  BIND_FINISHING  (the core decides the rest)
+    BIND_DECIDING          --core checks------->  BIND_FINISHING  (a check that must not
+                                                  bind the session: the core makes it)
     BIND_DECIDING, BIND_UPSTREAM, BIND_FINISHING --reset sent-->  RESETTING
     BIND_DECIDING, BIND_UPSTREAM, BIND_FINISHING, RESETTING --answered--> READY
     every state but CLOSED --close------------->  CLOSED
@@ -174,6 +176,7 @@ class Step(enum.Enum):
     QUIET = "quiet"  # no forwarded operation is outstanding: the bind starts
     BIND_SENT = "bind_sent"  # the proxy's own bind went upstream
     VERDICT = "verdict"  # the directory answered the password check
+    CORE_CHECKS = "core_checks"  # the core checks the password itself (not on the session)
     RESET_SENT = "reset_sent"  # the anonymous reset went upstream
     ANSWERED = "answered"  # the client has the bind's answer
     CLOSE = "close"
@@ -199,6 +202,7 @@ TRANSITIONS: dict[State, dict[Step, State]] = {
     State.BIND_DECIDING: {
         Step.NEEDS_UPSTREAM: State.BIND_REACHING,
         Step.BIND_SENT: State.BIND_UPSTREAM,
+        Step.CORE_CHECKS: State.BIND_FINISHING,
         Step.RESET_SENT: State.RESETTING,
         Step.ANSWERED: State.READY,
     },
@@ -233,6 +237,7 @@ class Do(enum.Enum):
     ASK_CORE = "ask_core"  # AuthRequest: the core's start; answer with core_decided
     #   (a decision), core_check (a PasswordCheck) or core_failed
     FINISH_CHECK = "finish_check"  # (PasswordCheck, verdict): answer with core_decided/core_failed
+    CHECK_IN_CORE = "check_in_core"  # PasswordCheck: its check_here(); answer the same way
     ABANDON_CHECK = "abandon_check"  # (PasswordCheck, Reason): no verdict will come
     CANCEL_CORE = "cancel_core"  # None: the answer asked for is no longer wanted
     START_TIMER = "start_timer"  # (Timer, seconds): answer with timer_fired(timer)
@@ -280,8 +285,8 @@ class _FirstBind(enum.Enum):
 class _Bind:
     """The client's bind in progress (one at a time: invariant 2)."""
 
-    __slots__ = ("check", "header", "message", "read_at", "relay", "reply", "request",
-                 "started")
+    __slots__ = ("check", "core_checked", "header", "message", "read_at", "relay", "reply",
+                 "request", "started")
 
     def __init__(self, message: bytes, header: MessageHeader, read_at: float) -> None:
         self.message, self.header, self.read_at = message, header, read_at
@@ -290,6 +295,7 @@ class _Bind:
         self.relay: Relay | None = None  # a relayed bind at the directory
         self.check: PasswordCheck | None = None  # the core's, while its upstream bind runs
         self.reply: BindReply | None = None  # the answer, while the reset runs
+        self.core_checked = False  # the core checked the password: the session is not the user's
 
     @property
     def message_id(self) -> int:
@@ -838,7 +844,7 @@ class LdapSession:
         if bind is None or state not in _CORE_ANSWERS:
             return out
         reply = reply_for_decision(decision)
-        if reply.success and state is not State.BIND_FINISHING:
+        if reply.success and (state is not State.BIND_FINISHING or bind.core_checked):
             if state is _CLOSED:
                 reply = DIRECTORY_DOWN  # the session it was for is gone
             else:  # the upstream session is not bound as the entry
@@ -872,6 +878,11 @@ class LdapSession:
                 self._settle(out, INTERNAL_ERROR)
             else:  # outside user_base, or the upstream gone
                 self._settle(out, entry if isinstance(entry, BindReply) else DIRECTORY_DOWN)
+            return out
+        if not check.binds_session:  # it fails whatever the password: never on the session
+            bind.core_checked = True
+            self._go(Step.CORE_CHECKS)
+            out.append((Do.CHECK_IN_CORE, check))
             return out
         assert bind.request is not None
         bind.check = check

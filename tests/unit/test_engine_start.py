@@ -85,14 +85,17 @@ def wrong_code(h: Harness) -> str:
 def test_a_second_factor_that_fails_is_decided_without_handing_the_check_over(
         h: Harness, field: str, reason: Reason) -> None:
     """The caller would bind its own session to check the password: that session
-    is never bound when the second factor fails whatever the password. The core
-    checks the password itself (one bind, as the caller's would have been) and
-    decides; the same failure is counted, the same answer given."""
+    must not be bound when the second factor fails whatever the password. The
+    check says so (``binds_session``), and ``check_here`` has the core check the
+    password itself (one bind, as the caller's would have been) and decide; the
+    same failure is counted, the same answer given."""
     enrolled(h)
     auth = authenticator(h)
-    answer = fired(auth.start(h.request(password=field.format(wrong=wrong_code(h)),
-                                        split=SplitMode.APPEND)))  # as the LDAP front-end
-    assert isinstance(answer, Decision) and outcome(answer) == (Outcome.REJECT, reason)
+    check = started(auth, h, field.format(wrong=wrong_code(h)),
+                    split=SplitMode.APPEND)  # as the LDAP front-end
+    assert not check.binds_session and h.directory.calls == [] and len(auth.gate) == 1
+    answer = fired(check.check_here())
+    assert outcome(answer) == (Outcome.REJECT, reason) and check.ended
     assert h.directory.calls == [("alice", field.split(",")[0])]  # the core's own check
     assert h.record().failures == 1 and len(auth.gate) == 0
     assert answer.message == "invalid credentials: wrong password or verification code"
@@ -104,10 +107,11 @@ def test_a_used_code_is_decided_by_the_core_and_the_right_one_handed_over(h: Har
     field = h.with_code()
     first = started(auth, h, field)
     assert outcome(fired(first.finish(first.identity))) == (Outcome.ACCEPT, Reason.OK)
-    again = fired(auth.start(h.request(password=field)))  # the same code: a replay
-    assert isinstance(again, Decision)
-    assert outcome(again) == (Outcome.REJECT, Reason.REPLAYED_CODE)
-    assert h.directory.calls == [("alice", "alice-pw")]  # checked by the core, not handed over
+    assert first.binds_session
+    again = started(auth, h, field)  # the same code: a replay
+    assert not again.binds_session
+    assert outcome(fired(again.check_here())) == (Outcome.REJECT, Reason.REPLAYED_CODE)
+    assert h.directory.calls == [("alice", "alice-pw")]  # checked by the core
 
 
 def test_the_code_s_step_found_before_the_password_is_the_one_decide_uses(
@@ -125,9 +129,9 @@ def test_the_code_s_step_found_before_the_password_is_the_one_decide_uses(
 def test_an_expired_enrollment_is_decided_by_the_core(h: Harness) -> None:
     h.store.admin.require("alice", int(h.clock()) - 1)
     auth = authenticator(h)
-    answer = fired(auth.start(h.request()))
-    assert isinstance(answer, Decision)
-    assert outcome(answer) == (Outcome.REJECT, Reason.ENROLLMENT_EXPIRED)
+    check = started(auth, h)
+    assert not check.binds_session
+    assert outcome(fired(check.check_here())) == (Outcome.REJECT, Reason.ENROLLMENT_EXPIRED)
     assert h.directory.calls == [("alice", "alice-pw")]
 
 
@@ -135,6 +139,7 @@ def test_a_password_only_user_is_handed_over(h: Harness) -> None:
     h.require()  # in enrollment, no key yet: the password alone passes
     auth = authenticator(h)
     check = started(auth, h)
+    assert check.binds_session
     decision = fired(check.finish(check.identity))
     assert outcome(decision) == (Outcome.ACCEPT, Reason.IN_ENROLLMENT)
     assert h.directory.calls == []
@@ -152,11 +157,13 @@ def test_a_recovery_code_is_handed_over_when_held_and_decided_by_the_core_when_n
         "alice", [recovery.digest(h.engine.recovery_key, "alice", normal)])
     auth = authenticator(h)
     check = started(auth, h, f"alice-pw,{code}")
+    assert check.binds_session
     assert h.store.admin.recovery_codes_left("alice") == 1  # looked at, not used, yet
     decision = fired(check.finish(check.identity))
     assert outcome(decision) == (Outcome.ACCEPT, Reason.RECOVERY_CODE)
-    used = fired(auth.start(h.request(password=f"alice-pw,{code}")))  # single use
-    assert isinstance(used, Decision) and outcome(used) == (Outcome.REJECT, Reason.BAD_CODE)
+    used = started(auth, h, f"alice-pw,{code}")  # single use
+    assert not used.binds_session
+    assert outcome(fired(used.check_here())) == (Outcome.REJECT, Reason.BAD_CODE)
     assert h.directory.calls == [("alice", "alice-pw")]
 
 
@@ -167,8 +174,36 @@ def test_a_repeat_within_the_window_is_handed_over(h: Harness) -> None:
     first = started(auth, h, field, repeat=30)
     assert outcome(fired(first.finish(first.identity))) == (Outcome.ACCEPT, Reason.OK)
     again = started(auth, h, field, repeat=30)  # a repeat would be accepted: bind for it
+    assert again.binds_session
     assert outcome(fired(again.finish(again.identity))) == (Outcome.ACCEPT, Reason.REPEAT)
     assert h.directory.calls == []
+
+
+def step_now(h: Harness) -> int:
+    """The time step of ``h.code()``."""
+    from tests.unit.test_engine import PARAMS
+
+    return PARAMS.step_at(h.clock())
+
+
+def test_a_repeat_that_came_after_begin_is_not_accepted_on_the_core_s_own_check(
+        h: Harness) -> None:
+    """Begin found the code used and no repeat: the check must not bind the
+    session. Another instance's accept of the same credentials (its repeat
+    window) lands meanwhile: the core's own check still refuses -- no accept is
+    ever answered for a session that was not bound."""
+    enrolled(h)
+    auth = authenticator(h)
+    field = h.with_code()
+    h.store.hot.accept_step("alice", step_now(h), h.clock())  # used elsewhere, no repeat
+    check = started(auth, h, field, repeat=30)
+    assert not check.binds_session
+    request = h.request(password=field, repeat=30)
+    prepared = h.engine.begin(request, check.identity, "alice")
+    assert not isinstance(prepared, Decision)
+    h.engine._remember_success(prepared, h.clock())  # the other instance's repeat entry
+    decision = fired(check.check_here())
+    assert outcome(decision) == (Outcome.REJECT, Reason.REPLAYED_CODE)
 
 
 def test_a_refused_password_is_counted_and_teaches_the_latency_mimic(h: Harness) -> None:

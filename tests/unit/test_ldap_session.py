@@ -103,6 +103,7 @@ class Driver:
         self.finished = 0  # password checks finished, and abandoned
         self.abandoned = 0
         self.abandon_reasons: list[Reason] = []
+        self.checked_in_core = 0  # password checks the core made itself (check_here)
         self.timers: dict[Timer, float] = {}
         self.logs: list[LogLine] = []
         self.client_closed = False
@@ -136,6 +137,10 @@ class Driver:
                 check, verdict = argument
                 self.finished += 1
                 self.finishing.append(fired(check.finish(verdict)))
+            elif do is Do.CHECK_IN_CORE:
+                self.finished += 1
+                self.checked_in_core += 1
+                self.finishing.append(fired(argument.check_here()))
             elif do is Do.ABANDON_CHECK:
                 check, reason = argument
                 self.abandoned += 1
@@ -590,7 +595,8 @@ def test_a_wrong_code_never_binds_the_session_as_the_user() -> None:
     d = make().start()
     d.send(bind(2, ALICE, "alice-pw,000000"))
     d.decide()
-    assert d.upstream == [] and d.core.checks == []
+    assert d.upstream == [] and [c.binds_session for c in d.core.checks] == [False]
+    assert d.checked_in_core == 1
     assert d.core.directory.checks == [("alice", "alice-pw")]  # the core's one bind
     assert d.result() == (49, "", CREDENTIALS)
     assert d.core.failures("alice") == 1 and d.core.turns_held == 0
@@ -928,6 +934,31 @@ def test_an_entry_outside_user_base_is_refused_without_its_password_check() -> N
     assert d.events[("bind", "reject", "outside_user_base")] == 1
     assert d.abandoned == 1 and d.core.turns_held == 0 and d.core.failures("alice") == 0
     assert d.abandon_reasons == [Reason.OUTSIDE_USER_BASE]  # audited as what it is
+
+
+def test_an_entry_outside_user_base_with_a_failing_code_gets_no_password_check_at_all() -> None:
+    core = RealCore(ElsewhereDirectory("uid=alice,ou=admins,dc=example,dc=org"))
+    _cores.append(core)
+    d = make(core, user_base="ou=people,dc=example,dc=org").start()
+    d.send(bind(2, "alice@example.org", "alice-pw,000000"))
+    d.decide()
+    assert d.result().code == 49 and d.upstream == []
+    assert core.directory.checks == [] and d.checked_in_core == 0  # nobody's bind
+    assert d.abandon_reasons == [Reason.OUTSIDE_USER_BASE]
+    assert core.failures("alice") == 0 and core.turns_held == 0
+
+
+def test_an_accept_after_the_core_s_own_check_is_never_answered_as_a_bind() -> None:
+    """Defence in depth: the session was not bound by a check the core made
+    itself, so a success from it (a bug) must not reach the client as one."""
+    d = make(auto_finish=False).start()
+    d.send(bind(2, ALICE, "alice-pw,000000"))
+    d.decide()
+    assert d.state is State.BIND_FINISHING and d.checked_in_core == 1
+    accept = Decision(Outcome.ACCEPT, Reason.OK, "alice", Identity("alice", ALICE))
+    d.run(d.session.core_decided(accept))
+    assert d.result().code != 0 and not d.session.authenticated
+    assert any("without its password check" in line.text for line in d.logs)
 
 
 def test_a_cached_entry_refused_and_found_again_is_a_wrong_password() -> None:

@@ -57,17 +57,18 @@ the check held, and each way out of BIND_UPSTREAM finishes it (the upstream
 bind's answer) or abandons it (``_bind_timed_out``, ``_close``).
 
 An MFA bind (:mod:`proxy.ldap.bind` has its steps): the core's ``start``
-decides what needs no password check of the session's (locked, unknown, a
-second factor that fails whatever the password -- a wrong, missing or used
-code, an expired enrollment -- which the core checks the password for on its
-own connection) and is answered at once; otherwise, the second factor having
-checked out, it hands back a password check, made as the client's upstream
-session bind as the resolved entry (the one bind as the user per sign-in);
-its BindResponse is the verdict the core's ``finish`` decides the counters
-and audit on. So the session is bound as a user only when both factors
-checked out; a reject after that bind succeeded (the code used meanwhile by
-another instance, a lock from elsewhere) is answered after the reset
-(invariant 4).
+decides what needs no password check (locked, unknown, ...) and is answered
+at once; otherwise it hands back a password check. When the second factor
+checked out (``binds_session``) that check is made as the client's upstream
+session bind as the resolved entry (the one bind as the user per sign-in),
+and its BindResponse is the verdict the core's ``finish`` decides on; when
+the attempt fails whatever the password (a wrong, missing or used code, an
+expired enrollment) the core makes the check itself (``CHECK_IN_CORE``), on
+its own connection. Either way the front-end's rules for the entry (``[ldap]
+user_base``) come first. So the session is bound as a user only when both
+factors checked out; a reject after that bind succeeded (the code used
+meanwhile by another instance, a lock from elsewhere) is answered after the
+reset (invariant 4).
 
 The moves (:data:`TRANSITIONS`, by :class:`Step`)::
 

@@ -23,6 +23,7 @@ import enum
 import math
 import struct
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import TypeAlias
@@ -41,11 +42,6 @@ DECIDING_SWEEP_SECONDS = 1.0
 # ~100 bytes more each (measured ~440 → ~340 bytes per entry with its answer).
 DuplicateKey: TypeAlias = bytes
 
-# An answer is stored as its bytes followed by its expiry (a double): one
-# object per answer instead of an answer, an entry object and a float.
-_EXPIRY = struct.Struct("<d")
-_EXPIRY_SIZE = _EXPIRY.size
-
 
 def duplicate_key(client: str, identifier: int, authenticator: bytes) -> DuplicateKey:
     """Request Authenticator and Identifier at fixed widths, then the client's name
@@ -58,33 +54,118 @@ class Seen(enum.Enum):
     IN_PROGRESS = "in_progress"  # a copy is being decided: send nothing
 
 
-# Answers per generation (see DuplicateCache): 2/3 of a 2**16-slot dict table,
-# the most such a table holds before it grows.
-GENERATION_ENTRIES = 43_690
+# Answers per generation (see DuplicateCache): its index has twice as many slots.
+GENERATION_ENTRIES = 32_768
+
+# A stored answer: key length, answer length, expiry, then the key and the answer.
+_RECORD = struct.Struct("<IHd")
+_HEADER = _RECORD.size
+_KEY_LENGTH = struct.Struct("<I")  # the record's first field
+_EXPIRY_AT = 6  # offset of the expiry in a record
+_EXPIRY = struct.Struct("<d")
+_EMPTY = -1
+_TAG_BITS = 24  # an index slot: record offset << _TAG_BITS | 24 high bits of the key's hash
+_TAG_MASK = (1 << _TAG_BITS) - 1
 
 
-_unpack_from = _EXPIRY.unpack_from
+class _Generation:
+    """Answers stored one after the other in one log, with an open-addressing index
+    (linear probing, half full at most) from the key's hash to the record.
 
+    Records are never removed one by one: the oldest are swept by moving
+    ``start`` past them (their index slots stay, so probing goes on past them),
+    and the generation is dropped whole once swept to its end.
+    """
 
-def _expiry(stored: bytes) -> float:
-    return _unpack_from(stored, len(stored) - _EXPIRY_SIZE)[0]  # type: ignore[no-any-return]
+    __slots__ = ("log", "index", "mask", "records", "start", "swept")
+
+    def __init__(self, entries: int) -> None:
+        size = 4
+        while size < 2 * entries:
+            size *= 2
+        self.log = bytearray()
+        self.index = array("q", [_EMPTY]) * size
+        self.mask = size - 1
+        self.records = 0  # appended
+        self.swept = 0  # of them, behind start
+        self.start = 0
+
+    def find(self, key: bytes, h: int) -> int:
+        """The offset of key's record, or -1."""
+        index, mask, start = self.index, self.mask, self.start
+        tag, klen = (h >> 32) & _TAG_MASK, len(key)
+        i = h & mask
+        while True:
+            slot = index[i]
+            if slot == _EMPTY:
+                return -1
+            if slot & _TAG_MASK == tag:
+                off = slot >> _TAG_BITS
+                if off >= start and self._holds(off, key, klen):
+                    return off
+            i = (i + 1) & mask
+
+    def _holds(self, off: int, key: bytes, klen: int) -> bool:
+        log = self.log
+        return (log[off + _HEADER:off + _HEADER + klen] == key
+                and _KEY_LENGTH.unpack_from(log, off)[0] == klen)
+
+    def append(self, key: bytes, h: int, answer: bytes, expiry: float) -> None:
+        """Store key's answer; the index then leads to it, not to an older one."""
+        log, index, mask, start = self.log, self.index, self.mask, self.start
+        tag, klen = (h >> 32) & _TAG_MASK, len(key)
+        i = h & mask
+        while True:
+            slot = index[i]
+            if slot == _EMPTY:
+                break
+            if slot & _TAG_MASK == tag:
+                off = slot >> _TAG_BITS
+                if off >= start and self._holds(off, key, klen):
+                    break  # this slot leads to the new record from now on
+            i = (i + 1) & mask
+        index[i] = len(log) << _TAG_BITS | tag
+        log += _RECORD.pack(klen, len(answer), expiry)
+        log += key
+        log += answer
+        self.records += 1
+
+    def answer(self, off: int) -> tuple[float, bytes]:
+        klen, alen, expiry = _RECORD.unpack_from(self.log, off)
+        begin = off + _HEADER + klen
+        return expiry, bytes(self.log[begin:begin + alen])
+
+    def expiry(self, off: int) -> float:
+        return _RECORD.unpack_from(self.log, off)[2]  # type: ignore[no-any-return]
+
+    def expire(self, off: int) -> None:
+        _EXPIRY.pack_into(self.log, off + _EXPIRY_AT, -math.inf)
+
+    def sweep_one(self) -> None:
+        klen, alen, _ = _RECORD.unpack_from(self.log, self.start)
+        self.start += _HEADER + klen + alen
+        self.swept += 1
+
+    def __len__(self) -> int:
+        return self.records - self.swept
 
 
 class DuplicateCache:
     """Bounded (answers and requests being decided together: ``max_entries``, the
     oldest answer goes first); answers expire ``window`` seconds after they are sent.
 
-    Sized for a full window at thousands of requests a second. Per answer: its
-    key, one bytes object (the answer and its expiry), a slot in a dict and one
-    in a deque: ~200 bytes of RSS where an OrderedDict of entry objects took
-    ~360 (``python -m bench.radius_cache_memory``: 100,000 answers of 38 bytes,
-    under steady load). Answers all live ``window`` seconds, so they expire in
-    the order they were stored: the deque is that order and holds every stored
-    answer's key exactly once. They are stored in generations of dicts, each
-    only added to while it is the newest and dropped whole once emptied: one
-    dict taking as many deletions as insertions grows its table to three times
-    the entries it holds at each resize (~100 bytes an entry instead of ~30).
-    Requests being decided are few (the decisions in flight) and kept apart.
+    Sized for a full window at thousands of requests a second: an answer is
+    one record in a bytearray (its key, its expiry, its bytes) and two slots of
+    an index, ~90 bytes of RSS where an OrderedDict of entry objects took ~360
+    and plain dicts of bytes ~200 (``python -m bench.radius_cache_memory``:
+    100,000 answers of 38 bytes under steady load). Answers all live ``window``
+    seconds, so they expire in the order they were stored: generations of
+    ``generation_entries`` records, the newest last, each swept from its
+    start and dropped once swept to its end. A key is looked up newest
+    generation first, and within one the index leads to its newest record: a
+    key answered again (after its answer expired, or was forgotten) finds its
+    new answer. Requests being decided are few (the decisions in flight) and
+    kept apart, in a dict.
     """
 
     def __init__(self, window: float = 30.0, max_entries: int = 100_000,
@@ -93,33 +174,30 @@ class DuplicateCache:
         self.window = window
         self.max_entries = max_entries
         self._clock = clock
-        self._generation_entries = generation_entries
-        # Oldest first; answers go into the last. Each answer + _EXPIRY.
-        self._generations: deque[dict[DuplicateKey, bytes]] = deque()
-        self._answer_order: deque[DuplicateKey] = deque()  # oldest first, each key once
+        self._generation_entries = max(1, generation_entries)
+        self._generations: deque[_Generation] = deque()  # oldest first
+        self._answers = 0  # records not swept yet, in every generation
         self._deciding: dict[DuplicateKey, float] = {}  # blocks retransmissions until then
-        self._last_sweep = -math.inf
         self._blocks_for = max(window, MIN_IN_PROGRESS_SECONDS)  # a request being decided
-        self._expired_here: set[DuplicateKey] = set()  # see begin(); normally empty
+        self._last_sweep = -math.inf
 
     def begin(self, key: DuplicateKey) -> Seen | bytes:
         """NEW (and now in progress), IN_PROGRESS, or the cached answer."""
         now = self._clock()
         self._expire(now)
-        for generation in self._generations:
-            stored = generation.get(key)
-            if stored is not None:
-                if _expiry(stored) > now:
-                    return stored[:-_EXPIRY_SIZE]
-                # Expired, still here behind a later answer (the clock stepped
-                # back): it counts as gone, and its next answer replaces it in place.
-                self._expired_here.add(key)
-                break
+        h = hash(key)
+        for generation in reversed(self._generations):
+            off = generation.find(key, h)
+            if off >= 0:
+                expiry, answer = generation.answer(off)
+                if expiry > now:
+                    return answer
+                break  # its newest answer expired (the clock stepped back): gone
         deciding = self._deciding
         until = deciding.get(key)
         if until is not None and until > now:
             return Seen.IN_PROGRESS
-        if until is None and len(self._answer_order) + len(deciding) >= self.max_entries:
+        if until is None and self._answers + len(deciding) >= self.max_entries:
             self._make_room()
         deciding[key] = now + self._blocks_for
         return Seen.NEW
@@ -129,57 +207,38 @@ class DuplicateCache:
         deciding = self._deciding.pop(key, None) is not None
         if self.window <= 0:
             return
-        stored = response + _EXPIRY.pack(self._clock() + self.window)
-        if self._expired_here and key in self._expired_here:
-            self._expired_here.discard(key)
-            if self._replace(key, stored):
-                return
-        if not deciding:  # evicted while deciding, under a flood
-            self._make_room()
+        if not deciding and self._answers + len(self._deciding) >= self.max_entries:
+            self._make_room()  # evicted while deciding, under a flood
         generations = self._generations
-        if not generations or len(generations[-1]) >= self._generation_entries:
-            generations.append({})
-        generations[-1][key] = stored
-        self._answer_order.append(key)
+        if not generations or generations[-1].records >= self._generation_entries:
+            generations.append(_Generation(self._generation_entries))
+        generations[-1].append(key, hash(key), response, self._clock() + self.window)
+        self._answers += 1
 
     def forget(self, key: DuplicateKey) -> None:
         """The first copy got no answer: let a retransmission be decided."""
         self._deciding.pop(key, None)
-        stored = self._stored(key)
-        if stored is not None:  # stored, then not sent: expired where it stands
-            self._replace(key, stored[:-_EXPIRY_SIZE] + _EXPIRY.pack(-math.inf))
-
-    def _stored(self, key: DuplicateKey) -> bytes | None:
-        for generation in self._generations:
-            stored = generation.get(key)
-            if stored is not None:
-                return stored
-        return None
-
-    def _replace(self, key: DuplicateKey, stored: bytes) -> bool:
-        for generation in self._generations:
-            if key in generation:
-                generation[key] = stored
-                return True
-        return False
+        h = hash(key)
+        for generation in reversed(self._generations):
+            off = generation.find(key, h)
+            if off >= 0:  # stored, then not sent: expired where it stands
+                generation.expire(off)
+                return
 
     def _drop_oldest_answer(self) -> None:
-        key = self._answer_order.popleft()
-        if self._expired_here:
-            self._expired_here.discard(key)
         generations = self._generations
-        for generation in generations:  # the first, nearly always
-            if generation.pop(key, None) is not None:
-                break
-        while generations and not generations[0]:
+        oldest = generations[0]
+        oldest.sweep_one()
+        self._answers -= 1
+        if not oldest:
             generations.popleft()
 
     def _make_room(self) -> None:
         """Room for one more entry: the oldest answers go first, then the oldest
         requests being decided."""
-        order, deciding = self._answer_order, self._deciding
-        while len(order) + len(deciding) >= self.max_entries:
-            if order:
+        deciding = self._deciding
+        while self._answers + len(deciding) >= self.max_entries:
+            if self._answers:
                 self._drop_oldest_answer()
             elif deciding:
                 del deciding[next(iter(deciding))]
@@ -187,12 +246,13 @@ class DuplicateCache:
                 break  # max_entries <= 0
 
     def _expire(self, now: float) -> None:
-        order, generations = self._answer_order, self._generations
-        while order:
-            oldest = generations[0].get(order[0])
-            if oldest is None:  # not in the first generation: never, but look everywhere
-                oldest = self._stored(order[0])
-            if oldest is not None and _unpack_from(oldest, len(oldest) - _EXPIRY_SIZE)[0] > now:
+        generations = self._generations
+        while generations:
+            oldest = generations[0]
+            if not oldest:  # an empty newest generation: never, but harmless
+                generations.popleft()
+                continue
+            if oldest.expiry(oldest.start) > now:
                 break  # a stray expired one behind it is checked in begin()
             self._drop_oldest_answer()
         if not 0 <= now - self._last_sweep < DECIDING_SWEEP_SECONDS:  # or the clock stepped back
@@ -202,4 +262,4 @@ class DuplicateCache:
                 del self._deciding[key]
 
     def __len__(self) -> int:
-        return len(self._answer_order) + len(self._deciding)
+        return self._answers + len(self._deciding)

@@ -228,3 +228,29 @@ def test_same_answers_as_the_plain_rule(window: int, generation: int,
         else:
             cache.forget(k)
             reference.forget(k)
+
+
+@given(st.integers(1, 3))
+def test_a_key_answered_again_gets_its_newest_answer(generation: int) -> None:
+    cache = DuplicateCache(clock=ManualClock(1000.0), generation_entries=generation)
+    for n in (1, 2, 3):
+        cache.begin(key(n))
+        cache.complete(key(n), b"first %d" % n)
+    cache.forget(key(2))  # its answer was never sent: kept behind key(1), expired
+    assert cache.begin(key(2)) is Seen.NEW
+    cache.complete(key(2), b"second 2")  # in a later generation, or later in this one
+    assert [cache.begin(key(n)) for n in (1, 2, 3)] == [b"first 1", b"second 2", b"first 3"]
+    cache.forget(key(2))
+    assert cache.begin(key(2)) is Seen.NEW
+
+
+def test_keys_of_any_length_and_a_key_that_is_another_s_prefix() -> None:
+    cache = DuplicateCache(clock=ManualClock(1000.0))
+    long_name = duplicate_key("n" * 300, 1, bytes(16))  # longer than a byte can count
+    prefix = duplicate_key("vpn", 1, bytes(16))
+    longer = duplicate_key("vpn2", 1, bytes(16))
+    for k, answer in ((long_name, b"long"), (longer, b"longer")):
+        cache.begin(k)
+        cache.complete(k, answer)
+    assert cache.begin(prefix) is Seen.NEW
+    assert cache.begin(long_name) == b"long" and cache.begin(longer) == b"longer"

@@ -64,7 +64,7 @@ _KEY_LENGTH = struct.Struct("<I")  # the record's first field
 _EXPIRY_AT = 6  # offset of the expiry in a record
 _EXPIRY = struct.Struct("<d")
 _EMPTY = -1
-_TAG_BITS = 24  # an index slot: record offset << _TAG_BITS | 24 high bits of the key's hash
+_TAG_BITS = 24  # an index slot: record offset << _TAG_BITS | 24 bits of the key's hash (32-55)
 _TAG_MASK = (1 << _TAG_BITS) - 1
 
 
@@ -156,7 +156,7 @@ class DuplicateCache:
 
     Sized for a full window at thousands of requests a second: an answer is
     one record in a bytearray (its key, its expiry, its bytes) and two slots of
-    an index, ~90 bytes of RSS where an OrderedDict of entry objects took ~360
+    an index, ~100 bytes of RSS where an OrderedDict of entry objects took ~360
     and plain dicts of bytes ~200 (``python -m bench.radius_cache_memory``:
     100,000 answers of 38 bytes under steady load). Answers all live ``window``
     seconds, so they expire in the order they were stored: generations of

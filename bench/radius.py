@@ -137,6 +137,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--proxy-cpus", default="", metavar="N[,N...]",
                     help="[service] cpu_affinity of the mfa-proxy rows (not of the baseline "
                          "row): serve's threads on these CPUs only")
+    ap.add_argument("--baseline-cpus", default="", metavar="N[,N...]",
+                    help="[service] cpu_affinity of the --baseline-tree row (its tree must "
+                         "know the key)")
     a = bench_defaults(ap, ap.parse_args(argv), max_level=1024)
     if a.baseline_tree and not (Path(a.baseline_tree) / "proxy" / "cli.py").is_file():
         ap.error(f"--baseline-tree: no mfa-proxy source tree at {a.baseline_tree}")
@@ -282,7 +285,7 @@ def start_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace
         env = {**os.environ, "PYTHONPATH": str(Path(a.baseline_tree).resolve())}
     config = proxy.write_config(pdir, directory.url, a.log_level,
                                 groups="" if groups == "baseline" else groups,
-                                cpus="" if groups == "baseline" else a.proxy_cpus)
+                                cpus=a.baseline_cpus if groups == "baseline" else a.proxy_cpus)
     import_s = proxy.enroll_users(config, directory.users, pdir, env)
     server = proxy.start(config, pdir, env)
     procs.append(server)
@@ -469,6 +472,11 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> str:
                + ", ".join(f"{r / 1024:.1f}" for r in rss) + " MB"
                + f" ({mem_end['processes']} process(es)); at start "
                f"{res['proxy']['memory_kb_at_start']['VmRSS'] / 1024:.1f} MB")
+    for g, row in res.get("proxy_groups", {}).items():
+        hwm = max([row["memory_kb_at_end"]["VmHWM"]]
+                  + [lv["memory_kb"]["mfa-proxy"]["VmHWM"] for lv in row["levels"]])
+        out.append(f"{GROUP_LABELS[g]} memory: VmHWM (peak) {hwm / 1024:.1f} MB; at start "
+                   f"{row['memory_kb_at_start']['VmRSS'] / 1024:.1f} MB")
     for name in ("freeradius",):
         if fr:
             hwm = max(lv["memory_kb"][name]["VmHWM"] for lv in fr.values())

@@ -22,7 +22,7 @@ def new_state() -> bytes:
     return secrets.token_hex(16).encode("ascii")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per pending challenge: no __dict__
 class _Pending(Generic[T]):
     client: str
     username: str

@@ -91,14 +91,14 @@ class ServerSettings:
     unknown_client_log_interval: float = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per pending challenge
 class CodeRound:
     """Pending after NEED_CODE: the password was verified, the code comes next."""
 
     identity: Identity | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per pending challenge
 class NoticeRound:
     """Pending after an enrollment-notice challenge: any answer gets this accept."""
 

@@ -31,7 +31,8 @@ callbacks (:class:`_Verify`): no coroutine, one Deferred, the entry decoded
 down to the DN, the username and memberOf. Whatever is rare -- connecting,
 a lost connection, a refused cached DN -- goes to the coroutines, which are
 the reference behaviour. ``lookup_dn()`` (which entry
-a bind DN names) is a coroutine.
+a bind DN names) takes the same way for a plain DN spelled as its entry is
+(a callback on ``lookup()``'s Deferred); any other spelling is a coroutine.
 
 Errors and results are those of :class:`backends.ldap.LdapDirectory`.
 """

@@ -31,7 +31,8 @@ callbacks (:class:`_Verify`): no coroutine, one Deferred, the entry decoded
 down to the DN, the username and memberOf. Whatever is rare -- connecting,
 a lost connection, a refused cached DN -- goes to the coroutines, which are
 the reference behaviour. ``lookup_dn()`` (which entry
-a bind DN names) is a coroutine.
+a bind DN names) takes the same way for a plain DN spelled as its entry is
+(a callback on ``lookup()``'s Deferred); any other spelling is a coroutine.
 
 Errors and results are those of :class:`backends.ldap.LdapDirectory`.
 """
@@ -366,6 +367,7 @@ class AsyncLdapDirectory:
         # entry DN -> groups found by a group search (made only when a rule needs them)
         self.group_cache = _GroupCache(options.group_cache_seconds, reactor.seconds)
         self._time_limit = max(1, int(options.timeout))
+        self._username_attribute_folded = options.username_attribute.casefold()
         self._any_entry = compile_filter("(objectClass=*)", ())  # a bind DN's base read
         self._user_search = self._template(options.user_base, SCOPE_SUBTREE,
                                            options.user_filter, ("username",),
@@ -400,7 +402,24 @@ class AsyncLdapDirectory:
         return attempt.result
 
     def lookup_dn(self, dn: str) -> Deferred[Identity | None]:
+        """The entry a bind DN names (see :meth:`_lookup_dn`). A plain DN spelled as
+        its entry is takes the one-search path as callbacks on the look-up's own
+        Deferred (no coroutine: every LDAP front-end bind comes this way)."""
+        if dn:
+            cached = self.dn_cache.get(dn)
+            if cached is not None:
+                return defer.succeed(cached)
+            name = self._plain_dn_name(dn)
+            if name is not None:
+                return self.lookup(name).addCallback(self._found_by_name, name, dn)
         return self._run(self._lookup_dn(dn))
+
+    def _found_by_name(self, identity: Identity | None, name: str, dn: str
+                       ) -> Identity | None | Deferred[Identity | None]:
+        if identity is not None and self._names_this_entry(identity, name, dn):
+            self._remember_dn(dn, identity)
+            return identity
+        return self._run(self._lookup_dn_reading(dn))
 
     def check_password(self, identity: Identity, password: str) -> Deferred[Identity]:
         """Bind as the entry; a refusal of an entry from the cache looks once more."""
@@ -504,30 +523,52 @@ class AsyncLdapDirectory:
             return cached
         identity = await self._lookup_dn_by_name(dn)
         if identity is None:
-            identity = await self._lookup_dn_reading_it(dn)
-        if identity is not None:
-            self.dn_cache.put(dn, replace(identity, from_cache=True))
+            return await self._lookup_dn_reading(dn)
+        self._remember_dn(dn, identity)
         return identity
 
+    async def _lookup_dn_reading(self, dn: str) -> Identity | None:
+        identity = await self._lookup_dn_reading_it(dn)
+        if identity is not None:
+            self._remember_dn(dn, identity)
+        return identity
+
+    def _remember_dn(self, dn: str, identity: Identity) -> None:
+        if self.dn_cache.seconds > 0:
+            self.dn_cache.put(dn, replace(identity, from_cache=True))
+
     async def _lookup_dn_by_name(self, dn: str) -> Identity | None:
-        """The common bind DN in one search: plain (ASCII letters, digits, ``.``,
-        ``_``, ``-``; no spaces, escapes or multi-valued RDNs), its first RDN the
-        username attribute. That value is looked up as a name; the entry found is
-        this DN's only when the directory's own name for it is exactly that value
-        and its DN is this one (case aside, as the two-search path compares
-        them): then reading the DN and looking its name up would find this same
-        entry. Anything else is None here, and the two searches decide."""
+        """The common bind DN in one search (:meth:`_plain_dn_name`): None when the
+        DN is not plain or the entry its name finds is not this DN's, and the two
+        searches decide."""
+        name = self._plain_dn_name(dn)
+        if name is None:
+            return None
+        identity = await self.lookup(name)
+        if identity is None or not self._names_this_entry(identity, name, dn):
+            return None
+        return identity
+
+    def _plain_dn_name(self, dn: str) -> str | None:
+        """The name to look a bind DN up by in one search, when the DN is plain
+        (ASCII letters, digits, ``.``, ``_``, ``-``; no spaces, escapes or
+        multi-valued RDNs) and its first RDN is the username attribute: that
+        RDN's value. None: the DN is read first (:meth:`_lookup_dn_reading_it`)."""
         if not _PLAIN_DN.fullmatch(dn):
             return None
         attribute, _, rest = dn.partition("=")
-        value = rest.split(",", 1)[0].strip()
-        if attribute.strip().casefold() != self.options.username_attribute.casefold():
+        if attribute.casefold() != self._username_attribute_folded:
             return None
-        identity = await self.lookup(value)
-        if (identity is None or identity.username != value
-                or _plain_dn_key(identity.dn or "") != _plain_dn_key(dn)):
-            return None
-        return identity
+        return rest.split(",", 1)[0]
+
+    @staticmethod
+    def _names_this_entry(identity: Identity, name: str, dn: str) -> bool:
+        """Whether the entry the name found is the bind DN's: the directory's own
+        name for it is exactly that value and its DN is this one (case aside, as
+        the two-search path compares them); then reading the DN and looking its
+        name up would find this same entry."""
+        return (identity.username == name
+                and _plain_dn_key(identity.dn or "") == _plain_dn_key(dn))
 
     async def _lookup_dn_reading_it(self, dn: str) -> Identity | None:
         try:
@@ -600,7 +641,8 @@ class AsyncLdapDirectory:
             groups, complete = (), not self.options.group_base
         identity = Identity(user.name, user.dn, groups, mail=user.mail,
                             groups_complete=complete)
-        self.cache.put(username, replace(identity, from_cache=True))
+        if self.cache.seconds > 0:
+            self.cache.put(username, replace(identity, from_cache=True))
         return identity
 
     # -- groups

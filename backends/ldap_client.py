@@ -46,6 +46,7 @@ from backends.ldapwire.messages import (
     read_envelope,
     read_result,
 )
+from backends.ldapwire.transport import set_no_delay, write_now
 
 log = Logger(namespace="mfa_proxy.backends.ldap_client")
 
@@ -148,7 +149,7 @@ class LdapClientProtocol(Protocol):
         self.pending[message_id] = waiter
         if self._timer is None or deadline < self._timer_due:
             self._arm(deadline)
-        self._transport.write(ldap_message(message_id, operation))
+        write_now(self._transport, ldap_message(message_id, operation))
 
     def start_tls(self, creator: Any, timeout: float) -> Deferred[None]:
         """Switch to TLS now; fires once the handshake (and verification) succeeded."""
@@ -182,6 +183,9 @@ class LdapClientProtocol(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
         self.is_connected = True
+        # Many small requests in flight on one connection: Nagle would hold one
+        # back until the directory acknowledged the one before.
+        set_no_delay(self.transport)
 
     def handshakeCompleted(self) -> None:  # noqa: N802 - Twisted's name
         handshake, self._handshake = self._handshake, None

@@ -72,6 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.description = __doc__
     ap.add_argument("--max-ops", type=int, default=5_000_000,
                     help="hard cap on operations per level")
+    ap.add_argument("--proxy-cpus", default="", metavar="N[,N...]",
+                    help="[service] cpu_affinity of the proxy: serve's threads on these CPUs "
+                         "only")
     return bench_defaults(ap, ap.parse_args(argv), max_level=512)
 
 
@@ -460,7 +463,8 @@ def run_proxy(directory: slapd.Directory, workdir: Path, a: argparse.Namespace,
               procs: list[Managed], res: dict[str, Any]) -> None:
     pdir = workdir / "proxy"
     pdir.mkdir()
-    config = proxy.write_config(pdir, directory.url, a.log_level, radius=False, ldap=True)
+    config = proxy.write_config(pdir, directory.url, a.log_level, radius=False, ldap=True,
+                                cpus=a.proxy_cpus)
     import_s = proxy.enroll_users(config, directory.users, pdir)
     server = proxy.start(config, pdir)
     procs.append(server)

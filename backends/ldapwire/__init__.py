@@ -11,10 +11,11 @@ modules it is built from) and the LDAP front-end (:mod:`proxy.ldap`):
 - :mod:`~backends.ldapwire.framing`: one framer cutting a stream into messages;
 - :mod:`~backends.ldapwire.filters`: RFC 4515 filter templates compiled to BER;
 - :mod:`~backends.ldapwire.tls`: the trust loader, client and server TLS options;
-- :mod:`~backends.ldapwire.connect`: endpoints and a one-connection factory.
+- :mod:`~backends.ldapwire.connect`: endpoints and a one-connection factory;
+- :mod:`~backends.ldapwire.transport`: writes that go out at once, TCP_NODELAY.
 
 The first four are pure code over bytes (no reactor, no socket); the last
-two are the Twisted edge both sides share. ``proxy`` may import this
+three are the Twisted edge both sides share. ``proxy`` may import this
 package; nothing here imports ``proxy`` or ``policy``, and ``policy`` never
 imports it.
 """

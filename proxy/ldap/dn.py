@@ -167,6 +167,13 @@ def normalize_dn(dn: str) -> tuple[Rdn, ...] | None:
     towards the MFA path (which resolves the entry), never widened onto
     another entry.
     """
+    if dn.isascii() and not _NOT_PLAIN.search(dn):
+        # What applications send (a new one with every user who binds): one AVA per
+        # RDN and ASCII values, so nothing to sort and str.lower is _ascii_lower.
+        try:
+            return tuple(((t, v.lower()),) for ((t, v),) in _parse_plain(dn))
+        except ValueError:
+            return None
     rdns = _parsed(dn)
     if rdns is None:
         return None

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from backends.ldapwire import tls
 from backends.ldapwire.messages import ResultCode, encode_notice_of_disconnection
+from backends.ldapwire.transport import set_no_delay, write_sequence_now
 from policy.decision import AuthRequest, Decision
 from policy.engine import PasswordCheck, StartSignIn
 from proxy.ldap import upstream
@@ -46,7 +47,6 @@ from proxy.ldap.config import LdapFrontendConfig, parse_listen, parse_upstream
 from proxy.ldap.dn import DnSuffixMap, normalize_dn
 from proxy.ldap.events import LdapEvents, NullLdapEvents
 from proxy.ldap.session import Action, Do, LdapSession, LogLine, Timer
-from proxy.ldap.transport import set_no_delay, write_sequence_now
 from proxy.logs import LogLimiter
 
 log = Logger()

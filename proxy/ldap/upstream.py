@@ -30,7 +30,7 @@ from backends.ldapwire.messages import (
     encode_extended_request,
     ldap_message,
 )
-from proxy.ldap.transport import write_now
+from backends.ldapwire.transport import write_now
 
 _START_TLS_MESSAGE_ID = 1  # nothing else is in flight before the upstream is ready
 # An UnbindRequest has no response (RFC 4511 §4.3), so its ID is never matched;

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from twisted.internet.threads import blockingCallFromThread
 
 from backends.ldapwire import ber, framing, messages
+from backends.ldapwire.transport import _idle_plain_tcp
 from proxy.ldap.config import LdapFrontendConfig
 from proxy.ldap.events import CountingLdapEvents
 from proxy.ldap.server import LdapProxyFactory
-from proxy.ldap.transport import _idle_plain_tcp
 from tests.integration.ldapwire import RawSession, authz_id, raw_search, sasl_plain_bind
 from tests.integration.slapd import (
     BASE_DN,

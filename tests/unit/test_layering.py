@@ -71,7 +71,7 @@ def test_the_ldap_session_logic_does_no_io() -> None:
     # Twisted protocol (server.py) and the connection (upstream.py) do the I/O.
     imports = imported_modules("proxy/ldap")
     io = ("twisted", "zope", "socket", "asyncio", "proxy.ldap.server", "proxy.ldap.upstream",
-          "proxy.ldap.transport", "proxy.metrics")
+          "backends.ldapwire.transport", "backends.ldapwire.connect", "proxy.metrics")
     for path in ("proxy/ldap/session.py", "proxy/ldap/upstream_session.py", "proxy/ldap/bind.py"):
         names = imports[path] - {"twisted.internet.defer"} if path.endswith("bind.py") else \
             imports[path]

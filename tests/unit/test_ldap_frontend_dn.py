@@ -14,7 +14,7 @@ from proxy.ldap.config import (
     parse_listen,
     parse_upstream,
 )
-from proxy.ldap.dn import DnSuffixMap, _parse_any, normalize_dn, parse_dn
+from proxy.ldap.dn import DnSuffixMap, _ascii_lower, _parse_any, normalize_dn, parse_dn
 
 
 @pytest.mark.parametrize(
@@ -144,3 +144,13 @@ def _parsed_or_refused(parse: Any, name: str) -> Any:
 @example(" UID = Alice ,OU=People ")
 def test_the_plain_dn_fast_path_reads_what_the_full_parser_reads(name: str) -> None:
     assert _parsed_or_refused(parse_dn, name) == _parsed_or_refused(_parse_any, name)
+    # normalize_dn's own fast path (no sort, str.lower) compares like the general one
+    assert normalize_dn(name) == _normalized_by_the_full_parser(name)
+
+
+def _normalized_by_the_full_parser(name: str) -> Any:
+    try:
+        rdns = _parse_any(name)
+    except ValueError:
+        return None
+    return tuple(tuple(sorted((t, _ascii_lower(v)) for t, v in rdn)) for rdn in rdns)

@@ -1,9 +1,10 @@
-"""Writing to TCP transports with less latency than Twisted's default.
+"""Writing to TCP transports with less latency than Twisted's default, for both sides.
 
 Twisted's ``write()`` only queues: the bytes go out on the next reactor
 iteration, after two epoll_ctl calls (start and stop watching for
-writability). A proxy writes once per message in each direction, so that is
-paid four times per forwarded operation. When nothing is queued on a plain
+writability). The front-end writes once per message in each direction, so
+that is paid four times per forwarded operation; the directory client pays
+it once per search or bind it sends. When nothing is queued on a plain
 TCP transport, :func:`write_now` sends at once with the transport's own
 ``writeSomeData`` and queues only what the kernel did not take; anything
 else (TLS, queued data, an unknown transport) takes the ordinary path, so

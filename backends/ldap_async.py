@@ -96,7 +96,7 @@ DN_NAMES_NOBODY = frozenset({
 })
 _START_TLS = extended_request(START_TLS_OID)
 # A DN with nothing a directory would have to resolve: RDNs of one plain
-# attribute=value each, no spaces at all (see AsyncLdapDirectory._lookup_dn_by_name).
+# attribute=value each, no spaces at all (see AsyncLdapDirectory._plain_dn_name).
 _PLAIN_RDN = r"[A-Za-z][A-Za-z0-9-]*=[A-Za-z0-9._-]+"
 _PLAIN_DN = re.compile(f"{_PLAIN_RDN}(?:,{_PLAIN_RDN})*")
 
@@ -402,17 +402,22 @@ class AsyncLdapDirectory:
         return attempt.result
 
     def lookup_dn(self, dn: str) -> Deferred[Identity | None]:
-        """The entry a bind DN names (see :meth:`_lookup_dn`). A plain DN spelled as
-        its entry is takes the one-search path as callbacks on the look-up's own
-        Deferred (no coroutine: every LDAP front-end bind comes this way)."""
-        if dn:
-            cached = self.dn_cache.get(dn)
-            if cached is not None:
-                return defer.succeed(cached)
-            name = self._plain_dn_name(dn)
-            if name is not None:
-                return self.lookup(name).addCallback(self._found_by_name, name, dn)
-        return self._run(self._lookup_dn(dn))
+        """The entry at ``dn``: the directory reads it (resolving every spelling it
+        accepts: case, aliases, options, escapes, Unicode forms), then it is looked
+        up by its own name, and only when that finds this very entry is it an
+        identity. So a DN outside ``user_base``, the rootdn, or one of two entries
+        sharing a name is nobody. A plain DN spelled as its entry is
+        (:meth:`_plain_dn_name`) takes one search instead of the two, as callbacks
+        on the look-up's own Deferred (every LDAP front-end bind comes this way)."""
+        if not dn:
+            return defer.succeed(None)
+        cached = self.dn_cache.get(dn)
+        if cached is not None:
+            return defer.succeed(cached)
+        name = self._plain_dn_name(dn)
+        if name is not None:
+            return self.lookup(name).addCallback(self._found_by_name, name, dn)
+        return self._run(self._lookup_dn_reading(dn))
 
     def _found_by_name(self, identity: Identity | None, name: str, dn: str
                        ) -> Identity | None | Deferred[Identity | None]:
@@ -509,24 +514,6 @@ class AsyncLdapDirectory:
         await self._bind_on(await self._binders.acquire(), fresh.dn, binding.password, [])
         return fresh
 
-    async def _lookup_dn(self, dn: str) -> Identity | None:
-        """Read the entry at ``dn`` (the directory resolves every spelling it
-        accepts: case, aliases, options, escapes, Unicode forms), then look it up
-        by its own name: only when that finds this very entry is it an identity.
-        So a DN outside ``user_base``, the rootdn, or one of two entries sharing
-        a name is nobody. A plain DN that spells its entry as the directory does
-        takes one search instead of the two (:meth:`_lookup_dn_by_name`)."""
-        if not dn:
-            return None
-        cached = self.dn_cache.get(dn)
-        if cached is not None:
-            return cached
-        identity = await self._lookup_dn_by_name(dn)
-        if identity is None:
-            return await self._lookup_dn_reading(dn)
-        self._remember_dn(dn, identity)
-        return identity
-
     async def _lookup_dn_reading(self, dn: str) -> Identity | None:
         identity = await self._lookup_dn_reading_it(dn)
         if identity is not None:
@@ -536,18 +523,6 @@ class AsyncLdapDirectory:
     def _remember_dn(self, dn: str, identity: Identity) -> None:
         if self.dn_cache.seconds > 0:
             self.dn_cache.put(dn, replace(identity, from_cache=True))
-
-    async def _lookup_dn_by_name(self, dn: str) -> Identity | None:
-        """The common bind DN in one search (:meth:`_plain_dn_name`): None when the
-        DN is not plain or the entry its name finds is not this DN's, and the two
-        searches decide."""
-        name = self._plain_dn_name(dn)
-        if name is None:
-            return None
-        identity = await self.lookup(name)
-        if identity is None or not self._names_this_entry(identity, name, dn):
-            return None
-        return identity
 
     def _plain_dn_name(self, dn: str) -> str | None:
         """The name to look a bind DN up by in one search, when the DN is plain
